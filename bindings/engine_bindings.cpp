@@ -1,0 +1,258 @@
+// Bindings of the llama.cpp adapter types, the memory policies and the streaming engine.
+// Long-running calls (load, feed, score, sample) release the GIL.
+#include "bindings.h"
+
+#include "engine.h"
+#include "errors.h"
+#include "kv_policy.h"
+#include "llama_adapter.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+
+namespace pm::py_bindings {
+namespace {
+
+FlashAttention parse_flash_attention(const std::string & name) {
+    if (name == "auto") return FlashAttention::automatic;
+    if (name == "on") return FlashAttention::enabled;
+    if (name == "off") return FlashAttention::disabled;
+    fail(ErrorKind::invalid_argument, "flash_attention must be 'auto', 'on' or 'off' (got '" + name + "')");
+}
+
+py::dict plan_to_dict(const EvictionPlan & plan) {
+    py::list remove, shift;
+    for (const auto & r : plan.remove) remove.append(py::make_tuple(r.p0, r.p1));
+    for (const auto & s : plan.shift) shift.append(py::make_tuple(s.p0, s.p1, s.delta));
+    py::dict d;
+    d["remove"] = remove;
+    d["shift"] = shift;
+    d["recompute"] = plan.recompute;
+    d["n_evicted"] = plan.n_evicted;
+    return d;
+}
+
+EvictionPlan plan_from_dict(const py::dict & d) {
+    EvictionPlan plan;
+    for (auto item : d["remove"].cast<py::list>()) {
+        auto t = item.cast<std::pair<Pos, Pos>>();
+        plan.remove.push_back({t.first, t.second});
+    }
+    for (auto item : d["shift"].cast<py::list>()) {
+        auto t = item.cast<std::tuple<Pos, Pos, Pos>>();
+        plan.shift.push_back({std::get<0>(t), std::get<1>(t), std::get<2>(t)});
+    }
+    plan.recompute = d.contains("recompute") && d["recompute"].cast<bool>();
+    return plan;
+}
+
+py::dict stats_to_dict(const EngineStats & s) {
+    py::dict d;
+    d["cells_used"] = s.cells_used;
+    d["capacity"] = s.capacity;
+    d["n_ctx_physical"] = s.n_ctx_physical;
+    d["n_pinned"] = s.n_pinned;
+    d["peak_cells"] = s.peak_cells;
+    d["tokens_seen"] = s.tokens_seen;
+    d["evictions"] = s.evictions;
+    d["tokens_evicted"] = s.tokens_evicted;
+    d["tokens_recomputed"] = s.tokens_recomputed;
+    d["max_pos"] = s.max_pos;
+    d["next_pos"] = s.next_pos;
+    return d;
+}
+
+py::dict info_to_dict(const ModelInfo & i) {
+    py::dict d;
+    d["path"] = i.path;
+    d["architecture"] = i.architecture;
+    d["name"] = i.name;
+    d["description"] = i.description;
+    d["n_vocab"] = i.n_vocab;
+    d["n_layer"] = i.n_layer;
+    d["n_head"] = i.n_head;
+    d["n_head_kv"] = i.n_head_kv;
+    d["n_embd"] = i.n_embd;
+    d["n_ctx_train"] = i.n_ctx_train;
+    d["n_swa"] = i.n_swa;
+    d["is_recurrent"] = i.is_recurrent;
+    d["is_hybrid"] = i.is_hybrid;
+    d["uses_mrope"] = i.uses_mrope;
+    d["add_bos"] = i.add_bos;
+    d["bos"] = i.bos;
+    d["eos"] = i.eos;
+    d["chat_template"] = i.chat_template;
+    return d;
+}
+
+py::array_t<float> to_numpy(std::vector<float> && values) {
+    auto * heap = new std::vector<float>(std::move(values));
+    py::capsule owner(heap, [](void * p) { delete static_cast<std::vector<float> *>(p); });
+    return py::array_t<float>({py::ssize_t(heap->size())}, {py::ssize_t(sizeof(float))}, heap->data(), owner);
+}
+
+}  // namespace
+
+void register_engine(py::module_ & m) {
+    m.def("set_log_verbosity", &set_log_verbosity, py::arg("level"),
+          "llama.cpp log level on stderr: 0 errors, 1 warnings (default), 2 info, 3 debug.");
+    m.def("backend_summary", &backend_summary, "The ggml devices llama.cpp can use, e.g. 'CPU (AMD EPYC ...)'.");
+
+    // ---- model ----
+    py::class_<LlamaModel, std::shared_ptr<LlamaModel>>(m, "Model", "A loaded GGUF model (weights + vocabulary).")
+        .def_static(
+            "load",
+            [](const std::string & path, int32_t n_gpu_layers, bool use_mmap, bool use_extra_bufts) {
+                ModelParams p;
+                p.path = path;
+                p.n_gpu_layers = n_gpu_layers;
+                p.use_mmap = use_mmap;
+                p.use_extra_bufts = use_extra_bufts;
+                py::gil_scoped_release release;
+                return LlamaModel::load(p);
+            },
+            py::arg("path"), py::arg("n_gpu_layers") = 0, py::arg("use_mmap") = true, py::arg("use_extra_bufts") = true)
+        .def_property_readonly("info", [](const LlamaModel & self) { return info_to_dict(self.info()); })
+        .def("tokenize", &LlamaModel::tokenize, py::arg("text"), py::arg("add_special") = true,
+             py::arg("parse_special") = false, py::call_guard<py::gil_scoped_release>())
+        .def(
+            "token_bytes",
+            [](const LlamaModel & self, Token token, bool render_special) {
+                return py::bytes(self.token_bytes(token, render_special));
+            },
+            py::arg("token"), py::arg("render_special") = false)
+        .def(
+            "detokenize",
+            [](const LlamaModel & self, const std::vector<Token> & tokens, bool render_special) {
+                return py::bytes(self.detokenize(tokens, render_special));
+            },
+            py::arg("tokens"), py::arg("render_special") = false)
+        .def("is_end_of_generation", &LlamaModel::is_end_of_generation, py::arg("token"))
+        .def(
+            "apply_chat_template",
+            [](const LlamaModel & self, const std::vector<std::pair<std::string, std::string>> & messages,
+               bool add_assistant, const std::string & template_override) {
+                std::vector<ChatMessage> chat;
+                for (const auto & [role, content] : messages) chat.push_back({role, content});
+                return py::bytes(self.apply_chat_template(chat, add_assistant, template_override));
+            },
+            py::arg("messages"), py::arg("add_assistant") = true, py::arg("template") = "");
+
+    // ---- sampling ----
+    py::class_<SamplingParams>(m, "SamplingParams")
+        .def(py::init([](float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+                         int32_t repeat_last_n, float frequency_penalty, float presence_penalty, uint32_t seed) {
+                 SamplingParams p;
+                 p.temperature = temperature;
+                 p.top_k = top_k;
+                 p.top_p = top_p;
+                 p.min_p = min_p;
+                 p.repeat_penalty = repeat_penalty;
+                 p.repeat_last_n = repeat_last_n;
+                 p.frequency_penalty = frequency_penalty;
+                 p.presence_penalty = presence_penalty;
+                 p.seed = seed;
+                 validate(p);
+                 return p;
+             }),
+             py::arg("temperature") = 0.8f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f,
+             py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("frequency_penalty") = 0.0f,
+             py::arg("presence_penalty") = 0.0f, py::arg("seed") = 0u)
+        .def_readonly("temperature", &SamplingParams::temperature)
+        .def_readonly("top_k", &SamplingParams::top_k)
+        .def_readonly("top_p", &SamplingParams::top_p)
+        .def_readonly("min_p", &SamplingParams::min_p)
+        .def_readonly("repeat_penalty", &SamplingParams::repeat_penalty)
+        .def_readonly("seed", &SamplingParams::seed);
+
+    py::class_<Sampler>(m, "Sampler", "llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature).")
+        .def(py::init<const LlamaModel &, const SamplingParams &>(), py::arg("model"), py::arg("params"),
+             py::keep_alive<1, 2>())
+        .def("accept", &Sampler::accept, py::arg("token"))
+        .def("reset", &Sampler::reset);
+
+    // ---- policies (pure planning, testable without a model) ----
+    m.def(
+        "plan_eviction",
+        [](const std::string & policy, int32_t n_sink, int32_t window, int32_t evict_chunk,
+           const std::vector<Pos> & positions, int32_t n_pinned, int32_t n_incoming) {
+            PolicyParams p;
+            p.kind = parse_policy_kind(policy);
+            p.n_sink = n_sink;
+            p.window = window;
+            p.evict_chunk = evict_chunk;
+            validate(p);
+            return plan_to_dict(plan_eviction(p, CacheState{positions, n_pinned}, n_incoming));
+        },
+        py::arg("policy"), py::arg("n_sink"), py::arg("window"), py::arg("evict_chunk"), py::arg("positions"),
+        py::arg("n_pinned"), py::arg("n_incoming"),
+        "The plan a policy makes for `n_incoming` new tokens given the cached positions: "
+        "{'remove': [(p0, p1)], 'shift': [(p0, p1, delta)], 'recompute': bool, 'n_evicted': int}.");
+    m.def(
+        "plan_removal",
+        [](const std::vector<Pos> & positions, const std::vector<int32_t> & indices, bool reindex) {
+            return plan_to_dict(plan_removal(CacheState{positions, 0}, indices, reindex));
+        },
+        py::arg("positions"), py::arg("indices"), py::arg("reindex"));
+    m.def(
+        "apply_plan",
+        [](const std::vector<Pos> & positions, const py::dict & plan) {
+            return apply_plan(CacheState{positions, 0}, plan_from_dict(plan)).positions;
+        },
+        py::arg("positions"), py::arg("plan"), "Positions left in the cache once `plan` is applied.");
+
+    // ---- engine ----
+    py::class_<Engine>(m, "Engine", "One token stream through a bounded KV cache under a memory policy.")
+        .def(py::init([](std::shared_ptr<LlamaModel> model, const std::string & policy, int32_t n_sink, int32_t window,
+                         int32_t evict_chunk, bool reindex, int32_t n_threads, int32_t n_threads_batch,
+                         int32_t prefill_chunk, const std::string & flash_attention, const std::string & type_k,
+                         const std::string & type_v) {
+                 EngineParams p;
+                 p.policy.kind = parse_policy_kind(policy);
+                 p.policy.n_sink = n_sink;
+                 p.policy.window = window;
+                 p.policy.evict_chunk = evict_chunk;
+                 p.policy.reindex = reindex;
+                 p.n_threads = n_threads;
+                 p.n_threads_batch = n_threads_batch;
+                 p.prefill_chunk = prefill_chunk;
+                 p.flash_attention = parse_flash_attention(flash_attention);
+                 p.type_k = type_k;
+                 p.type_v = type_v;
+                 p.model.path = model ? model->info().path : "";
+                 py::gil_scoped_release release;
+                 return std::make_unique<Engine>(std::move(model), p);
+             }),
+             py::arg("model"), py::arg("policy") = "sink", py::arg("n_sink") = 4, py::arg("window") = 1020,
+             py::arg("evict_chunk") = 16, py::arg("reindex") = true, py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0,
+             py::arg("prefill_chunk") = 0, py::arg("flash_attention") = "auto", py::arg("type_k") = "f16",
+             py::arg("type_v") = "f16")
+        .def_property_readonly("model", &Engine::shared_model)
+        .def("feed", &Engine::feed, py::arg("tokens"), py::call_guard<py::gil_scoped_release>())
+        .def(
+            "score",
+            [](Engine & self, const std::vector<Token> & tokens, int32_t chunk) {
+                std::vector<float> nll;
+                {
+                    py::gil_scoped_release release;
+                    nll = self.score(tokens, chunk);
+                }
+                return to_numpy(std::move(nll));
+            },
+            py::arg("tokens"), py::arg("chunk") = 1)
+        .def("sample", &Engine::sample, py::arg("sampler"), py::call_guard<py::gil_scoped_release>())
+        .def("last_logits", [](const Engine & self) { return to_numpy(self.last_logits()); })
+        .def("pin_prefix", &Engine::pin_prefix, py::arg("n_tokens"))
+        .def("reset", &Engine::reset, py::call_guard<py::gil_scoped_release>())
+        .def("set_threads", &Engine::set_threads, py::arg("n_threads"), py::arg("n_threads_batch") = 0)
+        .def("cached_tokens", &Engine::cached_tokens)
+        .def("cached_positions", &Engine::cached_positions)
+        .def("stats", [](const Engine & self) { return stats_to_dict(self.stats()); })
+        .def_property_readonly("prefill_chunk", &Engine::resolved_prefill_chunk)
+        .def_property_readonly("policy", [](const Engine & self) { return policy_kind_name(self.params().policy.kind); })
+        .def_property_readonly("capacity", [](const Engine & self) { return capacity(self.params().policy); });
+}
+
+}  // namespace pm::py_bindings

@@ -1,0 +1,242 @@
+#include "engine.h"
+
+#include "errors.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace pm {
+namespace {
+
+bool policy_shifts_positions(PolicyKind kind) {
+    return kind == PolicyKind::sink || kind == PolicyKind::window || kind == PolicyKind::context_shift;
+}
+
+// Refuses model/policy combinations that llama.cpp cannot run, naming the model and what works instead.
+void check_model_supports(const LlamaModel & model, const LlamaContext & ctx, const PolicyParams & policy) {
+    const ModelInfo & info = model.info();
+    const std::string who = "model '" + info.path + "' (architecture " + info.architecture + ")";
+    if ((info.is_recurrent || info.is_hybrid) && policy.kind != PolicyKind::none &&
+        policy.kind != PolicyKind::recompute) {
+        fail(ErrorKind::unsupported,
+             who + " keeps a recurrent state that cannot drop old tokens, so policy '" + policy_kind_name(policy.kind) +
+                 "' cannot run on it; use policy='recompute' (rebuilds the state from the recent tokens) or "
+                 "policy='none'");
+    }
+    if (policy_shifts_positions(policy.kind) && (!ctx.can_shift() || info.uses_mrope)) {
+        fail(ErrorKind::unsupported,
+             who + " cannot shift cached positions (" +
+                 std::string(info.uses_mrope ? "multi-axis M-RoPE positions" : "llama.cpp reports no shift support") +
+                 "), which policy '" + policy_kind_name(policy.kind) +
+                 "' needs; use policy='recompute' (re-decodes the recent window, slower but exact) or policy='none'");
+    }
+}
+
+float negative_log_prob(const float * logits, int32_t n_vocab, Token target) {
+    float max_logit = -std::numeric_limits<float>::infinity();
+    for (int32_t i = 0; i < n_vocab; ++i) max_logit = std::max(max_logit, logits[i]);
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; ++i) sum += std::exp(double(logits[i] - max_logit));
+    return float(std::log(sum) + double(max_logit) - double(logits[target]));
+}
+
+}  // namespace
+
+Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
+    : model_(std::move(model)), params_(params) {
+    validate(params_.policy);
+    if (params_.prefill_chunk < 0) fail(ErrorKind::invalid_argument, "prefill_chunk must be >= 0 (0 = auto)");
+    const int32_t cap = capacity(params_.policy);
+    n_batch_ = std::min(cap, 512);
+
+    ContextParams cparams;
+    cparams.n_ctx = uint32_t(cap);
+    cparams.n_batch = uint32_t(n_batch_);
+    cparams.n_threads = params_.n_threads;
+    cparams.n_threads_batch = params_.n_threads_batch;
+    cparams.flash_attention = params_.flash_attention;
+    // iSWA models (Gemma 2/3) can only shift positions when the SWA cache is as large as the base cache.
+    cparams.swa_full = model_->info().n_swa > 0;
+    cparams.type_k = params_.type_k;
+    cparams.type_v = params_.type_v;
+    ctx_ = std::make_unique<LlamaContext>(model_, cparams);
+    check_model_supports(*model_, *ctx_, params_.policy);
+    counters_.capacity = cap;
+}
+
+int32_t Engine::n_pinned() const {
+    const PolicyKind kind = params_.policy.kind;
+    const int32_t sinks = (kind == PolicyKind::sink || kind == PolicyKind::context_shift) ? params_.policy.n_sink : 0;
+    return std::min<int32_t>(std::max(sinks, pinned_prefix_), int32_t(cache_.positions.size()));
+}
+
+int32_t Engine::resolved_prefill_chunk() const {
+    const int32_t room = capacity(params_.policy) - std::max(n_pinned(), pinned_prefix_);
+    // Auto: a quarter of the window, so a streamed prompt never sees less than 3/4 of the window, but at least 16
+    // tokens per decode for throughput and at most 256.
+    const int32_t wanted =
+        params_.prefill_chunk > 0 ? params_.prefill_chunk : std::clamp(params_.policy.window / 4, 16, 256);
+    return std::max(1, std::min({wanted, room, n_batch_}));
+}
+
+void Engine::pin_prefix(int32_t n_tokens) {
+    if (n_tokens < 0) fail(ErrorKind::invalid_argument, "cannot pin a negative number of tokens");
+    const int32_t cap = capacity(params_.policy);
+    if (n_tokens >= cap) {
+        fail(ErrorKind::invalid_argument, "cannot pin " + std::to_string(n_tokens) + " tokens in a cache of " +
+                                              std::to_string(cap) +
+                                              " cells: nothing would be left for the conversation; raise window or "
+                                              "shorten the system prompt");
+    }
+    if (n_tokens > int32_t(cache_.positions.size()) || (n_tokens > 0 && cache_.positions[size_t(n_tokens - 1)] !=
+                                                                            Pos(n_tokens - 1))) {
+        fail(ErrorKind::invalid_argument, "can only pin tokens at the start of the stream that are still cached");
+    }
+    pinned_prefix_ = n_tokens;
+    cache_.n_pinned = n_pinned();
+    counters_.n_pinned = cache_.n_pinned;
+}
+
+void Engine::apply(const EvictionPlan & plan) {
+    if (plan.empty()) return;
+    const CacheState after = apply_plan(cache_, plan);
+    // Mirror: keep the token ids of the surviving cells.
+    std::vector<Token> kept_tokens;
+    kept_tokens.reserve(after.positions.size());
+    for (size_t i = 0; i < cache_.positions.size(); ++i) {
+        const Pos p = cache_.positions[i];
+        bool removed = false;
+        for (const auto & r : plan.remove) removed |= (p >= r.p0 && p < r.p1);
+        if (!removed) kept_tokens.push_back(cached_tokens_[i]);
+    }
+
+    if (plan.recompute) {
+        ctx_->memory_clear();
+    } else {
+        for (const auto & r : plan.remove) ctx_->memory_remove(r.p0, r.p1);
+        for (const auto & s : plan.shift) ctx_->memory_shift(s.p0, s.p1, s.delta);
+    }
+    cache_ = after;
+    cached_tokens_ = std::move(kept_tokens);
+    next_pos_ = cache_.positions.empty() ? 0 : cache_.positions.back() + 1;
+    counters_.evictions += 1;
+    counters_.tokens_evicted += plan.n_evicted;
+
+    if (plan.recompute && !cached_tokens_.empty()) {
+        // Rebuild the retained tokens' KV at their new positions; llama.cpp batches must not exceed n_batch.
+        std::vector<Token> tokens = cached_tokens_;
+        std::vector<Pos> positions = cache_.positions;
+        for (size_t start = 0; start < tokens.size(); start += size_t(n_batch_)) {
+            const int32_t n = int32_t(std::min(tokens.size() - start, size_t(n_batch_)));
+            ctx_->decode(tokens.data() + start, positions.data() + start, n, false);
+        }
+        counters_.tokens_recomputed += int64_t(tokens.size());
+        has_logits_ = false;
+    }
+}
+
+void Engine::make_room(int32_t n_incoming) {
+    cache_.n_pinned = n_pinned();
+    apply(plan_eviction(params_.policy, cache_, n_incoming));
+}
+
+void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
+    std::vector<Pos> positions(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) positions[size_t(i)] = next_pos_ + i;
+    ctx_->decode(tokens, positions.data(), n, logits_all);
+    for (int32_t i = 0; i < n; ++i) {
+        cache_.positions.push_back(positions[size_t(i)]);
+        cached_tokens_.push_back(tokens[i]);
+    }
+    next_pos_ += n;
+    counters_.tokens_seen += n;
+    counters_.peak_cells = std::max<int32_t>(counters_.peak_cells, int32_t(cache_.positions.size()));
+    has_logits_ = true;
+}
+
+void Engine::feed(const std::vector<Token> & tokens) {
+    if (tokens.empty()) return;
+    for (Token t : tokens) {
+        if (!model_->is_valid_token(t)) {
+            fail(ErrorKind::invalid_argument, "token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                                  std::to_string(model_->info().n_vocab) + ")");
+        }
+    }
+    if (params_.policy.kind == PolicyKind::none) {
+        // Refuse up front so that a prompt that does not fit leaves the cache untouched.
+        cache_.n_pinned = n_pinned();
+        plan_eviction(params_.policy, cache_, int32_t(std::min<size_t>(tokens.size(), size_t(INT32_MAX))));
+    }
+    const int32_t chunk = resolved_prefill_chunk();
+    for (size_t start = 0; start < tokens.size();) {
+        const int32_t n = int32_t(std::min(tokens.size() - start, size_t(chunk)));
+        make_room(n);
+        decode_append(tokens.data() + start, n, false);
+        start += size_t(n);
+    }
+}
+
+std::vector<float> Engine::score(const std::vector<Token> & tokens, int32_t chunk) {
+    if (chunk < 1) fail(ErrorKind::invalid_argument, "score chunk must be at least 1");
+    for (Token t : tokens) {
+        if (!model_->is_valid_token(t)) fail(ErrorKind::invalid_argument, "token id out of vocabulary in score()");
+    }
+    const int32_t n_vocab = model_->info().n_vocab;
+    chunk = std::min({chunk, resolved_prefill_chunk(), n_batch_});
+    std::vector<float> nll(tokens.size(), std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> previous;  // logits of the token before the current chunk
+    if (has_logits_) previous.assign(ctx_->logits(-1), ctx_->logits(-1) + n_vocab);
+    for (size_t start = 0; start < tokens.size();) {
+        const int32_t n = int32_t(std::min(tokens.size() - start, size_t(chunk)));
+        make_room(n);
+        decode_append(tokens.data() + start, n, true);
+        if (!previous.empty()) nll[start] = negative_log_prob(previous.data(), n_vocab, tokens[start]);
+        for (int32_t i = 1; i < n; ++i) {
+            nll[start + size_t(i)] = negative_log_prob(ctx_->logits(i - 1), n_vocab, tokens[start + size_t(i)]);
+        }
+        previous.assign(ctx_->logits(n - 1), ctx_->logits(n - 1) + n_vocab);
+        start += size_t(n);
+    }
+    return nll;
+}
+
+Token Engine::sample(Sampler & sampler) {
+    if (!has_logits_) fail(ErrorKind::invalid_argument, "nothing to sample from: feed a prompt first");
+    return sampler.sample(*ctx_, -1);
+}
+
+std::vector<float> Engine::last_logits() const {
+    if (!has_logits_) fail(ErrorKind::invalid_argument, "no logits: feed tokens first");
+    const float * logits = ctx_->logits(-1);
+    return std::vector<float>(logits, logits + model_->info().n_vocab);
+}
+
+void Engine::reset() {
+    ctx_->memory_clear();
+    cache_ = CacheState{};
+    cached_tokens_.clear();
+    pinned_prefix_ = 0;
+    next_pos_ = 0;
+    has_logits_ = false;
+    counters_ = EngineStats{};
+    counters_.capacity = capacity(params_.policy);
+}
+
+void Engine::set_threads(int32_t n_threads, int32_t n_threads_batch) {
+    params_.n_threads = n_threads;
+    params_.n_threads_batch = n_threads_batch;
+    ctx_->set_threads(n_threads, n_threads_batch);
+}
+
+EngineStats Engine::stats() const {
+    EngineStats s = counters_;
+    s.cells_used = int32_t(cache_.positions.size());
+    s.n_ctx_physical = int32_t(ctx_->n_ctx());
+    s.n_pinned = n_pinned();
+    s.max_pos = cache_.positions.empty() ? -1 : cache_.positions.back();
+    s.next_pos = next_pos_;
+    return s;
+}
+
+}  // namespace pm

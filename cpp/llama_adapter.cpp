@@ -1,0 +1,500 @@
+// The one file that calls llama.cpp (and the few ggml/gguf calls the adapter needs). See llama_adapter.h.
+#include "llama_adapter.h"
+
+#include "errors.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <thread>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "gguf.h"
+#include "llama.h"
+
+namespace pm {
+namespace {
+
+// Upstream name of the post-softmax attention node (llama-graph.cpp, build_attn_mha: cb(kq, "kq_soft_max", il)).
+// llama.cpp names graph nodes "<name>-<layer>".
+constexpr const char * kAttentionTensorPrefix = "kq_soft_max-";
+
+// ---- logging -------------------------------------------------------------------------------------------------
+
+std::atomic<int> g_log_verbosity{1};
+std::mutex g_log_mutex;
+std::deque<std::string> g_recent_errors;  // last error lines, quoted in exceptions
+std::string g_partial_line;
+
+void log_callback(ggml_log_level level, const char * text, void *) {
+    if (text == nullptr) return;
+    const bool is_error = level == GGML_LOG_LEVEL_ERROR;
+    if (is_error) {
+        std::lock_guard<std::mutex> lock(g_log_mutex);
+        g_partial_line += text;
+        size_t nl;
+        while ((nl = g_partial_line.find('\n')) != std::string::npos) {
+            g_recent_errors.push_back(g_partial_line.substr(0, nl));
+            g_partial_line.erase(0, nl + 1);
+            if (g_recent_errors.size() > 8) g_recent_errors.pop_front();
+        }
+    }
+    int needed;
+    switch (level) {
+        case GGML_LOG_LEVEL_ERROR: needed = 0; break;
+        case GGML_LOG_LEVEL_WARN: needed = 1; break;
+        case GGML_LOG_LEVEL_INFO: needed = 2; break;
+        case GGML_LOG_LEVEL_CONT: needed = 2; break;
+        default: needed = 3; break;
+    }
+    if (g_log_verbosity.load() >= needed) fputs(text, stderr);
+}
+
+void ensure_backend() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        llama_log_set(log_callback, nullptr);
+        llama_backend_init();
+    });
+}
+
+void clear_recent_errors() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_recent_errors.clear();
+    g_partial_line.clear();
+}
+
+std::string with_llama_errors(const std::string & message) {
+    const std::string detail = last_llama_errors();
+    return detail.empty() ? message : message + " (llama.cpp said: " + detail + ")";
+}
+
+// ---- file validation -----------------------------------------------------------------------------------------
+
+// Checks what llama.cpp would otherwise report vaguely or not at all: existence, GGUF magic, readable header,
+// and tensor data that lies inside the file (a truncated download).
+void validate_gguf_file(const std::string & path) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    if (path.empty()) fail(ErrorKind::invalid_argument, "model path is empty; pass the path of a .gguf file");
+    if (!fs::exists(path, ec)) {
+        fail(ErrorKind::file_not_found, "model file not found: '" + path + "'");
+    }
+    if (!fs::is_regular_file(path, ec)) {
+        fail(ErrorKind::bad_model_file, "model path is not a regular file: '" + path + "'");
+    }
+    const auto file_size = fs::file_size(path, ec);
+    char magic[4] = {0, 0, 0, 0};
+    {
+        std::ifstream in(path, std::ios::binary);
+        if (!in) fail(ErrorKind::bad_model_file, "cannot open model file '" + path + "' for reading");
+        in.read(magic, 4);
+    }
+    if (file_size < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
+        fail(ErrorKind::bad_model_file,
+             "'" + path + "' is not a GGUF model file (no GGUF magic); pymemory runs llama.cpp GGUF models — "
+             "convert other formats with llama.cpp's convert_hf_to_gguf.py");
+    }
+    gguf_init_params gparams{/*no_alloc=*/true, /*ctx=*/nullptr};
+    gguf_context * gctx = gguf_init_from_file(path.c_str(), gparams);
+    if (gctx == nullptr) {
+        fail(ErrorKind::bad_model_file,
+             "'" + path + "' has a GGUF magic but its header cannot be read: the file is truncated or corrupted; "
+             "download it again");
+    }
+    const size_t data_offset = gguf_get_data_offset(gctx);
+    size_t data_end = data_offset;
+    const int64_t n_tensors = gguf_get_n_tensors(gctx);
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        data_end = std::max(data_end, data_offset + gguf_get_tensor_offset(gctx, i) + gguf_get_tensor_size(gctx, i));
+    }
+    gguf_free(gctx);
+    if (n_tensors == 0) {
+        fail(ErrorKind::bad_model_file, "'" + path + "' is a GGUF file without tensors, not a model");
+    }
+    if (data_end > file_size) {
+        fail(ErrorKind::bad_model_file,
+             "'" + path + "' is truncated: its tensors need " + std::to_string(data_end) + " bytes but the file has " +
+                 std::to_string(file_size) + "; download it again");
+    }
+}
+
+std::string meta_string(const llama_model * model, const char * key) {
+    char buf[512];
+    const int32_t n = llama_model_meta_val_str(model, key, buf, sizeof(buf));
+    return n < 0 ? std::string() : std::string(buf, std::min<size_t>(size_t(n), sizeof(buf) - 1));
+}
+
+ggml_type parse_cache_type(const std::string & name) {
+    if (name == "f32") return GGML_TYPE_F32;
+    if (name == "f16") return GGML_TYPE_F16;
+    if (name == "bf16") return GGML_TYPE_BF16;
+    if (name == "q8_0") return GGML_TYPE_Q8_0;
+    if (name == "q4_0") return GGML_TYPE_Q4_0;
+    fail(ErrorKind::invalid_argument, "unknown KV cache type '" + name + "'; use one of f32, f16, bf16, q8_0, q4_0");
+}
+
+int32_t default_threads() {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 4 : int32_t(n);
+}
+
+}  // namespace
+
+// ---- process-wide --------------------------------------------------------------------------------------------
+
+void set_log_verbosity(int level) { g_log_verbosity.store(std::clamp(level, 0, 3)); }
+
+std::string last_llama_errors() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    std::string out;
+    for (const auto & line : g_recent_errors) {
+        if (!out.empty()) out += "; ";
+        out += line;
+    }
+    return out;
+}
+
+std::string backend_summary() {
+    ensure_backend();
+    std::string out;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (!out.empty()) out += ", ";
+        out += ggml_backend_dev_name(dev);
+        const char * desc = ggml_backend_dev_description(dev);
+        if (desc && *desc) out += std::string(" (") + desc + ")";
+    }
+    return out;
+}
+
+// ---- model ---------------------------------------------------------------------------------------------------
+
+std::shared_ptr<LlamaModel> LlamaModel::load(const ModelParams & params) {
+    ensure_backend();
+    validate_gguf_file(params.path);
+
+    llama_model_params mparams = llama_model_default_params();
+    mparams.n_gpu_layers = params.n_gpu_layers;
+    if (!params.use_mmap) mparams.load_mode = LLAMA_LOAD_MODE_NONE;
+    mparams.use_extra_bufts = params.use_extra_bufts;
+
+    clear_recent_errors();
+    llama_model * raw = llama_model_load_from_file(params.path.c_str(), mparams);
+    if (raw == nullptr) {
+        fail(ErrorKind::bad_model_file,
+             with_llama_errors("llama.cpp could not load '" + params.path +
+                               "': unsupported architecture or damaged file"));
+    }
+
+    std::shared_ptr<LlamaModel> model(new LlamaModel());
+    model->model_ = raw;
+    ModelInfo & info = model->info_;
+    const llama_vocab * vocab = llama_model_get_vocab(raw);
+    info.path = params.path;
+    info.architecture = meta_string(raw, "general.architecture");
+    info.name = meta_string(raw, "general.name");
+    {
+        char buf[256];
+        llama_model_desc(raw, buf, sizeof(buf));
+        info.description = buf;
+    }
+    info.n_vocab = llama_vocab_n_tokens(vocab);
+    info.n_layer = llama_model_n_layer(raw);
+    info.n_head = llama_model_n_head(raw);
+    info.n_head_kv = llama_model_n_head_kv(raw);
+    info.n_embd = llama_model_n_embd(raw);
+    info.n_ctx_train = llama_model_n_ctx_train(raw);
+    info.n_swa = llama_model_n_swa(raw);
+    info.is_recurrent = llama_model_is_recurrent(raw);
+    info.is_hybrid = llama_model_is_hybrid(raw);
+    const llama_rope_type rope = llama_model_rope_type(raw);
+    info.uses_mrope = rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION;
+    info.add_bos = llama_vocab_get_add_bos(vocab);
+    info.bos = llama_vocab_bos(vocab);
+    info.eos = llama_vocab_eos(vocab);
+    const char * tmpl = llama_model_chat_template(raw, nullptr);
+    info.chat_template = tmpl ? tmpl : "";
+    return model;
+}
+
+LlamaModel::~LlamaModel() {
+    if (model_) llama_model_free(model_);
+}
+
+std::vector<Token> LlamaModel::tokenize(std::string_view text, bool add_special, bool parse_special) const {
+    const llama_vocab * vocab = llama_model_get_vocab(model_);
+    if (text.size() > size_t(INT32_MAX)) fail(ErrorKind::invalid_argument, "text too long to tokenize (over 2 GiB)");
+    std::vector<Token> out(text.size() + 8);
+    int32_t n = llama_tokenize(vocab, text.data(), int32_t(text.size()), out.data(), int32_t(out.size()), add_special,
+                               parse_special);
+    if (n == INT32_MIN) fail(ErrorKind::invalid_argument, "tokenization overflow: text too long");
+    if (n < 0) {
+        out.resize(size_t(-n));
+        n = llama_tokenize(vocab, text.data(), int32_t(text.size()), out.data(), int32_t(out.size()), add_special,
+                           parse_special);
+        if (n < 0) fail(ErrorKind::runtime, "llama_tokenize failed");
+    }
+    out.resize(size_t(n));
+    return out;
+}
+
+std::string LlamaModel::token_bytes(Token token, bool render_special) const {
+    if (!is_valid_token(token)) {
+        fail(ErrorKind::invalid_argument,
+             "token id " + std::to_string(token) + " is outside the vocabulary [0, " + std::to_string(info_.n_vocab) + ")");
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model_);
+    char buf[128];
+    int32_t n = llama_token_to_piece(vocab, token, buf, sizeof(buf), 0, render_special);
+    if (n >= 0) return std::string(buf, size_t(n));
+    std::string big(size_t(-n), '\0');
+    n = llama_token_to_piece(vocab, token, big.data(), int32_t(big.size()), 0, render_special);
+    big.resize(size_t(std::max(n, 0)));
+    return big;
+}
+
+std::string LlamaModel::detokenize(const std::vector<Token> & tokens, bool render_special) const {
+    for (Token t : tokens) {
+        if (!is_valid_token(t)) {
+            fail(ErrorKind::invalid_argument, "token id " + std::to_string(t) + " is outside the vocabulary");
+        }
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model_);
+    std::string out(tokens.size() * 8 + 16, '\0');
+    int32_t n = llama_detokenize(vocab, tokens.data(), int32_t(tokens.size()), out.data(), int32_t(out.size()), false,
+                                 render_special);
+    if (n < 0) {
+        out.resize(size_t(-n));
+        n = llama_detokenize(vocab, tokens.data(), int32_t(tokens.size()), out.data(), int32_t(out.size()), false,
+                             render_special);
+    }
+    out.resize(size_t(std::max(n, 0)));
+    return out;
+}
+
+bool LlamaModel::is_end_of_generation(Token token) const {
+    return llama_vocab_is_eog(llama_model_get_vocab(model_), token);
+}
+
+std::string LlamaModel::apply_chat_template(const std::vector<ChatMessage> & messages, bool add_assistant,
+                                            const std::string & template_override) const {
+    const std::string & tmpl = template_override.empty() ? info_.chat_template : template_override;
+    if (tmpl.empty()) {
+        fail(ErrorKind::unsupported,
+             "model '" + info_.path + "' has no chat template in its GGUF metadata; pass chat_template='chatml' "
+             "(or another built-in name) or use generate() with your own prompt format");
+    }
+    std::vector<llama_chat_message> chat;
+    size_t total = 0;
+    for (const auto & m : messages) {
+        chat.push_back({m.role.c_str(), m.content.c_str()});
+        total += m.role.size() + m.content.size();
+    }
+    std::string buf(2 * total + 256, '\0');
+    int32_t n = llama_chat_apply_template(tmpl.c_str(), chat.data(), chat.size(), add_assistant, buf.data(),
+                                          int32_t(buf.size()));
+    if (n > int32_t(buf.size())) {
+        buf.resize(size_t(n));
+        n = llama_chat_apply_template(tmpl.c_str(), chat.data(), chat.size(), add_assistant, buf.data(),
+                                      int32_t(buf.size()));
+    }
+    if (n < 0) {
+        fail(ErrorKind::unsupported,
+             "llama.cpp does not support this chat template (it understands a fixed list of common templates, not "
+             "arbitrary Jinja); pass chat_template='chatml' or another built-in template name");
+    }
+    buf.resize(size_t(n));
+    return buf;
+}
+
+// ---- context -------------------------------------------------------------------------------------------------
+
+LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParams & params)
+    : model_(std::move(model)), on_attention_(params.on_attention) {
+    if (!model_) fail(ErrorKind::invalid_argument, "context needs a loaded model");
+    if (params.n_ctx < 1) fail(ErrorKind::invalid_argument, "n_ctx must be at least 1");
+    if (params.n_batch < 1) fail(ErrorKind::invalid_argument, "n_batch must be at least 1");
+    if (on_attention_ && params.flash_attention == FlashAttention::enabled) {
+        fail(ErrorKind::invalid_argument,
+             "the attention tap needs flash attention off (llama.cpp only materialises attention probabilities "
+             "without it)");
+    }
+    llama_context_params cparams = llama_context_default_params();
+    cparams.n_ctx = params.n_ctx;
+    cparams.n_batch = params.n_batch;
+    cparams.n_ubatch = params.n_batch;
+    cparams.n_seq_max = 1;
+    cparams.n_threads = params.n_threads > 0 ? params.n_threads : default_threads();
+    cparams.n_threads_batch = params.n_threads_batch > 0 ? params.n_threads_batch : cparams.n_threads;
+    cparams.swa_full = params.swa_full;
+    cparams.type_k = parse_cache_type(params.type_k);
+    cparams.type_v = parse_cache_type(params.type_v);
+    cparams.no_perf = true;
+    switch (on_attention_ ? FlashAttention::disabled : params.flash_attention) {
+        case FlashAttention::automatic: cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO; break;
+        case FlashAttention::enabled: cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED; break;
+        case FlashAttention::disabled: cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED; break;
+    }
+    if (on_attention_) {
+        cparams.cb_eval = &LlamaContext::eval_callback;
+        cparams.cb_eval_user_data = this;
+    }
+    clear_recent_errors();
+    ctx_ = llama_init_from_model(model_->raw(), cparams);
+    if (ctx_ == nullptr) {
+        fail(ErrorKind::runtime, with_llama_errors("llama.cpp could not create a context with " +
+                                                   std::to_string(params.n_ctx) + " cells (out of memory, or the "
+                                                   "KV cache type does not fit this model)"));
+    }
+}
+
+LlamaContext::~LlamaContext() {
+    if (ctx_) llama_free(ctx_);
+}
+
+uint32_t LlamaContext::n_ctx() const { return llama_n_ctx(ctx_); }
+
+bool LlamaContext::can_shift() const { return llama_memory_can_shift(llama_get_memory(ctx_)); }
+
+void LlamaContext::decode(const Token * tokens, const Pos * positions, int32_t n, bool logits_all) {
+    if (n <= 0) fail(ErrorKind::invalid_argument, "decode needs at least one token");
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    for (int32_t i = 0; i < n; ++i) {
+        batch.token[i] = tokens[i];
+        batch.pos[i] = positions[i];
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i] = logits_all || i == n - 1;
+    }
+    batch.n_tokens = n;
+    clear_recent_errors();
+    const int32_t rc = llama_decode(ctx_, batch);
+    llama_batch_free(batch);
+    if (rc == 1) {
+        fail(ErrorKind::capacity, "llama.cpp found no free KV cell for " + std::to_string(n) +
+                                      " tokens (the cache is full)");
+    }
+    if (rc != 0) {
+        fail(ErrorKind::runtime, with_llama_errors("llama_decode failed with code " + std::to_string(rc)));
+    }
+    n_tokens_last_ = n;
+    logits_all_last_ = logits_all;
+}
+
+const float * LlamaContext::logits(int32_t i) const {
+    if (n_tokens_last_ == 0) fail(ErrorKind::invalid_argument, "no logits yet: nothing has been decoded");
+    // llama_get_logits_ith indexes the tokens of the last batch; only those flagged for output have logits.
+    const int32_t idx = i < 0 ? n_tokens_last_ + i : i;
+    const bool has_output = logits_all_last_ ? (idx >= 0 && idx < n_tokens_last_) : idx == n_tokens_last_ - 1;
+    if (!has_output) fail(ErrorKind::invalid_argument, "no logits for token " + std::to_string(i) + " of the last batch");
+    const float * out = llama_get_logits_ith(ctx_, idx);
+    if (out == nullptr) fail(ErrorKind::runtime, "llama.cpp returned no logits for token " + std::to_string(idx));
+    return out;
+}
+
+void LlamaContext::memory_clear() {
+    llama_memory_clear(llama_get_memory(ctx_), true);
+    n_tokens_last_ = 0;
+}
+
+void LlamaContext::memory_remove(Pos p0, Pos p1) {
+    if (!llama_memory_seq_rm(llama_get_memory(ctx_), 0, p0, p1)) {
+        fail(ErrorKind::unsupported, "llama.cpp cannot remove positions [" + std::to_string(p0) + ", " +
+                                         std::to_string(p1) + ") from this model's memory (recurrent state)");
+    }
+}
+
+void LlamaContext::memory_shift(Pos p0, Pos p1, Pos delta) {
+    llama_memory_seq_add(llama_get_memory(ctx_), 0, p0, p1, delta);
+}
+
+Pos LlamaContext::memory_pos_min() const { return llama_memory_seq_pos_min(llama_get_memory(ctx_), 0); }
+Pos LlamaContext::memory_pos_max() const { return llama_memory_seq_pos_max(llama_get_memory(ctx_), 0); }
+
+void LlamaContext::set_threads(int32_t n_threads, int32_t n_threads_batch) {
+    const int32_t n = n_threads > 0 ? n_threads : default_threads();
+    llama_set_n_threads(ctx_, n, n_threads_batch > 0 ? n_threads_batch : n);
+}
+
+bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_data) {
+    auto * self = static_cast<LlamaContext *>(user_data);
+    const char * name = ggml_get_name(tensor);
+    const size_t prefix_len = std::strlen(kAttentionTensorPrefix);
+    if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return ask ? false : true;
+    if (ask) return true;  // we want to observe this node once it is computed
+
+    AttentionView view;
+    view.layer = std::atoi(name + prefix_len);
+    view.n_kv = int32_t(tensor->ne[0]);
+    view.n_tokens = int32_t(tensor->ne[1]);
+    view.n_head = int32_t(tensor->ne[2]);
+    const size_t n_floats = size_t(tensor->ne[0]) * size_t(tensor->ne[1]) * size_t(tensor->ne[2]) * size_t(tensor->ne[3]);
+    if (tensor->type != GGML_TYPE_F32 || !ggml_is_contiguous(tensor)) {
+        fail(ErrorKind::unsupported, "attention tensor has an unexpected layout (type " +
+                                         std::string(ggml_type_name(tensor->type)) + ")");
+    }
+    if (tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer)) {
+        view.probs = static_cast<const float *>(tensor->data);
+    } else {
+        self->attention_host_.resize(n_floats);
+        ggml_backend_tensor_get(tensor, self->attention_host_.data(), 0, n_floats * sizeof(float));
+        view.probs = self->attention_host_.data();
+    }
+    self->on_attention_(view);
+    return true;
+}
+
+// ---- sampling ------------------------------------------------------------------------------------------------
+
+void validate(const SamplingParams & p) {
+    auto bad = [](const std::string & what) { fail(ErrorKind::invalid_argument, what); };
+    if (!(p.temperature == p.temperature)) bad("temperature is NaN; use 0 for greedy or a value like 0.8");
+    if (p.top_p <= 0.0f || p.top_p != p.top_p) bad("top_p must be in (0, 1]; use 1 to disable it");
+    if (p.min_p < 0.0f || p.min_p > 1.0f || p.min_p != p.min_p) bad("min_p must be in [0, 1]; use 0 to disable it");
+    if (p.repeat_penalty <= 0.0f || p.repeat_penalty != p.repeat_penalty) {
+        bad("repeat_penalty must be > 0; use 1 to disable it");
+    }
+    if (p.repeat_last_n < -1) bad("repeat_last_n must be >= -1 (-1 = whole context, 0 = off)");
+}
+
+Sampler::Sampler(const LlamaModel & model, const SamplingParams & p) {
+    validate(p);
+    chain_ = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    // Order as in llama.cpp's common sampler: penalties, then truncation, then temperature, then the draw.
+    if (p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) {
+        const int32_t last_n = p.repeat_last_n < 0 ? model.info().n_ctx_train : p.repeat_last_n;
+        llama_sampler_chain_add(chain_, llama_sampler_init_penalties(model.info().n_vocab, last_n, p.repeat_penalty,
+                                                                     p.frequency_penalty, p.presence_penalty));
+    }
+    if (p.temperature <= 0.0f) {
+        llama_sampler_chain_add(chain_, llama_sampler_init_greedy());
+        return;
+    }
+    if (p.top_k > 0) llama_sampler_chain_add(chain_, llama_sampler_init_top_k(p.top_k));
+    if (p.top_p < 1.0f) llama_sampler_chain_add(chain_, llama_sampler_init_top_p(p.top_p, 1));
+    if (p.min_p > 0.0f) llama_sampler_chain_add(chain_, llama_sampler_init_min_p(p.min_p, 1));
+    llama_sampler_chain_add(chain_, llama_sampler_init_temp(p.temperature));
+    llama_sampler_chain_add(chain_, llama_sampler_init_dist(p.seed));
+}
+
+Sampler::~Sampler() {
+    if (chain_) llama_sampler_free(chain_);
+}
+
+Token Sampler::sample(LlamaContext & ctx, int32_t output_index) {
+    ctx.logits(output_index);  // validates that logits exist for this index
+    // llama_sampler_sample accepts the sampled token into the chain itself.
+    return llama_sampler_sample(chain_, ctx.raw(), output_index);
+}
+
+void Sampler::accept(Token token) { llama_sampler_accept(chain_, token); }
+
+void Sampler::reset() { llama_sampler_reset(chain_); }
+
+}  // namespace pm

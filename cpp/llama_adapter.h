@@ -1,0 +1,209 @@
+// The one place where pymemory talks to llama.cpp.
+//
+// Every llama.cpp call and every upstream name (tensor names, metadata keys) lives in llama_adapter.cpp, so an
+// upstream change breaks exactly one file. This header deliberately does not include llama.h: the rest of the
+// core sees small value types and three owning classes (model, context, sampler).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+struct llama_model;
+struct llama_context;
+struct llama_sampler;
+struct ggml_tensor;
+
+namespace pm {
+
+using Token = int32_t;
+using Pos = int32_t;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Model: immutable weights + vocabulary, shared by any number of contexts.
+
+struct ModelParams {
+    std::string path;
+    int32_t n_gpu_layers = 0;     // layers offloaded to the GPU backend llama-cpp-python was built with (-1 = all)
+    bool use_mmap = true;
+    bool use_extra_bufts = true;  // weight repacking; false works around ggml's AMX crash (llama.cpp #20824)
+};
+
+struct ChatMessage {
+    std::string role;
+    std::string content;
+};
+
+struct ModelInfo {
+    std::string path;
+    std::string architecture;  // general.architecture
+    std::string name;          // general.name (may be empty)
+    std::string description;   // llama_model_desc, e.g. "llama 135M Q4_1"
+    int32_t n_vocab = 0;
+    int32_t n_layer = 0;
+    int32_t n_head = 0;
+    int32_t n_head_kv = 0;
+    int32_t n_embd = 0;
+    int32_t n_ctx_train = 0;
+    int32_t n_swa = 0;         // sliding-window size of SWA layers, 0 if the model has none
+    bool is_recurrent = false;
+    bool is_hybrid = false;
+    bool uses_mrope = false;   // multi-axis RoPE (Qwen2-VL family): positions cannot be shifted
+    bool add_bos = false;
+    Token bos = -1;
+    Token eos = -1;
+    std::string chat_template;  // empty if the GGUF has none
+};
+
+class LlamaModel {
+public:
+    // Validates the file (exists, GGUF magic, complete) before llama.cpp sees it; throws pm::Error.
+    static std::shared_ptr<LlamaModel> load(const ModelParams & params);
+    ~LlamaModel();
+    LlamaModel(const LlamaModel &) = delete;
+    LlamaModel & operator=(const LlamaModel &) = delete;
+
+    const ModelInfo & info() const { return info_; }
+
+    std::vector<Token> tokenize(std::string_view text, bool add_special, bool parse_special) const;
+    // Raw bytes of one token; may be an incomplete UTF-8 sequence (the caller assembles characters).
+    std::string token_bytes(Token token, bool render_special) const;
+    std::string detokenize(const std::vector<Token> & tokens, bool render_special) const;
+    bool is_end_of_generation(Token token) const;
+    bool is_valid_token(Token token) const { return token >= 0 && token < info_.n_vocab; }
+
+    // Renders messages with the GGUF's template (or `template_override`, a template text or a built-in name such
+    // as "chatml"); add_assistant appends the assistant-turn opener.
+    std::string apply_chat_template(const std::vector<ChatMessage> & messages, bool add_assistant,
+                                    const std::string & template_override = "") const;
+
+    llama_model * raw() const { return model_; }
+
+private:
+    LlamaModel() = default;
+    llama_model * model_ = nullptr;
+    ModelInfo info_;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention tap: post-softmax attention of every layer, observed during llama_decode.
+
+// One layer's attention probabilities as llama.cpp computed them (flash attention off).
+// Layout (ggml order, contiguous): probs[head][token][cell] i.e. ne = [n_kv, n_tokens, n_head], row stride n_kv.
+// Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0.
+struct AttentionView {
+    int32_t layer = 0;
+    int32_t n_kv = 0;
+    int32_t n_tokens = 0;
+    int32_t n_head = 0;
+    const float * probs = nullptr;  // host memory, valid only during the callback
+};
+
+// Called from inside llama_decode, on the decoding thread, once per layer and ubatch.
+using AttentionCallback = std::function<void(const AttentionView &)>;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Context: one KV cache (one sequence) plus the decode loop's buffers.
+
+enum class FlashAttention { automatic, enabled, disabled };
+
+struct ContextParams {
+    uint32_t n_ctx = 1024;       // physical cells; llama.cpp pads this up to a multiple of 256
+    uint32_t n_batch = 512;      // largest batch handed to decode()
+    int32_t n_threads = 0;       // 0 = all cores
+    int32_t n_threads_batch = 0; // 0 = n_threads
+    FlashAttention flash_attention = FlashAttention::automatic;
+    bool swa_full = false;       // full-size SWA cache: required to shift positions of iSWA models (Gemma 2/3)
+    std::string type_k = "f16";  // KV cache element types: f32, f16, bf16, q8_0, q4_0
+    std::string type_v = "f16";
+    AttentionCallback on_attention;  // if set, flash attention must be disabled
+};
+
+class LlamaContext {
+public:
+    LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParams & params);
+    ~LlamaContext();
+    LlamaContext(const LlamaContext &) = delete;
+    LlamaContext & operator=(const LlamaContext &) = delete;
+
+    uint32_t n_ctx() const;                 // physical cells after padding
+    bool can_shift() const;                 // llama_memory_can_shift
+    bool flash_attention_enabled() const;   // as resolved by llama.cpp
+
+    // Decodes `n` tokens of sequence 0 at explicit positions. With logits_all every token gets logits, otherwise
+    // only the last. Throws pm::Error (capacity if no KV slot, runtime otherwise); on failure the cache is
+    // restored by llama.cpp.
+    void decode(const Token * tokens, const Pos * positions, int32_t n, bool logits_all);
+    // Logits of token i of the last decoded batch (negative counts from the end); n_vocab floats. Without
+    // logits_all only the last token has logits.
+    const float * logits(int32_t i) const;
+
+    void memory_clear();
+    void memory_remove(Pos p0, Pos p1);              // [p0, p1); throws if llama.cpp refuses (recurrent memory)
+    void memory_shift(Pos p0, Pos p1, Pos delta);    // positions in [p0, p1) += delta (K is re-rotated lazily)
+    Pos memory_pos_min() const;
+    Pos memory_pos_max() const;
+
+    void set_threads(int32_t n_threads, int32_t n_threads_batch);
+
+    const LlamaModel & model() const { return *model_; }
+    llama_context * raw() const { return ctx_; }
+
+private:
+    static bool eval_callback(ggml_tensor * tensor, bool ask, void * user_data);
+
+    std::shared_ptr<LlamaModel> model_;
+    llama_context * ctx_ = nullptr;
+    AttentionCallback on_attention_;
+    std::vector<float> attention_host_;  // staging copy for non-host backends
+    int32_t n_tokens_last_ = 0;   // size of the last decoded batch
+    bool logits_all_last_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sampling
+
+struct SamplingParams {
+    float temperature = 0.8f;    // <= 0: greedy
+    int32_t top_k = 40;          // <= 0: off
+    float top_p = 0.95f;         // >= 1: off
+    float min_p = 0.05f;         // <= 0: off
+    float repeat_penalty = 1.0f; // 1: off
+    int32_t repeat_last_n = 64;
+    float frequency_penalty = 0.0f;
+    float presence_penalty = 0.0f;
+    uint32_t seed = 0;
+};
+
+void validate(const SamplingParams & params);  // throws invalid_argument with the offending field
+
+class Sampler {
+public:
+    Sampler(const LlamaModel & model, const SamplingParams & params);
+    ~Sampler();
+    Sampler(const Sampler &) = delete;
+    Sampler & operator=(const Sampler &) = delete;
+
+    // Samples from the logits of output `output_index` of the context's last decode.
+    Token sample(LlamaContext & ctx, int32_t output_index = -1);
+    void accept(Token token);  // feeds the repetition-penalty history
+    void reset();
+
+private:
+    llama_sampler * chain_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Process-wide settings
+
+// llama.cpp logs through a callback; by default we keep only warnings and errors, and remember the last error
+// lines so that exceptions can quote them.
+void set_log_verbosity(int level);  // 0 = errors, 1 = warnings (default), 2 = info, 3 = debug
+std::string last_llama_errors();
+std::string backend_summary();      // e.g. "CPU" or "CUDA0 (NVIDIA ...), CPU"
+
+}  // namespace pm

@@ -1,0 +1,198 @@
+"""`pymemory generate` and `pymemory chat`: streaming generation and interactive chat from the terminal."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Iterator, TextIO
+
+from .streaming import DEFAULT_EVICT_CHUNK, POLICIES, StreamingLLM
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and memory-policy flags shared by every command that runs a model."""
+    g = parser.add_argument_group("model and memory")
+    g.add_argument("--model", "-m", default=None,
+                   help="GGUF file or asset name (default: SmolLM2-135M-Instruct, fetched on first use)")
+    g.add_argument("--policy", choices=POLICIES, default="sink", help="KV memory policy (default: sink)")
+    g.add_argument("--n-sink", type=int, default=4, help="attention-sink tokens kept forever (default 4)")
+    g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
+    g.add_argument("--evict-chunk", type=int, default=None,
+                   help=f"tokens evicted at once when full (default {DEFAULT_EVICT_CHUNK}; 1 = per token)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
+    g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
+                   help=f"tokens to generate (default {max_tokens}; -1 = no limit)")
+    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+
+
+def open_model(args: argparse.Namespace, **extra: object) -> StreamingLLM:
+    return StreamingLLM(
+        args.model,
+        policy=args.policy,
+        n_sink=args.n_sink,
+        window=args.window,
+        evict_chunk=args.evict_chunk,
+        n_threads=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        seed=args.seed,
+        verbose=args.verbose,
+        **extra,
+    )
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        max_tokens=None if args.max_tokens < 0 else args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def format_cache_line(llm: StreamingLLM, n_generated: int, elapsed: float) -> str:
+    s = llm.stats
+    rate = n_generated / elapsed if elapsed > 0 else 0.0
+    return (
+        f"[cache {s.cells_used}/{s.capacity} cells (peak {s.peak_cells}) | stream {s.tokens_seen:,} tokens | "
+        f"evicted {s.tokens_evicted:,} in {s.evictions:,} steps | max pos {s.max_pos} | {rate:.1f} tok/s]"
+    )
+
+
+def stream_to(out: TextIO, pieces: Iterator[str], llm: StreamingLLM, status_every: float,
+              status: TextIO) -> int:
+    """Writes pieces as they come; every `status_every` seconds prints the cache line to `status`."""
+    n = 0
+    start = last = time.perf_counter()
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        n += 1
+        now = time.perf_counter()
+        if status_every > 0 and now - last >= status_every:
+            status.write("\n" + format_cache_line(llm, n, now - start) + "\n")
+            status.flush()
+            last = now
+    return n
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise ValueError("give a prompt: pymemory generate \"Once upon a time\" (or --prompt-file FILE, or stdin)")
+    with open_model(args) as llm:
+        start = time.perf_counter()
+        n = 0
+        try:
+            n = stream_to(sys.stdout, llm.generate(prompt, **sampling_kwargs(args)), llm, args.status_every,
+                          sys.stderr)
+        except KeyboardInterrupt:
+            sys.stderr.write("\n[stopped]\n")
+        sys.stdout.write("\n")
+        if not args.quiet:
+            sys.stderr.write(format_cache_line(llm, n, time.perf_counter() - start) + "\n")
+    return 0
+
+
+# ---- chat --------------------------------------------------------------------------------------------------
+
+CHAT_HELP = "commands: /stats  /reset  /quit   (Ctrl-C stops a reply; Ctrl-D or /quit leaves)"
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty()
+    with open_model(args, pin_system_prompt=args.pin_system_prompt, chat_template=args.chat_template) as llm:
+        pending_system = args.system
+        if interactive:
+            print(f"pymemory chat — {llm!r}\n{CHAT_HELP}", file=sys.stderr)
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                break
+            if text == "/stats":
+                print(format_cache_line(llm, 0, 0), file=sys.stderr)
+                continue
+            if text == "/reset":
+                llm.reset()
+                pending_system = args.system
+                print("[conversation cleared]", file=sys.stderr)
+                continue
+            messages = [{"role": "user", "content": line}]
+            if pending_system:
+                messages.insert(0, {"role": "system", "content": pending_system})
+                pending_system = None
+            reply = llm.chat(messages, **sampling_kwargs(args))
+            try:
+                stream_to(sys.stdout, reply, llm, 0, sys.stderr)
+            except KeyboardInterrupt:
+                reply.close()  # stop this reply only; the partial reply stays in the conversation
+                sys.stdout.write(" [stopped]")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if args.show_cache:
+                print(format_cache_line(llm, 0, 0), file=sys.stderr)
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    g = subparsers.add_parser(
+        "generate", help="stream a continuation of a prompt at bounded memory",
+        description="Stream text from a GGUF model; the KV cache never exceeds n_sink + window cells.",
+    )
+    g.add_argument("prompt", nargs="?", default=None, help="prompt text (or --prompt-file, or stdin)")
+    g.add_argument("--prompt-file", default=None, help="read the prompt from a file")
+    g.add_argument("--status-every", type=float, default=0.0,
+                   help="print a cache status line to stderr every N seconds (0 = only at the end)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no final cache line")
+    add_model_arguments(g)
+    add_sampling_arguments(g, max_tokens=256)
+    g.set_defaults(func=run_generate)
+
+    c = subparsers.add_parser(
+        "chat", help="interactive streaming chat that never runs out of context",
+        description="Chat with a GGUF model. Old turns stream out of the cache under the memory policy; "
+        "Ctrl-C stops the current reply, Ctrl-D quits.",
+    )
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--pin-system-prompt", action="store_true", help="keep BOS + the system prompt as sinks")
+    c.add_argument("--chat-template", default=None, help="override the GGUF's chat template (e.g. chatml)")
+    c.add_argument("--show-cache", action="store_true", help="print the cache line after every reply")
+    add_model_arguments(c)
+    add_sampling_arguments(c, max_tokens=512)
+    c.set_defaults(func=run_chat)
