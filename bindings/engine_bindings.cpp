@@ -31,6 +31,7 @@ py::dict plan_to_dict(const EvictionPlan & plan) {
     d["shift"] = shift;
     d["recompute"] = plan.recompute;
     d["n_evicted"] = plan.n_evicted;
+    d["next_pos"] = plan.next_pos;
     return d;
 }
 
@@ -97,7 +98,7 @@ py::array_t<float> to_numpy(std::vector<float> && values) {
 
 void register_engine(py::module_ & m) {
     m.def("set_log_verbosity", &set_log_verbosity, py::arg("level"),
-          "llama.cpp log level on stderr: 0 errors, 1 warnings (default), 2 info, 3 debug.");
+          "llama.cpp log level on stderr: 0 silent (errors are in exceptions), 1 warnings and errors (default), 2 info, 3 debug.");
     m.def("backend_summary", &backend_summary, "The ggml devices llama.cpp can use, e.g. 'CPU (AMD EPYC ...)'.");
 
     // ---- model ----
@@ -165,6 +166,9 @@ void register_engine(py::module_ & m) {
         .def_readonly("top_p", &SamplingParams::top_p)
         .def_readonly("min_p", &SamplingParams::min_p)
         .def_readonly("repeat_penalty", &SamplingParams::repeat_penalty)
+        .def_readonly("repeat_last_n", &SamplingParams::repeat_last_n)
+        .def_readonly("frequency_penalty", &SamplingParams::frequency_penalty)
+        .def_readonly("presence_penalty", &SamplingParams::presence_penalty)
         .def_readonly("seed", &SamplingParams::seed);
 
     py::class_<Sampler>(m, "Sampler", "llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature).")

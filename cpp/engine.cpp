@@ -119,7 +119,7 @@ void Engine::apply(const EvictionPlan & plan) {
     }
     cache_ = after;
     cached_tokens_ = std::move(kept_tokens);
-    next_pos_ = cache_.positions.empty() ? 0 : cache_.positions.back() + 1;
+    if (plan.next_pos >= 0) next_pos_ = plan.next_pos;
     counters_.evictions += 1;
     counters_.tokens_evicted += plan.n_evicted;
 

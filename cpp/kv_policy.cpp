@@ -84,6 +84,7 @@ EvictionPlan plan_removal(const CacheState & state, const std::vector<int32_t> &
         target += run_end - i + 1;
         i = run_end + 1;
     }
+    plan.next_pos = target;
     return plan;
 }
 

@@ -55,6 +55,7 @@ struct EvictionPlan {
     std::vector<PositionShift> shift;   // then these, in order
     bool recompute = false;  // rebuild the retained tokens' KV from scratch instead of shifting keys
     int32_t n_evicted = 0;
+    Pos next_pos = -1;       // position of the next token after a re-indexing plan; -1 = unchanged (absolute)
     bool empty() const { return remove.empty() && !recompute; }
 };
 

@@ -44,9 +44,9 @@ void log_callback(ggml_log_level level, const char * text, void *) {
             if (g_recent_errors.size() > 8) g_recent_errors.pop_front();
         }
     }
-    int needed;
+    int needed;  // errors reach the user through exceptions, so level 0 prints nothing
     switch (level) {
-        case GGML_LOG_LEVEL_ERROR: needed = 0; break;
+        case GGML_LOG_LEVEL_ERROR: needed = 1; break;
         case GGML_LOG_LEVEL_WARN: needed = 1; break;
         case GGML_LOG_LEVEL_INFO: needed = 2; break;
         case GGML_LOG_LEVEL_CONT: needed = 2; break;

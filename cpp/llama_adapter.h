@@ -202,7 +202,7 @@ private:
 
 // llama.cpp logs through a callback; by default we keep only warnings and errors, and remember the last error
 // lines so that exceptions can quote them.
-void set_log_verbosity(int level);  // 0 = errors, 1 = warnings (default), 2 = info, 3 = debug
+void set_log_verbosity(int level);  // 0 = silent (errors go into exceptions), 1 = warnings + errors (default), 2 = info, 3 = debug
 std::string last_llama_errors();
 std::string backend_summary();      // e.g. "CPU" or "CUDA0 (NVIDIA ...), CPU"
 

@@ -85,6 +85,7 @@ class StreamingLLM:
             (SmolLM2-135M-Instruct, fetched and verified into the cache on first use).
         n_sink: tokens kept forever at the start of the stream (default 4, as in the paper).
         window: most recent tokens kept. The cache holds at most ``n_sink + window`` tokens.
+        n_ctx: alternatively, the cache size in cells (then ``window = n_ctx - n_sink``), as in llama.cpp.
         policy: "sink" (default), "context_shift" (llama.cpp's: keep n_sink, drop half when full),
             "window" (no sinks: the paper's negative control), "recompute" (rebuild the cache from the last
             ``window`` tokens for every token: exact but slow), "none" (never evict; error when full).
@@ -107,6 +108,7 @@ class StreamingLLM:
         *,
         n_sink: int = 4,
         window: int = 1020,
+        n_ctx: int | None = None,
         policy: str = "sink",
         evict_chunk: int | None = None,
         n_threads: int | None = None,
@@ -124,8 +126,15 @@ class StreamingLLM:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
-        _check_int("window", window, 1)
         _check_int("n_sink", n_sink, 0)
+        if n_ctx is not None:
+            _check_int("n_ctx", n_ctx, 1)
+            if n_sink >= n_ctx:
+                raise InvalidArgumentError(
+                    f"n_sink ({n_sink}) must be smaller than n_ctx ({n_ctx}): the cache needs room for recent tokens"
+                )
+            window = n_ctx - n_sink
+        _check_int("window", window, 1)
         if evict_chunk is None:
             evict_chunk = min(DEFAULT_EVICT_CHUNK, window)
         _check_int("evict_chunk", evict_chunk, 1)
@@ -256,7 +265,7 @@ class StreamingLLM:
         options = SamplingOptions(
             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
             presence_penalty, self.seed if seed is None else seed,
-        )
+        ).to_core()  # validates now, not at the first next()
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens, 0)
         if isinstance(prompt, str):
@@ -274,13 +283,13 @@ class StreamingLLM:
         self,
         engine: "_core.Engine",
         prompt_tokens: list[int],
-        options: SamplingOptions,
+        options: "_core.SamplingParams",
         max_tokens: int | None,
         stop: Sequence[str] | None,
         ignore_eos: bool,
         on_text: list[str] | None = None,
     ) -> Iterator[str]:
-        sampler = _core.Sampler(self._model, options.to_core())
+        sampler = _core.Sampler(self._model, options)
         # The repetition penalty looks back over the stream, prompt included (as llama.cpp's samplers do).
         if options.repeat_last_n != 0:
             context = engine.cached_tokens() + list(prompt_tokens)
@@ -340,7 +349,7 @@ class StreamingLLM:
         engine: "_core.Engine",
         conversation: list[dict[str, str]],
         rendered: str,
-        options: SamplingOptions,
+        options: "_core.SamplingParams",
         max_tokens: int | None,
         stop: Sequence[str] | None,
         ignore_eos: bool,
@@ -402,7 +411,7 @@ class StreamingLLM:
             raise InvalidArgumentError("no messages given")
         return out
 
-    def _sampling_from_kwargs(self, kwargs: dict) -> tuple[SamplingOptions, Sequence[str] | None, bool]:
+    def _sampling_from_kwargs(self, kwargs: dict) -> tuple["_core.SamplingParams", Sequence[str] | None, bool]:
         stop = kwargs.pop("stop", None)
         ignore_eos = bool(kwargs.pop("ignore_eos", False))
         if kwargs.get("seed") is None:
@@ -413,7 +422,7 @@ class StreamingLLM:
             raise InvalidArgumentError(
                 f"unknown sampling option(s) {sorted(unknown)}; valid: {sorted(known | {'stop', 'ignore_eos'})}"
             )
-        return SamplingOptions(**kwargs), stop, ignore_eos
+        return SamplingOptions(**kwargs).to_core(), stop, ignore_eos
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.stats.cells_used}/{self.capacity} cells"

@@ -17,7 +17,7 @@ def plan(policy, positions, n_incoming, *, n_sink=4, window=12, evict_chunk=1, n
 
 def test_nothing_happens_while_tokens_fit():
     p = plan("sink", range(10), 6)  # 10 + 6 == capacity 16
-    assert p == {"remove": [], "shift": [], "recompute": False, "n_evicted": 0}
+    assert p == {"remove": [], "shift": [], "recompute": False, "n_evicted": 0, "next_pos": -1}
 
 
 def test_sink_evicts_oldest_non_sink_and_reindexes():
@@ -81,14 +81,15 @@ def test_invalid_parameters_are_clear_errors():
 def test_removal_of_scattered_tokens_without_reindex_keeps_absolute_positions():
     positions = [0, 1, 2, 5, 6, 7, 9, 12]
     p = _core.plan_removal(positions, [1, 3, 4, 7], False)
-    assert p["remove"] == [(1, 2), (5, 7), (12, 13)] and p["shift"] == []
+    assert p["remove"] == [(1, 2), (5, 7), (12, 13)] and p["shift"] == [] and p["next_pos"] == -1
     assert _core.apply_plan(positions, p) == [0, 2, 7, 9]
 
 
 def test_removal_with_reindex_compacts_gaps_after_first_removed():
     positions = [0, 1, 2, 5, 6, 7, 9, 12]
     p = _core.plan_removal(positions, [1, 4], True)
-    assert _core.apply_plan(positions, p) == [0, 1, 2, 3, 4, 5]
+    assert _core.apply_plan(positions, p) == [0, 1, 2, 3, 4, 5] and p["next_pos"] == 6
+    assert _core.plan_removal([0, 1, 2], [0, 1, 2], True)["next_pos"] == 0  # emptied: restart at 0
 
 
 def test_removal_rejects_bad_indices():

@@ -1,0 +1,52 @@
+"""Derive small GGUF files from a real model for negative tests (never committed; written to tmp dirs).
+
+`to_mrope_model` turns a llama-architecture model into a `qwen2vl` one (multi-axis M-RoPE positions), keeping
+its first layers. llama.cpp loads and runs it, but cannot shift its cached positions: exactly the kind of model
+the engine must refuse with a clear error.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def to_mrope_model(source: Path, target: Path, n_layers: int = 2) -> Path:
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    writer = gguf.GGUFWriter(str(target), "qwen2vl")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        new_name = "qwen2vl." + name[len(arch) + 1:] if name.startswith(arch + ".") else name
+        if new_name == "qwen2vl.block_count":
+            writer.add_uint32(new_name, n_layers)
+            continue
+        value_type = field.types[0]
+        if value_type == gguf.GGUFValueType.ARRAY:
+            sub_type = field.types[-1]
+            if sub_type == gguf.GGUFValueType.STRING:
+                values = [str(bytes(field.parts[i]), "utf-8") for i in field.data]
+            else:
+                values = [field.parts[i].tolist()[0] for i in field.data]
+            writer.add_array(new_name, values)
+        elif value_type == gguf.GGUFValueType.STRING:
+            writer.add_string(new_name, str(bytes(field.parts[-1]), "utf-8"))
+        else:
+            writer.add_key_value(new_name, field.parts[-1].tolist()[0], value_type)
+    writer.add_array("qwen2vl.rope.dimension_sections", [8, 12, 12, 0])
+    for tensor in reader.tensors:
+        m = re.match(r"blk\.(\d+)\.", tensor.name)
+        if m and int(m.group(1)) >= n_layers:
+            continue
+        # For quantized types the reader's data is the byte layout [rows, bytes per row]; the writer infers the
+        # element shape from it.
+        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
