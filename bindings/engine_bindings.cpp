@@ -7,6 +7,8 @@
 #include "kv_policy.h"
 #include "llama_adapter.h"
 
+#include <optional>
+
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -85,6 +87,27 @@ py::dict info_to_dict(const ModelInfo & i) {
     d["bos"] = i.bos;
     d["eos"] = i.eos;
     d["chat_template"] = i.chat_template;
+    return d;
+}
+
+py::dict policy_stats_to_dict(const AttentionPolicy * policy) {
+    py::dict d;
+    py::list records;
+    if (policy) {
+        for (const auto & r : policy->invocations()) {
+            py::dict rec;
+            rec["tokens_seen"] = r.tokens_seen;
+            rec["cells_before"] = r.cells_before;
+            rec["cells_after"] = r.cells_after;
+            rec["layer_kept"] = r.layer_kept;
+            rec["union_size"] = r.union_size;
+            rec["intersection_size"] = r.intersection_size;
+            records.append(rec);
+        }
+        d["policy"] = policy->name();
+        d["forced_evictions"] = policy->forced_evictions();
+    }
+    d["invocations"] = records;
     return d;
 }
 
@@ -200,6 +223,8 @@ void register_engine(py::module_ & m) {
             return plan_to_dict(plan_removal(CacheState{positions, 0}, indices, reindex));
         },
         py::arg("positions"), py::arg("indices"), py::arg("reindex"));
+    m.def("lowest_scoring", &lowest_scoring, py::arg("scores"), py::arg("first"), py::arg("end"), py::arg("count"),
+          "Indices of the `count` lowest scores in [first, end), older first on ties, sorted.");
     m.def(
         "apply_plan",
         [](const std::vector<Pos> & positions, const py::dict & plan) {
@@ -210,29 +235,40 @@ void register_engine(py::module_ & m) {
     // ---- engine ----
     py::class_<Engine>(m, "Engine", "One token stream through a bounded KV cache under a memory policy.")
         .def(py::init([](std::shared_ptr<LlamaModel> model, const std::string & policy, int32_t n_sink, int32_t window,
-                         int32_t evict_chunk, bool reindex, int32_t n_threads, int32_t n_threads_batch,
+                         int32_t evict_chunk, std::optional<bool> reindex, int32_t n_threads, int32_t n_threads_batch,
                          int32_t prefill_chunk, const std::string & flash_attention, const std::string & type_k,
-                         const std::string & type_v) {
+                         const std::string & type_v, int32_t h2o_recent, const std::string & namm_path,
+                         const std::string & namm_mode, float quorum, int32_t max_cells, int32_t namm_delay) {
                  EngineParams p;
                  p.policy.kind = parse_policy_kind(policy);
                  p.policy.n_sink = n_sink;
                  p.policy.window = window;
                  p.policy.evict_chunk = evict_chunk;
-                 p.policy.reindex = reindex;
+                 // Sink-style policies re-index (the paper's rule); attention-scored ones keep absolute positions
+                 // as the originals do unless asked.
+                 p.policy.reindex = reindex.value_or(!is_attention_scored(p.policy.kind));
                  p.n_threads = n_threads;
                  p.n_threads_batch = n_threads_batch;
                  p.prefill_chunk = prefill_chunk;
                  p.flash_attention = parse_flash_attention(flash_attention);
                  p.type_k = type_k;
                  p.type_v = type_v;
+                 p.attention.h2o_recent = h2o_recent;
+                 p.attention.namm_path = namm_path;
+                 p.attention.namm_mode = namm_mode;
+                 p.attention.quorum = quorum;
+                 p.attention.max_cells = max_cells;
+                 p.attention.namm_delay = namm_delay;
                  p.model.path = model ? model->info().path : "";
                  py::gil_scoped_release release;
                  return std::make_unique<Engine>(std::move(model), p);
              }),
              py::arg("model"), py::arg("policy") = "sink", py::arg("n_sink") = 4, py::arg("window") = 1020,
-             py::arg("evict_chunk") = 16, py::arg("reindex") = true, py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0,
-             py::arg("prefill_chunk") = 0, py::arg("flash_attention") = "auto", py::arg("type_k") = "f16",
-             py::arg("type_v") = "f16")
+             py::arg("evict_chunk") = 16, py::arg("reindex") = py::none(), py::arg("n_threads") = 0,
+             py::arg("n_threads_batch") = 0, py::arg("prefill_chunk") = 0, py::arg("flash_attention") = "auto",
+             py::arg("type_k") = "f16", py::arg("type_v") = "f16", py::arg("h2o_recent") = -1,
+             py::arg("namm_path") = "", py::arg("namm_mode") = "quorum", py::arg("quorum") = 1.0f,
+             py::arg("max_cells") = 0, py::arg("namm_delay") = 0)
         .def_property_readonly("model", &Engine::shared_model)
         .def("feed", &Engine::feed, py::arg("tokens"), py::call_guard<py::gil_scoped_release>())
         .def(
@@ -254,6 +290,9 @@ void register_engine(py::module_ & m) {
         .def("cached_tokens", &Engine::cached_tokens)
         .def("cached_positions", &Engine::cached_positions)
         .def("stats", [](const Engine & self) { return stats_to_dict(self.stats()); })
+        .def("policy_stats", [](const Engine & self) { return policy_stats_to_dict(self.attention_policy()); },
+             "Attention-scored policies: one record per invocation (cells before/after, per-layer kept counts, "
+             "union/intersection of the per-head keep sets) and forced evictions; empty for the others.")
         .def_property_readonly("prefill_chunk", &Engine::resolved_prefill_chunk)
         .def_property_readonly("policy", [](const Engine & self) { return policy_kind_name(self.params().policy.kind); })
         .def_property_readonly("capacity", [](const Engine & self) { return capacity(self.params().policy); });

@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include "errors.h"
+#include "namm_policy.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,8 +10,15 @@
 namespace pm {
 namespace {
 
-bool policy_shifts_positions(PolicyKind kind) {
-    return kind == PolicyKind::sink || kind == PolicyKind::window || kind == PolicyKind::context_shift;
+bool policy_shifts_positions(const PolicyParams & p) {
+    switch (p.kind) {
+        case PolicyKind::sink:
+        case PolicyKind::window:
+        case PolicyKind::context_shift: return true;
+        case PolicyKind::h2o:
+        case PolicyKind::namm: return p.reindex;
+        default: return false;
+    }
 }
 
 // Refuses model/policy combinations that llama.cpp cannot run, naming the model and what works instead.
@@ -24,12 +32,38 @@ void check_model_supports(const LlamaModel & model, const LlamaContext & ctx, co
                  "' cannot run on it; use policy='recompute' (rebuilds the state from the recent tokens) or "
                  "policy='none'");
     }
-    if (policy_shifts_positions(policy.kind) && (!ctx.can_shift() || info.uses_mrope)) {
+    if (is_attention_scored(policy.kind) && info.n_swa > 0) {
+        fail(ErrorKind::unsupported,
+             who + " has sliding-window attention layers with their own cache, whose cells the attention tap "
+                   "cannot map to tokens; policy '" + policy_kind_name(policy.kind) +
+                 "' is not available for it — use policy='sink'");
+    }
+    if ((!ctx.can_shift() || info.uses_mrope) && policy_shifts_positions(policy)) {
         fail(ErrorKind::unsupported,
              who + " cannot shift cached positions (" +
                  std::string(info.uses_mrope ? "multi-axis M-RoPE positions" : "llama.cpp reports no shift support") +
                  "), which policy '" + policy_kind_name(policy.kind) +
                  "' needs; use policy='recompute' (re-decodes the recent window, slower but exact) or policy='none'");
+    }
+}
+
+std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, uint32_t n_cells) {
+    switch (p.policy.kind) {
+        case PolicyKind::h2o: {
+            H2oParams h;
+            h.n_sink = p.policy.n_sink;
+            h.recent = p.attention.h2o_recent >= 0 ? p.attention.h2o_recent : p.policy.window / 2;
+            h.evict_chunk = p.policy.evict_chunk;
+            if (h.recent >= p.policy.window) {
+                fail(ErrorKind::invalid_argument, "h2o_recent (" + std::to_string(h.recent) +
+                                                      ") must be smaller than window (" +
+                                                      std::to_string(p.policy.window) +
+                                                      "): the rest of the window holds the heavy hitters");
+            }
+            return std::make_unique<H2oPolicy>(h, n_cells);
+        }
+        case PolicyKind::namm: return make_namm_policy(p, n_cells);
+        default: return nullptr;
     }
 }
 
@@ -60,14 +94,20 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     cparams.swa_full = model_->info().n_swa > 0;
     cparams.type_k = params_.type_k;
     cparams.type_v = params_.type_v;
+    if (is_attention_scored(params_.policy.kind)) {
+        // The tap forces flash attention off: llama.cpp only materialises attention probabilities without it.
+        cparams.on_attention = [this](const AttentionView & view) { attention_->observe(view); };
+    }
     ctx_ = std::make_unique<LlamaContext>(model_, cparams);
     check_model_supports(*model_, *ctx_, params_.policy);
+    attention_ = make_attention_policy(params_, ctx_->n_ctx());
     counters_.capacity = cap;
 }
 
 int32_t Engine::n_pinned() const {
     const PolicyKind kind = params_.policy.kind;
-    const int32_t sinks = (kind == PolicyKind::sink || kind == PolicyKind::context_shift) ? params_.policy.n_sink : 0;
+    const bool has_sinks = kind == PolicyKind::sink || kind == PolicyKind::context_shift || is_attention_scored(kind);
+    const int32_t sinks = has_sinks ? params_.policy.n_sink : 0;
     return std::min<int32_t>(std::max(sinks, pinned_prefix_), int32_t(cache_.positions.size()));
 }
 
@@ -112,7 +152,7 @@ void Engine::apply(const EvictionPlan & plan) {
     }
 
     if (plan.recompute) {
-        ctx_->memory_clear();
+        ctx_->memory_clear();  // (recompute is never an attention-scored policy: no tap state to keep in sync)
     } else {
         for (const auto & r : plan.remove) ctx_->memory_remove(r.p0, r.p1);
         for (const auto & s : plan.shift) ctx_->memory_shift(s.p0, s.p1, s.delta);
@@ -136,14 +176,44 @@ void Engine::apply(const EvictionPlan & plan) {
     }
 }
 
+CacheView Engine::cache_view() {
+    // Invert the adapter's cell mirror: position -> cell, then the cell of each cached token in order.
+    const std::vector<Pos> & cell_pos = ctx_->cell_positions();
+    std::vector<std::pair<Pos, int32_t>> by_pos;
+    by_pos.reserve(cache_.positions.size());
+    for (size_t c = 0; c < cell_pos.size(); ++c) {
+        if (cell_pos[c] >= 0) by_pos.emplace_back(cell_pos[c], int32_t(c));
+    }
+    std::sort(by_pos.begin(), by_pos.end());
+    if (by_pos.size() != cache_.positions.size()) {
+        fail(ErrorKind::runtime, "internal: the cell mirror holds " + std::to_string(by_pos.size()) +
+                                     " tokens but the cache mirror " + std::to_string(cache_.positions.size()));
+    }
+    cache_cells_.resize(by_pos.size());
+    for (size_t i = 0; i < by_pos.size(); ++i) cache_cells_[i] = by_pos[i].second;
+    return CacheView{cache_, cache_cells_, capacity(params_.policy)};
+}
+
+void Engine::evict(const std::vector<int32_t> & indices) {
+    if (indices.empty()) return;
+    apply(plan_removal(cache_, indices, params_.policy.reindex));
+}
+
 void Engine::make_room(int32_t n_incoming) {
     cache_.n_pinned = n_pinned();
+    if (attention_) {
+        if (int32_t(cache_.positions.size()) + n_incoming > capacity(params_.policy)) {
+            evict(attention_->make_room(cache_view(), n_incoming));
+        }
+        return;
+    }
     apply(plan_eviction(params_.policy, cache_, n_incoming));
 }
 
 void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
     std::vector<Pos> positions(static_cast<size_t>(n));
     for (int32_t i = 0; i < n; ++i) positions[size_t(i)] = next_pos_ + i;
+    if (attention_) attention_->begin_batch(counters_.tokens_seen, n);
     ctx_->decode(tokens, positions.data(), n, logits_all);
     for (int32_t i = 0; i < n; ++i) {
         cache_.positions.push_back(positions[size_t(i)]);
@@ -153,6 +223,10 @@ void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
     counters_.tokens_seen += n;
     counters_.peak_cells = std::max<int32_t>(counters_.peak_cells, int32_t(cache_.positions.size()));
     has_logits_ = true;
+    if (attention_) {
+        cache_.n_pinned = n_pinned();
+        evict(attention_->after_decode(cache_view(), counters_.tokens_seen));
+    }
 }
 
 void Engine::feed(const std::vector<Token> & tokens) {
@@ -170,7 +244,7 @@ void Engine::feed(const std::vector<Token> & tokens) {
     }
     const int32_t chunk = resolved_prefill_chunk();
     for (size_t start = 0; start < tokens.size();) {
-        const int32_t n = int32_t(std::min(tokens.size() - start, size_t(chunk)));
+        const int32_t n = std::min(int32_t(std::min(tokens.size() - start, size_t(chunk))), batch_limit());
         make_room(n);
         decode_append(tokens.data() + start, n, false);
         start += size_t(n);
@@ -188,7 +262,7 @@ std::vector<float> Engine::score(const std::vector<Token> & tokens, int32_t chun
     std::vector<float> previous;  // logits of the token before the current chunk
     if (has_logits_) previous.assign(ctx_->logits(-1), ctx_->logits(-1) + n_vocab);
     for (size_t start = 0; start < tokens.size();) {
-        const int32_t n = int32_t(std::min(tokens.size() - start, size_t(chunk)));
+        const int32_t n = std::min(int32_t(std::min(tokens.size() - start, size_t(chunk))), batch_limit());
         make_room(n);
         decode_append(tokens.data() + start, n, true);
         if (!previous.empty()) nll[start] = negative_log_prob(previous.data(), n_vocab, tokens[start]);
@@ -212,8 +286,13 @@ std::vector<float> Engine::last_logits() const {
     return std::vector<float>(logits, logits + model_->info().n_vocab);
 }
 
+int32_t Engine::batch_limit() const {
+    return attention_ ? std::max(1, attention_->batch_limit(counters_.tokens_seen)) : INT32_MAX;
+}
+
 void Engine::reset() {
     ctx_->memory_clear();
+    if (attention_) attention_->reset();
     cache_ = CacheState{};
     cached_tokens_.clear();
     pinned_prefix_ = 0;

@@ -6,6 +6,7 @@
 // that would not fit, applies it to llama.cpp's memory and to the mirror, then decodes.
 #pragma once
 
+#include "attention_policy.h"
 #include "kv_policy.h"
 #include "llama_adapter.h"
 
@@ -16,9 +17,20 @@
 
 namespace pm {
 
+// Settings of the attention-scored policies (ignored by the others).
+struct AttentionPolicyParams {
+    int32_t h2o_recent = -1;           // h2o: most recent tokens always kept; -1 = window / 2
+    std::string namm_path;             // namm: a NAMM GGUF (pymemory convert-namm)
+    std::string namm_mode = "quorum";  // namm: "quorum" or "budget" (namm_policy.h)
+    float quorum = 1.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop it
+    int32_t max_cells = 0;             // namm budget: cells kept after each invocation; 0 = capacity - delay
+    int32_t namm_delay = 0;            // namm: tokens between invocations; 0 = the file's value (512)
+};
+
 struct EngineParams {
     ModelParams model;
     PolicyParams policy;
+    AttentionPolicyParams attention;
     int32_t n_threads = 0;        // 0 = all cores
     int32_t n_threads_batch = 0;  // 0 = n_threads
     int32_t prefill_chunk = 0;    // tokens per decode while prefilling; 0 = auto (see resolved_prefill_chunk)
@@ -70,6 +82,7 @@ public:
     void set_threads(int32_t n_threads, int32_t n_threads_batch);
 
     std::vector<Token> cached_tokens() const { return cached_tokens_; }
+    const AttentionPolicy * attention_policy() const { return attention_.get(); }
     std::vector<Pos> cached_positions() const { return cache_.positions; }
     EngineStats stats() const;
     int32_t resolved_prefill_chunk() const;
@@ -81,11 +94,18 @@ private:
     void apply(const EvictionPlan & plan);
     // Decodes tokens at next_pos.. and appends them to the mirror; splits into llama.cpp batches.
     void decode_append(const Token * tokens, int32_t n, bool logits_all);
+    // Evicts the given chronological indices (re-indexing positions if the policy says so).
+    void evict(const std::vector<int32_t> & indices);
+    CacheView cache_view();  // refreshes cache_cells_
+    int32_t batch_limit() const;
+
 
     std::shared_ptr<LlamaModel> model_;
     EngineParams params_;
     std::unique_ptr<LlamaContext> ctx_;
+    std::unique_ptr<AttentionPolicy> attention_;  // h2o / namm only
     int32_t n_batch_ = 0;
+    std::vector<int32_t> cache_cells_;            // cell of each cached token (for attention policies)
 
     CacheState cache_;                  // positions (chronological) + pinned count
     std::vector<Token> cached_tokens_;  // parallel to cache_.positions

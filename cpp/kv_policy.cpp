@@ -12,8 +12,10 @@ PolicyKind parse_policy_kind(const std::string & name) {
     if (name == "window") return PolicyKind::window;
     if (name == "recompute") return PolicyKind::recompute;
     if (name == "none") return PolicyKind::none;
+    if (name == "h2o") return PolicyKind::h2o;
+    if (name == "namm") return PolicyKind::namm;
     fail(ErrorKind::invalid_argument,
-         "unknown policy '" + name + "'; choose one of: sink, context_shift, window, recompute, none");
+         "unknown policy '" + name + "'; choose one of: sink, context_shift, window, recompute, none, h2o, namm");
 }
 
 std::string policy_kind_name(PolicyKind kind) {
@@ -23,6 +25,8 @@ std::string policy_kind_name(PolicyKind kind) {
         case PolicyKind::window: return "window";
         case PolicyKind::recompute: return "recompute";
         case PolicyKind::none: return "none";
+        case PolicyKind::h2o: return "h2o";
+        case PolicyKind::namm: return "namm";
     }
     return "?";
 }
@@ -110,6 +114,10 @@ EvictionPlan plan_eviction(const PolicyParams & params, const CacheState & state
     const int32_t n = int32_t(state.positions.size());
     const int32_t pinned = std::min(state.n_pinned, n);
     if (n_incoming < 0) fail(ErrorKind::invalid_argument, "n_incoming must be >= 0");
+    if (is_attention_scored(params.kind)) {
+        fail(ErrorKind::invalid_argument, "policy '" + policy_kind_name(params.kind) +
+                                              "' decides from attention; it has no position-only plan");
+    }
     if (n + n_incoming <= cap) return {};
     if (params.kind == PolicyKind::none) {
         fail(ErrorKind::capacity, "the cache holds " + std::to_string(n) + " of " + std::to_string(cap) +
@@ -130,7 +138,7 @@ EvictionPlan plan_eviction(const PolicyParams & params, const CacheState & state
         case PolicyKind::window: count = std::max(needed, params.evict_chunk); break;
         case PolicyKind::context_shift: count = std::max(needed, evictable / 2); break;
         case PolicyKind::recompute: count = needed; break;
-        case PolicyKind::none: break;
+        default: break;
     }
     count = std::min(count, evictable);
     std::vector<int32_t> indices(static_cast<size_t>(count));

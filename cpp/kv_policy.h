@@ -18,7 +18,12 @@ enum class PolicyKind {
     window,         // rolling window without sinks (the paper's negative control)
     recompute,      // sliding window with re-computation: rebuild the cache from the last tokens (quality baseline)
     none,           // full cache; error when it would overflow
+    h2o,            // heavy hitters by accumulated attention + recent window (attention_policy.h)
+    namm,           // Sakana AI's learned NAMM scorer (namm_policy.h)
 };
+
+// Policies that decide from tapped attention rather than from positions alone.
+inline bool is_attention_scored(PolicyKind kind) { return kind == PolicyKind::h2o || kind == PolicyKind::namm; }
 
 PolicyKind parse_policy_kind(const std::string & name);  // throws invalid_argument listing the valid names
 std::string policy_kind_name(PolicyKind kind);

@@ -9,6 +9,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <thread>
 
@@ -352,6 +353,8 @@ LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParam
                                                    std::to_string(params.n_ctx) + " cells (out of memory, or the "
                                                    "KV cache type does not fit this model)"));
     }
+    n_batch_ = int32_t(llama_n_batch(ctx_));
+    cells_.pos.assign(llama_n_ctx(ctx_), -1);
 }
 
 LlamaContext::~LlamaContext() {
@@ -364,6 +367,19 @@ bool LlamaContext::can_shift() const { return llama_memory_can_shift(llama_get_m
 
 void LlamaContext::decode(const Token * tokens, const Pos * positions, int32_t n, bool logits_all) {
     if (n <= 0) fail(ErrorKind::invalid_argument, "decode needs at least one token");
+    if (n > n_batch_) {
+        fail(ErrorKind::invalid_argument, "batch of " + std::to_string(n) + " tokens exceeds n_batch " +
+                                              std::to_string(n_batch_));
+    }
+    // One batch is one ubatch (n_ubatch == n_batch), so llama.cpp runs find_slot once: mirror it first.
+    const CellMirror before = cells_;
+    batch_cells_ = cells_.place(positions, n);
+    if (batch_cells_.empty()) {
+        cells_ = before;
+        fail(ErrorKind::capacity, "no free KV cell for " + std::to_string(n) + " tokens (the cache is full)");
+    }
+    batch_pos_.assign(positions, positions + n);
+
     llama_batch batch = llama_batch_init(n, 0, 1);
     for (int32_t i = 0; i < n; ++i) {
         batch.token[i] = tokens[i];
@@ -374,13 +390,22 @@ void LlamaContext::decode(const Token * tokens, const Pos * positions, int32_t n
     }
     batch.n_tokens = n;
     clear_recent_errors();
+    tap_error_.clear();
     const int32_t rc = llama_decode(ctx_, batch);
     llama_batch_free(batch);
-    if (rc == 1) {
-        fail(ErrorKind::capacity, "llama.cpp found no free KV cell for " + std::to_string(n) +
-                                      " tokens (the cache is full)");
+    if (!tap_error_.empty()) {
+        // The compute was cancelled from the attention callback; the cache no longer matches any mirror.
+        cells_.clear();
+        llama_memory_clear(llama_get_memory(ctx_), true);
+        n_tokens_last_ = 0;
+        fail(ErrorKind::runtime, tap_error_ + " (the cache was cleared; reset() and start again)");
     }
     if (rc != 0) {
+        cells_ = before;  // llama.cpp restores the memory on these errors
+        if (rc == 1) {
+            fail(ErrorKind::capacity, "llama.cpp found no free KV cell for " + std::to_string(n) +
+                                          " tokens (the cache is full)");
+        }
         fail(ErrorKind::runtime, with_llama_errors("llama_decode failed with code " + std::to_string(rc)));
     }
     n_tokens_last_ = n;
@@ -400,6 +425,7 @@ const float * LlamaContext::logits(int32_t i) const {
 
 void LlamaContext::memory_clear() {
     llama_memory_clear(llama_get_memory(ctx_), true);
+    cells_.clear();
     n_tokens_last_ = 0;
 }
 
@@ -408,10 +434,117 @@ void LlamaContext::memory_remove(Pos p0, Pos p1) {
         fail(ErrorKind::unsupported, "llama.cpp cannot remove positions [" + std::to_string(p0) + ", " +
                                          std::to_string(p1) + ") from this model's memory (recurrent state)");
     }
+    cells_.remove(p0, p1);
 }
 
 void LlamaContext::memory_shift(Pos p0, Pos p1, Pos delta) {
     llama_memory_seq_add(llama_get_memory(ctx_), 0, p0, p1, delta);
+    cells_.shift(p0, p1, delta);
+}
+
+// ---- cell mirror (llama-kv-cache.cpp, single stream, no SWA) ------------------------------------------------
+
+std::vector<int32_t> LlamaContext::CellMirror::place(const Pos * positions, int32_t n) {
+    const uint32_t size = uint32_t(pos.size());
+    const uint32_t n_tokens = uint32_t(n);
+    std::vector<int32_t> idxs;
+    if (n_tokens > size) return idxs;
+    uint32_t head_cur = head;
+    // find_slot: with many free cells before the head, start from the beginning to fill the cache.
+    if (head_cur > used + 2 * n_tokens) head_cur = 0;
+    uint32_t n_tested = 0;
+    while (true) {
+        if (head_cur + 1 > size) {
+            n_tested += size - head_cur;
+            head_cur = 0;
+            continue;
+        }
+        const uint32_t idx = head_cur++;
+        ++n_tested;
+        if (pos[idx] < 0) idxs.push_back(int32_t(idx));
+        if (idxs.size() == n_tokens) break;
+        if (n_tested >= size) return {};
+    }
+    // apply_ubatch
+    for (uint32_t i = 0; i < n_tokens; ++i) pos[size_t(idxs[i])] = positions[i];
+    used += n_tokens;
+    head = uint32_t(idxs.back()) + 1;
+    return idxs;
+}
+
+void LlamaContext::CellMirror::remove(Pos p0, Pos p1) {
+    if (p0 < 0) p0 = 0;
+    if (p1 < 0) p1 = std::numeric_limits<Pos>::max();
+    const uint32_t size = uint32_t(pos.size());
+    uint32_t new_head = size;
+    for (uint32_t i = 0; i < size; ++i) {
+        if (pos[i] < 0 || pos[i] < p0 || pos[i] >= p1) continue;
+        pos[i] = -1;
+        --used;
+        if (new_head == size) new_head = i;
+    }
+    if (new_head != size && new_head < head) head = new_head;
+}
+
+void LlamaContext::CellMirror::shift(Pos p0, Pos p1, Pos delta) {
+    if (delta == 0) return;
+    if (p0 < 0) p0 = 0;
+    if (p1 < 0) p1 = std::numeric_limits<Pos>::max();
+    if (p0 == p1) return;
+    const uint32_t size = uint32_t(pos.size());
+    uint32_t new_head = size;
+    for (uint32_t i = 0; i < size; ++i) {
+        if (pos[i] < 0 || pos[i] < p0 || pos[i] >= p1) continue;
+        pos[i] += delta;
+        if (pos[i] < 0) {
+            pos[i] = -1;
+            --used;
+            if (new_head == size) new_head = i;
+        }
+    }
+    head = new_head != size ? new_head : 0;
+}
+
+void LlamaContext::CellMirror::clear() {
+    std::fill(pos.begin(), pos.end(), -1);
+    head = 0;
+    used = 0;
+}
+
+uint32_t LlamaContext::CellMirror::used_max_p1() const {
+    for (size_t i = pos.size(); i > 0; --i) {
+        if (pos[i - 1] >= 0) return uint32_t(i);
+    }
+    return 0;
+}
+
+std::string LlamaContext::check_cell_mirror(const AttentionView & v) const {
+    const uint32_t used_end = cells_.used_max_p1();
+    if (uint32_t(v.n_kv) < used_end || size_t(v.n_kv) > cells_.pos.size()) {
+        return "attention covers " + std::to_string(v.n_kv) + " cells but the cell mirror expects at least " +
+               std::to_string(used_end);
+    }
+    const size_t plane = v.head_stride;
+    for (int32_t t = 0; t < v.n_tokens; ++t) {
+        bool self_seen = false;
+        for (int32_t c = 0; c < v.n_kv; ++c) {
+            float total = 0.0f;
+            for (int32_t h = 0; h < v.n_head; ++h) total += v.probs[size_t(h) * plane + size_t(t) * v.n_kv + c];
+            const Pos p = v.cell_pos[c];
+            const bool visible = p >= 0 && p <= v.token_pos[t];
+            if (!visible && total != 0.0f) {
+                return "cell " + std::to_string(c) + " receives attention from position " +
+                       std::to_string(v.token_pos[t]) + " but the mirror says it holds " +
+                       (p < 0 ? std::string("nothing") : "position " + std::to_string(p));
+            }
+            if (c == v.token_cell[t]) self_seen = total > 0.0f;
+        }
+        if (!self_seen) {
+            return "the token at position " + std::to_string(v.token_pos[t]) + " does not attend to cell " +
+                   std::to_string(v.token_cell[t]) + " where the mirror placed it";
+        }
+    }
+    return "";
 }
 
 Pos LlamaContext::memory_pos_min() const { return llama_memory_seq_pos_min(llama_get_memory(ctx_), 0); }
@@ -426,27 +559,50 @@ bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
     auto * self = static_cast<LlamaContext *>(user_data);
     const char * name = ggml_get_name(tensor);
     const size_t prefix_len = std::strlen(kAttentionTensorPrefix);
-    if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return ask ? false : true;
+    if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return !ask;  // observe nothing else
     if (ask) return true;  // we want to observe this node once it is computed
-
-    AttentionView view;
-    view.layer = std::atoi(name + prefix_len);
-    view.n_kv = int32_t(tensor->ne[0]);
-    view.n_tokens = int32_t(tensor->ne[1]);
-    view.n_head = int32_t(tensor->ne[2]);
-    const size_t n_floats = size_t(tensor->ne[0]) * size_t(tensor->ne[1]) * size_t(tensor->ne[2]) * size_t(tensor->ne[3]);
-    if (tensor->type != GGML_TYPE_F32 || !ggml_is_contiguous(tensor)) {
-        fail(ErrorKind::unsupported, "attention tensor has an unexpected layout (type " +
-                                         std::string(ggml_type_name(tensor->type)) + ")");
+    // Errors cannot propagate through ggml's scheduler: remember them and cancel the compute.
+    try {
+        if (tensor->type != GGML_TYPE_F32 || !ggml_is_contiguous(tensor) || tensor->ne[3] != 1) {
+            self->tap_error_ = std::string("attention tensor ") + name + " has an unexpected layout (type " +
+                               ggml_type_name(tensor->type) + ")";
+            return false;
+        }
+        AttentionView view;
+        view.layer = std::atoi(name + prefix_len);
+        view.n_kv = int32_t(tensor->ne[0]);
+        view.n_tokens = int32_t(self->batch_pos_.size());  // rows past the batch (padding) are not ours
+        view.n_head = int32_t(tensor->ne[2]);
+        view.head_stride = size_t(tensor->ne[0]) * size_t(tensor->ne[1]);
+        if (tensor->ne[1] < view.n_tokens) {
+            self->tap_error_ = "attention tensor has fewer rows than the batch has tokens";
+            return false;
+        }
+        const size_t n_floats = size_t(ggml_nelements(tensor));
+        if (tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer)) {
+            view.probs = static_cast<const float *>(tensor->data);
+        } else {
+            self->attention_host_.resize(n_floats);
+            ggml_backend_tensor_get(tensor, self->attention_host_.data(), 0, n_floats * sizeof(float));
+            view.probs = self->attention_host_.data();
+        }
+        view.cell_pos = self->cells_.pos.data();
+        view.token_pos = self->batch_pos_.data();
+        view.token_cell = self->batch_cells_.data();
+        if (view.layer == 0) {
+            const std::string problem = self->check_cell_mirror(view);
+            if (!problem.empty()) {
+                self->tap_error_ = "KV cell mirror out of sync with llama.cpp (" + problem +
+                                   "); this llama.cpp version allocates cells differently from the one pymemory "
+                                   "was written for";
+                return false;
+            }
+        }
+        self->on_attention_(view);
+    } catch (const std::exception & e) {
+        self->tap_error_ = e.what();
+        return false;
     }
-    if (tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer)) {
-        view.probs = static_cast<const float *>(tensor->data);
-    } else {
-        self->attention_host_.resize(n_floats);
-        ggml_backend_tensor_get(tensor, self->attention_host_.data(), 0, n_floats * sizeof(float));
-        view.probs = self->attention_host_.data();
-    }
-    self->on_attention_(view);
     return true;
 }
 

@@ -93,14 +93,19 @@ private:
 // Attention tap: post-softmax attention of every layer, observed during llama_decode.
 
 // One layer's attention probabilities as llama.cpp computed them (flash attention off).
-// Layout (ggml order, contiguous): probs[head][token][cell] i.e. ne = [n_kv, n_tokens, n_head], row stride n_kv.
-// Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0.
+// Layout (ggml order): probs[h * head_stride + t * n_kv + c] for query head h, batch token t, cell c.
+// Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0. Query head h
+// reads KV head h / (n_head / n_head_kv) (ggml's broadcasting order, the same as HF's repeat_kv).
 struct AttentionView {
     int32_t layer = 0;
     int32_t n_kv = 0;
     int32_t n_tokens = 0;
     int32_t n_head = 0;
-    const float * probs = nullptr;  // host memory, valid only during the callback
+    size_t head_stride = 0;             // floats between heads (n_kv * rows of the tensor, which may be padded)
+    const float * probs = nullptr;      // host memory, valid only during the callback
+    const Pos * cell_pos = nullptr;     // [n_kv] position held by each cell, -1 if empty
+    const Pos * token_pos = nullptr;    // [n_tokens] positions of the batch's tokens (the rows)
+    const int32_t * token_cell = nullptr;  // [n_tokens] cell each batch token was placed in
 };
 
 // Called from inside llama_decode, on the decoding thread, once per layer and ubatch.
@@ -132,7 +137,13 @@ public:
 
     uint32_t n_ctx() const;                 // physical cells after padding
     bool can_shift() const;                 // llama_memory_can_shift
-    bool flash_attention_enabled() const;   // as resolved by llama.cpp
+
+    // Position held by each KV cell (-1 = empty), mirrored from llama.cpp's slot allocation. Attention columns are
+    // cells, so attention-scored policies map them to tokens through this. The mirror follows llama-kv-cache.cpp
+    // (find_slot/apply_ubatch/seq_rm/seq_add) of the pinned llama.cpp and is checked against every tapped layer-0
+    // attention pattern: a mismatch (an upstream change) stops decoding with an error instead of evicting wrongly.
+    // Exact for single-sequence caches without sliding-window layers (the tap refuses the others).
+    const std::vector<Pos> & cell_positions() const { return cells_.pos; }
 
     // Decodes `n` tokens of sequence 0 at explicit positions. With logits_all every token gets logits, otherwise
     // only the last. Throws pm::Error (capacity if no KV slot, runtime otherwise); on failure the cache is
@@ -154,12 +165,31 @@ public:
     llama_context * raw() const { return ctx_; }
 
 private:
+    // See cell_positions().
+    struct CellMirror {
+        std::vector<Pos> pos;
+        uint32_t head = 0;
+        uint32_t used = 0;
+        std::vector<int32_t> place(const Pos * positions, int32_t n);  // find_slot + apply_ubatch
+        void remove(Pos p0, Pos p1);                                   // seq_rm
+        void shift(Pos p0, Pos p1, Pos delta);                         // seq_add
+        void clear();
+        uint32_t used_max_p1() const;
+    };
+
     static bool eval_callback(ggml_tensor * tensor, bool ask, void * user_data);
+    // Checks the layer-0 attention pattern against the mirror; returns an error message or "".
+    std::string check_cell_mirror(const AttentionView & view) const;
 
     std::shared_ptr<LlamaModel> model_;
     llama_context * ctx_ = nullptr;
     AttentionCallback on_attention_;
     std::vector<float> attention_host_;  // staging copy for non-host backends
+    CellMirror cells_;
+    std::vector<Pos> batch_pos_;          // positions and cells of the batch being decoded (for the tap)
+    std::vector<int32_t> batch_cells_;
+    std::string tap_error_;               // set inside the callback; decode() throws it
+    int32_t n_batch_ = 0;
     int32_t n_tokens_last_ = 0;   // size of the last decoded batch
     bool logits_all_last_ = false;
 };

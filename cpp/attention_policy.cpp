@@ -1,0 +1,68 @@
+#include "attention_policy.h"
+
+#include "errors.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace pm {
+
+std::vector<int32_t> lowest_scoring(const std::vector<double> & scores, int32_t first, int32_t end, int32_t count) {
+    first = std::max(first, 0);
+    end = std::min<int32_t>(end, int32_t(scores.size()));
+    std::vector<int32_t> candidates;
+    for (int32_t i = first; i < end; ++i) candidates.push_back(i);
+    count = std::clamp(count, 0, int32_t(candidates.size()));
+    // Stable: among equal scores the older (lower index) token is evicted first.
+    std::stable_sort(candidates.begin(), candidates.end(),
+                     [&](int32_t a, int32_t b) { return scores[size_t(a)] < scores[size_t(b)]; });
+    candidates.resize(size_t(count));
+    std::sort(candidates.begin(), candidates.end());
+    return candidates;
+}
+
+// ---- H2O ----------------------------------------------------------------------------------------------------
+
+H2oPolicy::H2oPolicy(const H2oParams & params, uint32_t n_cells) : params_(params), accumulated_(n_cells, 0.0) {
+    if (params_.n_sink < 0 || params_.recent < 0 || params_.evict_chunk < 1) {
+        fail(ErrorKind::invalid_argument, "h2o needs n_sink >= 0, recent >= 0 and evict_chunk >= 1");
+    }
+}
+
+void H2oPolicy::reset() { std::fill(accumulated_.begin(), accumulated_.end(), 0.0); }
+
+void H2oPolicy::begin_batch(int64_t, int32_t) { batch_cells_reset_ = false; }
+
+void H2oPolicy::observe(const AttentionView & v) {
+    if (!batch_cells_reset_) {
+        // Cells just (re)used by this batch start from zero: whatever they held before was evicted.
+        for (int32_t t = 0; t < v.n_tokens; ++t) accumulated_[size_t(v.token_cell[t])] = 0.0;
+        batch_cells_reset_ = true;
+    }
+    for (int32_t h = 0; h < v.n_head; ++h) {
+        for (int32_t t = 0; t < v.n_tokens; ++t) {
+            const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
+            for (int32_t c = 0; c < v.n_kv; ++c) accumulated_[size_t(c)] += row[c];
+        }
+    }
+}
+
+std::vector<int32_t> H2oPolicy::make_room(const CacheView & cache, int32_t n_incoming) {
+    const int32_t n = int32_t(cache.state.positions.size());
+    const int32_t needed = n + n_incoming - cache.capacity;
+    if (needed <= 0) return {};
+    std::vector<double> scores(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) scores[size_t(i)] = accumulated_[size_t(cache.cells[size_t(i)])];
+    const int32_t first = std::min(std::max(params_.n_sink, cache.state.n_pinned), n);
+    const int32_t protected_end = std::max(first, n - params_.recent);
+    const int32_t count = std::max(needed, params_.evict_chunk);
+    std::vector<int32_t> out = lowest_scoring(scores, first, protected_end, count);
+    if (int32_t(out.size()) < needed) {
+        // The recent window alone overflows the cache: the oldest recent tokens must go too.
+        for (int32_t i = protected_end; i < n && int32_t(out.size()) < needed; ++i) out.push_back(i);
+        forced_evictions_ += 1;
+    }
+    return out;
+}
+
+}  // namespace pm

@@ -1,0 +1,103 @@
+// Attention-scored memory policies: they watch the attention llama.cpp computes while decoding (the tap in
+// llama_adapter) and decide which cached tokens to evict. Two are provided:
+//   - H2O (heavy hitters): keep the tokens that received the most attention plus a recent window, at a budget;
+//   - NAMM (Sakana AI's learned memory, namm_policy.h): a small network scores every token every 512 tokens.
+//
+// Deviation from both papers, forced by llama.cpp: a KV *cell* is shared by every layer and KV head, so a token
+// is either in the cache for all of them or for none. The papers evict per layer (and, for NAMM, per head).
+// How per-head decisions become cell decisions is each policy's documented choice (see NammPolicy).
+//
+// The engine calls, per decoded batch: begin_batch() before llama_decode, observe() from inside it (once per
+// layer), then after_decode(); and make_room() before a batch that would not fit. Policies answer with
+// chronological indices into the cache (CacheState order); the engine turns them into a plan (plan_removal).
+#pragma once
+
+#include "kv_policy.h"
+#include "llama_adapter.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pm {
+
+// What a policy may look at besides the attention: the cache in chronological order and each token's cell.
+struct CacheView {
+    const CacheState & state;               // positions (chronological), n_pinned
+    const std::vector<int32_t> & cells;     // cell of each cached token (same order)
+    int32_t capacity = 0;
+};
+
+// One invocation's record, in the spirit of the original NAMM's mem_stats.
+struct InvocationRecord {
+    int64_t tokens_seen = 0;               // stream length when the policy ran
+    int32_t cells_before = 0;
+    int32_t cells_after = 0;
+    std::vector<int32_t> layer_kept;       // per layer: tokens that layer's own selection would keep (K_l)
+    // Agreement of the shared-cell decision with the per-(layer, head) sets it approximates.
+    int32_t union_size = 0;                // tokens kept by at least one (layer, head)
+    int32_t intersection_size = 0;         // tokens kept by every (layer, head)
+};
+
+class AttentionPolicy {
+public:
+    virtual ~AttentionPolicy() = default;
+    virtual std::string name() const = 0;
+
+    // Forget everything (new sequence).
+    virtual void reset() = 0;
+    // A batch of `n_tokens` stream tokens starting at stream index `stream_begin` is about to be decoded.
+    virtual void begin_batch(int64_t stream_begin, int32_t n_tokens) = 0;
+    // One layer's attention for the current batch (called from inside llama_decode).
+    virtual void observe(const AttentionView & view) = 0;
+    // Largest batch that may start at stream index `stream_begin` (policies that run at fixed token counts
+    // split batches at those boundaries).
+    virtual int32_t batch_limit(int64_t stream_begin) const { return INT32_MAX; }
+    // Tokens to evict so that `n_incoming` more fit in the capacity (called only when they do not fit).
+    virtual std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) = 0;
+    // Tokens to evict now that the stream has `tokens_seen` tokens (e.g. at a NAMM invocation).
+    virtual std::vector<int32_t> after_decode(const CacheView & cache, int64_t tokens_seen) { return {}; }
+
+    const std::vector<InvocationRecord> & invocations() const { return invocations_; }
+    int64_t forced_evictions() const { return forced_evictions_; }
+
+protected:
+    std::vector<InvocationRecord> invocations_;
+    int64_t forced_evictions_ = 0;  // evicted by make_room because the policy's own choice did not free enough
+};
+
+// ---- pure selection helpers (unit-tested without a model) -----------------------------------------------------
+
+// Chronological indices of the `count` lowest-scoring tokens among indices [first, end) (ties: the older token
+// goes first), returned sorted.
+std::vector<int32_t> lowest_scoring(const std::vector<double> & scores, int32_t first, int32_t end, int32_t count);
+
+// ---- H2O ----------------------------------------------------------------------------------------------------
+
+struct H2oParams {
+    int32_t n_sink = 4;       // first tokens always kept (0 = pure H2O)
+    int32_t recent = 0;       // most recent tokens always kept
+    int32_t evict_chunk = 16; // tokens evicted at once when full
+};
+
+// Heavy-Hitter Oracle (Zhang et al., 2023) on shared cells: every cell accumulates the attention it receives,
+// summed over layers, query heads and queries; when the cache is full the lowest-scoring tokens outside the sinks
+// and the recent window go.
+class H2oPolicy : public AttentionPolicy {
+public:
+    H2oPolicy(const H2oParams & params, uint32_t n_cells);
+    std::string name() const override { return "h2o"; }
+    void reset() override;
+    void begin_batch(int64_t stream_begin, int32_t n_tokens) override;
+    void observe(const AttentionView & view) override;
+    std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override;
+
+    const std::vector<double> & cell_scores() const { return accumulated_; }
+
+private:
+    H2oParams params_;
+    std::vector<double> accumulated_;  // per cell
+    bool batch_cells_reset_ = false;
+};
+
+}  // namespace pm
