@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # capability not present in this build
-                continue
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+                continue  # capability not present in this build (e.g. a source tree without it)
             raise
         module.register_cli(sub)
     return parser

@@ -19,6 +19,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     g.add_argument("--evict-chunk", type=int, default=None,
                    help=f"tokens evicted at once when full (default {DEFAULT_EVICT_CHUNK}; 1 = per token)")
+    g.add_argument("--reindex", action=argparse.BooleanOptionalAction, default=None,
+                   help="compact positions after evictions (default: on for sink-style policies, off for h2o/namm)")
+    g.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens always kept (default window/2)")
+    g.add_argument("--namm", dest="namm_path", default=None, help="namm: the NAMM GGUF (see convert-namm)")
+    g.add_argument("--namm-mode", choices=("quorum", "budget"), default="quorum",
+                   help="namm: evict by quorum of (layer, head) votes, or hold --max-cells (default quorum)")
+    g.add_argument("--quorum", type=float, default=1.0,
+                   help="namm quorum: fraction of (layer, head) pairs that must drop a token (default 1.0 = all)")
+    g.add_argument("--max-cells", type=int, default=None, help="namm budget: cells kept after each invocation")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -50,6 +59,12 @@ def open_model(args: argparse.Namespace, **extra: object) -> StreamingLLM:
         n_gpu_layers=args.n_gpu_layers,
         seed=args.seed,
         verbose=args.verbose,
+        reindex=args.reindex,
+        h2o_recent=args.h2o_recent,
+        namm_path=args.namm_path,
+        namm_mode=args.namm_mode,
+        quorum=args.quorum,
+        max_cells=args.max_cells,
         **extra,
     )
 
@@ -71,11 +86,17 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def format_cache_line(llm: StreamingLLM, n_generated: int, elapsed: float) -> str:
     s = llm.stats
-    rate = n_generated / elapsed if elapsed > 0 else 0.0
-    return (
+    rate = f" | {n_generated / elapsed:.1f} tok/s" if elapsed > 0 else ""
+    line = (
         f"[cache {s.cells_used}/{s.capacity} cells (peak {s.peak_cells}) | stream {s.tokens_seen:,} tokens | "
-        f"evicted {s.tokens_evicted:,} in {s.evictions:,} steps | max pos {s.max_pos} | {rate:.1f} tok/s]"
+        f"evicted {s.tokens_evicted:,} in {s.evictions:,} steps | max pos {s.max_pos}{rate}"
     )
+    invocations = llm.policy_stats["invocations"]
+    if invocations:
+        last = invocations[-1]
+        line += (f" | {llm.policy}: {len(invocations)} invocations, last {last['cells_before']}->"
+                 f"{last['cells_after']} cells")
+    return line + "]"
 
 
 def stream_to(out: TextIO, pieces: Iterator[str], llm: StreamingLLM, status_every: float,
@@ -116,6 +137,7 @@ def run_generate(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             sys.stderr.write("\n[stopped]\n")
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if not args.quiet:
             sys.stderr.write(format_cache_line(llm, n, time.perf_counter() - start) + "\n")
     return 0

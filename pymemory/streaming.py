@@ -18,7 +18,8 @@ from ._loader import _core
 from .errors import ClosedError, InvalidArgumentError
 from .text import TextAssembler, common_prefix_length
 
-POLICIES = ("sink", "context_shift", "window", "recompute", "none")
+POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "namm")
+NAMM_MODES = ("quorum", "budget")
 DEFAULT_EVICT_CHUNK = 16  # measured: tools/bench_streaming.py, see docs/results.md
 
 Message = Mapping[str, str]
@@ -88,7 +89,10 @@ class StreamingLLM:
         n_ctx: alternatively, the cache size in cells (then ``window = n_ctx - n_sink``), as in llama.cpp.
         policy: "sink" (default), "context_shift" (llama.cpp's: keep n_sink, drop half when full),
             "window" (no sinks: the paper's negative control), "recompute" (rebuild the cache from the last
-            ``window`` tokens for every token: exact but slow), "none" (never evict; error when full).
+            ``window`` tokens for every token: exact but slow), "none" (never evict; error when full),
+            "h2o" (heavy hitters by accumulated attention + ``h2o_recent`` recent tokens, at the same budget),
+            "namm" (Sakana AI's learned memory: a NAMM GGUF scores every cached token every 512 tokens).
+            The attention-scored ones (h2o, namm) turn flash attention off to read attention probabilities.
         evict_chunk: tokens evicted at once when the cache is full (1 = every token, as in the paper).
         n_threads: CPU threads (default: all cores).
         n_gpu_layers: layers offloaded to the GPU backend llama-cpp-python was built with (-1 = all).
@@ -99,6 +103,14 @@ class StreamingLLM:
         flash_attention: "auto", "on" or "off".
         type_k, type_v: KV cache element types ("f16", "f32", "q8_0", ...).
         use_extra_bufts: weight repacking; set False to work around ggml's AMX crash (llama.cpp #20824).
+        reindex: compact positions after evictions (default: True for sink-style policies, as in the paper;
+            False for h2o and namm, which keep absolute positions like their originals — set True to stream
+            forever with them).
+        h2o_recent: h2o's always-kept recent tokens (default window // 2).
+        namm_path: the NAMM GGUF for policy "namm" (``pymemory convert-namm``).
+        namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =
+            all of them, so nothing any head keeps is removed) or "budget" (hold the cache at ``max_cells``).
+        quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (512).
         verbose: show llama.cpp's informational log.
     """
 
@@ -121,6 +133,13 @@ class StreamingLLM:
         type_k: str = "f16",
         type_v: str = "f16",
         use_extra_bufts: bool = True,
+        reindex: bool | None = None,
+        h2o_recent: int | None = None,
+        namm_path: str | os.PathLike | None = None,
+        namm_mode: str = "quorum",
+        quorum: float = 1.0,
+        max_cells: int | None = None,
+        namm_delay: int | None = None,
         verbose: bool = False,
     ) -> None:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
@@ -143,6 +162,19 @@ class StreamingLLM:
             _check_int("n_threads", n_threads, 1)
         if prefill_chunk is not None:
             _check_int("prefill_chunk", prefill_chunk, 1)
+        if namm_mode not in NAMM_MODES:
+            raise InvalidArgumentError(f"namm_mode must be one of {NAMM_MODES} (got {namm_mode!r})")
+        if not (0.0 < quorum <= 1.0):
+            raise InvalidArgumentError(f"quorum must be in (0, 1] (got {quorum})")
+        if policy == "namm" and namm_path is None:
+            raise InvalidArgumentError(
+                "policy 'namm' needs namm_path=<a NAMM GGUF>; convert a trained checkpoint with "
+                "`pymemory convert-namm ckpt.pt -o namm.gguf --trust-pickle`"
+            )
+        if namm_path is not None and not os.path.isfile(namm_path):
+            from .errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"NAMM file not found: {os.fspath(namm_path)!r}")
 
         from .assets import resolve_model  # local import: assets pulls in nothing heavy, but keep startup lean
 
@@ -168,6 +200,13 @@ class StreamingLLM:
             flash_attention=flash_attention,
             type_k=type_k,
             type_v=type_v,
+            reindex=reindex,
+            h2o_recent=-1 if h2o_recent is None else _check_int("h2o_recent", h2o_recent, 0),
+            namm_path=os.fspath(namm_path) if namm_path is not None else "",
+            namm_mode=namm_mode,
+            quorum=quorum,
+            max_cells=0 if max_cells is None else _check_int("max_cells", max_cells, 1),
+            namm_delay=0 if namm_delay is None else _check_int("namm_delay", namm_delay, 16),
         )
         self.messages: list[dict[str, str]] = []  # the running conversation of chat()
         self._chat_fed_text = ""  # rendered conversation text that has gone into the cache
@@ -214,6 +253,23 @@ class StreamingLLM:
         """Architecture, layer/head counts, vocabulary size, chat template of the loaded model."""
         self._live_engine()
         return dict(self._model.info)
+
+    @property
+    def policy_stats(self) -> dict:
+        """Attention-scored policies (h2o, namm): per-invocation cache sizes per layer and overall, like the
+        original NAMM's mem_stats, plus forced evictions. Empty for the other policies."""
+        stats = self._live_engine().policy_stats()
+        records = stats["invocations"]
+        if records:
+            n_layers = len(records[0]["layer_kept"])
+            stats["mem_stats"] = {
+                "overall/mean_cells_after": sum(r["cells_after"] for r in records) / len(records),
+                **{
+                    f"layer_id_{layer}/mean_kept": sum(r["layer_kept"][layer] for r in records) / len(records)
+                    for layer in range(n_layers)
+                },
+            }
+        return stats
 
     @property
     def capacity(self) -> int:
