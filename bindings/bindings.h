@@ -7,5 +7,6 @@ namespace pm::py_bindings {
 
 void register_errors(pybind11::module_ & m);
 void register_engine(pybind11::module_ & m);
+void register_namm(pybind11::module_ & m);
 
 }  // namespace pm::py_bindings

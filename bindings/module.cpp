@@ -6,4 +6,5 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "pymemory C++ core: llama.cpp adapter, streaming engine and memory policies";
     pm::py_bindings::register_errors(m);
     pm::py_bindings::register_engine(m);
+    pm::py_bindings::register_namm(m);
 }

@@ -47,7 +47,8 @@ void check_model_supports(const LlamaModel & model, const LlamaContext & ctx, co
     }
 }
 
-std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, uint32_t n_cells) {
+std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, const ModelInfo & model,
+                                                       uint32_t n_cells) {
     switch (p.policy.kind) {
         case PolicyKind::h2o: {
             H2oParams h;
@@ -62,7 +63,7 @@ std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, u
             }
             return std::make_unique<H2oPolicy>(h, n_cells);
         }
-        case PolicyKind::namm: return make_namm_policy(p, n_cells);
+        case PolicyKind::namm: return make_namm_policy(p, model, n_cells);
         default: return nullptr;
     }
 }
@@ -100,7 +101,7 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     }
     ctx_ = std::make_unique<LlamaContext>(model_, cparams);
     check_model_supports(*model_, *ctx_, params_.policy);
-    attention_ = make_attention_policy(params_, ctx_->n_ctx());
+    attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
     counters_.capacity = cap;
 }
 

@@ -2,11 +2,259 @@
 
 #include "engine.h"
 #include "errors.h"
+#include "namm/namm_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <numeric>
 
 namespace pm {
 
-std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams &, uint32_t) {
-    fail(ErrorKind::unsupported, "policy 'namm' is being integrated");
+std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
+                                             const std::vector<double> & mean_scores, int32_t n_pairs) {
+    const int32_t n = int32_t(drop_votes.size());
+    const int32_t first = std::min(rule.n_sink, n);
+    const int32_t last = n - 1;  // the newest token is always kept
+    std::vector<int32_t> out;
+    if (rule.mode == "quorum") {
+        // At least `quorum` of the pairs must drop a token; with quorum 1.0 that is every pair.
+        const int32_t needed = std::max<int32_t>(1, int32_t(std::ceil(double(rule.quorum) * n_pairs - 1e-9)));
+        for (int32_t i = first; i < last; ++i) {
+            if (drop_votes[size_t(i)] >= needed) out.push_back(i);
+        }
+        return out;
+    }
+    if (rule.mode != "budget") fail(ErrorKind::invalid_argument, "namm_mode must be 'quorum' or 'budget'");
+    const int32_t excess = n - rule.max_cells;
+    if (excess <= 0) return out;
+    std::vector<int32_t> candidates;
+    for (int32_t i = first; i < last; ++i) candidates.push_back(i);
+    // Most drop votes first, then lowest mean score, then older.
+    std::stable_sort(candidates.begin(), candidates.end(), [&](int32_t a, int32_t b) {
+        if (drop_votes[size_t(a)] != drop_votes[size_t(b)]) return drop_votes[size_t(a)] > drop_votes[size_t(b)];
+        return mean_scores[size_t(a)] < mean_scores[size_t(b)];
+    });
+    candidates.resize(size_t(std::min<int32_t>(excess, int32_t(candidates.size()))));
+    std::sort(candidates.begin(), candidates.end());
+    return candidates;
+}
+
+namespace {
+
+// Per-layer streaming state, indexed by KV head and cell (not chronologically: the fold does not care about
+// order, and cells are what the tap delivers). A cell's slots are reset when a new token is placed in it.
+struct CellLayerState {
+    std::vector<float> ema;      // [head][cell][17]  un-normalised spectrogram EMA (spec §2.3)
+    std::vector<float> history;  // [head][cell][16]  the previous frame's 16 attention values
+    std::vector<float> frame;    // [head][cell][16]  the current frame's rows as they arrive
+};
+
+class NammPolicy : public AttentionPolicy {
+public:
+    NammPolicy(std::shared_ptr<const namm::NammModel> model, const SharedCellDecision & rule, int32_t delay,
+               int32_t n_layer, int32_t n_head, int32_t n_head_kv, uint32_t n_cells)
+        : model_(std::move(model)), rule_(rule), delay_(delay), n_layer_(n_layer), n_head_(n_head),
+          n_head_kv_(n_head_kv), n_cells_(n_cells), layers_(size_t(n_layer)), stft_(namm::StftTables::make()) {
+        for (auto & layer : layers_) {
+            layer.ema.assign(size_t(n_head_kv) * n_cells * namm::kBins, 0.0f);
+            layer.history.assign(size_t(n_head_kv) * n_cells * namm::kHop, 0.0f);
+            layer.frame.assign(size_t(n_head_kv) * n_cells * namm::kHop, 0.0f);
+        }
+        layer_seen_.assign(size_t(n_layer), false);
+        gqa_rows_.resize(n_cells);
+    }
+
+    std::string name() const override { return "namm"; }
+
+    void reset() override {
+        for (auto & layer : layers_) {
+            std::fill(layer.ema.begin(), layer.ema.end(), 0.0f);
+            std::fill(layer.history.begin(), layer.history.end(), 0.0f);
+            std::fill(layer.frame.begin(), layer.frame.end(), 0.0f);
+        }
+        invocations_.clear();
+        forced_evictions_ = 0;
+        last_mean_scores_.clear();
+    }
+
+    void begin_batch(int64_t stream_begin, int32_t) override {
+        batch_begin_ = stream_begin;
+        std::fill(layer_seen_.begin(), layer_seen_.end(), false);
+    }
+
+    int32_t batch_limit(int64_t stream_begin) const override {
+        return int32_t(delay_ - stream_begin % delay_);  // never cross an invocation boundary
+    }
+
+    void observe(const AttentionView & v) override {
+        if (v.layer < 0 || v.layer >= n_layer_) return;
+        CellLayerState & st = layers_[size_t(v.layer)];
+        if (!layer_seen_[size_t(v.layer)]) {
+            // New tokens start with empty state (their cells may hold an evicted token's).
+            for (int32_t t = 0; t < v.n_tokens; ++t) clear_cell(st, v.token_cell[t]);
+            layer_seen_[size_t(v.layer)] = true;
+        }
+        const int32_t group = n_head_ / n_head_kv_;
+        const float inv_group = 1.0f / float(group);
+        for (int32_t t = 0; t < v.n_tokens; ++t) {
+            const int64_t stream_index = batch_begin_ + t;
+            const int32_t slot = int32_t(stream_index % namm::kHop);
+            for (int32_t g = 0; g < n_head_kv_; ++g) {
+                // GQA: query heads g*group .. g*group+group-1 read KV head g (spec §1.1: mean over the group).
+                std::fill(gqa_rows_.begin(), gqa_rows_.begin() + v.n_kv, 0.0f);
+                for (int32_t q = g * group; q < (g + 1) * group; ++q) {
+                    const float * row = v.probs + size_t(q) * v.head_stride + size_t(t) * size_t(v.n_kv);
+                    for (int32_t c = 0; c < v.n_kv; ++c) gqa_rows_[size_t(c)] += row[c];
+                }
+                float * frame = st.frame.data() + size_t(g) * n_cells_ * namm::kHop;
+                for (int32_t c = 0; c < v.n_kv; ++c) frame[size_t(c) * namm::kHop + size_t(slot)] = gqa_rows_[size_t(c)] * inv_group;
+            }
+            if (slot == namm::kHop - 1) fold_frame(st, v.n_kv);
+        }
+    }
+
+    std::vector<int32_t> after_decode(const CacheView & cache, int64_t tokens_seen) override {
+        if (tokens_seen == 0 || tokens_seen % delay_ != 0) return {};
+        return invoke(cache, tokens_seen);
+    }
+
+    std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override {
+        // The cache would overflow before the next invocation freed room: evict by the last invocation's mean
+        // scores (oldest non-sink tokens if there was none). Counted: a well-sized cache never needs this.
+        const int32_t n = int32_t(cache.state.positions.size());
+        const int32_t needed = n + n_incoming - cache.capacity;
+        std::vector<double> scores(static_cast<size_t>(n), 0.0);
+        for (int32_t i = 0; i < n; ++i) {
+            const auto it = last_mean_scores_.find(cache.state.positions[size_t(i)]);
+            scores[size_t(i)] = it == last_mean_scores_.end() ? 0.0 : it->second;
+        }
+        forced_evictions_ += needed;
+        return lowest_scoring(scores, std::min(rule_.n_sink, n), n - 1, needed);
+    }
+
+private:
+    void clear_cell(CellLayerState & st, int32_t cell) {
+        for (int32_t g = 0; g < n_head_kv_; ++g) {
+            const size_t base = size_t(g) * n_cells_ + size_t(cell);
+            std::fill_n(st.ema.data() + base * namm::kBins, namm::kBins, 0.0f);
+            std::fill_n(st.history.data() + base * namm::kHop, namm::kHop, 0.0f);
+            std::fill_n(st.frame.data() + base * namm::kHop, namm::kHop, 0.0f);
+        }
+    }
+
+    // One STFT frame for every cell of a layer: the streaming form of spec §2.3.
+    void fold_frame(CellLayerState & st, int32_t n_kv) {
+        const size_t n = size_t(n_head_kv_) * n_cells_;
+        for (size_t k = 0; k < n; ++k) {
+            if (size_t(k % n_cells_) >= size_t(n_kv)) continue;  // cells past n_kv were never attended: stay zero
+            namm::fold_frame(stft_, st.ema.data() + k * namm::kBins, st.history.data() + k * namm::kHop,
+                             st.frame.data() + k * namm::kHop);
+        }
+    }
+
+    std::vector<int32_t> invoke(const CacheView & cache, int64_t tokens_seen) {
+        const int32_t n = int32_t(cache.state.positions.size());
+        const int32_t n_pairs = n_layer_ * n_head_kv_;
+        std::vector<int32_t> drop_votes(static_cast<size_t>(n), 0);
+        std::vector<double> score_sum(static_cast<size_t>(n), 0.0);
+        InvocationRecord record;
+        record.tokens_seen = tokens_seen;
+        record.cells_before = n;
+
+        namm::LayerInput input;
+        input.n_heads = n_head_kv_;
+        input.n_tokens = n;
+        for (int32_t g = 0; g < n_head_kv_; ++g) {  // shared cells: every head sees the same tokens
+            input.positions.insert(input.positions.end(), cache.state.positions.begin(), cache.state.positions.end());
+        }
+        input.ema.resize(size_t(n_head_kv_) * size_t(n) * namm::kBins);
+        for (int32_t l = 0; l < n_layer_; ++l) {
+            const CellLayerState & st = layers_[size_t(l)];
+            for (int32_t g = 0; g < n_head_kv_; ++g) {
+                for (int32_t i = 0; i < n; ++i) {
+                    const size_t src = (size_t(g) * n_cells_ + size_t(cache.cells[size_t(i)])) * namm::kBins;
+                    std::copy_n(st.ema.data() + src, namm::kBins,
+                                input.ema.data() + (size_t(g) * size_t(n) + size_t(i)) * namm::kBins);
+                }
+            }
+            const namm::LayerScores scored = model_->score_layer(input);  // [head][token] + selection
+            record.layer_kept.push_back(scored.n_keep);
+            for (int32_t g = 0; g < n_head_kv_; ++g) {
+                for (int32_t i = 0; i < n; ++i) {
+                    const size_t k = size_t(g) * size_t(n) + size_t(i);
+                    drop_votes[size_t(i)] += scored.keep[k] ? 0 : 1;
+                    score_sum[size_t(i)] += scored.scores[k];
+                }
+            }
+        }
+        std::vector<double> mean_scores(static_cast<size_t>(n));
+        last_mean_scores_.clear();
+        for (int32_t i = 0; i < n; ++i) {
+            mean_scores[size_t(i)] = score_sum[size_t(i)] / double(n_pairs);
+            last_mean_scores_[cache.state.positions[size_t(i)]] = mean_scores[size_t(i)];
+            record.union_size += drop_votes[size_t(i)] < n_pairs;
+            record.intersection_size += drop_votes[size_t(i)] == 0;
+        }
+        std::vector<int32_t> evict = decide_shared_evictions(rule_, drop_votes, mean_scores, n_pairs);
+        record.cells_after = n - int32_t(evict.size());
+        invocations_.push_back(std::move(record));
+        return evict;
+    }
+
+    std::shared_ptr<const namm::NammModel> model_;
+    SharedCellDecision rule_;
+    int32_t delay_;
+    int32_t n_layer_, n_head_, n_head_kv_;
+    size_t n_cells_;
+    std::vector<CellLayerState> layers_;
+    namm::StftTables stft_;
+    std::vector<bool> layer_seen_;
+    std::vector<float> gqa_rows_;
+    int64_t batch_begin_ = 0;
+    std::map<Pos, double> last_mean_scores_;
+};
+
+}  // namespace
+
+std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, const ModelInfo & model,
+                                                  uint32_t n_cells) {
+    const AttentionPolicyParams & a = params.attention;
+    if (a.namm_path.empty()) {
+        fail(ErrorKind::invalid_argument, "policy 'namm' needs namm_path (a NAMM GGUF from pymemory convert-namm)");
+    }
+    auto scorer = namm::NammModel::load(a.namm_path, "cpu", params.n_threads);
+    const int32_t delay = a.namm_delay > 0 ? a.namm_delay : scorer->hparams().delay;
+    if (delay % namm::kHop != 0) {
+        fail(ErrorKind::invalid_argument, "namm_delay must be a multiple of " + std::to_string(namm::kHop) +
+                                              " (the STFT hop); got " + std::to_string(delay));
+    }
+    const int32_t cap = capacity(params.policy);
+    if (cap < params.policy.n_sink + delay + 1) {
+        fail(ErrorKind::invalid_argument,
+             "policy 'namm' evicts every " + std::to_string(delay) + " tokens, so the cache needs room for n_sink + " +
+                 std::to_string(delay) + " + the retained tokens; raise window above " + std::to_string(delay) +
+                 " (e.g. window=" + std::to_string(2 * delay + 1020 - delay) + ")");
+    }
+    SharedCellDecision rule;
+    rule.mode = a.namm_mode;
+    rule.quorum = a.quorum;
+    rule.n_sink = params.policy.n_sink;
+    rule.max_cells = a.max_cells > 0 ? a.max_cells : cap - delay;
+    if (rule.mode == "budget" && rule.max_cells + delay > cap) {
+        fail(ErrorKind::invalid_argument, "max_cells + namm delay (" + std::to_string(rule.max_cells) + " + " +
+                                              std::to_string(delay) + ") must not exceed the capacity " +
+                                              std::to_string(cap));
+    }
+    if (!(rule.quorum > 0.0f && rule.quorum <= 1.0f)) {
+        fail(ErrorKind::invalid_argument, "quorum must be in (0, 1]");
+    }
+    if (model.n_head_kv <= 0 || model.n_head % model.n_head_kv != 0) {
+        fail(ErrorKind::unsupported, "model has an unusual head layout (n_head " + std::to_string(model.n_head) +
+                                         ", n_head_kv " + std::to_string(model.n_head_kv) + ")");
+    }
+    return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, model.n_layer, model.n_head, model.n_head_kv,
+                                        n_cells);
 }
 
 }  // namespace pm

@@ -1,6 +1,20 @@
-// NAMM as a memory policy of the streaming engine: the tapped attention is folded into each token's spectrogram
-// EMA as it arrives, and every `delay` stream tokens the NAMM scorer (cpp/namm/) scores every cached token in every
-// (layer, KV head); the per-head decisions then become cell evictions (shared cells, see attention_policy.h).
+// NAMM as a memory policy of the streaming engine.
+//
+// Spec: ../shared/docs/namm-spec.md. What happens, and where it deviates from the original (docs/namm.md):
+//   - The tap delivers each layer's post-softmax attention; per KV head we average the query heads of its GQA
+//     group (spec §1.1) and fold the rows into every cached token's state with the spec's streaming form (§2.3):
+//     every 16 stream tokens, E <- a*E + (1-a)*|rfft(hann * [last 16 values || these 16 rows])|, a = 0.99^16.
+//     Per (layer, KV head, cell) that is 17 + 16 floats of state plus the current frame's rows; no 512-row
+//     attention matrix is stored.
+//   - Every `delay` stream tokens (512; batches are split at those boundaries) the scorer (cpp/namm/) turns each
+//     (layer, head)'s tokens, in chronological order, into scores; each layer selects as the original does
+//     (newest kept, K_l = n - min_h #negatives, each head keeps its own top K_l).
+//   - llama.cpp's cells are shared by every layer and head, so per-(layer, head) keep sets become one cell
+//     decision: "quorum" evicts a token when at least `quorum` of the pairs drop it (1.0: all of them — never
+//     removes anything some head keeps); "budget" holds the cache at `max_cells` by keep votes (then mean score).
+//     The first n_sink tokens and the newest are always kept. A cell kept for the cache stays in every head's
+//     state (the original would have dropped it from the heads that evicted it).
+//   - Positions stay absolute (no re-indexing) by default, as in the original.
 #pragma once
 
 #include "attention_policy.h"
@@ -11,6 +25,19 @@ namespace pm {
 
 struct EngineParams;
 
-std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, uint32_t n_cells);
+std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, const ModelInfo & model,
+                                                  uint32_t n_cells);
+
+// How per-(layer, head) keep decisions become cell evictions. `drop_votes[i]` counts the (layer, head) pairs
+// that drop token i (chronological), out of `n_pairs`; `mean_scores[i]` is its mean score. Returns the sorted
+// indices to evict. Pure; unit-tested in tests/test_namm_policy.py.
+struct SharedCellDecision {
+    std::string mode = "quorum";  // "quorum" | "budget"
+    float quorum = 1.0f;
+    int32_t max_cells = 0;
+    int32_t n_sink = 4;
+};
+std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
+                                             const std::vector<double> & mean_scores, int32_t n_pairs);
 
 }  // namespace pm
