@@ -75,7 +75,7 @@ class NammReference:
         arrays = {}
         for tensor in reader.tensors:
             data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            arrays[tensor.name] = np.asarray(data, dtype=np.float32).reshape(fmt.TENSORS[tensor.name][0])
+            arrays[tensor.name] = np.array(data, dtype=np.float32).reshape(fmt.TENSORS[tensor.name][0])  # a copy
         theta = np.concatenate([
             arrays["namm.attn_qkv.weight"][:, : fmt.N_FEATURES].T.reshape(-1),  # undo padding + transpose
             arrays["namm.attn_qkv.bias"],
