@@ -102,6 +102,8 @@ py::dict policy_stats_to_dict(const AttentionPolicy * policy) {
             rec["layer_kept"] = r.layer_kept;
             rec["union_size"] = r.union_size;
             rec["intersection_size"] = r.intersection_size;
+            rec["jaccard_union"] = r.jaccard_union;
+            rec["jaccard_intersection"] = r.jaccard_intersection;
             records.append(rec);
         }
         d["policy"] = policy->name();
@@ -109,6 +111,31 @@ py::dict policy_stats_to_dict(const AttentionPolicy * policy) {
     }
     d["invocations"] = records;
     return d;
+}
+
+template <typename T>
+py::array_t<T> shaped(const std::vector<T> & values, std::vector<py::ssize_t> shape) {
+    py::array_t<T> out(shape);
+    std::copy(values.begin(), values.end(), out.mutable_data());
+    return out;
+}
+
+py::list captures_to_list(const AttentionPolicy * policy) {
+    py::list out;
+    if (!policy) return out;
+    for (const auto & c : policy->captures()) {
+        py::dict d;
+        d["layer"] = c.layer;
+        d["tokens_seen"] = c.tokens_seen;
+        d["positions"] = shaped(c.positions, {c.n_tokens});
+        d["attention"] = shaped(c.attention, {c.n_heads, c.n_rows, c.n_tokens});
+        d["ema"] = shaped(c.ema, {c.n_heads, c.n_tokens, 17});
+        d["scores"] = shaped(c.scores, {c.n_heads, c.n_tokens});
+        d["keep"] = shaped(c.keep, {c.n_heads, c.n_tokens});
+        d["kept"] = shaped(c.kept, {c.n_tokens});
+        out.append(d);
+    }
+    return out;
 }
 
 py::array_t<float> to_numpy(std::vector<float> && values) {
@@ -290,6 +317,14 @@ void register_engine(py::module_ & m) {
         .def("cached_tokens", &Engine::cached_tokens)
         .def("cached_positions", &Engine::cached_positions)
         .def("stats", [](const Engine & self) { return stats_to_dict(self.stats()); })
+        .def(
+            "capture_namm_layers",
+            [](Engine & self, const std::vector<int32_t> & layers) {
+                if (!self.attention_policy()) fail(ErrorKind::invalid_argument, "capture needs policy 'namm'");
+                self.attention_policy()->capture_layers(layers);
+            },
+            py::arg("layers"), "Record, for these layers, what every later NAMM invocation saw and decided.")
+        .def("namm_captures", [](const Engine & self) { return captures_to_list(self.attention_policy()); })
         .def("policy_stats", [](const Engine & self) { return policy_stats_to_dict(self.attention_policy()); },
              "Attention-scored policies: one record per invocation (cells before/after, per-layer kept counts, "
              "union/intersection of the per-head keep sets) and forced evictions; empty for the others.")

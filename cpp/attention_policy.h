@@ -37,6 +37,21 @@ struct InvocationRecord {
     // Agreement of the shared-cell decision with the per-(layer, head) sets it approximates.
     int32_t union_size = 0;                // tokens kept by at least one (layer, head)
     int32_t intersection_size = 0;         // tokens kept by every (layer, head)
+    double jaccard_union = 1.0;            // |kept ∩ union| / |kept ∪ union|
+    double jaccard_intersection = 1.0;     // |kept ∩ intersection| / |kept ∪ intersection|
+};
+
+// What the NAMM policy saw and computed at one invocation for one layer (for fidelity tests; off by default).
+struct InvocationCapture {
+    int32_t layer = 0;
+    int64_t tokens_seen = 0;
+    int32_t n_heads = 0, n_rows = 0, n_tokens = 0;
+    std::vector<int32_t> positions;  // [n] chronological
+    std::vector<float> attention;    // [head][row][n] GQA-averaged rows of this window, columns chronological
+    std::vector<float> ema;          // [head][n][17] un-normalised EMA the scorer received
+    std::vector<float> scores;       // [head][n]
+    std::vector<uint8_t> keep;       // [head][n] per-head selection
+    std::vector<uint8_t> kept;       // [n] the shared-cell decision
 };
 
 class AttentionPolicy {
@@ -60,9 +75,13 @@ public:
 
     const std::vector<InvocationRecord> & invocations() const { return invocations_; }
     int64_t forced_evictions() const { return forced_evictions_; }
+    // Records InvocationCapture for these layers from now on (NAMM only; costs memory: rows x cells per layer).
+    virtual void capture_layers(const std::vector<int32_t> & layers) {}
+    const std::vector<InvocationCapture> & captures() const { return captures_; }
 
 protected:
     std::vector<InvocationRecord> invocations_;
+    std::vector<InvocationCapture> captures_;
     int64_t forced_evictions_ = 0;  // evicted by make_room because the policy's own choice did not free enough
 };
 

@@ -83,6 +83,7 @@ public:
 
     std::vector<Token> cached_tokens() const { return cached_tokens_; }
     const AttentionPolicy * attention_policy() const { return attention_.get(); }
+    AttentionPolicy * attention_policy() { return attention_.get(); }
     std::vector<Pos> cached_positions() const { return cache_.positions; }
     EngineStats stats() const;
     int32_t resolved_prefill_chunk() const;

@@ -48,6 +48,7 @@ struct CellLayerState {
     std::vector<float> ema;      // [head][cell][17]  un-normalised spectrogram EMA (spec §2.3)
     std::vector<float> history;  // [head][cell][16]  the previous frame's 16 attention values
     std::vector<float> frame;    // [head][cell][16]  the current frame's rows as they arrive
+    std::vector<float> window;   // [head][row][cell] this invocation window's rows (only when captured)
 };
 
 class NammPolicy : public AttentionPolicy {
@@ -74,8 +75,16 @@ public:
             std::fill(layer.frame.begin(), layer.frame.end(), 0.0f);
         }
         invocations_.clear();
+        captures_.clear();
         forced_evictions_ = 0;
         last_mean_scores_.clear();
+    }
+
+    void capture_layers(const std::vector<int32_t> & layers) override {
+        for (int32_t l : layers) {
+            if (l < 0 || l >= n_layer_) fail(ErrorKind::invalid_argument, "no layer " + std::to_string(l));
+            layers_[size_t(l)].window.assign(size_t(n_head_kv_) * size_t(delay_) * n_cells_, 0.0f);
+        }
     }
 
     void begin_batch(int64_t stream_begin, int32_t) override {
@@ -95,6 +104,7 @@ public:
             for (int32_t t = 0; t < v.n_tokens; ++t) clear_cell(st, v.token_cell[t]);
             layer_seen_[size_t(v.layer)] = true;
         }
+        const bool capturing = !st.window.empty();
         const int32_t group = n_head_ / n_head_kv_;
         const float inv_group = 1.0f / float(group);
         for (int32_t t = 0; t < v.n_tokens; ++t) {
@@ -109,6 +119,11 @@ public:
                 }
                 float * frame = st.frame.data() + size_t(g) * n_cells_ * namm::kHop;
                 for (int32_t c = 0; c < v.n_kv; ++c) frame[size_t(c) * namm::kHop + size_t(slot)] = gqa_rows_[size_t(c)] * inv_group;
+                if (capturing) {
+                    float * row = st.window.data() + (size_t(g) * size_t(delay_) + size_t(stream_index % delay_)) * n_cells_;
+                    std::fill_n(row, n_cells_, 0.0f);
+                    for (int32_t c = 0; c < v.n_kv; ++c) row[c] = gqa_rows_[size_t(c)] * inv_group;
+                }
             }
             if (slot == namm::kHop - 1) fold_frame(st, v.n_kv);
         }
@@ -140,6 +155,11 @@ private:
             std::fill_n(st.ema.data() + base * namm::kBins, namm::kBins, 0.0f);
             std::fill_n(st.history.data() + base * namm::kHop, namm::kHop, 0.0f);
             std::fill_n(st.frame.data() + base * namm::kHop, namm::kHop, 0.0f);
+            if (!st.window.empty()) {
+                for (int32_t r = 0; r < delay_; ++r) {
+                    st.window[(size_t(g) * size_t(delay_) + size_t(r)) * n_cells_ + size_t(cell)] = 0.0f;
+                }
+            }
         }
     }
 
@@ -170,7 +190,7 @@ private:
         }
         input.ema.resize(size_t(n_head_kv_) * size_t(n) * namm::kBins);
         for (int32_t l = 0; l < n_layer_; ++l) {
-            const CellLayerState & st = layers_[size_t(l)];
+            CellLayerState & st = layers_[size_t(l)];
             for (int32_t g = 0; g < n_head_kv_; ++g) {
                 for (int32_t i = 0; i < n; ++i) {
                     const size_t src = (size_t(g) * n_cells_ + size_t(cache.cells[size_t(i)])) * namm::kBins;
@@ -180,6 +200,7 @@ private:
             }
             const namm::LayerScores scored = model_->score_layer(input);  // [head][token] + selection
             record.layer_kept.push_back(scored.n_keep);
+            if (!st.window.empty()) captures_.push_back(capture(l, st, cache, input, scored, tokens_seen));
             for (int32_t g = 0; g < n_head_kv_; ++g) {
                 for (int32_t i = 0; i < n; ++i) {
                     const size_t k = size_t(g) * size_t(n) + size_t(i);
@@ -198,8 +219,48 @@ private:
         }
         std::vector<int32_t> evict = decide_shared_evictions(rule_, drop_votes, mean_scores, n_pairs);
         record.cells_after = n - int32_t(evict.size());
+        // Agreement of the kept set with the union / intersection of the per-(layer, head) keep sets.
+        std::vector<uint8_t> kept(size_t(n), 1);
+        for (int32_t i : evict) kept[size_t(i)] = 0;
+        int32_t both_union = 0, either_union = 0, both_inter = 0, either_inter = 0;
+        for (int32_t i = 0; i < n; ++i) {
+            const bool in_union = drop_votes[size_t(i)] < n_pairs, in_inter = drop_votes[size_t(i)] == 0;
+            both_union += kept[size_t(i)] && in_union;
+            either_union += kept[size_t(i)] || in_union;
+            both_inter += kept[size_t(i)] && in_inter;
+            either_inter += kept[size_t(i)] || in_inter;
+        }
+        record.jaccard_union = either_union ? double(both_union) / either_union : 1.0;
+        record.jaccard_intersection = either_inter ? double(both_inter) / either_inter : 1.0;
+        for (auto it = captures_.end() - std::min<std::ptrdiff_t>(captures_.size(), n_layer_); it != captures_.end(); ++it) {
+            if (it->tokens_seen == tokens_seen) it->kept = kept;
+        }
         invocations_.push_back(std::move(record));
         return evict;
+    }
+
+    InvocationCapture capture(int32_t layer, CellLayerState & st, const CacheView & cache,
+                              const namm::LayerInput & input, const namm::LayerScores & scored, int64_t tokens_seen) {
+        InvocationCapture c;
+        c.layer = layer;
+        c.tokens_seen = tokens_seen;
+        c.n_heads = n_head_kv_;
+        c.n_rows = delay_;
+        c.n_tokens = input.n_tokens;
+        c.positions.assign(cache.state.positions.begin(), cache.state.positions.end());
+        c.attention.resize(size_t(n_head_kv_) * size_t(delay_) * size_t(c.n_tokens));
+        for (int32_t g = 0; g < n_head_kv_; ++g) {
+            for (int32_t r = 0; r < delay_; ++r) {
+                const float * row = st.window.data() + (size_t(g) * size_t(delay_) + size_t(r)) * n_cells_;
+                float * dst = c.attention.data() + (size_t(g) * size_t(delay_) + size_t(r)) * size_t(c.n_tokens);
+                for (int32_t i = 0; i < c.n_tokens; ++i) dst[i] = row[size_t(cache.cells[size_t(i)])];
+            }
+        }
+        std::fill(st.window.begin(), st.window.end(), 0.0f);
+        c.ema = input.ema;
+        c.scores = scored.scores;
+        c.keep = scored.keep;
+        return c;
     }
 
     std::shared_ptr<const namm::NammModel> model_;

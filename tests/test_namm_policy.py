@@ -1,0 +1,118 @@
+"""NAMM as a memory policy of the engine: shared-cell decisions, fidelity to the reference on real decoding, and
+long runs at bounded memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import STREAM_TOKENS
+from pymemory import StreamingLLM
+from pymemory._loader import _core
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("gguf")
+
+
+def test_quorum_and_budget_decisions():
+    drop = [9, 9, 9, 4, 9, 0, 9, 9]  # 9 pairs
+    scores = [0.0, 0.0, 0.0, 1.0, -2.0, 3.0, -1.0, 0.0]
+    decide = _core.decide_shared_evictions
+    assert decide("quorum", 1.0, 0, 2, drop, scores, 9) == [2, 4, 6]  # never sinks (0, 1) nor the newest (7)
+    assert decide("quorum", 0.4, 0, 2, drop, scores, 9) == [2, 3, 4, 6]  # 4/9 >= 0.4
+    assert decide("quorum", 1.0, 0, 0, [0] * 8, scores, 9) == []
+    # Budget: most drop votes first, then lowest mean score, then older.
+    assert decide("budget", 1.0, 6, 2, drop, scores, 9) == [4, 6]
+    assert decide("budget", 1.0, 4, 2, drop, scores, 9) == [2, 3, 4, 6]  # then the 4-vote token
+    assert decide("budget", 1.0, 100, 2, drop, scores, 9) == []
+
+
+@pytest.fixture(scope="module")
+def namm_gguf(tmp_path_factory):
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.convert import write_gguf
+    from pymemory.namm.testing import write_random_checkpoint
+
+    d = tmp_path_factory.mktemp("namm_policy")
+    write_random_checkpoint(d / "ckpt.pt", seed=2)
+    return str(write_gguf(load_checkpoint(d / "ckpt.pt", trust_pickle=True), d / "namm.gguf", "f32")["output"]), \
+        d / "ckpt.pt"
+
+
+@pytest.mark.model
+def test_engine_features_and_scores_equal_the_reference_on_captured_attention(smollm2_model, english_text, namm_gguf):
+    """Decode real text with policy namm; for three layers, capture the GQA-averaged attention each invocation
+    received, feed it to the PyTorch reference (with the reference's state set to the tokens the engine kept), and
+    compare the engine's spectrogram EMAs and BAM scores with the reference's."""
+    from pymemory.namm import NammReference
+    from pymemory.namm.reference import ReferenceState
+
+    path, ckpt = namm_gguf
+    reference = NammReference.from_checkpoint(ckpt, trust_pickle=True)
+    tokens = smollm2_model.tokenize(english_text, True, False)[:1700]
+    engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, namm_path=path, namm_mode="budget",
+                          max_cells=500)
+    engine.capture_namm_layers([0, 15, 29])
+    engine.feed(tokens)
+    captures = engine.namm_captures()
+    assert len(captures) == 9 and engine.policy_stats()["forced_evictions"] == 0
+    states: dict[int, ReferenceState] = {}
+    for c in captures:
+        attn, positions = c["attention"], c["positions"]
+        state = states.get(c["layer"]) or reference.new_state(attn.shape[0])
+        # The captured rows are real attention: each GQA-averaged row sums to 1 over the tokens that existed.
+        rows_stream = c["tokens_seen"] - 512 + np.arange(512)
+        visible = positions[None, :] <= positions[-512:][:, None]
+        np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-4)
+        assert np.all(attn[:, ~visible] == 0)
+        assert rows_stream[-1] == positions[-1]  # absolute positions: stream index = position
+        X, ema, history, ref_positions = reference.features(state, attn, positions[state.n_tokens:])
+        np.testing.assert_array_equal(ref_positions[0], positions)
+        np.testing.assert_allclose(c["ema"], ema, rtol=1e-4, atol=1e-7)
+        assert np.max(np.abs(reference.scores_from_features(X) - c["scores"])) <= 1e-4
+        kept = np.nonzero(c["kept"])[0]
+        states[c["layer"]] = ReferenceState(ref_positions[:, kept], ema[:, kept], history[:, kept])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("mode", ["quorum", "budget"])
+def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode):
+    path, _ = namm_gguf
+    engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, namm_path=path, namm_mode=mode,
+                          quorum=0.5)
+    sampler = _core.Sampler(smollm2_model, _core.SamplingParams(temperature=0.8, seed=4))
+    engine.feed(smollm2_model.tokenize("The history of the world, chapter one.", True, False))
+    n = max(STREAM_TOKENS, 1600)
+    for i in range(n):
+        token = engine.sample(sampler)
+        engine.feed([token])
+        if i % 128 == 0:
+            assert engine.stats()["cells_used"] <= 1024
+    stats = engine.policy_stats()
+    records = stats["invocations"]
+    assert len(records) == engine.stats()["tokens_seen"] // 512
+    assert all(r["cells_after"] <= r["cells_before"] <= 1024 for r in records)
+    assert all(len(r["layer_kept"]) == 30 and 0 < min(r["layer_kept"]) for r in records)
+    assert engine.stats()["peak_cells"] <= 1024
+    if mode == "budget":
+        assert all(r["cells_after"] <= 512 for r in records)
+    print(mode, [(r["cells_before"], r["cells_after"]) for r in records][:6], "forced", stats["forced_evictions"])
+
+
+@pytest.mark.model
+def test_streaming_llm_and_cli_run_namm(smollm2_path, namm_gguf, capsys, monkeypatch):
+    path, _ = namm_gguf
+    with StreamingLLM(smollm2_path, policy="namm", namm_path=path, window=1020, namm_mode="budget") as llm:
+        text = "".join(llm.generate("Tell me a story.", max_tokens=700, ignore_eos=True, temperature=0.7))
+        assert text
+        ps = llm.policy_stats
+        assert ps["policy"] == "namm" and len(ps["invocations"]) >= 1
+        assert "overall/mean_cells_after" in ps["mem_stats"] and "layer_id_29/mean_kept" in ps["mem_stats"]
+    import io
+
+    from pymemory.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\n/stats\n"))
+    assert main(["chat", "--model", smollm2_path, "--policy", "namm", "--namm", path, "--window", "1020",
+                 "--max-tokens", "20", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "[cache" in err
