@@ -1,0 +1,94 @@
+"""Retrieval through a streaming cache: passkey (Landmark-attention style) and StreamEval (StreamingLLM §4.4).
+
+Both measure the hard limit of a bounded cache (the paper's Table 7): accurate while the answer is still cached,
+zero once it has been evicted — unless a policy keeps the right old tokens (h2o, namm).
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from .._loader import _core
+from .policies import PolicySpec
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+
+def greedy_continuation(model, engine, n_tokens: int) -> str:
+    sampler = _core.Sampler(model, _core.SamplingParams(temperature=0.0))
+    out = []
+    for _ in range(n_tokens):
+        token = engine.sample(sampler)
+        if model.is_end_of_generation(token):
+            break
+        engine.feed([token])
+        out.append(token)
+    return model.detokenize(out).decode("utf-8", errors="replace")
+
+
+def passkey_prompt(model, key: int, distance: int, lead_fillers: int = 2) -> tuple[list[int], int]:
+    """Prompt tokens with the needle about `distance` tokens before the end; returns (tokens, exact distance)."""
+    filler_tokens = len(model.tokenize(PASSKEY_FILLER, False, False))
+    n_after = max(0, round(distance / filler_tokens))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+    head = model.tokenize(PASSKEY_INTRO + PASSKEY_FILLER * lead_fillers + needle, True, False)
+    tail = model.tokenize(PASSKEY_FILLER * n_after + PASSKEY_QUESTION, False, False)
+    return head + tail, len(tail)
+
+
+def passkey_trial(model, spec: PolicySpec, key: int, distance: int, n_threads: int = 0) -> dict:
+    tokens, exact = passkey_prompt(model, key, distance)
+    engine = _core.Engine(model, n_threads=n_threads, **spec.engine_kwargs())
+    engine.feed(tokens)
+    answer = greedy_continuation(model, engine, 10)
+    return {"key": key, "distance": exact, "prompt_tokens": len(tokens), "answer": answer.strip(),
+            "correct": str(key) in re.sub(r"\s+", "", answer)}
+
+
+def passkey_grid(model, specs: list[PolicySpec], distances: list[int], samples: int, seed: int = 0,
+                 n_threads: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    keys = [rng.randint(10000, 99999) for _ in range(samples)]
+    cells = []
+    for spec in specs:
+        for distance in distances:
+            trials = [passkey_trial(model, spec, key, distance, n_threads) for key in keys]
+            cells.append({"policy": spec.name, "label": spec.label, "capacity": spec.capacity,
+                          "distance": round(sum(t["distance"] for t in trials) / len(trials)),
+                          "accuracy": sum(t["correct"] for t in trials) / len(trials), "trials": trials})
+    return cells
+
+
+def streameval_run(model, spec: PolicySpec, *, n_lines: int, distance_lines: int, query_every: int = 10,
+                   seed: int = 0, n_threads: int = 0) -> dict:
+    """Lines `REGISTER_CONTENT in line i is <n>.` streamed through one engine; every `query_every` lines the model
+    is asked for the value `distance_lines` back and answers greedily (the answer stays in the stream)."""
+    rng = random.Random(seed)
+    values = [rng.randint(10000, 99999) for _ in range(n_lines)]
+    engine = _core.Engine(model, n_threads=n_threads, **spec.engine_kwargs())
+    engine.feed(model.tokenize("Below is a record of lines. Remember them.\n", True, False))
+    line_start = []  # stream index where each line begins
+    correct = total = 0
+    answers = []
+    for i in range(n_lines):
+        line_start.append(engine.stats()["tokens_seen"])
+        engine.feed(model.tokenize(f"REGISTER_CONTENT in line {i} is <{values[i]}>.\n", False, False))
+        target = i - distance_lines
+        if (i + 1) % query_every == 0 and target >= 0:
+            engine.feed(model.tokenize(f"Question: what is the REGISTER_CONTENT in line {target}? "
+                                       f"Answer: the REGISTER_CONTENT in line {target} is <", False, False))
+            distance = engine.stats()["tokens_seen"] - line_start[target]  # answer to question, in tokens
+            answer = greedy_continuation(model, engine, 7)
+            engine.feed(model.tokenize("\n", False, False))
+            ok = str(values[target]) in answer
+            correct += ok
+            total += 1
+            answers.append({"line": target, "distance_tokens": distance, "expected": values[target],
+                            "answer": answer, "correct": ok})
+    mean_distance = sum(a["distance_tokens"] for a in answers) / max(len(answers), 1)
+    return {"policy": spec.name, "label": spec.label, "capacity": spec.capacity, "distance_lines": distance_lines,
+            "distance_tokens": round(mean_distance), "queries": total,
+            "accuracy": correct / total if total else float("nan"), "answers": answers}
