@@ -1,0 +1,149 @@
+"""Throughput and memory of the memory policies, side by side in one run.
+
+The machines this runs on are noisy and shared, so every comparison interleaves its configurations in rounds
+(A B C A B C ...) and reports medians and ratios of medians measured in the same run. Decode speed is timed on
+the pure loop (sample + feed of one token) with the cache already full, so evictions happen while timing.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+from .._loader import _core
+from .policies import PolicySpec
+
+
+def filler_tokens(model, n: int) -> list[int]:
+    """n tokens of ordinary prose (Pride and Prejudice when cached, else a fixed paragraph repeated)."""
+    try:
+        from ..assets import read_text
+
+        text = read_text("austen", part="prideprejudice")[: max(20_000, n * 8)]
+    except Exception:  # the bench must also run offline
+        text = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 2000)
+    tokens = model.tokenize(text, True, False)
+    while len(tokens) < n:
+        tokens += tokens
+    return tokens[:n]
+
+
+class DecodeRun:
+    """A policy engine with a full cache, ready to time decode steps."""
+
+    def __init__(self, model, spec: PolicySpec, n_threads: int, prompt: list[int]):
+        self.model, self.spec = model, spec
+        self.engine = _core.Engine(model, n_threads=n_threads, **spec.engine_kwargs())
+        self.prompt = prompt[: spec.capacity]
+        self.sampler = _core.Sampler(model, _core.SamplingParams(temperature=0.0))
+
+    def tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+        self.engine.reset()
+        self.engine.feed(self.prompt)
+        for _ in range(warmup):
+            self.engine.feed([self.engine.sample(self.sampler)])
+        start = time.perf_counter()
+        for _ in range(n_tokens):
+            self.engine.feed([self.engine.sample(self.sampler)])
+        return n_tokens / (time.perf_counter() - start)
+
+
+class LlamaCppPythonRun:
+    """llama-cpp-python's own generation loop on a context of the same size (flash attention off, as its
+    default), filled to capacity - n_tokens - warmup first: the baseline "plain decode"."""
+
+    def __init__(self, model_path: str, capacity: int, n_threads: int, prompt: list[int]):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path, n_ctx=capacity, n_batch=min(capacity, 512), n_threads=n_threads or None,
+                                   n_threads_batch=n_threads or None, verbose=False, flash_attn=False)
+        self.capacity = capacity
+        self.prompt = prompt
+
+    def tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+        self.llm.reset()
+        prompt = self.prompt[: self.capacity - n_tokens - warmup - 1]
+        generated = 0
+        start = None
+        for _ in self.llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            generated += 1
+            if generated == warmup:
+                start = time.perf_counter()
+            if generated == warmup + n_tokens:
+                break
+        return n_tokens / (time.perf_counter() - start)
+
+
+def interleaved(measurements: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict]:
+    """Runs every measurement once per round, in the same order each round; median and all samples per name."""
+    samples: dict[str, list[float]] = {name: [] for name in measurements}
+    for _ in range(rounds):
+        for name, measure in measurements.items():
+            samples[name].append(measure())
+    return {name: {"median": statistics.median(v), "samples": [round(x, 2) for x in v]} for name, v in samples.items()}
+
+
+def prefill_tokens_per_s(model, spec: PolicySpec, tokens: list[int], n_threads: int) -> float:
+    engine = _core.Engine(model, n_threads=n_threads, **spec.engine_kwargs())
+    start = time.perf_counter()
+    engine.feed(tokens)
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB, from /proc/self/status."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0]) / 1024
+    return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
+
+
+def long_run(model, spec: PolicySpec, n_tokens: int, checkpoints: list[int], n_threads: int) -> dict:
+    """Generates n_tokens (end-of-generation tokens fed like any other) and records RSS at the checkpoints."""
+    engine = _core.Engine(model, n_threads=n_threads, **spec.engine_kwargs())
+    sampler = _core.Sampler(model, _core.SamplingParams(temperature=0.8, seed=1))
+    engine.feed(model.tokenize("Chapter 1.\n\nThe house stood at the end of the lane,", True, False))
+    gc.collect()
+    records = []
+    peak_cells = 0
+    start = time.perf_counter()
+    wanted = sorted(set(checkpoints + [n_tokens]))
+    for i in range(1, n_tokens + 1):
+        engine.feed([engine.sample(sampler)])
+        if i in wanted:
+            rss, hwm = rss_mib()
+            stats = engine.stats()
+            peak_cells = max(peak_cells, stats["peak_cells"])
+            records.append({"tokens": i, "rss_mib": round(rss, 1), "peak_rss_mib": round(hwm, 1),
+                            "cells_used": stats["cells_used"], "max_pos": stats["max_pos"],
+                            "seconds": round(time.perf_counter() - start, 1)})
+    return {"policy": spec.label, "tokens": n_tokens, "records": records, "peak_cells": peak_cells,
+            "tokens_per_s": round(n_tokens / (time.perf_counter() - start), 1)}
+
+
+def model_file(model) -> str:
+    return os.fspath(model.info["path"])
+
+
+def random_namm_gguf(directory: str, weight_type: str = "f32", seed: int = 0) -> str:
+    """A NAMM GGUF with random weights (for speed only: the trained weights are not public)."""
+    from ..namm import load_checkpoint
+    from ..namm.convert import write_gguf
+    from ..namm.testing import write_random_checkpoint
+
+    ckpt = os.path.join(directory, f"random-namm-{seed}.pt")
+    write_random_checkpoint(ckpt, seed=seed)
+    return write_gguf(load_checkpoint(ckpt, trust_pickle=True), os.path.join(directory, f"random-namm-{seed}-"
+                                                                                       f"{weight_type}.gguf"),
+                      weight_type)["output"]
+
+
+def ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")

@@ -1,0 +1,302 @@
+"""`pymemory eval ppl|passkey|streameval` and `pymemory bench`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .policies import PolicySpec, parse_policy
+
+DEFAULT_POLICIES = ["sink", "window", "recompute,chunk=32"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _load_model(args):
+    from .._loader import _core
+    from ..assets import resolve_model
+
+    _core.set_log_verbosity(0)
+    path = os.fspath(resolve_model(args.model))
+    return _core.Model.load(path), path
+
+
+def _read_text(spec: str) -> tuple[str, str]:
+    """FILE, or ASSET[:PART] (e.g. austen:prideprejudice)."""
+    if os.path.exists(spec):
+        return Path(spec).read_text(encoding="utf-8", errors="replace"), spec
+    from .. import assets
+
+    name, _, part = spec.partition(":")
+    if name not in assets.ASSETS:
+        raise FileNotFoundError(f"text {spec!r} is neither a file nor an asset (assets: "
+                                f"{', '.join(n for n, a in assets.ASSETS.items() if a.kind == 'text')})")
+    return assets.read_text(name, part=part or None), spec
+
+
+def _specs(args, capacity_override: int | None = None) -> list[PolicySpec]:
+    n_sink, window = args.n_sink, args.window
+    if capacity_override is not None:
+        window = capacity_override - n_sink
+    return [parse_policy(p, n_sink, window) for p in (args.policy or DEFAULT_POLICIES)]
+
+
+# ---- eval ppl -------------------------------------------------------------------------------------------------
+
+def run_ppl(args) -> int:
+    from . import ppl, report
+
+    meta = report.run_metadata(args.argv)
+    model, model_path = _load_model(args)
+    text, text_name = _read_text(args.text)
+    tokens = report.cached_token_ids(model, model_path, text)[: args.max_tokens + 1]
+    results = ppl.evaluate(model, tokens, _specs(args), chunk=args.chunk, n_threads=args.threads or 0)
+    data = {**meta, "model": model.info["description"], "model_path": model_path, "text": text_name,
+            "results": results}
+    rows = [[r["label"], r["chunk"], r["tokens"], r["ppl"], r["segment_ppl"][0], r["segment_ppl"][-1],
+             r["tokens_per_s"]] for r in results]
+    table = report.markdown_table(["policy", "chunk", "tokens", "PPL", "PPL first segment", "PPL last segment",
+                                   "tokens/s"], rows)
+    print(table)
+    if args.json:
+        report.write_json(args.json, data)
+    if args.md:
+        report.write_markdown(args.md, f"Streaming perplexity: {data['model']} on {text_name}", meta, table)
+    if args.plot:
+        from .plots import perplexity_curves
+
+        perplexity_curves(results, f"{data['model']} on {text_name}", args.plot)
+    return 0
+
+
+# ---- eval passkey / streameval ----------------------------------------------------------------------------------
+
+def run_passkey(args) -> int:
+    from . import report
+    from .retrieval import passkey_grid
+
+    meta = report.run_metadata(args.argv)
+    model, _ = _load_model(args)
+    cells = []
+    for capacity in args.caches:
+        cells += passkey_grid(model, _specs(args, capacity), args.distances, args.samples, args.seed, args.threads or 0)
+    return _retrieval_report(args, meta, model, cells, "distance", "needle distance (tokens)", "Passkey retrieval")
+
+
+def run_streameval(args) -> int:
+    from . import report
+    from .retrieval import streameval_run
+
+    meta = report.run_metadata(args.argv)
+    model, _ = _load_model(args)
+    cells = []
+    for capacity in args.caches:
+        for spec in _specs(args, capacity):
+            for distance in args.distances:
+                cells.append(streameval_run(model, spec, n_lines=args.lines, distance_lines=distance,
+                                            seed=args.seed, n_threads=args.threads or 0))
+    return _retrieval_report(args, meta, model, cells, "distance_lines", "query-answer distance (lines)",
+                             "StreamEval")
+
+
+def _retrieval_report(args, meta, model, cells, row_key, row_label, title) -> int:
+    from . import report
+
+    rows = [[c["label"], c["capacity"], c[row_key], c.get("distance_tokens", c.get("distance")), f"{c['accuracy']:.0%}"]
+            for c in cells]
+    table = report.markdown_table(["policy", "cache", row_key, "distance (tokens)", "accuracy"], rows)
+    print(table)
+    data = {**meta, "model": model.info["description"], "cells": cells}
+    if args.json:
+        report.write_json(args.json, data)
+    if args.md:
+        report.write_markdown(args.md, f"{title}: {data['model']}", meta, table)
+    if args.plot:
+        from .plots import accuracy_heatmaps
+
+        accuracy_heatmaps(cells, row_key, row_label, f"{title}: {data['model']}", args.plot)
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------------------------
+
+def run_bench(args) -> int:
+    from . import bench, report
+    from .policies import parse_policy
+
+    meta = report.run_metadata(args.argv)
+    model, model_path = _load_model(args)
+    threads = args.threads or 0
+    prompt = bench.filler_tokens(model, max(args.caches + [4096]) + 64)
+    data = {**meta, "model": model.info["description"], "rounds": args.rounds, "decode_tokens": args.tokens}
+    sections = []
+
+    if args.long_run:
+        spec = parse_policy("sink", args.n_sink, args.window)
+        result = bench.long_run(model, spec, args.long_run, [10_000, args.long_run // 2], threads)
+        data["long_run"] = result
+        first = next(r for r in result["records"] if r["tokens"] == 10_000)
+        last = result["records"][-1]
+        table = report.markdown_table(
+            ["tokens", "RSS MiB", "peak RSS MiB", "cells used", "max pos", "seconds"],
+            [[r["tokens"], r["rss_mib"], r["peak_rss_mib"], r["cells_used"], r["max_pos"], r["seconds"]]
+             for r in result["records"]])
+        sections.append(f"## Memory over {args.long_run:,} tokens ({spec.label})\n\n{table}\n\nPeak RSS at the end vs "
+                        f"after 10,000 tokens: {last['peak_rss_mib'] - first['peak_rss_mib']:+.1f} MiB; "
+                        f"{result['tokens_per_s']} tokens/s; peak cells {result['peak_cells']}.")
+    suites = [] if args.long_run else args.suite.split(",")
+
+    if "speed" in suites:
+        rows = []
+        data["speed"] = []
+        for capacity in args.caches:
+            spec = parse_policy("sink", args.n_sink, capacity - args.n_sink)
+            spec = PolicySpec(spec.name, spec.n_sink, spec.window, {"flash_attention": "off"})
+            ours = bench.DecodeRun(model, spec, threads, prompt)
+            theirs = bench.LlamaCppPythonRun(model_path, capacity, threads, prompt)
+            timing = bench.interleaved({"sink": lambda: ours.tokens_per_s(args.tokens),
+                                        "llama-cpp-python": lambda: theirs.tokens_per_s(args.tokens)}, args.rounds)
+            prefill = bench.prefill_tokens_per_s(model, spec, prompt[:2048], threads)
+            r = bench.ratio(timing["sink"]["median"], timing["llama-cpp-python"]["median"])
+            data["speed"].append({"capacity": capacity, "timing": timing, "ratio": r, "sink_prefill_tok_s": prefill})
+            rows.append([capacity, timing["sink"]["median"], timing["llama-cpp-python"]["median"], f"{r:.3f}", prefill])
+            del theirs
+        sections.append("## Decode: sink vs llama-cpp-python plain decode (flash attention off in both)\n\n" +
+                        report.markdown_table(["cache", "sink tok/s", "llama-cpp-python tok/s", "ratio",
+                                               "sink prefill tok/s (2048 tokens streamed)"], rows))
+
+    if "recompute" in suites:
+        rows = []
+        data["recompute"] = []
+        for capacity in args.caches:
+            sink = bench.DecodeRun(model, parse_policy("sink", args.n_sink, capacity - args.n_sink), threads, prompt)
+            rec = bench.DecodeRun(model, parse_policy("recompute", 0, capacity), threads, prompt)
+            n_rec = max(2, min(args.tokens, 4096 // capacity))
+            timing = bench.interleaved({"sink": lambda: sink.tokens_per_s(args.tokens),
+                                        "recompute": lambda: rec.tokens_per_s(n_rec, warmup=1)}, args.rounds)
+            speedup = bench.ratio(timing["sink"]["median"], timing["recompute"]["median"])
+            data["recompute"].append({"capacity": capacity, "timing": timing, "speedup": speedup})
+            rows.append([capacity, timing["sink"]["median"], timing["recompute"]["median"], f"{speedup:.1f}x"])
+        sections.append("## Decode: sink vs sliding window with re-computation\n\n" +
+                        report.markdown_table(["cache", "sink tok/s", "recompute tok/s", "sink speed-up"], rows))
+
+    if "evict_chunk" in suites:
+        capacity = 1024
+        runs = {c: bench.DecodeRun(model, PolicySpec("sink", args.n_sink, capacity - args.n_sink, {"evict_chunk": c}),
+                                   threads, prompt) for c in (1, 4, 16, 64)}
+        timing = bench.interleaved({f"evict_chunk={c}": (lambda r=r: r.tokens_per_s(max(args.tokens, 128)))
+                                    for c, r in runs.items()}, args.rounds)
+        data["evict_chunk"] = {"capacity": capacity, "timing": timing}
+        base = timing["evict_chunk=1"]["median"]
+        sections.append(f"## Effect of evict_chunk (sink, cache {capacity})\n\n" + report.markdown_table(
+            ["evict_chunk", "decode tok/s", "vs evict_chunk=1"],
+            [[k.split("=")[1], v["median"], f"{v['median'] / base:.3f}"] for k, v in timing.items()]))
+
+    if "flash" in suites:
+        capacity = max(args.caches)
+        runs = {fa: bench.DecodeRun(model, PolicySpec("sink", args.n_sink, capacity - args.n_sink,
+                                                      {"flash_attention": fa}), threads, prompt) for fa in ("off", "on")}
+        timing = bench.interleaved({f"flash {fa}": (lambda r=r: r.tokens_per_s(args.tokens)) for fa, r in runs.items()},
+                                   args.rounds)
+        data["flash_attention"] = {"capacity": capacity, "timing": timing}
+        sections.append(f"## Flash attention (sink, cache {capacity})\n\n" + report.markdown_table(
+            ["setting", "decode tok/s"], [[k, v["median"]] for k, v in timing.items()]))
+
+    if "attention" in suites:
+        namm_path = args.namm or bench.random_namm_gguf(tempfile.mkdtemp(prefix="pymemory-bench-"))
+        rows = []
+        data["attention"] = []
+        for capacity in args.attention_caches:
+            window = capacity - args.n_sink
+            specs = {
+                "sink": PolicySpec("sink", args.n_sink, window, {"flash_attention": "off"}),
+                "h2o": PolicySpec("h2o", args.n_sink, window, {"reindex": True}),
+                "namm": PolicySpec("namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget",
+                                                                  "reindex": True}),
+            }
+            runs = {name: bench.DecodeRun(model, spec, threads, prompt) for name, spec in specs.items()}
+            n_decode = max(args.tokens, 512)  # a NAMM invocation falls inside every timed window
+            timing = bench.interleaved({name: (lambda r=r: r.tokens_per_s(n_decode)) for name, r in runs.items()},
+                                       args.rounds)
+            prefill = {name: bench.prefill_tokens_per_s(model, spec, prompt[:2 * capacity], threads)
+                       for name, spec in specs.items()}
+            data["attention"].append({"capacity": capacity, "decode": timing, "prefill_tok_s": prefill})
+            for name in specs:
+                rows.append([capacity, name, timing[name]["median"],
+                             f"{timing[name]['median'] / timing['sink']['median']:.3f}", prefill[name],
+                             f"{prefill[name] / prefill['sink']:.3f}"])
+        sections.append("## Attention-scored policies vs sink (decode includes NAMM invocations; random NAMM "
+                        "weights)\n\n" + report.markdown_table(
+                            ["cache", "policy", "decode tok/s", "vs sink", "prefill tok/s", "vs sink"], rows))
+
+    body = "\n\n".join(sections)
+    print(body)
+    if args.json:
+        report.write_json(args.json, data)
+    if args.md:
+        report.write_markdown(args.md, f"pymemory bench: {data['model']}", meta, body)
+    return 0
+
+
+# ---- wiring -------------------------------------------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser, plot: bool = True) -> None:
+    p.add_argument("--model", "-m", default=None, help="GGUF file or asset name (default: the default model)")
+    p.add_argument("--policy", action="append", default=None,
+                   help="NAME[:SINKS+WINDOW][,key=value...] (repeatable; default: sink, window, recompute)")
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--window", type=int, default=252)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--md", default=None, help="write a markdown report here")
+    if plot:
+        p.add_argument("--plot", default=None, help="write a PNG figure here")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser("eval", help="streaming perplexity, passkey and StreamEval retrieval")
+    ev_sub = ev.add_subparsers(dest="eval_command", metavar="TASK")
+
+    p = ev_sub.add_parser("ppl", help="perplexity of one long text streamed through each policy")
+    _common(p)
+    p.add_argument("--text", required=True, help="a text file, or an asset such as austen:prideprejudice")
+    p.add_argument("--max-tokens", type=int, default=20_000)
+    p.add_argument("--chunk", type=int, default=1, help="tokens scored per decode (1 = the paper's per-token)")
+    p.set_defaults(func=run_ppl)
+
+    p = ev_sub.add_parser("passkey", help="passkey retrieval against needle distance and cache size")
+    _common(p)
+    p.add_argument("--distances", type=_ints, default=[100, 200, 400, 800], help="needle-to-question tokens")
+    p.add_argument("--caches", type=_ints, default=[256, 512, 1024])
+    p.add_argument("--samples", type=int, default=5, help="random keys per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_passkey)
+
+    p = ev_sub.add_parser("streameval", help="StreamEval-style retrieval: line values queried while streaming")
+    _common(p)
+    p.add_argument("--distances", type=_ints, default=[5, 10, 20, 40], help="query-answer distance in lines")
+    p.add_argument("--caches", type=_ints, default=[256, 512, 1024])
+    p.add_argument("--lines", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_streameval)
+
+    b = subparsers.add_parser("bench", help="decode/prefill throughput and memory per policy and cache size")
+    _common(b, plot=False)
+    b.add_argument("--suite", default="speed,recompute,evict_chunk,flash",
+                   help="comma-separated: speed, recompute, evict_chunk, flash, attention")
+    b.add_argument("--caches", type=_ints, default=[256, 512, 1024, 2048])
+    b.add_argument("--attention-caches", type=_ints, default=[1024, 4096])
+    b.add_argument("--tokens", type=int, default=64, help="decode steps timed per measurement")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
+    b.add_argument("--namm", default=None, help="NAMM GGUF for the attention suite (default: random weights)")
+    b.add_argument("--long-run", type=int, default=0, metavar="N",
+                   help="instead: generate N tokens (sink) and record RSS at 10,000 and N")
+    b.set_defaults(func=run_bench)
+    ev.set_defaults(func=lambda args: (ev.print_help(), 2)[1])

@@ -1,0 +1,61 @@
+"""Figures for the evaluation commands (matplotlib, imported lazily: pip install "pymemory[eval]")."""
+from __future__ import annotations
+
+import os
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError('plots need matplotlib: pip install "pymemory[eval]"') from exc
+    return plt
+
+
+def perplexity_curves(results: list[dict], title: str, path: str | os.PathLike) -> None:
+    """Running log-perplexity against tokens, one line per policy; per-segment PPL below (log scale)."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for r in results:
+        xs, ys = zip(*r["nll_curve"])
+        top.plot(xs, ys, label=f"{r['label']} (PPL {r['ppl']:.2f})")
+        seg = r["segment_tokens"]
+        bottom.plot([seg * (i + 0.5) for i in range(len(r["segment_ppl"]))], r["segment_ppl"], marker=".")
+    top.set_ylabel("running log-perplexity (mean NLL)")
+    top.set_title(title)
+    top.legend(fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_ylabel(f"PPL per {results[0]['segment_tokens']} tokens")
+    bottom.set_xlabel("tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_heatmaps(cells: list[dict], row_key: str, row_label: str, title: str, path: str | os.PathLike) -> None:
+    """One heat map per policy: accuracy by (row_key, cache capacity)."""
+    plt = _pyplot()
+    policies = list(dict.fromkeys(c["policy"] for c in cells))
+    fig, axes = plt.subplots(1, len(policies), figsize=(4.5 * len(policies), 4), squeeze=False)
+    for ax, policy in zip(axes[0], policies):
+        mine = [c for c in cells if c["policy"] == policy]
+        rows = sorted({c[row_key] for c in mine})
+        cols = sorted({c["capacity"] for c in mine})
+        grid = [[next((c["accuracy"] for c in mine if c[row_key] == r and c["capacity"] == k), float("nan"))
+                 for k in cols] for r in rows]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(cols)), [str(k) for k in cols])
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.set_xlabel("cache (cells)")
+        ax.set_ylabel(row_label)
+        ax.set_title(policy)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

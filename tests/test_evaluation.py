@@ -1,0 +1,75 @@
+"""`pymemory eval` and `pymemory bench` on short slices (seconds each), asserting on the JSON they write."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pymemory.cli import main
+from pymemory.evaluation.policies import parse_policy
+from pymemory.errors import InvalidArgumentError
+
+pytestmark = pytest.mark.model
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_policy_specs():
+    assert parse_policy("sink", 4, 252).label == "sink 4+252"
+    assert parse_policy("window", 4, 252).capacity == 256 and parse_policy("window", 4, 252).n_sink == 0
+    spec = parse_policy("h2o:2+62,h2o_recent=16,reindex=true,chunk=8", 4, 252)
+    assert (spec.n_sink, spec.window, spec.options) == (2, 62, {"h2o_recent": 16, "reindex": True, "chunk": 8})
+    assert "chunk" not in spec.engine_kwargs() and spec.engine_kwargs()["h2o_recent"] == 16
+    with pytest.raises(InvalidArgumentError, match="key=value"):
+        parse_policy("sink,colour=blue", 4, 252)
+    with pytest.raises(InvalidArgumentError, match="cannot read policy"):
+        parse_policy("sink:4-252", 4, 252)
+
+
+def test_eval_ppl_window_collapses_where_sink_does_not(tmp_path, smollm2_path):
+    out = tmp_path / "ppl.json"
+    plot = tmp_path / "ppl.png"
+    assert main(["eval", "ppl", "--model", smollm2_path, "--text", "austen:prideprejudice", "--max-tokens", "700",
+                 "--n-sink", "4", "--window", "60", "--policy", "sink", "--policy", "window",
+                 "--policy", "recompute,chunk=16", "--json", str(out), "--plot", str(plot), "--md",
+                 str(tmp_path / "ppl.md")]) == 0
+    data = json.loads(out.read_text())
+    results = {r["policy"]: r for r in data["results"]}
+    for r in results.values():
+        assert {"policy", "n_sink", "window", "tokens", "ppl", "nll_curve"} <= set(r)
+        assert r["tokens"] == 700 and math.isfinite(r["ppl"]) and r["capacity"] == 64
+        assert r["nll_curve"][-1][0] == 700 and abs(math.exp(r["nll_curve"][-1][1]) - r["ppl"]) < 1e-6 * r["ppl"]
+    assert results["window"]["ppl"] > 1.3 * results["sink"]["ppl"]  # first tokens gone: window degrades
+    assert results["sink"]["ppl"] < 1.25 * results["recompute"]["ppl"]
+    assert plot.read_bytes()[:8] == PNG and "| policy |" in (tmp_path / "ppl.md").read_text()
+    assert data["command"].startswith("pymemory eval ppl") and data["machine"]["cores"] >= 1
+
+
+def test_eval_passkey_inside_and_outside_the_cache(tmp_path, smollm2_path):
+    out = tmp_path / "passkey.json"
+    assert main(["eval", "passkey", "--model", smollm2_path, "--policy", "sink", "--caches", "256",
+                 "--distances", "60,500", "--samples", "2", "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    cells = {c["distance"] < 200: c for c in json.loads(out.read_text())["cells"]}
+    assert cells[True]["accuracy"] == 1.0   # the needle is still cached
+    assert cells[False]["accuracy"] == 0.0  # evicted: no policy-free way to answer
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG
+
+
+def test_eval_streameval_runs(tmp_path, smollm2_path):
+    out = tmp_path / "se.json"
+    assert main(["eval", "streameval", "--model", smollm2_path, "--policy", "sink", "--caches", "256",
+                 "--distances", "2,30", "--lines", "40", "--json", str(out)]) == 0
+    cells = sorted(json.loads(out.read_text())["cells"], key=lambda c: c["distance_lines"])
+    assert cells[0]["queries"] >= 3 and cells[0]["distance_tokens"] < 256 < cells[1]["distance_tokens"]
+    assert cells[0]["accuracy"] > cells[1]["accuracy"] == 0.0
+
+
+def test_bench_writes_ratios(tmp_path, smollm2_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", smollm2_path, "--suite", "speed,recompute", "--caches", "128",
+                 "--tokens", "8", "--rounds", "1", "--json", str(out), "--md", str(tmp_path / "b.md")]) == 0
+    data = json.loads(out.read_text())
+    speed = data["speed"][0]
+    assert speed["capacity"] == 128 and speed["ratio"] > 0.3
+    assert data["recompute"][0]["speedup"] > 1.0
+    assert "llama-cpp-python" in (tmp_path / "b.md").read_text()
