@@ -1,6 +1,7 @@
 // Bindings of the llama.cpp adapter types, the memory policies and the streaming engine.
 // Long-running calls (load, feed, score, sample) release the GIL.
 #include "bindings.h"
+#include "numpy_util.h"
 
 #include "engine.h"
 #include "errors.h"
@@ -113,13 +114,6 @@ py::dict policy_stats_to_dict(const AttentionPolicy * policy) {
     return d;
 }
 
-template <typename T>
-py::array_t<T> shaped(const std::vector<T> & values, std::vector<py::ssize_t> shape) {
-    py::array_t<T> out(shape);
-    std::copy(values.begin(), values.end(), out.mutable_data());
-    return out;
-}
-
 py::list captures_to_list(const AttentionPolicy * policy) {
     py::list out;
     if (!policy) return out;
@@ -127,12 +121,12 @@ py::list captures_to_list(const AttentionPolicy * policy) {
         py::dict d;
         d["layer"] = c.layer;
         d["tokens_seen"] = c.tokens_seen;
-        d["positions"] = shaped(c.positions, {c.n_tokens});
-        d["attention"] = shaped(c.attention, {c.n_heads, c.n_rows, c.n_tokens});
-        d["ema"] = shaped(c.ema, {c.n_heads, c.n_tokens, 17});
-        d["scores"] = shaped(c.scores, {c.n_heads, c.n_tokens});
-        d["keep"] = shaped(c.keep, {c.n_heads, c.n_tokens});
-        d["kept"] = shaped(c.kept, {c.n_tokens});
+        d["positions"] = as_numpy(c.positions, {c.n_tokens});
+        d["attention"] = as_numpy(c.attention, {c.n_heads, c.n_rows, c.n_tokens});
+        d["ema"] = as_numpy(c.ema, {c.n_heads, c.n_tokens, 17});
+        d["scores"] = as_numpy(c.scores, {c.n_heads, c.n_tokens});
+        d["keep"] = as_numpy(c.keep, {c.n_heads, c.n_tokens});
+        d["kept"] = as_numpy(c.kept, {c.n_tokens});
         out.append(d);
     }
     return out;

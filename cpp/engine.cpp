@@ -97,7 +97,10 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     cparams.type_v = params_.type_v;
     if (is_attention_scored(params_.policy.kind)) {
         // The tap forces flash attention off: llama.cpp only materialises attention probabilities without it.
-        cparams.on_attention = [this](const AttentionView & view) { attention_->observe(view); };
+        cparams.on_attention = [this](const AttentionView & view) {
+            ++tap_layers_seen_;
+            attention_->observe(view);
+        };
     }
     ctx_ = std::make_unique<LlamaContext>(model_, cparams);
     check_model_supports(*model_, *ctx_, params_.policy);
@@ -214,8 +217,19 @@ void Engine::make_room(int32_t n_incoming) {
 void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
     std::vector<Pos> positions(static_cast<size_t>(n));
     for (int32_t i = 0; i < n; ++i) positions[size_t(i)] = next_pos_ + i;
-    if (attention_) attention_->begin_batch(counters_.tokens_seen, n);
+    if (attention_) {
+        attention_->begin_batch(counters_.tokens_seen, n);
+        tap_layers_seen_ = 0;
+    }
     ctx_->decode(tokens, positions.data(), n, logits_all);
+    if (attention_ && tap_layers_seen_ != model_->info().n_layer) {
+        // Attention-scored eviction without attention would silently degrade to noise: refuse.
+        fail(ErrorKind::runtime, "the attention tap saw " + std::to_string(tap_layers_seen_) + " of " +
+                                     std::to_string(model_->info().n_layer) +
+                                     " layers (llama.cpp no longer names its attention tensor 'kq_soft_max-<layer>', "
+                                     "or flash attention was forced on); policy '" +
+                                     policy_kind_name(params_.policy.kind) + "' cannot run with this llama.cpp");
+    }
     for (int32_t i = 0; i < n; ++i) {
         cache_.positions.push_back(positions[size_t(i)]);
         cached_tokens_.push_back(tokens[i]);

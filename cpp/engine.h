@@ -107,6 +107,7 @@ private:
     std::unique_ptr<AttentionPolicy> attention_;  // h2o / namm only
     int32_t n_batch_ = 0;
     std::vector<int32_t> cache_cells_;            // cell of each cached token (for attention policies)
+    int32_t tap_layers_seen_ = 0;                 // attention tensors observed during the last decode
 
     CacheState cache_;                  // positions (chronological) + pinned count
     std::vector<Token> cached_tokens_;  // parallel to cache_.positions

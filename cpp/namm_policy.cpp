@@ -145,7 +145,8 @@ public:
             scores[size_t(i)] = it == last_mean_scores_.end() ? 0.0 : it->second;
         }
         forced_evictions_ += needed;
-        return lowest_scoring(scores, std::min(rule_.n_sink, n), n - 1, needed);
+        const int32_t first = std::min(std::max(rule_.n_sink, cache.state.n_pinned), n);
+        return lowest_scoring(scores, first, n - 1, needed);
     }
 
 private:
@@ -217,7 +218,9 @@ private:
             record.union_size += drop_votes[size_t(i)] < n_pairs;
             record.intersection_size += drop_votes[size_t(i)] == 0;
         }
-        std::vector<int32_t> evict = decide_shared_evictions(rule_, drop_votes, mean_scores, n_pairs);
+        SharedCellDecision rule = rule_;
+        rule.n_sink = std::max(rule.n_sink, cache.state.n_pinned);  // a pinned system prompt counts as sinks
+        std::vector<int32_t> evict = decide_shared_evictions(rule, drop_votes, mean_scores, n_pairs);
         record.cells_after = n - int32_t(evict.size());
         // Agreement of the kept set with the union / intersection of the per-(layer, head) keep sets.
         std::vector<uint8_t> kept(size_t(n), 1);

@@ -1,44 +1,48 @@
-// NAMM model: the weights of a NAMM GGUF (docs/namm-gguf.md) on a ggml backend, and the scorer — token features
-// (z-normalised spectrum, recency embedding), the BAM network (namm-spec.md §3) as a ggml graph, and the selection
-// rule (§4.1). Immutable once loaded: any number of states and engines share one model (whisper.cpp's model/state
-// split).
+// NAMM model: the weights of a NAMM GGUF (docs/namm-gguf.md) on a ggml backend, and the three computations of one
+// invocation as the engine calls them (namm-spec.md, Appendix B):
+//   1. features  fold_frames()    STFT frames of attention folded into each token's EMA (§2.2-2.3), a ggml graph;
+//   2. scores    scores()         normalisation, recency, the BAM network (§2.4-§3), a ggml graph;
+//   3. selection select_tokens()  K per layer and each head's top-K (§4.1), on the host from the n scores per head.
+// Immutable once loaded: any number of states and engines share one model (whisper.cpp's model/state split).
+// Computations on one model are serialised by a mutex (a ggml CPU backend runs one graph at a time).
 #pragma once
 
 #include "spectrogram.h"
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 struct ggml_backend;
 struct ggml_backend_buffer;
+struct ggml_gallocr;
 struct ggml_context;
 struct ggml_tensor;
 
 namespace pm::namm {
 
 constexpr uint32_t kFormatVersion = 1;
+constexpr int32_t kHidden = 32;  // BAM attention width (hidden_dim)
 
 struct NammHparams {
     uint32_t format_version = kFormatVersion;
-    int32_t delay = 512;               // tokens between invocations
-    float ema_coefficient = 0.99f;     // per token; a = ema^hop per frame
-    int32_t recency_dim = kRecency;
-    float recency_max_freq = 50000.0f;
-    int32_t recency_start = 0;
-    int32_t hidden = 32;               // BAM attention width
+    int32_t delay = 512;               // tokens between invocations = attention rows per invocation
+    float ema_coefficient = 0.99f;     // per token; a = ema_coefficient^16 per frame
+    float recency_max_freq = 50000.0f; // ω_i = max_freq^(-i/4)
+    int32_t recency_start = 0;         // age = p_now - p + start
     float threshold = 0.0f;            // scores below are evicted
-    float norm_eps = 1e-7f;
-    std::string weight_type;           // f32, f16, q8_0, q4_0 (of the two matrices)
+    float norm_eps = 1e-7f;            // (E - μ) / max(√σ², eps)
+    std::string weight_type;           // f32, f16, q8_0 or q4_0: type of the two weight matrices
     std::string source;                // provenance written by the converter
 };
 
-// One layer's tokens for scoring: per KV head, chronological positions and un-normalised EMAs.
+// One layer's tokens to score: per KV head, chronological absolute positions and un-normalised EMAs.
 struct LayerInput {
     int32_t n_heads = 0;
-    int32_t n_tokens = 0;
-    std::vector<int32_t> positions;  // [head][token] absolute positions, increasing within a head
+    int32_t n_tokens = 0;            // per head
+    std::vector<int32_t> positions;  // [head][token], increasing within a head
     std::vector<float> ema;          // [head][token][17]
 };
 
@@ -54,48 +58,70 @@ struct ScorerTimings {
 
 class NammModel {
 public:
-    // device: "cpu", "gpu" (first GPU ggml knows), or "auto" (GPU if any). Throws pm::Error.
+    // Reads and validates the file and puts the weights on a backend this model owns. device: "cpu", "gpu" (the
+    // first GPU ggml knows) or "auto" (best available); n_threads <= 0: all hardware threads. Throws pm::Error.
     static std::shared_ptr<NammModel> load(const std::string & path, const std::string & device = "cpu",
                                            int32_t n_threads = 0);
+    // The same on the caller's backend (e.g. the one the LLM runs on), which must outlive the model.
+    static std::shared_ptr<NammModel> load(const std::string & path, ggml_backend * backend);
     ~NammModel();
     NammModel(const NammModel &) = delete;
     NammModel & operator=(const NammModel &) = delete;
 
     const NammHparams & hparams() const { return hparams_; }
-    const StftTables & stft() const { return stft_; }
     std::string device_name() const;
-
-    // Features (normalisation + recency) and BAM on the backend, selection on the host.
-    LayerScores score_layer(const LayerInput & input, ScorerTimings * timings = nullptr) const;
-    // The 25 features of every token (recency || normalised spectrum), [head][token][25], for tests/tools.
-    std::vector<float> features(const LayerInput & input) const;
-
     void set_threads(int32_t n_threads);
+
+    // Step 1. Folds n_rows / 16 STFT frames into the EMA of n_tokens tokens per head (spec §2.2-2.3):
+    //   E <- a^T E + Σ_j (1 - a) a^(T-1-j) m[j,k] |DFT(hann ⊙ [history ‖ rows] frame j)|,   T = n_rows / 16,
+    // ema [head][token][17] updated in place; history [head][token][16] the 16 values before `rows` (the caller
+    // replaces it with the last 16 rows afterwards); rows [head][n_rows][token] the attention the tokens received
+    // from n_rows consecutive queries. Tokens first_new..n_tokens-1 joined at window index k - first_new: frames
+    // that ended before they existed are skipped (m = 0); pass n_tokens when no token is new.
+    void fold_frames(float * ema, const float * history, int32_t n_heads, int32_t n_tokens, const float * rows,
+                     int32_t n_rows, int32_t first_new, ScorerTimings * timings = nullptr) const;
+
+    // Step 2. Scores [head][token] of chronological tokens: features (§2.4-2.6) and BAM (§3) in one graph.
+    std::vector<float> scores(const LayerInput & tokens, ScorerTimings * timings = nullptr) const;
+    // The 25 features [head][token][25] (recency ‖ normalised spectrum) that scores() feeds to BAM.
+    std::vector<float> features(const LayerInput & tokens) const;
+    // BAM alone on given features X [head][token][25].
+    std::vector<float> scores_from_features(const float * x, int32_t n_heads, int32_t n_tokens) const;
+
+    // Steps 2 and 3: scores() then select_tokens() with this model's threshold.
+    LayerScores score_layer(const LayerInput & tokens, ScorerTimings * timings = nullptr) const;
 
 private:
     NammModel() = default;
-    std::vector<float> recency_rows(const LayerInput & input, bool reversed) const;
-    std::vector<float> run_bam(const LayerInput & input, ScorerTimings * timings) const;
+    void load_file(const std::string & path);
+    std::vector<float> recency(const LayerInput & tokens, bool reversed) const;
+    ggml_tensor * build_features(ggml_context * ctx, ggml_tensor * ema, ggml_tensor * recency) const;
+    std::vector<float> run_bam(const LayerInput * tokens, const float * x, int32_t n_heads, int32_t n_tokens) const;
 
     NammHparams hparams_;
-    StftTables stft_;
     ggml_backend * backend_ = nullptr;
+    bool owns_backend_ = false;
     ggml_backend_buffer * weights_buffer_ = nullptr;
     ggml_context * weights_ctx_ = nullptr;
+    mutable std::mutex compute_mutex_;  // guards the backend and allocator_
+    // Backend memory for the graphs' intermediate tensors, kept between calls: a graph that fits reuses it.
+    ggml_gallocr * allocator_ = nullptr;
     // Weights in ggml layout (ne0 = input features).
-    ggml_tensor * w_qkv_ = nullptr;   // [32, 96]
-    ggml_tensor * b_qkv_ = nullptr;   // [96]
-    ggml_tensor * w_o_ = nullptr;     // [32, 50]
-    ggml_tensor * b_o_ = nullptr;     // [50]
-    ggml_tensor * w_out_ = nullptr;   // [25, 1]
-    ggml_tensor * b_out_ = nullptr;   // [1]
-    ggml_tensor * mean_ = nullptr;    // [17]
-    ggml_tensor * inv_std_ = nullptr; // [17] 1 / max(sqrt(var), eps)
-    std::vector<float> mean_host_, inv_std_host_;
+    ggml_tensor * w_qkv_ = nullptr;    // [32, 96]  inputs 25..31 are zero padding
+    ggml_tensor * b_qkv_ = nullptr;    // [96]
+    ggml_tensor * w_o_ = nullptr;      // [32, 50]
+    ggml_tensor * b_o_ = nullptr;      // [50]
+    ggml_tensor * w_out_ = nullptr;    // [25, 1]
+    ggml_tensor * b_out_ = nullptr;    // [1]
+    ggml_tensor * mean_ = nullptr;     // [17] μ
+    ggml_tensor * inv_std_ = nullptr;  // [17] 1 / max(√σ², eps), so the graph multiplies instead of dividing
+    ggml_tensor * dft_ = nullptr;      // [32, 34] Hann-windowed DFT (StftTables): rows 0-16 cos, 17-33 sin
 };
 
-// Selection (spec §4.1) on scores [head][token]: the newest token is forced to +inf, K = n - min_h #(s < thr),
-// each head keeps its own top-K (ties: the newer token wins), reported as a mask. Pure, shared by everything.
+// Selection (spec §4.1) on scores [head][token]: the newest token is forced kept, K = n - min_h #(s < threshold),
+// each head keeps its own top-K; among equal scores the newer token wins (the reference's tie rule).
 LayerScores select_tokens(std::vector<float> scores, int32_t n_heads, int32_t n_tokens, float threshold);
+// The kept tokens' indices, [head][K], chronological.
+std::vector<int64_t> keep_indices(const LayerScores & selection, int32_t n_heads);
 
 }  // namespace pm::namm

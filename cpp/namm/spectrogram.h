@@ -5,7 +5,8 @@
 // where x16 are the 16 attention values the token received from the last 16 queries and H16 the 16 before them.
 // The spec shows this equals the original's per-invocation window formula (32 frames over [H16 || 512 rows] with
 // the new-token frame mask): for a token that did not exist yet its attention is exactly 0, so its frames add 0.
-// The engine and the one-invocation API both use fold_frame(), so the engine's features are the tested ones.
+// StftTables are the Hann-windowed DFT matrices that NammModel's ggml graph multiplies by; fold_frame() below is
+// the same update for one token on the host, which the engine's per-cell loop (namm_policy.cpp) still calls.
 #pragma once
 
 #include <cstdint>

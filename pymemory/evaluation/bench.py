@@ -53,23 +53,55 @@ class DecodeRun:
 
 
 class LlamaCppPythonRun:
-    """llama-cpp-python's own generation loop on a context of the same size (flash attention off, as its
-    default), filled to capacity - n_tokens - warmup first: the baseline "plain decode"."""
+    """Plain decode with llama-cpp-python on a context of the same size (flash attention off, its default), filled
+    to capacity - n_tokens - warmup first, so the baseline never shifts or evicts.
+
+    Two loops: `c_loop` is greedy sampling + one-token decode through llama-cpp-python's C bindings (the same work
+    as our decode step, no Python sampling); `generate` is `Llama.generate`, the loop its users run.
+    """
 
     def __init__(self, model_path: str, capacity: int, n_threads: int, prompt: list[int]):
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(model_path, n_ctx=capacity, n_batch=min(capacity, 512), n_threads=n_threads or None,
-                                   n_threads_batch=n_threads or None, verbose=False, flash_attn=False)
+        if n_threads <= 0:
+            raise ValueError("pass the thread count explicitly: llama-cpp-python defaults to half the cores, "
+                             "which would make the comparison unfair")
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path, n_ctx=capacity, n_batch=min(capacity, 512), n_threads=n_threads,
+                                   n_threads_batch=n_threads, verbose=False, flash_attn=False)
         self.capacity = capacity
         self.prompt = prompt
+        self.greedy = llama_cpp.llama_sampler_init_greedy()
 
-    def tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+    def __del__(self):
+        if getattr(self, "greedy", None) is not None:
+            self.llama_cpp.llama_sampler_free(self.greedy)
+
+    def _prompt(self, n_tokens: int, warmup: int) -> list[int]:
+        return self.prompt[: self.capacity - n_tokens - warmup - 1]
+
+    def c_loop_tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+        lc = self.llama_cpp
         self.llm.reset()
-        prompt = self.prompt[: self.capacity - n_tokens - warmup - 1]
+        lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
+        self.llm.eval(self._prompt(n_tokens, warmup))
+        token = (lc.llama_token * 1)()
+        start = 0.0
+        for step in range(warmup + n_tokens):
+            if step == warmup:
+                start = time.perf_counter()
+            token[0] = lc.llama_sampler_sample(self.greedy, self.llm.ctx, -1)
+            # a null position array: llama.cpp continues after the last cached position
+            if lc.llama_decode(self.llm.ctx, lc.llama_batch_get_one(token, 1)) != 0:
+                raise RuntimeError("llama_decode failed in the llama-cpp-python baseline")
+        return n_tokens / (time.perf_counter() - start)
+
+    def generate_tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+        self.llm.reset()
         generated = 0
-        start = None
-        for _ in self.llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        start = 0.0
+        for _ in self.llm.generate(self._prompt(n_tokens, warmup), top_k=1, temp=0.0, repeat_penalty=1.0,
+                                   reset=True):
             generated += 1
             if generated == warmup:
                 start = time.perf_counter()
@@ -126,10 +158,6 @@ def long_run(model, spec: PolicySpec, n_tokens: int, checkpoints: list[int], n_t
                             "seconds": round(time.perf_counter() - start, 1)})
     return {"policy": spec.label, "tokens": n_tokens, "records": records, "peak_cells": peak_cells,
             "tokens_per_s": round(n_tokens / (time.perf_counter() - start), 1)}
-
-
-def model_file(model) -> str:
-    return os.fspath(model.info["path"])
 
 
 def random_namm_gguf(directory: str, weight_type: str = "f32", seed: int = 0) -> str:

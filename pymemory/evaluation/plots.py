@@ -24,6 +24,10 @@ def perplexity_curves(results: list[dict], title: str, path: str | os.PathLike) 
         top.plot(xs, ys, label=f"{r['label']} (PPL {r['ppl']:.2f})")
         seg = r["segment_tokens"]
         bottom.plot([seg * (i + 0.5) for i in range(len(r["segment_ppl"]))], r["segment_ppl"], marker=".")
+    # the first hundred tokens have no context and would squash the curves that matter into one line
+    settled = [y for r in results for x, y in r["nll_curve"] if x >= 100]
+    if settled:
+        top.set_ylim(min(settled) - 0.1, max(settled) + 0.1)
     top.set_ylabel("running log-perplexity (mean NLL)")
     top.set_title(title)
     top.legend(fontsize=8)

@@ -1,54 +1,118 @@
-"""The NAMM GGUF format, written down once (see docs/namm-gguf.md): key names, tensor names and layouts, and the
-flat-parameter layout of the original trainer. Shared by the converter, the PyTorch reference and the tests; the C++
-loader (cpp/namm/namm_model.cpp) reads the same names.
+"""The NAMM GGUF format, written down once (docs/namm-gguf.md): hyper-parameters, key names, tensor names and
+layouts, and the layout of the trainer's flat parameter vector. Shared by the converter, the readers and the tests;
+the C++ loader (cpp/namm/namm_model.cpp) reads the same strings. Needs neither torch nor gguf.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 ARCHITECTURE = "namm"
 FORMAT_VERSION = 1
-
-N_FFT = 32
-HOP = 16
-N_BINS = N_FFT // 2 + 1  # 17
-RECENCY_DIM = 8
-N_FEATURES = RECENCY_DIM + N_BINS  # 25: [recency || spectrum]
-FEATURES_PADDED = 32  # q8_0 / q4_0 blocks are 32 wide along the input dimension
-HIDDEN = 32
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
-# Hyper-parameters of the released "NAMM BAM" configuration (namm-spec.md Appendix A), stored as metadata.
-HPARAMS: dict[str, object] = {
-    "namm.delay": 512,
-    "namm.n_fft": N_FFT,
-    "namm.hop": HOP,
-    "namm.window": "hann_periodic",
-    "namm.ema_coefficient": 0.99,
-    "namm.recency.dim": RECENCY_DIM,
-    "namm.recency.max_freq": 50000.0,
-    "namm.recency.start": 0,
-    "namm.feature_order": "recency,spectrum",
-    "namm.hidden_dim": HIDDEN,
-    "namm.n_heads": 1,
-    "namm.mask": "backward",
-    "namm.gate": "identity",
-    "namm.threshold": 0.0,
-    "namm.norm_eps": 1e-7,
-    "namm.n_features": N_FEATURES,
-    "namm.n_bins": N_BINS,
-    "namm.attention_bias": True,
-}
 
-# name -> (numpy shape [out, in], may be quantised)
-TENSORS: dict[str, tuple[tuple[int, ...], bool]] = {
-    "namm.attn_qkv.weight": ((3 * HIDDEN, FEATURES_PADDED), True),
-    "namm.attn_qkv.bias": ((3 * HIDDEN,), False),
-    "namm.attn_out.weight": ((2 * N_FEATURES, HIDDEN), True),
-    "namm.attn_out.bias": ((2 * N_FEATURES,), False),
-    "namm.out.weight": ((N_FEATURES,), False),
-    "namm.out.bias": ((1,), False),
-    "namm.feat_mean": ((N_BINS,), False),
-    "namm.feat_var": ((N_BINS,), False),
+@dataclass(frozen=True)
+class NammHparams:
+    """Every constant of the released "NAMM BAM" configuration (namm-spec.md Appendix A)."""
+
+    delay: int = 512  # absolute tokens between invocations = attention rows per invocation
+    n_fft: int = 32  # STFT window (periodic Hann, center=False, one-sided magnitude)
+    hop: int = 16
+    window: str = "hann_periodic"
+    ema_coefficient: float = 0.99  # per token; per frame a = 0.99^hop
+    recency_dim: int = 8  # [sin(age·ω_0..3) ‖ cos(age·ω_0..3)]
+    recency_max_freq: float = 50000.0  # ω_i = max_freq^(−i/(dim/2))
+    recency_start: int = 0  # age = p_now − p + start
+    feature_order: str = "recency,spectrum"
+    hidden_dim: int = 32  # BAM attention width
+    n_heads: int = 1
+    mask: str = "backward"  # token i attends to tokens j >= i
+    gate: str = "identity"  # H = X ⊙ (1 + g) + r, no nonlinearity on g
+    threshold: float = 0.0  # evict when score < threshold
+    norm_eps: float = 1e-7  # (E − μ) / max(√σ², eps)
+    attention_bias: bool = True
+
+    @property
+    def n_bins(self) -> int:
+        return self.n_fft // 2 + 1  # 17, DC and Nyquist included
+
+    @property
+    def n_features(self) -> int:
+        return self.recency_dim + self.n_bins  # 25
+
+    @property
+    def history(self) -> int:
+        """Attention values per token carried to the next invocation (n_fft − hop = 16)."""
+        return self.n_fft - self.hop
+
+    @property
+    def frames(self) -> int:
+        """STFT frames per invocation: (history + delay − n_fft) / hop + 1 = delay / hop = 32."""
+        return self.delay // self.hop
+
+    @property
+    def ema_per_frame(self) -> float:
+        return self.ema_coefficient ** self.hop  # a = 0.8514577710948755
+
+    def check_supported(self) -> "NammHparams":
+        """Raises ValueError unless these are the released network's structure (the only one the scorers
+        implement) with sane tunable values; returns self."""
+        released = NammHparams()
+        fixed = ("n_fft", "hop", "window", "recency_dim", "feature_order", "hidden_dim", "n_heads", "mask", "gate",
+                 "attention_bias")
+        different = [f"{name}={getattr(self, name)!r} (supported: {getattr(released, name)!r})"
+                     for name in fixed if getattr(self, name) != getattr(released, name)]
+        if different:
+            raise ValueError("unsupported NAMM configuration: " + ", ".join(different) +
+                             "; only the released NAMM BAM network is implemented")
+        if self.delay <= 0 or self.delay % self.hop:
+            raise ValueError(f"delay must be a positive multiple of {self.hop} (got {self.delay})")
+        if not 0.0 < self.ema_coefficient < 1.0:
+            raise ValueError(f"ema_coefficient must lie in (0, 1) (got {self.ema_coefficient})")
+        if not (self.recency_max_freq > 0 and self.norm_eps > 0 and self.recency_start >= 0):
+            raise ValueError("recency_max_freq and norm_eps must be > 0 and recency_start >= 0")
+        return self
+
+    def metadata(self) -> dict[str, tuple[str, object]]:
+        """{GGUF key: (value type, value)} of every field plus the derived sizes; types are u32/f32/str/bool."""
+        out = {key: (kind, getattr(self, name)) for name, (key, kind) in METADATA_KEYS.items()}
+        out["namm.n_features"] = ("u32", self.n_features)
+        out["namm.n_bins"] = ("u32", self.n_bins)
+        out["namm.param_count"] = ("u32", param_count(self.hidden_dim, self.attention_bias))
+        return out
+
+
+# NammHparams field -> (GGUF key, value type). The C++ loader reads these exact keys and types.
+METADATA_KEYS: dict[str, tuple[str, str]] = {
+    "delay": ("namm.delay", "u32"),
+    "n_fft": ("namm.n_fft", "u32"),
+    "hop": ("namm.hop", "u32"),
+    "window": ("namm.window", "str"),
+    "ema_coefficient": ("namm.ema_coefficient", "f32"),
+    "recency_dim": ("namm.recency.dim", "u32"),
+    "recency_max_freq": ("namm.recency.max_freq", "f32"),
+    "recency_start": ("namm.recency.start", "u32"),
+    "feature_order": ("namm.feature_order", "str"),
+    "hidden_dim": ("namm.hidden_dim", "u32"),
+    "n_heads": ("namm.n_heads", "u32"),
+    "mask": ("namm.mask", "str"),
+    "gate": ("namm.gate", "str"),
+    "threshold": ("namm.threshold", "f32"),
+    "norm_eps": ("namm.norm_eps", "f32"),
+    "attention_bias": ("namm.attention_bias", "bool"),
 }
+assert set(METADATA_KEYS) == {f.name for f in fields(NammHparams)}
+
+KEY_FORMAT_VERSION = "namm.format_version"  # u32
+KEY_SOURCE = "namm.source"  # str: file and vector the parameters came from
+KEY_SOURCE_ITERATION = "namm.source.iteration"  # i32, only when the checkpoint records it
+KEY_WEIGHT_TYPE = "namm.weight_type"  # str: type of the two matrices
+
+RELEASED = NammHparams()
+N_BINS = RELEASED.n_bins  # 17
+N_FEATURES = RELEASED.n_features  # 25
+HIDDEN = RELEASED.hidden_dim  # 32
+FEATURES_PADDED = 32  # q8_0 / q4_0 blocks are 32 values wide along ne0 (the input dimension)
 
 
 def param_count(hidden: int = HIDDEN, bias: bool = True) -> int:
@@ -59,12 +123,36 @@ def param_count(hidden: int = HIDDEN, bias: bool = True) -> int:
 
 PARAM_COUNT = param_count()  # 4172
 
-# Slices of the flat vector θ (spec §5.4); weights are row-major [in][out], used as x @ W + b.
-PARAM_LAYOUT = {
-    "W_qkv": (0, 2400, (N_FEATURES, 3 * HIDDEN)),
-    "b_qkv": (2400, 2496, (3 * HIDDEN,)),
-    "W_o": (2496, 4096, (HIDDEN, 2 * N_FEATURES)),
-    "b_o": (4096, 4146, (2 * N_FEATURES,)),
-    "w_out": (4146, 4171, (N_FEATURES,)),
-    "b_out": (4171, 4172, (1,)),
+
+def _layout() -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    # Spec §5.4: ops in order qkv, attention output, final linear; each stored weight then bias, weights row-major
+    # [in][out] (used as x @ W + b).
+    shapes = {"W_qkv": (N_FEATURES, 3 * HIDDEN), "b_qkv": (3 * HIDDEN,),
+              "W_o": (HIDDEN, 2 * N_FEATURES), "b_o": (2 * N_FEATURES,),
+              "w_out": (N_FEATURES,), "b_out": ()}
+    layout, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 1
+        for dim in shape:
+            size *= dim
+        layout[name] = (offset, offset + size, shape)
+        offset += size
+    assert offset == PARAM_COUNT
+    return layout
+
+
+# name -> (start, end, shape) in θ: W_qkv [0, 2400), b_qkv [2400, 2496), W_o [2496, 4096), b_o [4096, 4146),
+# w_out [4146, 4171), b_out 4171.
+PARAM_LAYOUT = _layout()
+
+# GGUF tensor name -> (numpy shape [out, in], ggml ne = reversed; may take the requested weight type).
+TENSORS: dict[str, tuple[tuple[int, ...], bool]] = {
+    "namm.attn_qkv.weight": ((3 * HIDDEN, FEATURES_PADDED), True),  # W_qkvᵀ, inputs 25..31 zero
+    "namm.attn_qkv.bias": ((3 * HIDDEN,), False),
+    "namm.attn_out.weight": ((2 * N_FEATURES, HIDDEN), True),  # W_oᵀ
+    "namm.attn_out.bias": ((2 * N_FEATURES,), False),
+    "namm.out.weight": ((N_FEATURES,), False),
+    "namm.out.bias": ((1,), False),
+    "namm.feat_mean": ((N_BINS,), False),
+    "namm.feat_var": ((N_BINS,), False),
 }
