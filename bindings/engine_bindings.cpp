@@ -109,6 +109,8 @@ py::dict policy_stats_to_dict(const AttentionPolicy * policy) {
         }
         d["policy"] = policy->name();
         d["forced_evictions"] = policy->forced_evictions();
+        d["observe_seconds"] = policy->observe_seconds;
+        d["decide_seconds"] = policy->decide_seconds;
     }
     d["invocations"] = records;
     return d;

@@ -39,12 +39,7 @@ void H2oPolicy::observe(const AttentionView & v) {
         for (int32_t t = 0; t < v.n_tokens; ++t) accumulated_[size_t(v.token_cell[t])] = 0.0;
         batch_cells_reset_ = true;
     }
-    for (int32_t h = 0; h < v.n_head; ++h) {
-        for (int32_t t = 0; t < v.n_tokens; ++t) {
-            const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
-            for (int32_t c = 0; c < v.n_kv; ++c) accumulated_[size_t(c)] += row[c];
-        }
-    }
+    for (int32_t c = 0; c < v.n_kv; ++c) accumulated_[size_t(c)] += v.cell_totals[c];
 }
 
 std::vector<int32_t> H2oPolicy::make_room(const CacheView & cache, int32_t n_incoming) {

@@ -75,8 +75,14 @@ public:
 
     const std::vector<InvocationRecord> & invocations() const { return invocations_; }
     int64_t forced_evictions() const { return forced_evictions_; }
+    // Wall time spent in the policy, measured by the engine: reading attention (inside llama_decode) and deciding.
+    double observe_seconds = 0.0;
+    double decide_seconds = 0.0;
     // Records InvocationCapture for these layers from now on (NAMM only; costs memory: rows x cells per layer).
     virtual void capture_layers(const std::vector<int32_t> & layers) {}
+    // Whether observe() reads AttentionView::cell_totals (computed by the tap where the attention lives).
+    virtual bool needs_cell_totals() const { return false; }
+    virtual void set_threads(int32_t n_threads) {}
     const std::vector<InvocationCapture> & captures() const { return captures_; }
 
 protected:
@@ -100,8 +106,8 @@ struct H2oParams {
 };
 
 // Heavy-Hitter Oracle (Zhang et al., 2023) on shared cells: every cell accumulates the attention it receives,
-// summed over layers, query heads and queries; when the cache is full the lowest-scoring tokens outside the sinks
-// and the recent window go.
+// summed over layers, query heads and queries (the tap reduces each layer's matrix to per-cell totals where it was
+// computed); when the cache is full the lowest-scoring tokens outside the sinks and the recent window go.
 class H2oPolicy : public AttentionPolicy {
 public:
     H2oPolicy(const H2oParams & params, uint32_t n_cells);
@@ -110,6 +116,7 @@ public:
     void begin_batch(int64_t stream_begin, int32_t n_tokens) override;
     void observe(const AttentionView & view) override;
     std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override;
+    bool needs_cell_totals() const override { return true; }
 
     const std::vector<double> & cell_scores() const { return accumulated_; }
 

@@ -4,6 +4,7 @@
 #include "namm_policy.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 
@@ -68,6 +69,10 @@ std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, c
     }
 }
 
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 float negative_log_prob(const float * logits, int32_t n_vocab, Token target) {
     float max_logit = -std::numeric_limits<float>::infinity();
     for (int32_t i = 0; i < n_vocab; ++i) max_logit = std::max(max_logit, logits[i]);
@@ -99,12 +104,15 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
         // The tap forces flash attention off: llama.cpp only materialises attention probabilities without it.
         cparams.on_attention = [this](const AttentionView & view) {
             ++tap_layers_seen_;
+            const auto t0 = std::chrono::steady_clock::now();
             attention_->observe(view);
+            attention_->observe_seconds += seconds_since(t0);
         };
     }
     ctx_ = std::make_unique<LlamaContext>(model_, cparams);
     check_model_supports(*model_, *ctx_, params_.policy);
     attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
+    if (attention_) ctx_->set_attention_totals(attention_->needs_cell_totals());
     counters_.capacity = cap;
 }
 
@@ -240,7 +248,9 @@ void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
     has_logits_ = true;
     if (attention_) {
         cache_.n_pinned = n_pinned();
+        const auto t0 = std::chrono::steady_clock::now();
         evict(attention_->after_decode(cache_view(), counters_.tokens_seen));
+        attention_->decide_seconds += seconds_since(t0);
     }
 }
 
@@ -307,7 +317,10 @@ int32_t Engine::batch_limit() const {
 
 void Engine::reset() {
     ctx_->memory_clear();
-    if (attention_) attention_->reset();
+    if (attention_) {
+        attention_->reset();
+        attention_->observe_seconds = attention_->decide_seconds = 0.0;
+    }
     cache_ = CacheState{};
     cached_tokens_.clear();
     pinned_prefix_ = 0;
@@ -321,6 +334,7 @@ void Engine::set_threads(int32_t n_threads, int32_t n_threads_batch) {
     params_.n_threads = n_threads;
     params_.n_threads_batch = n_threads_batch;
     ctx_->set_threads(n_threads, n_threads_batch);
+    if (attention_) attention_->set_threads(n_threads);
 }
 
 EngineStats Engine::stats() const {

@@ -2,6 +2,7 @@
 #include "llama_adapter.h"
 
 #include "errors.h"
+#include "ggml_compute.h"
 
 #include <algorithm>
 #include <atomic>
@@ -345,6 +346,7 @@ LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParam
     if (on_attention_) {
         cparams.cb_eval = &LlamaContext::eval_callback;
         cparams.cb_eval_user_data = this;
+        tap_device_ = std::make_unique<DeviceCompute>(cparams.n_threads);
     }
     clear_recent_errors();
     ctx_ = llama_init_from_model(model_->raw(), cparams);
@@ -547,12 +549,62 @@ std::string LlamaContext::check_cell_mirror(const AttentionView & v) const {
     return "";
 }
 
+std::string LlamaContext::check_cell_mirror_totals(const AttentionView & v) const {
+    // Without the rows: an empty cell must receive nothing, and every cell the batch was placed in must receive
+    // something (each token attends to itself).
+    const uint32_t used_end = cells_.used_max_p1();
+    if (uint32_t(v.n_kv) < used_end || size_t(v.n_kv) > cells_.pos.size()) {
+        return "attention covers " + std::to_string(v.n_kv) + " cells but the cell mirror expects at least " +
+               std::to_string(used_end);
+    }
+    for (int32_t c = 0; c < v.n_kv; ++c) {
+        if (v.cell_pos[c] < 0 && v.cell_totals[c] != 0.0f) {
+            return "cell " + std::to_string(c) + " receives attention but the mirror says it is empty";
+        }
+    }
+    for (int32_t t = 0; t < v.n_tokens; ++t) {
+        if (!(v.cell_totals[v.token_cell[t]] > 0.0f)) {
+            return "cell " + std::to_string(v.token_cell[t]) + ", where the mirror placed position " +
+                   std::to_string(v.token_pos[t]) + ", receives no attention";
+        }
+    }
+    return "";
+}
+
+void LlamaContext::compute_cell_totals(AttentionView & v) {
+    cell_totals_.assign(size_t(v.n_kv), 0.0f);
+    if (v.probs) {
+        for (int32_t h = 0; h < v.n_head; ++h) {
+            for (int32_t t = 0; t < v.n_tokens; ++t) {
+                const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
+                for (int32_t c = 0; c < v.n_kv; ++c) cell_totals_[size_t(c)] += row[c];
+            }
+        }
+    } else {
+        tap_device_->bind(v.tensor, "the attention of a layer");
+        Graph g(16);
+        ggml_context * ctx = g.ctx();
+        ggml_tensor * probs = g.external(v.tensor);                                           // [n_kv, rows, n_head]
+        ggml_tensor * real = ggml_view_3d(ctx, probs, v.n_kv, v.n_tokens, v.n_head, probs->nb[1], probs->nb[2], 0);
+        // Rows and heads first, so one sum_rows adds everything a cell received.
+        ggml_tensor * by_cell = ggml_cont(ctx, ggml_permute(ctx, real, 2, 0, 1, 3));          // [n_tokens, n_head, n_kv]
+        ggml_tensor * totals = ggml_sum_rows(ctx, ggml_reshape_2d(ctx, by_cell, int64_t(v.n_tokens) * v.n_head,
+                                                                 v.n_kv));                    // [1, n_kv]
+        g.output(totals);
+        tap_device_->allocate(g);
+        tap_device_->compute(g);
+        ggml_backend_tensor_get(totals, cell_totals_.data(), 0, cell_totals_.size() * sizeof(float));
+    }
+    v.cell_totals = cell_totals_.data();
+}
+
 Pos LlamaContext::memory_pos_min() const { return llama_memory_seq_pos_min(llama_get_memory(ctx_), 0); }
 Pos LlamaContext::memory_pos_max() const { return llama_memory_seq_pos_max(llama_get_memory(ctx_), 0); }
 
 void LlamaContext::set_threads(int32_t n_threads, int32_t n_threads_batch) {
     const int32_t n = n_threads > 0 ? n_threads : default_threads();
     llama_set_n_threads(ctx_, n, n_threads_batch > 0 ? n_threads_batch : n);
+    if (tap_device_) tap_device_->set_threads(n);
 }
 
 bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_data) {
@@ -578,19 +630,15 @@ bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
             self->tap_error_ = "attention tensor has fewer rows than the batch has tokens";
             return false;
         }
-        const size_t n_floats = size_t(ggml_nelements(tensor));
-        if (tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer)) {
-            view.probs = static_cast<const float *>(tensor->data);
-        } else {
-            self->attention_host_.resize(n_floats);
-            ggml_backend_tensor_get(tensor, self->attention_host_.data(), 0, n_floats * sizeof(float));
-            view.probs = self->attention_host_.data();
-        }
+        view.tensor = tensor;
+        const bool on_host = tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer);
+        view.probs = on_host ? static_cast<const float *>(tensor->data) : nullptr;
         view.cell_pos = self->cells_.pos.data();
         view.token_pos = self->batch_pos_.data();
         view.token_cell = self->batch_cells_.data();
+        if (self->attention_totals_ || (view.layer == 0 && !on_host)) self->compute_cell_totals(view);
         if (view.layer == 0) {
-            const std::string problem = self->check_cell_mirror(view);
+            const std::string problem = on_host ? self->check_cell_mirror(view) : self->check_cell_mirror_totals(view);
             if (!problem.empty()) {
                 self->tap_error_ = "KV cell mirror out of sync with llama.cpp (" + problem +
                                    "); this llama.cpp version allocates cells differently from the one pymemory "

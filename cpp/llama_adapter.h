@@ -20,6 +20,8 @@ struct ggml_tensor;
 
 namespace pm {
 
+class DeviceCompute;
+
 using Token = int32_t;
 using Pos = int32_t;
 
@@ -92,17 +94,21 @@ private:
 // ---------------------------------------------------------------------------------------------------------------
 // Attention tap: post-softmax attention of every layer, observed during llama_decode.
 
-// One layer's attention probabilities as llama.cpp computed them (flash attention off).
-// Layout (ggml order): probs[h * head_stride + t * n_kv + c] for query head h, batch token t, cell c.
+// One layer's attention probabilities as llama.cpp computed them (flash attention off), valid only during the
+// callback. Layout (ggml order): probs[h * head_stride + t * n_kv + c] for query head h, batch token t, cell c.
 // Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0. Query head h
 // reads KV head h / (n_head / n_head_kv) (ggml's broadcasting order, the same as HF's repeat_kv).
+// The matrix stays where llama.cpp computed it: `probs` is set only when that is host memory (CPU backend); on a
+// GPU a policy reduces `tensor` there with its own ggml graph (cpp/ggml_compute.h).
 struct AttentionView {
     int32_t layer = 0;
     int32_t n_kv = 0;
     int32_t n_tokens = 0;
     int32_t n_head = 0;
     size_t head_stride = 0;             // floats between heads (n_kv * rows of the tensor, which may be padded)
-    const float * probs = nullptr;      // host memory, valid only during the callback
+    const ggml_tensor * tensor = nullptr;  // llama.cpp's kq_soft_max-<layer>: [n_kv, rows >= n_tokens, n_head]
+    const float * probs = nullptr;      // the same in host memory, or nullptr when it lives on a device
+    const float * cell_totals = nullptr;  // [n_kv] attention each cell received (all heads, all rows), if requested
     const Pos * cell_pos = nullptr;     // [n_kv] position held by each cell, -1 if empty
     const Pos * token_pos = nullptr;    // [n_tokens] positions of the batch's tokens (the rows)
     const int32_t * token_cell = nullptr;  // [n_tokens] cell each batch token was placed in
@@ -160,6 +166,8 @@ public:
     Pos memory_pos_max() const;
 
     void set_threads(int32_t n_threads, int32_t n_threads_batch);
+    // The tap also computes AttentionView::cell_totals for every layer (where the attention lives).
+    void set_attention_totals(bool enabled) { attention_totals_ = enabled; }
 
     const LlamaModel & model() const { return *model_; }
     llama_context * raw() const { return ctx_; }
@@ -178,13 +186,19 @@ private:
     };
 
     static bool eval_callback(ggml_tensor * tensor, bool ask, void * user_data);
-    // Checks the layer-0 attention pattern against the mirror; returns an error message or "".
+    // Checks the layer-0 attention pattern against the mirror; returns an error message or "". Exact (every row)
+    // when the matrix is in host memory, else from the per-cell totals.
     std::string check_cell_mirror(const AttentionView & view) const;
+    std::string check_cell_mirror_totals(const AttentionView & view) const;
+    // AttentionView::cell_totals: a host loop, or a ggml graph on the tensor's device.
+    void compute_cell_totals(AttentionView & view);
 
     std::shared_ptr<LlamaModel> model_;
     llama_context * ctx_ = nullptr;
     AttentionCallback on_attention_;
-    std::vector<float> attention_host_;  // staging copy for non-host backends
+    bool attention_totals_ = false;
+    std::vector<float> cell_totals_;
+    std::unique_ptr<DeviceCompute> tap_device_;  // reductions of device-resident attention
     CellMirror cells_;
     std::vector<Pos> batch_pos_;          // positions and cells of the batch being decoded (for the tap)
     std::vector<int32_t> batch_cells_;

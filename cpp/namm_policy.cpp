@@ -3,6 +3,7 @@
 #include "engine.h"
 #include "errors.h"
 #include "namm/namm_model.h"
+#include "namm/namm_tap.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,54 +43,37 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
 
 namespace {
 
-// Per-layer streaming state, indexed by KV head and cell (not chronologically: the fold does not care about
-// order, and cells are what the tap delivers). A cell's slots are reset when a new token is placed in it.
-struct CellLayerState {
-    std::vector<float> ema;      // [head][cell][17]  un-normalised spectrogram EMA (spec §2.3)
-    std::vector<float> history;  // [head][cell][16]  the previous frame's 16 attention values
-    std::vector<float> frame;    // [head][cell][16]  the current frame's rows as they arrive
-    std::vector<float> window;   // [head][row][cell] this invocation window's rows (only when captured)
-};
-
 class NammPolicy : public AttentionPolicy {
 public:
     NammPolicy(std::shared_ptr<const namm::NammModel> model, const SharedCellDecision & rule, int32_t delay,
-               int32_t n_layer, int32_t n_head, int32_t n_head_kv, uint32_t n_cells)
-        : model_(std::move(model)), rule_(rule), delay_(delay), n_layer_(n_layer), n_head_(n_head),
-          n_head_kv_(n_head_kv), n_cells_(n_cells), layers_(size_t(n_layer)), stft_(namm::StftTables::make()) {
-        for (auto & layer : layers_) {
-            layer.ema.assign(size_t(n_head_kv) * n_cells * namm::kBins, 0.0f);
-            layer.history.assign(size_t(n_head_kv) * n_cells * namm::kHop, 0.0f);
-            layer.frame.assign(size_t(n_head_kv) * n_cells * namm::kHop, 0.0f);
-        }
-        layer_seen_.assign(size_t(n_layer), false);
-        gqa_rows_.resize(n_cells);
-    }
+               int32_t n_layer, int32_t n_head, int32_t n_head_kv, uint32_t n_cells, int32_t n_threads)
+        : model_(std::move(model)), rule_(rule), delay_(delay), n_layer_(n_layer), n_head_kv_(n_head_kv),
+          n_cells_(n_cells), tap_(namm::FeatureTapParams{n_layer, n_head, n_head_kv, int32_t(n_cells), n_threads,
+                                                         model_->ema_coefficient()}),
+          windows_(size_t(n_layer)) {}
 
     std::string name() const override { return "namm"; }
 
     void reset() override {
-        for (auto & layer : layers_) {
-            std::fill(layer.ema.begin(), layer.ema.end(), 0.0f);
-            std::fill(layer.history.begin(), layer.history.end(), 0.0f);
-            std::fill(layer.frame.begin(), layer.frame.end(), 0.0f);
-        }
+        tap_.reset();
+        for (auto & w : windows_) std::fill(w.begin(), w.end(), 0.0f);
         invocations_.clear();
         captures_.clear();
         forced_evictions_ = 0;
         last_mean_scores_.clear();
     }
 
+    void set_threads(int32_t n_threads) override { tap_.set_threads(n_threads); }
+
     void capture_layers(const std::vector<int32_t> & layers) override {
         for (int32_t l : layers) {
             if (l < 0 || l >= n_layer_) fail(ErrorKind::invalid_argument, "no layer " + std::to_string(l));
-            layers_[size_t(l)].window.assign(size_t(n_head_kv_) * size_t(delay_) * n_cells_, 0.0f);
+            windows_[size_t(l)].assign(size_t(n_head_kv_) * size_t(delay_) * n_cells_, 0.0f);
         }
     }
 
     void begin_batch(int64_t stream_begin, int32_t) override {
         batch_begin_ = stream_begin;
-        std::fill(layer_seen_.begin(), layer_seen_.end(), false);
     }
 
     int32_t batch_limit(int64_t stream_begin) const override {
@@ -98,34 +82,18 @@ public:
 
     void observe(const AttentionView & v) override {
         if (v.layer < 0 || v.layer >= n_layer_) return;
-        CellLayerState & st = layers_[size_t(v.layer)];
-        if (!layer_seen_[size_t(v.layer)]) {
-            // New tokens start with empty state (their cells may hold an evicted token's).
-            for (int32_t t = 0; t < v.n_tokens; ++t) clear_cell(st, v.token_cell[t]);
-            layer_seen_[size_t(v.layer)] = true;
-        }
-        const bool capturing = !st.window.empty();
-        const int32_t group = n_head_ / n_head_kv_;
-        const float inv_group = 1.0f / float(group);
-        for (int32_t t = 0; t < v.n_tokens; ++t) {
-            const int64_t stream_index = batch_begin_ + t;
-            const int32_t slot = int32_t(stream_index % namm::kHop);
-            for (int32_t g = 0; g < n_head_kv_; ++g) {
-                // GQA: query heads g*group .. g*group+group-1 read KV head g (spec §1.1: mean over the group).
-                std::fill(gqa_rows_.begin(), gqa_rows_.begin() + v.n_kv, 0.0f);
-                for (int32_t q = g * group; q < (g + 1) * group; ++q) {
-                    const float * row = v.probs + size_t(q) * v.head_stride + size_t(t) * size_t(v.n_kv);
-                    for (int32_t c = 0; c < v.n_kv; ++c) gqa_rows_[size_t(c)] += row[c];
-                }
-                float * frame = st.frame.data() + size_t(g) * n_cells_ * namm::kHop;
-                for (int32_t c = 0; c < v.n_kv; ++c) frame[size_t(c) * namm::kHop + size_t(slot)] = gqa_rows_[size_t(c)] * inv_group;
-                if (capturing) {
-                    float * row = st.window.data() + (size_t(g) * size_t(delay_) + size_t(stream_index % delay_)) * n_cells_;
-                    std::fill_n(row, n_cells_, 0.0f);
-                    for (int32_t c = 0; c < v.n_kv; ++c) row[c] = gqa_rows_[size_t(c)] * inv_group;
-                }
+        std::vector<float> & window = windows_[size_t(v.layer)];
+        tap_.observe(namm::TapBatch{v.layer, v.tensor, v.n_tokens, batch_begin_, v.token_cell},
+                     window.empty() ? nullptr : &captured_rows_);
+        if (window.empty()) return;
+        // Keep this window's GQA-averaged rows, [head][row][cell], for the capture at the next invocation.
+        for (int32_t g = 0; g < n_head_kv_; ++g) {
+            for (int32_t t = 0; t < v.n_tokens; ++t) {
+                float * row = window.data() + (size_t(g) * size_t(delay_) + size_t((batch_begin_ + t) % delay_)) * n_cells_;
+                std::fill_n(row, n_cells_, 0.0f);
+                std::copy_n(captured_rows_.data() + (size_t(g) * size_t(v.n_tokens) + size_t(t)) * size_t(v.n_kv),
+                            v.n_kv, row);
             }
-            if (slot == namm::kHop - 1) fold_frame(st, v.n_kv);
         }
     }
 
@@ -150,30 +118,6 @@ public:
     }
 
 private:
-    void clear_cell(CellLayerState & st, int32_t cell) {
-        for (int32_t g = 0; g < n_head_kv_; ++g) {
-            const size_t base = size_t(g) * n_cells_ + size_t(cell);
-            std::fill_n(st.ema.data() + base * namm::kBins, namm::kBins, 0.0f);
-            std::fill_n(st.history.data() + base * namm::kHop, namm::kHop, 0.0f);
-            std::fill_n(st.frame.data() + base * namm::kHop, namm::kHop, 0.0f);
-            if (!st.window.empty()) {
-                for (int32_t r = 0; r < delay_; ++r) {
-                    st.window[(size_t(g) * size_t(delay_) + size_t(r)) * n_cells_ + size_t(cell)] = 0.0f;
-                }
-            }
-        }
-    }
-
-    // One STFT frame for every cell of a layer: the streaming form of spec §2.3.
-    void fold_frame(CellLayerState & st, int32_t n_kv) {
-        const size_t n = size_t(n_head_kv_) * n_cells_;
-        for (size_t k = 0; k < n; ++k) {
-            if (size_t(k % n_cells_) >= size_t(n_kv)) continue;  // cells past n_kv were never attended: stay zero
-            namm::fold_frame(stft_, st.ema.data() + k * namm::kBins, st.history.data() + k * namm::kHop,
-                             st.frame.data() + k * namm::kHop);
-        }
-    }
-
     std::vector<int32_t> invoke(const CacheView & cache, int64_t tokens_seen) {
         const int32_t n = int32_t(cache.state.positions.size());
         const int32_t n_pairs = n_layer_ * n_head_kv_;
@@ -189,19 +133,11 @@ private:
         for (int32_t g = 0; g < n_head_kv_; ++g) {  // shared cells: every head sees the same tokens
             input.positions.insert(input.positions.end(), cache.state.positions.begin(), cache.state.positions.end());
         }
-        input.ema.resize(size_t(n_head_kv_) * size_t(n) * namm::kBins);
         for (int32_t l = 0; l < n_layer_; ++l) {
-            CellLayerState & st = layers_[size_t(l)];
-            for (int32_t g = 0; g < n_head_kv_; ++g) {
-                for (int32_t i = 0; i < n; ++i) {
-                    const size_t src = (size_t(g) * n_cells_ + size_t(cache.cells[size_t(i)])) * namm::kBins;
-                    std::copy_n(st.ema.data() + src, namm::kBins,
-                                input.ema.data() + (size_t(g) * size_t(n) + size_t(i)) * namm::kBins);
-                }
-            }
+            input.ema = tap_.ema(l, cache.cells);                         // [head][token][17], chronological
             const namm::LayerScores scored = model_->score_layer(input);  // [head][token] + selection
             record.layer_kept.push_back(scored.n_keep);
-            if (!st.window.empty()) captures_.push_back(capture(l, st, cache, input, scored, tokens_seen));
+            if (!windows_[size_t(l)].empty()) captures_.push_back(capture(l, cache, input, scored, tokens_seen));
             for (int32_t g = 0; g < n_head_kv_; ++g) {
                 for (int32_t i = 0; i < n; ++i) {
                     const size_t k = size_t(g) * size_t(n) + size_t(i);
@@ -242,8 +178,9 @@ private:
         return evict;
     }
 
-    InvocationCapture capture(int32_t layer, CellLayerState & st, const CacheView & cache,
-                              const namm::LayerInput & input, const namm::LayerScores & scored, int64_t tokens_seen) {
+    InvocationCapture capture(int32_t layer, const CacheView & cache, const namm::LayerInput & input,
+                              const namm::LayerScores & scored, int64_t tokens_seen) {
+        std::vector<float> & window = windows_[size_t(layer)];
         InvocationCapture c;
         c.layer = layer;
         c.tokens_seen = tokens_seen;
@@ -254,12 +191,12 @@ private:
         c.attention.resize(size_t(n_head_kv_) * size_t(delay_) * size_t(c.n_tokens));
         for (int32_t g = 0; g < n_head_kv_; ++g) {
             for (int32_t r = 0; r < delay_; ++r) {
-                const float * row = st.window.data() + (size_t(g) * size_t(delay_) + size_t(r)) * n_cells_;
+                const float * row = window.data() + (size_t(g) * size_t(delay_) + size_t(r)) * n_cells_;
                 float * dst = c.attention.data() + (size_t(g) * size_t(delay_) + size_t(r)) * size_t(c.n_tokens);
                 for (int32_t i = 0; i < c.n_tokens; ++i) dst[i] = row[size_t(cache.cells[size_t(i)])];
             }
         }
-        std::fill(st.window.begin(), st.window.end(), 0.0f);
+        std::fill(window.begin(), window.end(), 0.0f);
         c.ema = input.ema;
         c.scores = scored.scores;
         c.keep = scored.keep;
@@ -269,12 +206,11 @@ private:
     std::shared_ptr<const namm::NammModel> model_;
     SharedCellDecision rule_;
     int32_t delay_;
-    int32_t n_layer_, n_head_, n_head_kv_;
+    int32_t n_layer_, n_head_kv_;
     size_t n_cells_;
-    std::vector<CellLayerState> layers_;
-    namm::StftTables stft_;
-    std::vector<bool> layer_seen_;
-    std::vector<float> gqa_rows_;
+    namm::FeatureTap tap_;                     // per-(layer, head, cell) features, where the attention lives
+    std::vector<std::vector<float>> windows_;  // captured layers: [head][row][cell] this window's GQA rows
+    std::vector<float> captured_rows_;
     int64_t batch_begin_ = 0;
     std::map<Pos, double> last_mean_scores_;
 };
@@ -287,7 +223,9 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, c
     if (a.namm_path.empty()) {
         fail(ErrorKind::invalid_argument, "policy 'namm' needs namm_path (a NAMM GGUF from pymemory convert-namm)");
     }
-    auto scorer = namm::NammModel::load(a.namm_path, "cpu", params.n_threads);
+    // BAM runs where the model runs: on the GPU when layers are offloaded (llama-cpp-python's backend).
+    auto scorer = namm::NammModel::load(a.namm_path, params.model.n_gpu_layers != 0 ? "auto" : "cpu",
+                                        params.n_threads);
     const int32_t delay = a.namm_delay > 0 ? a.namm_delay : scorer->hparams().delay;
     if (delay % namm::kHop != 0) {
         fail(ErrorKind::invalid_argument, "namm_delay must be a multiple of " + std::to_string(namm::kHop) +
@@ -318,7 +256,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, c
                                          ", n_head_kv " + std::to_string(model.n_head_kv) + ")");
     }
     return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, model.n_layer, model.n_head, model.n_head_kv,
-                                        n_cells);
+                                        n_cells, params.n_threads);
 }
 
 }  // namespace pm

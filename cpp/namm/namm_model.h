@@ -69,6 +69,8 @@ public:
     NammModel & operator=(const NammModel &) = delete;
 
     const NammHparams & hparams() const { return hparams_; }
+    // The EMA coefficient as the decimal the converter wrote (0.99, not the float 0.9900000095), as the readers use.
+    double ema_coefficient() const;
     std::string device_name() const;
     void set_threads(int32_t n_threads);
 

@@ -20,22 +20,4 @@ StftTables StftTables::make(double ema_coefficient) {
     return t;
 }
 
-void fold_frame(const StftTables & t, float * ema, float * history, const float * rows) {
-    float segment[kFft];  // [16 previous values || 16 new rows]
-    for (int32_t n = 0; n < kHop; ++n) {
-        segment[n] = history[n];
-        segment[kHop + n] = rows[n];
-    }
-    const float one_minus_a = 1.0f - t.a;
-    for (int32_t f = 0; f < kBins; ++f) {
-        float re = 0.0f, im = 0.0f;
-        for (int32_t n = 0; n < kFft; ++n) {
-            re += t.cos_w[f][n] * segment[n];
-            im += t.sin_w[f][n] * segment[n];
-        }
-        ema[f] = t.a * ema[f] + one_minus_a * std::sqrt(re * re + im * im);
-    }
-    for (int32_t n = 0; n < kHop; ++n) history[n] = rows[n];
-}
-
 }  // namespace pm::namm

@@ -5,8 +5,8 @@
 // where x16 are the 16 attention values the token received from the last 16 queries and H16 the 16 before them.
 // The spec shows this equals the original's per-invocation window formula (32 frames over [H16 || 512 rows] with
 // the new-token frame mask): for a token that did not exist yet its attention is exactly 0, so its frames add 0.
-// StftTables are the Hann-windowed DFT matrices that NammModel's ggml graph multiplies by; fold_frame() below is
-// the same update for one token on the host, which the engine's per-cell loop (namm_policy.cpp) still calls.
+// StftTables are the Hann-windowed DFT matrices that the ggml graphs multiply by (NammModel::fold_frames for the
+// one-invocation API, FeatureTap for the engine).
 #pragma once
 
 #include <cstdint>
@@ -27,8 +27,5 @@ struct StftTables {
     float a = 0.0f;            // ema_coefficient ^ hop
     static StftTables make(double ema_coefficient = 0.99);
 };
-
-// One frame for one token: updates ema[17] and history[16] in place from the frame's 16 attention values.
-void fold_frame(const StftTables & tables, float * ema, float * history, const float * rows);
 
 }  // namespace pm::namm

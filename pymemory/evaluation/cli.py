@@ -238,14 +238,21 @@ def run_bench(args) -> int:
                                        args.rounds)
             prefill = {name: bench.prefill_tokens_per_s(model, spec, prompt[:2 * capacity], threads)
                        for name, spec in specs.items()}
-            data["attention"].append({"capacity": capacity, "decode": timing, "prefill_tok_s": prefill})
+            policy_ms = {name: runs[name].policy_ms_per_token for name in specs}
+            data["attention"].append({"capacity": capacity, "decode": timing, "prefill_tok_s": prefill,
+                                      "policy_ms_per_token": policy_ms})
             for name in specs:
                 rows.append([capacity, name, timing[name]["median"],
                              f"{timing[name]['median'] / timing['sink']['median']:.3f}", prefill[name],
-                             f"{prefill[name] / prefill['sink']:.3f}"])
+                             f"{prefill[name] / prefill['sink']:.3f}", round(policy_ms[name]["observe"], 2),
+                             round(policy_ms[name]["decide"], 2)])
         sections.append("## Attention-scored policies vs sink (decode includes NAMM invocations; random NAMM "
-                        "weights)\n\n" + report.markdown_table(
-                            ["cache", "policy", "decode tok/s", "vs sink", "prefill tok/s", "vs sink"], rows))
+                        "weights)\n\nPrefill streams 2 x cache tokens. The last two columns split the policy's own "
+                        "time per decoded token (last round): reading attention inside llama_decode (GQA means and "
+                        "spectrogram folds for namm, per-cell sums for h2o) and deciding (NAMM invocations: "
+                        "features, BAM, selection).\n\n" + report.markdown_table(
+                            ["cache", "policy", "decode tok/s", "vs sink", "prefill tok/s", "vs sink",
+                             "tap ms/token", "decide ms/token"], rows))
 
     body = "\n\n".join(sections)
     print(body)
