@@ -112,7 +112,10 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     ctx_ = std::make_unique<LlamaContext>(model_, cparams);
     check_model_supports(*model_, *ctx_, params_.policy);
     attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
-    if (attention_) ctx_->set_attention_totals(attention_->needs_cell_totals());
+    if (attention_) {
+        ctx_->set_attention_totals(attention_->needs_cell_totals());
+        ctx_->set_device_reductions(params_.attention.device_reductions);
+    }
     counters_.capacity = cap;
 }
 

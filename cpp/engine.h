@@ -25,6 +25,8 @@ struct AttentionPolicyParams {
     float quorum = 1.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop it
     int32_t max_cells = 0;             // namm budget: cells kept after each invocation; 0 = capacity - delay
     int32_t namm_delay = 0;            // namm: tokens between invocations; 0 = the file's value (512)
+    bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory
+                                       // (ggml graphs, totals-based mirror check): how tests check the GPU path
 };
 
 struct EngineParams {

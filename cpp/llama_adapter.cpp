@@ -631,7 +631,8 @@ bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
             return false;
         }
         view.tensor = tensor;
-        const bool on_host = tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer);
+        const bool on_host =
+            !self->device_reductions_ && tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer);
         view.probs = on_host ? static_cast<const float *>(tensor->data) : nullptr;
         view.cell_pos = self->cells_.pos.data();
         view.token_pos = self->batch_pos_.data();

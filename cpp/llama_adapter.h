@@ -168,6 +168,9 @@ public:
     void set_threads(int32_t n_threads, int32_t n_threads_batch);
     // The tap also computes AttentionView::cell_totals for every layer (where the attention lives).
     void set_attention_totals(bool enabled) { attention_totals_ = enabled; }
+    // Treats tapped attention as if it lived on a device even when it is in host memory: AttentionView::probs stays
+    // null, totals come from a ggml graph, the mirror check uses them (what a GPU run does; for tests).
+    void set_device_reductions(bool enabled) { device_reductions_ = enabled; }
 
     const LlamaModel & model() const { return *model_; }
     llama_context * raw() const { return ctx_; }
@@ -197,6 +200,7 @@ private:
     llama_context * ctx_ = nullptr;
     AttentionCallback on_attention_;
     bool attention_totals_ = false;
+    bool device_reductions_ = false;
     std::vector<float> cell_totals_;
     std::unique_ptr<DeviceCompute> tap_device_;  // reductions of device-resident attention
     CellMirror cells_;

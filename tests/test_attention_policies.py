@@ -19,16 +19,19 @@ def test_lowest_scoring_orders_by_score_then_age_and_clamps():
 
 
 @pytest.mark.model
-def test_cell_mirror_tracks_llama_cpp_through_irregular_batches_and_evictions(smollm2_model, english_text):
+@pytest.mark.parametrize("device_reductions", [False, True])
+def test_cell_mirror_tracks_llama_cpp_through_irregular_batches_and_evictions(smollm2_model, english_text,
+                                                                              device_reductions):
     """Every decoded batch checks the adapter's mirror of llama.cpp's cell allocation against the layer-0
     attention pattern (a token must attend to the cell the mirror placed it in, and to no cell holding a later
     or no position). Scattered h2o evictions, holes refilled by later tokens, and batches of random sizes
-    exercise every branch of the allocation; any divergence raises instead of passing."""
+    exercise every branch of the allocation; any divergence raises instead of passing. With device_reductions the
+    check and h2o's per-cell sums come from ggml graphs, as on a GPU, instead of host loops over the matrix."""
     tokens = smollm2_model.tokenize(english_text, True, False)[:1500]
     rng = random.Random(5)
     for reindex in (False, True):
         engine = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=92, evict_chunk=5, h2o_recent=20,
-                              reindex=reindex)
+                              reindex=reindex, device_reductions=device_reductions)
         start = 0
         while start < len(tokens):
             n = rng.choice([1, 1, 2, 3, 7, 16, 40])
@@ -45,6 +48,21 @@ def test_cell_mirror_tracks_llama_cpp_through_irregular_batches_and_evictions(sm
         else:
             assert positions[-1] == len(tokens) - 1  # absolute positions, gaps where tokens left
             assert len(positions) < positions[-1]
+
+
+@pytest.mark.model
+def test_device_reductions_keep_what_host_reductions_keep(smollm2_model, english_text):
+    """The GPU code path (ggml graphs over the attention tensor, no host matrix) run on the CPU backend evicts the
+    same tokens as the host loops."""
+    tokens = smollm2_model.tokenize(english_text, True, False)[:900]
+    kept = {}
+    for device in (False, True):
+        engine = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=124, h2o_recent=40,
+                              device_reductions=device)
+        for start in range(0, len(tokens), 37):
+            engine.feed(tokens[start:start + 37])
+        kept[device] = engine.cached_positions()
+    assert kept[True] == kept[False] and kept[True][-1] == len(tokens) - 1 and len(kept[True]) <= 128
 
 
 @pytest.mark.model

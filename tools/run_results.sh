@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every table and figure of docs/results.md, in the order they were produced. Each step writes JSON + markdown
-# (+ PNG) into docs/results/. Runs for hours on 2 CPU cores; run one step by name: tools/run_results.sh bench
+# Every table and figure of docs/results.md. Each step writes JSON + markdown (+ PNG) into docs/results/.
+# Runs for hours on 2 CPU cores; run one step by name: tools/run_results.sh bench-smollm2
+# The speed steps (bench-*, attention, namm-scorer) want an otherwise idle machine: they interleave their
+# configurations and report medians, but two benchmarks at once still measure each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -9,11 +11,39 @@ mkdir -p "$out"
 step=${1:-all}
 run() { [ "$step" = all ] || [ "$step" = "$1" ]; }
 
-if run bench; then      # issue 2 / 5: speed vs llama-cpp-python, recompute, evict_chunk, flash attention
-  pymemory bench --model smollm2-135m-instruct --caches 256,512,1024,2048 --rounds 3 --tokens 64 \
-    --json $out/bench_smollm2.json --md $out/bench_smollm2.md
+if run bench-smollm2; then  # issues 2/5: speed vs llama-cpp-python and recompute, evict_chunk, flash, memory
+  pymemory bench --model smollm2-135m-instruct --suite speed,recompute,evict_chunk,flash,memory \
+    --caches 256,512,1024,2048 --rounds 3 --tokens 64 --json $out/bench_smollm2.json --md $out/bench_smollm2.md
 fi
-if run ppl-smollm2; then  # Table 1 phenomenon + Table 2 sink ablation on SmolLM2 (20,000 tokens of one novel)
+if run bench-qwen; then     # the same comparison on a second architecture
+  pymemory bench --model qwen2.5-coder-0.5b-instruct --suite speed,recompute --caches 256,1024 --rounds 3 \
+    --tokens 48 --json $out/bench_qwen.json --md $out/bench_qwen.md
+fi
+if run attention; then      # issue 4: h2o / namm overhead vs sink at 1K and 4K, decode and prefill
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024,4096 --rounds 3 \
+    --tokens 512 --json $out/bench_attention_smollm2.json --md $out/bench_attention_smollm2.md
+fi
+if run namm-scorer; then    # issue 3: scorer time per invocation, 512 to 32K cached tokens, per weight type
+  python tools/bench_namm_scorer.py --out $out/namm_scorer
+fi
+if run long-run; then       # issue 2: peak RSS over 100,000 tokens vs the first 10,000
+  pymemory bench --model smollm2-135m-instruct --n-sink 4 --window 252 --long-run 100000 \
+    --json $out/long_run_smollm2.json --md $out/long_run_smollm2.md
+fi
+if run passkey; then        # issues 4/5: accuracy vs needle distance and cache size; what h2o keeps of the key
+  pymemory eval passkey --model smollm2-135m-instruct --policy sink --policy h2o --policy h2o,h2o_recent=32 \
+    --caches 256,512,1024 --distances 100,200,400,800,1600 --samples 5 --json $out/passkey_smollm2.json \
+    --md $out/passkey_smollm2.md --plot $out/passkey_smollm2.png
+fi
+if run streameval; then     # issue 5: StreamEval-style retrieval (Qwen can read the records; SmolLM2 mostly not)
+  pymemory eval streameval --model qwen2.5-coder-0.5b-instruct --policy sink --caches 256,512,1024 \
+    --distances 5,10,20,40,80 --lines 120 --json $out/streameval_qwen.json --md $out/streameval_qwen.md \
+    --plot $out/streameval_qwen.png
+  pymemory eval streameval --model smollm2-135m-instruct --policy sink --caches 256,1024 \
+    --distances 5,10,20,40 --lines 120 --json $out/streameval_smollm2.json --md $out/streameval_smollm2.md \
+    --plot $out/streameval_smollm2.png
+fi
+if run ppl-smollm2; then    # Table 1 phenomenon + Table 2 sink ablation on SmolLM2 (20,000 tokens of one novel)
   pymemory eval ppl --model smollm2-135m-instruct --text austen:prideprejudice --max-tokens 20000 \
     --policy sink:4+252,evict_chunk=1 --policy window:0+256,evict_chunk=1 --policy recompute:0+256,chunk=32 \
     --policy context_shift:4+252 \
@@ -23,26 +53,7 @@ if run ppl-smollm2; then  # Table 1 phenomenon + Table 2 sink ablation on SmolLM
     --policy sink:4+252,evict_chunk=1 --policy sink:8+248,evict_chunk=1 \
     --json $out/sinks_smollm2.json --md $out/sinks_smollm2.md --plot $out/sinks_smollm2.png
 fi
-if run passkey; then
-  pymemory eval passkey --model smollm2-135m-instruct --policy sink --policy h2o --caches 256,512,1024 \
-    --distances 100,200,400,800,1600 --samples 5 --json $out/passkey_smollm2.json --md $out/passkey_smollm2.md \
-    --plot $out/passkey_smollm2.png
-  pymemory eval streameval --model smollm2-135m-instruct --policy sink --caches 256,512,1024 \
-    --distances 5,10,20,40,80 --lines 120 --json $out/streameval_smollm2.json --md $out/streameval_smollm2.md \
-    --plot $out/streameval_smollm2.png
-fi
-if run namm-scorer; then  # issue 3
-  python tools/bench_namm_scorer.py --out $out/namm_scorer
-fi
-if run attention; then    # issue 4: h2o / namm overhead vs sink at 1K and 4K
-  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024,4096 --rounds 3 \
-    --tokens 512 --json $out/bench_attention_smollm2.json --md $out/bench_attention_smollm2.md
-fi
-if run long-run; then     # issue 2: peak RSS over 100,000 tokens vs the first 10,000
-  pymemory bench --model smollm2-135m-instruct --n-sink 4 --window 252 --long-run 100000 \
-    --json $out/long_run_smollm2.json --md $out/long_run_smollm2.md
-fi
-if run ppl-gemma; then
+if run ppl-gemma; then      # the same on Gemma-3 (sliding-window cache; BOS added, as it needs)
   pymemory eval ppl --model gemma-3-270m --text austen:prideprejudice --max-tokens 20000 \
     --policy sink:4+252,evict_chunk=1 --policy window:0+256,evict_chunk=1 --policy recompute:0+256,chunk=32 \
     --json $out/ppl_gemma.json --md $out/ppl_gemma.md --plot $out/ppl_gemma.png
@@ -52,8 +63,17 @@ if run ppl-qwen; then
     --policy sink:4+252,evict_chunk=1 --policy window:0+256,evict_chunk=1 --policy recompute:0+256,chunk=64 \
     --json $out/ppl_qwen.json --md $out/ppl_qwen.md --plot $out/ppl_qwen.png
 fi
-if run long-tests; then   # issues 2 and 4 acceptance runs: 50,000 tokens per model; 20,000 with h2o and namm
-  PYMEMORY_STREAM_TOKENS=50000 python -m pytest -q -s tests/test_long_stream.py | tee $out/long_stream_50k.txt
-  PYMEMORY_STREAM_TOKENS=20000 python -m pytest -q -s tests/test_namm_policy.py -k long_generation \
-    tests/test_attention_policies.py -k "long_generation" | tee $out/attention_20k.txt
+if run sinks-gemma-qwen; then  # Table 2 shape on the other two models (10,000 tokens each)
+  for m in gemma-3-270m qwen2.5-coder-0.5b-instruct; do
+    pymemory eval ppl --model $m --text austen:prideprejudice --max-tokens 10000 \
+      --policy sink:0+256,evict_chunk=1 --policy sink:1+255,evict_chunk=1 --policy sink:2+254,evict_chunk=1 \
+      --policy sink:4+252,evict_chunk=1 --policy sink:8+248,evict_chunk=1 \
+      --json $out/sinks_${m%%-*}.json --md $out/sinks_${m%%-*}.md --plot $out/sinks_${m%%-*}.png
+  done
+fi
+if run long-tests; then     # issues 2 and 4 acceptance runs: 50,000 tokens per model; 20,000 with h2o and namm
+  PYMEMORY_STREAM_TOKENS=50000 python -m pytest -q -s tests/test_long_stream.py 2>&1 \
+    | grep -v "^.load\|llama_kv" | tee $out/long_stream_50k.txt
+  PYMEMORY_STREAM_TOKENS=20000 python -m pytest -q -s tests/test_namm_policy.py tests/test_attention_policies.py \
+    -k long_generation 2>&1 | tee $out/attention_20k.txt
 fi

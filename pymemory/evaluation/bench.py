@@ -169,6 +169,39 @@ def long_run(model, spec: PolicySpec, n_tokens: int, checkpoints: list[int], n_t
             "tokens_per_s": round(n_tokens / (time.perf_counter() - start), 1)}
 
 
+def _peak_rss_child(model_path: str, kwargs: dict, n_prompt: int, n_decode: int, n_threads: int, queue) -> None:
+    _core.set_log_verbosity(0)
+    model = _core.Model.load(model_path)
+    base_rss = rss_mib()[0]
+    engine = _core.Engine(model, n_threads=n_threads, **kwargs)
+    engine.feed(filler_tokens(model, n_prompt))
+    sampler = _core.Sampler(model, _core.SamplingParams(temperature=0.0))
+    for _ in range(n_decode):
+        engine.feed([engine.sample(sampler)])
+    rss, hwm = rss_mib()
+    queue.put({"rss_mib": round(rss, 1), "peak_rss_mib": round(hwm, 1), "model_loaded_rss_mib": round(base_rss, 1),
+               "cells_used": engine.stats()["cells_used"], "n_ctx_physical": engine.stats()["n_ctx_physical"]})
+
+
+def peak_rss(model_path: str, spec: PolicySpec, n_prompt: int, n_decode: int, n_threads: int) -> dict:
+    """Peak RSS (VmHWM) of a fresh process that loads the model, streams n_prompt tokens through the policy and
+    decodes n_decode more: a process's peak cannot be reset, so every configuration gets its own."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_peak_rss_child,
+                        args=(model_path, spec.engine_kwargs(), n_prompt, n_decode, n_threads, queue))
+    child.start()
+    try:
+        result = queue.get(timeout=3600)
+    finally:
+        child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"the memory measurement of {spec.label} failed (exit code {child.exitcode})")
+    return result
+
+
 def random_namm_gguf(directory: str, weight_type: str = "f32", seed: int = 0) -> str:
     """A NAMM GGUF with random weights (for speed only: the trained weights are not public)."""
     from ..namm import load_checkpoint

@@ -113,9 +113,14 @@ def run_streameval(args) -> int:
 def _retrieval_report(args, meta, model, model_path, cells, row_key, row_label, title) -> int:
     from . import report
 
+    header = ["policy", "cache", row_key, "distance (tokens)", "accuracy"]
     rows = [[c["label"], c["capacity"], c[row_key], c.get("distance_tokens", c.get("distance")), f"{c['accuracy']:.0%}"]
             for c in cells]
-    table = report.markdown_table(["policy", "cache", row_key, "distance (tokens)", "accuracy"], rows)
+    if row_key == "distance":  # passkey: the distance is in tokens already; show what the cache kept of the key
+        header = ["policy", "cache", "distance (tokens)", "accuracy", "key tokens still cached"]
+        rows = [[c["label"], c["capacity"], c["distance"], f"{c['accuracy']:.0%}",
+                 "-" if c.get("key_tokens_kept") is None else f"{c['key_tokens_kept']:.0%}"] for c in cells]
+    table = report.markdown_table(header, rows)
     print(table)
     data = {**meta, **_model_fields(model, model_path), "cells": cells}
     if args.json:
@@ -220,8 +225,33 @@ def run_bench(args) -> int:
         sections.append(f"## Flash attention (sink, cache {capacity})\n\n" + report.markdown_table(
             ["setting", "decode tok/s"], [[k, v["median"]] for k, v in timing.items()]))
 
-    if "attention" in suites:
+    namm_path = None
+    if "attention" in suites or "memory" in suites:
         namm_path = args.namm or bench.random_namm_gguf(tempfile.mkdtemp(prefix="pymemory-bench-"))
+
+    if "memory" in suites:
+        rows = []
+        data["memory"] = []
+        for capacity in args.caches:
+            window = capacity - args.n_sink
+            specs = [PolicySpec("none", 0, capacity), PolicySpec("sink", args.n_sink, window),
+                     PolicySpec("recompute", 0, capacity), PolicySpec("h2o", args.n_sink, window, {"reindex": True})]
+            if capacity > 512 + args.n_sink:  # namm needs room for one 512-token window above what it keeps
+                specs.append(PolicySpec("namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget",
+                                                                       "reindex": True}))
+            for spec in specs:
+                # Policy "none" cannot stream past its cache: it gets exactly a full cache, the others 2x.
+                n_prompt = capacity - 1 if spec.name == "none" else 2 * capacity
+                n_decode = 0 if spec.name == "none" else (2 if spec.name == "recompute" else 64)
+                r = bench.peak_rss(model_path, spec, n_prompt, n_decode, threads)
+                data["memory"].append({"capacity": capacity, "policy": spec.label, **r})
+                rows.append([capacity, spec.label, n_prompt + n_decode, r["model_loaded_rss_mib"], r["peak_rss_mib"],
+                             round(r["peak_rss_mib"] - r["model_loaded_rss_mib"], 1)])
+        sections.append("## Peak memory per policy and cache size (one fresh process each)\n\n" + report.markdown_table(
+            ["cache", "policy", "tokens streamed", "RSS after model load MiB", "peak RSS MiB", "peak - model MiB"],
+            rows))
+
+    if "attention" in suites:
         rows = []
         data["attention"] = []
         for capacity in args.attention_caches:
@@ -308,7 +338,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     b = subparsers.add_parser("bench", help="decode/prefill throughput and memory per policy and cache size")
     _common(b, plot=False)
     b.add_argument("--suite", default="speed,recompute,evict_chunk,flash",
-                   help="comma-separated: speed, recompute, evict_chunk, flash, attention")
+                   help="comma-separated: speed, recompute, evict_chunk, flash, memory, attention")
     b.add_argument("--caches", type=_ints, default=[256, 512, 1024, 2048])
     b.add_argument("--attention-caches", type=_ints, default=[1024, 4096])
     b.add_argument("--tokens", type=int, default=64, help="decode steps timed per measurement")

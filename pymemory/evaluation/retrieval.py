@@ -29,23 +29,31 @@ def greedy_continuation(model, engine, n_tokens: int) -> str:
     return model.detokenize(out).decode("utf-8", errors="replace")
 
 
-def passkey_prompt(model, key: int, distance: int, lead_fillers: int = 2) -> tuple[list[int], int]:
-    """Prompt tokens with the needle about `distance` tokens before the end; returns (tokens, exact distance)."""
+def passkey_prompt(model, key: int, distance: int, lead_fillers: int = 2) -> tuple[list[int], int, range]:
+    """Prompt tokens with the needle about `distance` tokens before the end; returns (tokens, exact distance, the
+    stream positions of the key's own tokens in its first mention)."""
     filler_tokens = len(model.tokenize(PASSKEY_FILLER, False, False))
     n_after = max(0, round(distance / filler_tokens))
+    lead = PASSKEY_INTRO + PASSKEY_FILLER * lead_fillers
     needle = f" The pass key is {key}. Remember it. {key} is the pass key."
-    head = model.tokenize(PASSKEY_INTRO + PASSKEY_FILLER * lead_fillers + needle, True, False)
+    head = model.tokenize(lead + needle, True, False)
     tail = model.tokenize(PASSKEY_FILLER * n_after + PASSKEY_QUESTION, False, False)
-    return head + tail, len(tail)
+    key_span = range(len(model.tokenize(lead + " The pass key is", True, False)),
+                     len(model.tokenize(lead + f" The pass key is {key}", True, False)))
+    return head + tail, len(tail), key_span
 
 
 def passkey_trial(model, spec: PolicySpec, key: int, distance: int, n_threads: int = 0) -> dict:
-    tokens, exact = passkey_prompt(model, key, distance)
+    tokens, exact, key_span = passkey_prompt(model, key, distance)
     engine = _core.Engine(model, n_threads=n_threads, **spec.engine_kwargs())
     engine.feed(tokens)
+    # Which of the key's tokens the policy kept (readable from positions only where it keeps them absolute).
+    positions = set(engine.cached_positions())
+    absolute = engine.stats()["next_pos"] == len(tokens)
+    key_kept = sum(p in positions for p in key_span) / len(key_span) if absolute else None
     answer = greedy_continuation(model, engine, 10)
     return {"key": key, "distance": exact, "prompt_tokens": len(tokens), "answer": answer.strip(),
-            "correct": str(key) in re.sub(r"\s+", "", answer)}
+            "correct": str(key) in re.sub(r"\s+", "", answer), "key_tokens_kept": key_kept}
 
 
 def passkey_grid(model, specs: list[PolicySpec], distances: list[int], samples: int, seed: int = 0,
@@ -56,9 +64,11 @@ def passkey_grid(model, specs: list[PolicySpec], distances: list[int], samples: 
     for spec in specs:
         for distance in distances:
             trials = [passkey_trial(model, spec, key, distance, n_threads) for key in keys]
+            kept = [t["key_tokens_kept"] for t in trials if t["key_tokens_kept"] is not None]
             cells.append({"policy": spec.name, "label": spec.label, "capacity": spec.capacity,
                           "distance": round(sum(t["distance"] for t in trials) / len(trials)),
-                          "accuracy": sum(t["correct"] for t in trials) / len(trials), "trials": trials})
+                          "accuracy": sum(t["correct"] for t in trials) / len(trials),
+                          "key_tokens_kept": sum(kept) / len(kept) if kept else None, "trials": trials})
     return cells
 
 
