@@ -246,6 +246,8 @@ void register_engine(py::module_ & m) {
             return plan_to_dict(plan_removal(CacheState{positions, 0}, indices, reindex));
         },
         py::arg("positions"), py::arg("indices"), py::arg("reindex"));
+    m.def("default_evict_chunk", &default_evict_chunk, py::arg("window"),
+          "Tokens evicted at once by default: window / 16, at least 16, at most the window.");
     m.def("lowest_scoring", &lowest_scoring, py::arg("scores"), py::arg("first"), py::arg("end"), py::arg("count"),
           "Indices of the `count` lowest scores in [first, end), older first on ties, sorted.");
     m.def(
@@ -258,7 +260,8 @@ void register_engine(py::module_ & m) {
     // ---- engine ----
     py::class_<Engine>(m, "Engine", "One token stream through a bounded KV cache under a memory policy.")
         .def(py::init([](std::shared_ptr<LlamaModel> model, const std::string & policy, int32_t n_sink, int32_t window,
-                         int32_t evict_chunk, std::optional<bool> reindex, int32_t n_threads, int32_t n_threads_batch,
+                         std::optional<int32_t> evict_chunk, std::optional<bool> reindex, int32_t n_threads,
+                         int32_t n_threads_batch,
                          int32_t prefill_chunk, const std::string & flash_attention, const std::string & type_k,
                          const std::string & type_v, int32_t h2o_recent, const std::string & namm_path,
                          const std::string & namm_mode, float quorum, int32_t max_cells, int32_t namm_delay,
@@ -267,7 +270,7 @@ void register_engine(py::module_ & m) {
                  p.policy.kind = parse_policy_kind(policy);
                  p.policy.n_sink = n_sink;
                  p.policy.window = window;
-                 p.policy.evict_chunk = evict_chunk;
+                 p.policy.evict_chunk = evict_chunk.value_or(default_evict_chunk(window));
                  // Sink-style policies re-index (the paper's rule); attention-scored ones keep absolute positions
                  // as the originals do unless asked.
                  p.policy.reindex = reindex.value_or(!is_attention_scored(p.policy.kind));
@@ -289,7 +292,7 @@ void register_engine(py::module_ & m) {
                  return std::make_unique<Engine>(std::move(model), p);
              }),
              py::arg("model"), py::arg("policy") = "sink", py::arg("n_sink") = 4, py::arg("window") = 1020,
-             py::arg("evict_chunk") = 16, py::arg("reindex") = py::none(), py::arg("n_threads") = 0,
+             py::arg("evict_chunk") = py::none(), py::arg("reindex") = py::none(), py::arg("n_threads") = 0,
              py::arg("n_threads_batch") = 0, py::arg("prefill_chunk") = 0, py::arg("flash_attention") = "auto",
              py::arg("type_k") = "f16", py::arg("type_v") = "f16", py::arg("h2o_recent") = -1,
              py::arg("namm_path") = "", py::arg("namm_mode") = "quorum", py::arg("quorum") = 1.0f,

@@ -56,14 +56,8 @@ py::array_t<int64_t> positions_numpy(const namm::LayerState & s) {
     return as_numpy(wide, {s.n_heads, s.n_tokens});
 }
 
-namm::LayerState state_from_arrays(const Int64Array & positions, const FloatArray & ema, const FloatArray & history) {
-    if (positions.ndim() != 2 || ema.ndim() != 3 || history.ndim() != 3 || ema.shape(2) != namm::kBins ||
-        history.shape(2) != namm::kHop || ema.shape(0) != positions.shape(0) || ema.shape(1) != positions.shape(1) ||
-        history.shape(0) != positions.shape(0) || history.shape(1) != positions.shape(1)) {
-        fail(ErrorKind::invalid_argument, "expected positions [heads, tokens], ema [heads, tokens, 17] and history "
-                                          "[heads, tokens, 16]; got " + shape_text(positions) + ", " + shape_text(ema) +
-                                          ", " + shape_text(history));
-    }
+// int64 positions -> int32, each checked to lie in [0, 2^31).
+std::vector<int32_t> checked_positions(const Int64Array & positions) {
     std::vector<int32_t> pos(size_t(positions.size()));
     for (size_t i = 0; i < pos.size(); ++i) {
         const int64_t p = positions.data()[i];
@@ -72,7 +66,18 @@ namm::LayerState state_from_arrays(const Int64Array & positions, const FloatArra
         }
         pos[i] = int32_t(p);
     }
-    return namm::LayerState(int32_t(positions.shape(0)), int32_t(positions.shape(1)), std::move(pos),
+    return pos;
+}
+
+namm::LayerState state_from_arrays(const Int64Array & positions, const FloatArray & ema, const FloatArray & history) {
+    if (positions.ndim() != 2 || ema.ndim() != 3 || history.ndim() != 3 || ema.shape(2) != namm::kBins ||
+        history.shape(2) != namm::kHop || ema.shape(0) != positions.shape(0) || ema.shape(1) != positions.shape(1) ||
+        history.shape(0) != positions.shape(0) || history.shape(1) != positions.shape(1)) {
+        fail(ErrorKind::invalid_argument, "expected positions [heads, tokens], ema [heads, tokens, 17] and history "
+                                          "[heads, tokens, 16]; got " + shape_text(positions) + ", " + shape_text(ema) +
+                                          ", " + shape_text(history));
+    }
+    return namm::LayerState(int32_t(positions.shape(0)), int32_t(positions.shape(1)), checked_positions(positions),
                             std::vector<float>(ema.data(), ema.data() + ema.size()),
                             std::vector<float>(history.data(), history.data() + history.size()));
 }
@@ -121,14 +126,7 @@ void register_namm(py::module_ & m) {
         }, "float32 [H, n, 16] last 16 attention values per token (a copy)")
         .def("append", [](namm::LayerState & s, const Int64Array & positions) {
             if (positions.ndim() != 1) fail(ErrorKind::invalid_argument, "positions must be 1-D, got " + shape_text(positions));
-            std::vector<int32_t> pos(size_t(positions.size()));
-            for (size_t i = 0; i < pos.size(); ++i) {
-                const int64_t p = positions.data()[i];
-                if (p < 0 || p > std::numeric_limits<int32_t>::max()) {
-                    fail(ErrorKind::invalid_argument, "positions must lie in [0, 2^31) (got " + std::to_string(p) + ")");
-                }
-                pos[i] = int32_t(p);
-            }
+            const std::vector<int32_t> pos = checked_positions(positions);
             s.append(pos.data(), int32_t(pos.size()));
         }, py::arg("positions"), "Adds new tokens to every head (E = 0, history = 0), after the newest one.")
         .def("gather", [](namm::LayerState & s, const Int64Array & keep) {

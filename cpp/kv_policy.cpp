@@ -33,6 +33,8 @@ std::string policy_kind_name(PolicyKind kind) {
 
 int32_t capacity(const PolicyParams & params) { return params.n_sink + params.window; }
 
+int32_t default_evict_chunk(int32_t window) { return std::max(1, std::min(window, std::max(16, window / 16))); }
+
 void validate(const PolicyParams & p) {
     auto bad = [](const std::string & what) { fail(ErrorKind::invalid_argument, what); };
     if (p.window < 1) bad("window must be at least 1 (got " + std::to_string(p.window) + ")");

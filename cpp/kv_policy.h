@@ -38,6 +38,10 @@ struct PolicyParams {
 };
 
 int32_t capacity(const PolicyParams & params);
+// The default evict_chunk: 1/16 of the window, at least 16 tokens, at most the window. Every eviction re-rotates all
+// cached keys (llama.cpp's K-shift), so the chunk grows with the window to keep that cost per token constant, and
+// the cache still holds at least 15/16 of its window. Measured in docs/results.md ("evict_chunk").
+int32_t default_evict_chunk(int32_t window);
 void validate(const PolicyParams & params);  // throws invalid_argument with a message that says what to change
 
 // Positions of the cached tokens in chronological order, and how many leading tokens are pinned (sinks, a

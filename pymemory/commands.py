@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Iterator, TextIO
 
-from .streaming import DEFAULT_EVICT_CHUNK, POLICIES, StreamingLLM
+from .streaming import POLICIES, StreamingLLM
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n-sink", type=int, default=4, help="attention-sink tokens kept forever (default 4)")
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     g.add_argument("--evict-chunk", type=int, default=None,
-                   help=f"tokens evicted at once when full (default {DEFAULT_EVICT_CHUNK}; 1 = per token)")
+                   help="tokens evicted at once when full (default window/16, at least 16; 1 = per token)")
     g.add_argument("--reindex", action=argparse.BooleanOptionalAction, default=None,
                    help="compact positions after evictions (default: on for sink-style policies, off for h2o/namm)")
     g.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens always kept (default window/2)")

@@ -20,7 +20,6 @@ from .text import TextAssembler, common_prefix_length
 
 POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "namm")
 NAMM_MODES = ("quorum", "budget")
-DEFAULT_EVICT_CHUNK = 16  # measured: tools/bench_streaming.py, see docs/results.md
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[int]]
@@ -93,7 +92,8 @@ class StreamingLLM:
             "h2o" (heavy hitters by accumulated attention + ``h2o_recent`` recent tokens, at the same budget),
             "namm" (Sakana AI's learned memory: a NAMM GGUF scores every cached token every 512 tokens).
             The attention-scored ones (h2o, namm) turn flash attention off to read attention probabilities.
-        evict_chunk: tokens evicted at once when the cache is full (1 = every token, as in the paper).
+        evict_chunk: tokens evicted at once when the cache is full (1 = every token, as in the paper; default
+            window/16, at least 16: each eviction re-rotates every cached key, see docs/results.md).
         n_threads: CPU threads (default: all cores).
         n_gpu_layers: layers offloaded to the GPU backend llama-cpp-python was built with (-1 = all).
         seed: default sampling seed.
@@ -155,7 +155,7 @@ class StreamingLLM:
             window = n_ctx - n_sink
         _check_int("window", window, 1)
         if evict_chunk is None:
-            evict_chunk = min(DEFAULT_EVICT_CHUNK, window)
+            evict_chunk = _core.default_evict_chunk(window)
         _check_int("evict_chunk", evict_chunk, 1)
         _check_int("n_gpu_layers", n_gpu_layers, -1)
         if n_threads is not None:

@@ -128,3 +128,9 @@ def test_streaming_invariants_on_random_feeds(policy):
             assert tokens[:n_sink] == list(range(n_sink))  # sinks never leave
         recent = tokens[n_sink:] if stream > capacity else tokens
         assert recent == list(range(stream - len(recent), stream))  # the rest is the most recent run
+
+
+def test_default_evict_chunk_grows_with_the_window():
+    # 1/16 of the window (the K-shift re-rotates every cached key, so fewer, larger evictions on larger caches),
+    # at least 16 tokens, never more than the window.
+    assert [_core.default_evict_chunk(w) for w in (8, 16, 252, 1020, 2044, 8188)] == [8, 16, 16, 63, 127, 511]

@@ -77,3 +77,11 @@ if run long-tests; then     # issues 2 and 4 acceptance runs: 50,000 tokens per 
   PYMEMORY_STREAM_TOKENS=20000 python -m pytest -q -s tests/test_namm_policy.py tests/test_attention_policies.py \
     -k long_generation 2>&1 | tee $out/attention_20k.txt
 fi
+if run namm-agreement; then  # issue 4: shared-cell modes vs the per-(layer, head) keep sets, on real decoding
+  python tools/namm_agreement.py --out $out/namm_agreement
+fi
+if run evict-chunk-ppl; then  # what the default evict_chunk (window/16) costs in quality at cache 1024
+  pymemory eval ppl --model smollm2-135m-instruct --text austen:prideprejudice --max-tokens 8000 \
+    --policy sink:4+1020,evict_chunk=1 --policy sink:4+1020,evict_chunk=16 --policy sink:4+1020,evict_chunk=63 \
+    --policy sink:4+1020,evict_chunk=256 --json $out/evict_chunk_ppl_smollm2.json --md $out/evict_chunk_ppl_smollm2.md
+fi

@@ -31,10 +31,10 @@ void FeatureTap::allocate_state(const ggml_tensor * probs) {
     state_ctx_ = ggml_init(ggml_init_params{size_t(2 * L + 1) * ggml_tensor_overhead(), nullptr, /*no_alloc=*/true});
     if (!state_ctx_) fail(ErrorKind::runtime, "could not create the NAMM state context");
     for (int64_t l = 0; l < L; ++l) {
-        frames_.push_back(ggml_new_tensor_3d(state_ctx_, GGML_TYPE_F32, kFft, C, H));
+        frames_.push_back(ggml_new_tensor_3d(state_ctx_, GGML_TYPE_F32, C, kFft, H));
         ema_.push_back(ggml_new_tensor_3d(state_ctx_, GGML_TYPE_F32, C, kBins, H));
     }
-    dft_ = ggml_new_tensor_2d(state_ctx_, GGML_TYPE_F32, kFft, 2 * kBins);
+    dft_ = ggml_new_tensor_2d(state_ctx_, GGML_TYPE_F32, 2 * kBins, kFft);
     state_buffer_ = ggml_backend_alloc_ctx_tensors(state_ctx_, compute_.backend());
     if (!state_buffer_) {
         const int64_t mib = ((kFft + kBins) * C * H * L * int64_t(sizeof(float))) >> 20;
@@ -53,10 +53,10 @@ void FeatureTap::reset() {
     // |(1 - a)·DFT(x)| = (1 - a)·|DFT(x)|: the EMA's weight goes into the matrix.
     std::vector<float> dft(size_t(2 * kBins * kFft));
     const float weight = 1.0f - tables_.a;
-    for (int32_t f = 0; f < kBins; ++f) {
-        for (int32_t t = 0; t < kFft; ++t) {
-            dft[size_t(f * kFft + t)] = weight * tables_.cos_w[f][t];
-            dft[size_t((kBins + f) * kFft + t)] = weight * tables_.sin_w[f][t];
+    for (int32_t t = 0; t < kFft; ++t) {  // [32][34]: row t holds sample t's weight in every bin
+        for (int32_t f = 0; f < kBins; ++f) {
+            dft[size_t(t * 2 * kBins + f)] = weight * tables_.cos_w[f][t];
+            dft[size_t(t * 2 * kBins + kBins + f)] = weight * tables_.sin_w[f][t];
         }
     }
     ggml_backend_tensor_set(dft_, dft.data(), 0, dft.size() * sizeof(float));
@@ -87,7 +87,19 @@ void FeatureTap::observe(const TapBatch & b, std::vector<float> * captured_rows)
         batch_folds_ = n_folds > 0;
     }
 
-    Graph g(size_t(32 + 2 * group + 20 * (n_folds + 1)));  // about 16 tensors per frame, views included
+    // The cells that receive this batch's tokens, as runs of consecutive cells (llama.cpp fills free cells in
+    // order, so a batch is usually one run): their frames start empty.
+    std::vector<int32_t> new_cells(b.token_cells, b.token_cells + n);
+    std::sort(new_cells.begin(), new_cells.end());
+    std::vector<std::pair<int64_t, int64_t>> runs;  // [first, end)
+    for (int32_t c : new_cells) {
+        if (!runs.empty() && runs.back().second == c) ++runs.back().second;
+        else runs.emplace_back(c, c + 1);
+    }
+    int64_t longest_run = 0;
+    for (const auto & r : runs) longest_run = std::max(longest_run, r.second - r.first);
+
+    Graph g(size_t(32 + 2 * group + 3 * runs.size() + 20 * (n_folds + 1)));  // ~16 tensors per fold, views included
     ggml_context * ctx = g.ctx();
     ggml_tensor * probs = g.external(P);  // [n_kv, rows, n_head]
     // GQA: query heads g·group .. g·group + group - 1 read KV head g; the policy sees their mean (spec §1.1).
@@ -99,19 +111,11 @@ void FeatureTap::observe(const TapBatch & b, std::vector<float> * captured_rows)
     }
     A = group == 1 ? ggml_cont(ctx, A) : ggml_scale(ctx, A, 1.0f / float(group));                // [n_kv, n, H]
     if (captured_rows) g.output(A);
-    // Time fastest, as the frames hold it.
-    ggml_tensor * rows = n == 1 ? ggml_reshape_3d(ctx, A, 1, n_kv, H)
-                                : ggml_cont(ctx, ggml_permute(ctx, A, 1, 0, 2, 3));                 // [n, n_kv, H]
 
-    // The cells that receive this batch's tokens start with an empty frame.
-    ggml_tensor * zeros = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kFft, n, H);
-    ggml_tensor * new_cells = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
-    ggml_set_input(zeros);
-    ggml_set_input(new_cells);
-    ggml_tensor * frames = ggml_set_rows(ctx, frames_[size_t(b.layer)], zeros, new_cells);       // [32, C, H]
-    // Samples [first, first + count) of the frames of the cells in use, [count, n_kv, H].
+    ggml_tensor * frames = frames_[size_t(b.layer)];                                               // [C, 32, H]
+    // Samples [first, first + count) of the cells in use, [n_kv, count, H]: one contiguous row per sample.
     auto samples = [&](int64_t count, int64_t first) {
-        return ggml_view_3d(ctx, frames, count, n_kv, H, frames->nb[1], frames->nb[2], size_t(first) * sizeof(float));
+        return ggml_view_3d(ctx, frames, n_kv, count, H, frames->nb[1], frames->nb[2], size_t(first) * frames->nb[1]);
     };
     // E of the cells in use, [n_kv, 17, H].
     auto ema_of_cells = [&](ggml_tensor * e) {
@@ -119,18 +123,23 @@ void FeatureTap::observe(const TapBatch & b, std::vector<float> * captured_rows)
     };
     // Nodes run in the order they are added, so each write lands after everything added before it has read.
     auto write = [&](ggml_tensor * src, ggml_tensor * dst) { g.output(ggml_cpy(ctx, src, dst)); };
+    ggml_tensor * zeros = g.input(longest_run, kFft, H);
+    for (const auto & [first, end] : runs) {
+        write(ggml_view_3d(ctx, zeros, end - first, kFft, H, zeros->nb[1], zeros->nb[2], 0),
+              ggml_view_3d(ctx, frames, end - first, kFft, H, frames->nb[1], frames->nb[2], size_t(first) * sizeof(float)));
+    }
     ggml_tensor * ema_decay = nullptr, * ema_decay_all = nullptr, * dft = nullptr;
     for (int64_t r0 = 0; r0 < n;) {
         const int64_t slot = (filled + r0) % kHop, count = std::min(kHop - slot, n - r0);
-        ggml_tensor * piece = ggml_view_3d(ctx, rows, count, n_kv, H, rows->nb[1], rows->nb[2],
-                                           size_t(r0) * sizeof(float));                           // [count, n_kv, H]
-        write(piece, samples(count, kHop + slot));
+        write(ggml_view_3d(ctx, A, n_kv, count, H, A->nb[1], A->nb[2], size_t(r0) * A->nb[1]),   // [n_kv, count, H]
+              samples(count, kHop + slot));
         r0 += count;
         if (slot + count < kHop) break;  // the frame is not complete yet
         // A frame completed: E <- a·E + (1 - a)·|DFT(hann ⊙ frame)| (spec §2.2-2.3), then slide the frame by 16.
-        // One GEMM per head with the frames as its long side (ggml's blocked kernel wants that).
-        if (!dft) dft = ggml_repeat(ctx, dft_, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kFft, 2 * kBins, H));
-        ggml_tensor * spectra = ggml_sqr(ctx, ggml_mul_mat(ctx, samples(kFft, 0), dft));          // [n_kv, 34, H]
+        // S[c, f] = Σ_t frame[c, t]·DFT[t, f] for all cells at once: an outer-product sum over the 32 samples,
+        // which reads the frames in their cells-fastest layout (measured 2x faster than transposing for a GEMM).
+        if (!dft) dft = ggml_repeat(ctx, dft_, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 2 * kBins, kFft, H));
+        ggml_tensor * spectra = ggml_sqr(ctx, ggml_out_prod(ctx, samples(kFft, 0), dft));        // [n_kv, 34, H]
         ggml_tensor * re2 = ggml_view_3d(ctx, spectra, n_kv, kBins, H, spectra->nb[1], spectra->nb[2], 0);
         ggml_tensor * im2 = ggml_view_3d(ctx, spectra, n_kv, kBins, H, spectra->nb[1], spectra->nb[2],
                                          kBins * spectra->nb[1]);
@@ -144,8 +153,6 @@ void FeatureTap::observe(const TapBatch & b, std::vector<float> * captured_rows)
         write(samples(kHop, kHop), samples(kHop, 0));
     }
     compute_.allocate(g);
-    std::vector<int64_t> cells(b.token_cells, b.token_cells + n);
-    ggml_backend_tensor_set(new_cells, cells.data(), 0, cells.size() * sizeof(int64_t));
     ggml_backend_tensor_memset(zeros, 0, 0, ggml_nbytes(zeros));
     if (ema_decay) {
         std::vector<float> decay(size_t(n_kv), tables_.a);

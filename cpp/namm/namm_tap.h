@@ -2,8 +2,9 @@
 // llama.cpp computed the attention.
 //
 // Per layer, in one backend buffer (C = KV cells, H = KV heads):
-//     frames [32, C, H]   per (cell, head) the STFT frame being assembled: samples 0-15 are the previous frame's
-//                         last 16 attention values, 16-31 the current frame's as its queries arrive
+//     frames [C, 32, H]   per (cell, head) the STFT frame being assembled: samples 0-15 are the previous frame's
+//                         last 16 attention values, 16-31 the current frame's as its queries arrive; cells
+//                         fastest, so that a query's row is one contiguous write
 //     ema    [C, 17, H]   the un-normalised spectrogram EMA E (spec §2.3), cells fastest, as the DFT's output
 // Only the n_kv cells llama.cpp attends over (the used ones and a few empty) are computed.
 // Each batch's post-softmax attention (llama.cpp's kq_soft_max, [n_kv, rows, n_head]) is averaged over each GQA
@@ -73,7 +74,7 @@ private:
     ggml_context * state_ctx_ = nullptr;
     ggml_backend_buffer * state_buffer_ = nullptr;
     std::vector<ggml_tensor *> frames_, ema_;  // per layer, see above
-    ggml_tensor * dft_ = nullptr;              // [32, 34] (1 - a)·Hann-windowed DFT: rows 0-16 cos, 17-33 sin
+    ggml_tensor * dft_ = nullptr;              // [34, 32] (1 - a)·Hann-windowed DFT: bins 0-16 cos, 17-33 sin
 
     int64_t batch_begin_ = -1;                 // stream index of the batch being observed
     bool batch_folds_ = false;                 // whether it completes a frame
