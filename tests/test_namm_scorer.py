@@ -66,13 +66,14 @@ def test_f32_gguf_in_cpp_equals_the_checkpoint_in_the_reference(policies, seed, 
     model = policy.models["f32"]
     rng = np.random.default_rng(seed)
     ref_state, cpp_state = policy.reference.new_state(n_kv_heads), model.new_state(n_kv_heads)
-    evicted, sizes = 0, []
+    evicted, sizes, worst = 0, [], 0.0
     for invocation in range(5):
         attn, new_pos = invocation_inputs(rng, n_kv_heads, ref_state.n_tokens, invocation, gap=3)
         ref_keep, ref_scores = policy.reference.step(ref_state, attn, new_pos)
         cpp_keep, cpp_scores = model.step(cpp_state, attn, new_pos)
         assert cpp_scores.dtype == np.float32 and cpp_keep.dtype == np.int64
-        assert np.max(np.abs(cpp_scores - ref_scores)) <= 1e-4
+        worst = max(worst, float(np.max(np.abs(cpp_scores - ref_scores))))
+        assert worst <= 1e-4
         np.testing.assert_array_equal(cpp_keep, ref_keep)
         np.testing.assert_array_equal(cpp_state.positions, ref_state.positions)
         np.testing.assert_array_equal(cpp_state.history, ref_state.history)
@@ -80,6 +81,7 @@ def test_f32_gguf_in_cpp_equals_the_checkpoint_in_the_reference(policies, seed, 
         evicted += attn.shape[2] - ref_keep.shape[1]
         sizes.append(attn.shape[2])
     assert evicted > 0 and sizes[-1] > sizes[0]  # the policy evicts, and the cache grows across invocations
+    print(f"f32, {n_kv_heads} heads: max |score difference| {worst:.1e} over 5 invocations, retained sets identical")
 
 
 def test_intermediate_hooks_match_the_reference(policies):

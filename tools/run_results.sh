@@ -63,17 +63,19 @@ if run ppl-qwen; then
     --policy sink:4+252,evict_chunk=1 --policy window:0+256,evict_chunk=1 --policy recompute:0+256,chunk=64 \
     --json $out/ppl_qwen.json --md $out/ppl_qwen.md --plot $out/ppl_qwen.png
 fi
-if run sinks-gemma-qwen; then  # Table 2 shape on the other two models (10,000 tokens each)
+if run sinks-gemma-qwen; then  # Table 2 shape on the other two models (6,000 tokens each)
   for m in gemma-3-270m qwen2.5-coder-0.5b-instruct; do
-    pymemory eval ppl --model $m --text austen:prideprejudice --max-tokens 10000 \
+    pymemory eval ppl --model $m --text austen:prideprejudice --max-tokens 6000 \
       --policy sink:0+256,evict_chunk=1 --policy sink:1+255,evict_chunk=1 --policy sink:2+254,evict_chunk=1 \
       --policy sink:4+252,evict_chunk=1 --policy sink:8+248,evict_chunk=1 \
       --json $out/sinks_${m%%-*}.json --md $out/sinks_${m%%-*}.md --plot $out/sinks_${m%%-*}.png
   done
 fi
-if run long-tests; then     # issues 2 and 4 acceptance runs: 50,000 tokens per model; 20,000 with h2o and namm
+if run long-stream; then    # issue 2 acceptance run: 50,000 tokens per model (about 70 minutes)
   PYMEMORY_STREAM_TOKENS=50000 python -m pytest -q -s tests/test_long_stream.py 2>&1 \
     | grep -v "^.load\|llama_kv" | tee $out/long_stream_50k.txt
+fi
+if run long-tests; then     # issue 4 acceptance runs: 20,000 tokens with namm (quorum, budget) and h2o
   PYMEMORY_STREAM_TOKENS=20000 python -m pytest -q -s tests/test_namm_policy.py tests/test_attention_policies.py \
     -k long_generation 2>&1 | tee $out/attention_20k.txt
 fi
