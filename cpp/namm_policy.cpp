@@ -86,7 +86,15 @@ public:
         tap_.observe(namm::TapBatch{v.layer, v.tensor, v.n_tokens, batch_begin_, v.token_cell},
                      window.empty() ? nullptr : &captured_rows_);
         if (window.empty()) return;
-        // Keep this window's GQA-averaged rows, [head][row][cell], for the capture at the next invocation.
+        // Keep this window's GQA-averaged rows, [head][row][cell], for the capture at the next invocation. A cell
+        // that receives a new token forgets the rows its previous occupant got.
+        for (int32_t g = 0; g < n_head_kv_; ++g) {
+            for (int32_t t = 0; t < v.n_tokens; ++t) {
+                for (int32_t r = 0; r < delay_; ++r) {
+                    window[(size_t(g) * size_t(delay_) + size_t(r)) * n_cells_ + size_t(v.token_cell[t])] = 0.0f;
+                }
+            }
+        }
         for (int32_t g = 0; g < n_head_kv_; ++g) {
             for (int32_t t = 0; t < v.n_tokens; ++t) {
                 float * row = window.data() + (size_t(g) * size_t(delay_) + size_t((batch_begin_ + t) % delay_)) * n_cells_;
