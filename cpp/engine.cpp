@@ -121,7 +121,10 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
 
 int32_t Engine::n_pinned() const {
     const PolicyKind kind = params_.policy.kind;
-    const bool has_sinks = kind == PolicyKind::sink || kind == PolicyKind::context_shift || is_attention_scored(kind);
+    // recompute keeps its n_sink first tokens too (0 in the paper's baseline; 1 keeps the BOS that models such as
+    // Gemma need in every rebuilt cache).
+    const bool has_sinks = kind == PolicyKind::sink || kind == PolicyKind::context_shift ||
+                           kind == PolicyKind::recompute || is_attention_scored(kind);
     const int32_t sinks = has_sinks ? params_.policy.n_sink : 0;
     return std::min<int32_t>(std::max(sinks, pinned_prefix_), int32_t(cache_.positions.size()));
 }

@@ -16,7 +16,8 @@ enum class PolicyKind {
     sink,           // StreamingLLM: first n_sink tokens forever + rolling window, positions re-indexed
     context_shift,  // llama.cpp's behaviour: keep n_keep, discard half of the rest when full
     window,         // rolling window without sinks (the paper's negative control)
-    recompute,      // sliding window with re-computation: rebuild the cache from the last tokens (quality baseline)
+    recompute,      // sliding window with re-computation: rebuild the cache from the n_sink first and the last tokens
+                    // (the paper's quality baseline has n_sink = 0)
     none,           // full cache; error when it would overflow
     h2o,            // heavy hitters by accumulated attention + recent window (attention_policy.h)
     namm,           // Sakana AI's learned NAMM scorer (namm_policy.h)

@@ -87,8 +87,9 @@ class StreamingLLM:
         window: most recent tokens kept. The cache holds at most ``n_sink + window`` tokens.
         n_ctx: alternatively, the cache size in cells (then ``window = n_ctx - n_sink``), as in llama.cpp.
         policy: "sink" (default), "context_shift" (llama.cpp's: keep n_sink, drop half when full),
-            "window" (no sinks: the paper's negative control), "recompute" (rebuild the cache from the last
-            ``window`` tokens for every token: exact but slow), "none" (never evict; error when full),
+            "window" (no sinks: the paper's negative control), "recompute" (rebuild the cache from the first
+            ``n_sink`` and the last ``window`` tokens for every token: exact but slow; the paper's baseline has
+            ``n_sink=0``), "none" (never evict; error when full),
             "h2o" (heavy hitters by accumulated attention + ``h2o_recent`` recent tokens, at the same budget),
             "namm" (Sakana AI's learned memory: a NAMM GGUF scores every cached token every 512 tokens).
             The attention-scored ones (h2o, namm) turn flash attention off to read attention probabilities.

@@ -166,6 +166,17 @@ def test_every_policy_keeps_the_cache_bounded(smollm2_model, english_text, polic
         assert s["tokens_recomputed"] > 0
 
 
+def test_recompute_can_keep_bos_in_every_rebuilt_cache(smollm2_model, english_text):
+    tokens = smollm2_model.tokenize(english_text, True, False)[:100]
+    engine = _core.Engine(smollm2_model, policy="recompute", n_sink=1, window=31)
+    for start in range(0, len(tokens), 5):
+        engine.feed(tokens[start:start + 5])
+    cached = engine.cached_tokens()
+    assert len(cached) <= 32 and cached[0] == tokens[0] and cached[1:] == tokens[len(tokens) - len(cached) + 1:]
+    assert engine.cached_positions() == list(range(len(cached)))  # rebuilt from position 0
+    assert engine.stats()["tokens_recomputed"] > 0
+
+
 def test_policy_none_refuses_overflow_and_keeps_the_cache(smollm2_model):
     engine = _core.Engine(smollm2_model, policy="none", n_sink=0, window=64)
     engine.feed(list(range(100, 150)))

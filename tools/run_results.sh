@@ -87,3 +87,7 @@ if run evict-chunk-ppl; then  # what the default evict_chunk (window/16) costs i
     --policy sink:4+1020,evict_chunk=1 --policy sink:4+1020,evict_chunk=16 --policy sink:4+1020,evict_chunk=63 \
     --policy sink:4+1020,evict_chunk=256 --json $out/evict_chunk_ppl_smollm2.json --md $out/evict_chunk_ppl_smollm2.md
 fi
+if run ppl-gemma-bos; then  # Gemma needs BOS: the recompute baseline with BOS kept in every rebuilt cache
+  pymemory eval ppl --model gemma-3-270m --text austen:prideprejudice --max-tokens 20000 \
+    --policy recompute:1+255,chunk=32 --json $out/ppl_gemma_bos.json --md $out/ppl_gemma_bos.md
+fi
