@@ -99,7 +99,11 @@ def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode)
     assert engine.stats()["peak_cells"] <= 1024
     if mode == "budget":
         assert all(r["cells_after"] <= 512 for r in records)
-    print(mode, [(r["cells_before"], r["cells_after"]) for r in records][:6], "forced", stats["forced_evictions"])
+    print(mode, engine.stats()["tokens_seen"], "tokens,", len(records), "invocations, cells before/after: first",
+          [(r["cells_before"], r["cells_after"]) for r in records][:4], "max before",
+          max(r["cells_before"] for r in records), "mean after",
+          round(sum(r["cells_after"] for r in records) / len(records), 1), "peak", engine.stats()["peak_cells"],
+          "forced", stats["forced_evictions"])
 
 
 @pytest.mark.model
