@@ -91,12 +91,28 @@ def format_cache_line(llm: StreamingLLM, n_generated: int, elapsed: float) -> st
         f"[cache {s.cells_used}/{s.capacity} cells (peak {s.peak_cells}) | stream {s.tokens_seen:,} tokens | "
         f"evicted {s.tokens_evicted:,} in {s.evictions:,} steps | max pos {s.max_pos}{rate}"
     )
-    invocations = llm.policy_stats["invocations"]
+    policy_stats = llm.policy_stats
+    invocations = policy_stats["invocations"]
     if invocations:
         last = invocations[-1]
         line += (f" | {llm.policy}: {len(invocations)} invocations, last {last['cells_before']}->"
                  f"{last['cells_after']} cells")
+        kept = last.get("layer_kept") or []
+        if kept:
+            line += f", per layer kept {min(kept)}-{max(kept)} (mean {sum(kept) / len(kept):.0f})"
+        if policy_stats.get("forced_evictions"):
+            line += f", forced evictions {policy_stats['forced_evictions']:,}"
     return line + "]"
+
+
+def format_layer_lines(llm: StreamingLLM) -> list[str]:
+    """The last invocation's cache size for every layer (the original NAMM's per-layer mem_stats), if any."""
+    invocations = llm.policy_stats["invocations"]
+    if not invocations or not invocations[-1].get("layer_kept"):
+        return []
+    kept = invocations[-1]["layer_kept"]
+    return [f"[{llm.policy} invocation {len(invocations)}: cells kept per layer " +
+            " ".join(f"L{layer}:{n}" for layer, n in enumerate(kept)) + "]"]
 
 
 def stream_to(out: TextIO, pieces: Iterator[str], llm: StreamingLLM, status_every: float,
@@ -139,7 +155,8 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if not args.quiet:
-            sys.stderr.write(format_cache_line(llm, n, time.perf_counter() - start) + "\n")
+            for status_line in [format_cache_line(llm, n, time.perf_counter() - start), *format_layer_lines(llm)]:
+                sys.stderr.write(status_line + "\n")
     return 0
 
 
@@ -168,7 +185,8 @@ def run_chat(args: argparse.Namespace) -> int:
             if text in ("/quit", "/exit"):
                 break
             if text == "/stats":
-                print(format_cache_line(llm, 0, 0), file=sys.stderr)
+                for status_line in [format_cache_line(llm, 0, 0), *format_layer_lines(llm)]:
+                    print(status_line, file=sys.stderr)
                 continue
             if text == "/reset":
                 llm.reset()
