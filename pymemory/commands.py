@@ -84,14 +84,14 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def format_cache_line(llm: StreamingLLM, n_generated: int, elapsed: float) -> str:
+def format_cache_line(llm: StreamingLLM, n_generated: int, elapsed: float, policy_stats: dict | None = None) -> str:
     s = llm.stats
     rate = f" | {n_generated / elapsed:.1f} tok/s" if elapsed > 0 else ""
     line = (
         f"[cache {s.cells_used}/{s.capacity} cells (peak {s.peak_cells}) | stream {s.tokens_seen:,} tokens | "
         f"evicted {s.tokens_evicted:,} in {s.evictions:,} steps | max pos {s.max_pos}{rate}"
     )
-    policy_stats = llm.policy_stats
+    policy_stats = llm.policy_stats if policy_stats is None else policy_stats
     invocations = policy_stats["invocations"]
     if invocations:
         last = invocations[-1]
@@ -105,14 +105,20 @@ def format_cache_line(llm: StreamingLLM, n_generated: int, elapsed: float) -> st
     return line + "]"
 
 
-def format_layer_lines(llm: StreamingLLM) -> list[str]:
+def format_layer_lines(llm: StreamingLLM, policy_stats: dict | None = None) -> list[str]:
     """The last invocation's cache size for every layer (the original NAMM's per-layer mem_stats), if any."""
-    invocations = llm.policy_stats["invocations"]
+    invocations = (llm.policy_stats if policy_stats is None else policy_stats)["invocations"]
     if not invocations or not invocations[-1].get("layer_kept"):
         return []
     kept = invocations[-1]["layer_kept"]
     return [f"[{llm.policy} invocation {len(invocations)}: cells kept per layer " +
             " ".join(f"L{layer}:{n}" for layer, n in enumerate(kept)) + "]"]
+
+
+def status_lines(llm: StreamingLLM, n_generated: int, elapsed: float) -> list[str]:
+    """The cache line, then the per-layer line of attention-scored policies; policy stats are read once."""
+    policy_stats = llm.policy_stats
+    return [format_cache_line(llm, n_generated, elapsed, policy_stats), *format_layer_lines(llm, policy_stats)]
 
 
 def stream_to(out: TextIO, pieces: Iterator[str], llm: StreamingLLM, status_every: float,
@@ -155,8 +161,7 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if not args.quiet:
-            for status_line in [format_cache_line(llm, n, time.perf_counter() - start), *format_layer_lines(llm)]:
-                sys.stderr.write(status_line + "\n")
+            sys.stderr.write("\n".join(status_lines(llm, n, time.perf_counter() - start)) + "\n")
     return 0
 
 
@@ -185,8 +190,7 @@ def run_chat(args: argparse.Namespace) -> int:
             if text in ("/quit", "/exit"):
                 break
             if text == "/stats":
-                for status_line in [format_cache_line(llm, 0, 0), *format_layer_lines(llm)]:
-                    print(status_line, file=sys.stderr)
+                print("\n".join(status_lines(llm, 0, 0)), file=sys.stderr)
                 continue
             if text == "/reset":
                 llm.reset()
