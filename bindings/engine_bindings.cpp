@@ -314,6 +314,28 @@ void register_engine(py::module_ & m) {
         .def("last_logits", [](const Engine & self) { return to_numpy(self.last_logits()); })
         .def("pin_prefix", &Engine::pin_prefix, py::arg("n_tokens"))
         .def("reset", &Engine::reset, py::call_guard<py::gil_scoped_release>())
+        .def(
+            "save_state",
+            [](const Engine & self) {
+                std::string bytes;
+                {
+                    py::gil_scoped_release release;
+                    bytes = self.save_state();
+                }
+                return py::bytes(bytes);
+            },
+            "The stream's whole state (KV cells, cache mirror, pinned prefix, counters) as bytes; policy sink-style "
+            "only (h2o/namm raise UnsupportedModelError).")
+        .def(
+            "load_state",
+            [](Engine & self, const py::bytes & data) {
+                std::string bytes = data;
+                py::gil_scoped_release release;
+                self.load_state(bytes);
+            },
+            py::arg("data"),
+            "Restores save_state() bytes of an engine with the same model and memory settings; raises "
+            "InvalidArgumentError (and resets) for damaged or mismatched bytes. Feed tokens before sampling.")
         .def("set_threads", &Engine::set_threads, py::arg("n_threads"), py::arg("n_threads_batch") = 0)
         .def("cached_tokens", &Engine::cached_tokens)
         .def("cached_positions", &Engine::cached_positions)

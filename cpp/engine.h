@@ -81,6 +81,12 @@ public:
     void pin_prefix(int32_t n_tokens);
 
     void reset();
+    // The whole stream state as bytes (KV cells, the cache mirror, pinned prefix, counters; engine_state.cpp) and
+    // back, for sessions saved to disk. load_state() checks that the bytes come from an engine of the same model
+    // and memory settings and throws invalid_argument otherwise (the engine is then reset). Attention-scored
+    // policies (h2o, namm) are refused: their per-token attention state is not saved yet.
+    std::string save_state() const;
+    void load_state(const std::string & bytes);
     void set_threads(int32_t n_threads, int32_t n_threads_batch);
 
     std::vector<Token> cached_tokens() const { return cached_tokens_; }

@@ -1,6 +1,7 @@
 // The one file that calls llama.cpp (and the few ggml/gguf calls the adapter needs). See llama_adapter.h.
 #include "llama_adapter.h"
 
+#include "byte_io.h"
 #include "errors.h"
 #include "ggml_compute.h"
 
@@ -442,6 +443,83 @@ void LlamaContext::memory_remove(Pos p0, Pos p1) {
 void LlamaContext::memory_shift(Pos p0, Pos p1, Pos delta) {
     llama_memory_seq_add(llama_get_memory(ctx_), 0, p0, p1, delta);
     cells_.shift(p0, p1, delta);
+}
+
+// ---- session state ---------------------------------------------------------------------------------------------
+// Blob: "PMKV" | u32 n_ctx | u32 n_cells | i32 pos[n_cells] (cell order) | u64 n_bytes | llama_state_seq data.
+// llama.cpp writes sequence 0's cells in cell order and, on restore, places them with the same find_slot +
+// apply_ubatch as a decode (llama-kv-cache.cpp, state_read_meta), which is what CellMirror::place replays.
+
+namespace {
+constexpr char kStateMagic[4] = {'P', 'M', 'K', 'V'};
+}  // namespace
+
+std::string LlamaContext::state_save() const {
+    ByteWriter out;
+    out.bytes().append(kStateMagic, sizeof(kStateMagic));
+    out.put(uint32_t(cells_.pos.size()));
+    std::vector<Pos> in_cell_order;
+    for (Pos p : cells_.pos) {
+        if (p >= 0) in_cell_order.push_back(p);
+    }
+    out.put_vector(in_cell_order);
+    const size_t n_bytes = in_cell_order.empty() ? 0 : llama_state_seq_get_size(ctx_, 0);
+    out.put(uint64_t(n_bytes));
+    std::string & bytes = out.bytes();
+    if (n_bytes > 0) {
+        const size_t at = bytes.size();
+        bytes.resize(at + n_bytes);
+        const size_t written = llama_state_seq_get_data(ctx_, reinterpret_cast<uint8_t *>(&bytes[at]), n_bytes, 0);
+        if (written != n_bytes) {
+            fail(ErrorKind::runtime, with_llama_errors("llama_state_seq_get_data wrote " + std::to_string(written) +
+                                                       " of " + std::to_string(n_bytes) + " bytes"));
+        }
+    }
+    return std::move(bytes);
+}
+
+void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> & positions) {
+    memory_clear();
+    if (blob.size() < sizeof(kStateMagic) || std::memcmp(blob.data(), kStateMagic, sizeof(kStateMagic)) != 0) {
+        fail(ErrorKind::invalid_argument, "the saved KV state does not start with its magic (damaged session file)");
+    }
+    const std::string body = blob.substr(sizeof(kStateMagic));
+    ByteReader in(body, "the saved KV state");
+    const uint32_t n_ctx_saved = in.get<uint32_t>();
+    if (n_ctx_saved != uint32_t(cells_.pos.size())) {
+        fail(ErrorKind::invalid_argument, "the saved KV state has " + std::to_string(n_ctx_saved) +
+                                              " cells but this cache has " + std::to_string(cells_.pos.size()) +
+                                              "; load it with the same window and n_sink");
+    }
+    const std::vector<Pos> in_cell_order = in.get_vector<Pos>();
+    std::vector<Pos> a = in_cell_order, b = positions;
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    if (a.size() > n_ctx_saved || a != b || (!a.empty() && a.front() < 0) ||
+        std::adjacent_find(a.begin(), a.end()) != a.end()) {
+        fail(ErrorKind::invalid_argument, "the saved KV cells do not hold the session's positions (damaged file)");
+    }
+    const uint64_t n_bytes = in.get<uint64_t>();
+    if (n_bytes != in.remaining()) {
+        fail(ErrorKind::invalid_argument, "the saved KV state is " + std::to_string(in.remaining()) +
+                                              " bytes long but says " + std::to_string(n_bytes) +
+                                              " (damaged session file)");
+    }
+    if (a.empty()) return;
+    clear_recent_errors();
+    const size_t read = llama_state_seq_set_data(
+        ctx_, reinterpret_cast<const uint8_t *>(body.data() + in.offset()), size_t(n_bytes), 0);
+    if (read == 0) {
+        memory_clear();
+        fail(ErrorKind::invalid_argument,
+             with_llama_errors("llama.cpp refused the saved KV state (a different model or KV type, or a damaged "
+                               "session file)"));
+    }
+    if (cells_.place(in_cell_order.data(), int32_t(in_cell_order.size())).size() != in_cell_order.size() ||
+        memory_pos_min() != a.front() || memory_pos_max() != a.back()) {
+        memory_clear();
+        fail(ErrorKind::runtime, "the restored KV cells do not match the saved positions; the cache was cleared");
+    }
 }
 
 // ---- cell mirror (llama-kv-cache.cpp, single stream, no SWA) ------------------------------------------------

@@ -166,6 +166,15 @@ public:
     Pos memory_pos_max() const;
 
     void set_threads(int32_t n_threads, int32_t n_threads_batch);
+
+    // Sequence 0's KV cells as bytes (llama_state_seq_get_data) plus the cell mirror, for saving a session. Keys are
+    // written as stored, so the caller must not have position shifts pending (every shift is applied by the next
+    // decode; the engine saves only between decodes of policies that shift before decoding).
+    std::string state_save() const;
+    // Replaces the cache with a state_save() blob of a context of the same model, cell count and KV types. The cells
+    // must hold exactly `positions` (in any order). Throws pm::Error(invalid_argument) for a damaged or mismatched
+    // blob and leaves the cache empty.
+    void state_load(const std::string & blob, const std::vector<Pos> & positions);
     // The tap also computes AttentionView::cell_totals for every layer (where the attention lives).
     void set_attention_totals(bool enabled) { attention_totals_ = enabled; }
     // Treats tapped attention as if it lived on a device even when it is in host memory: AttentionView::probs stays
