@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "pymemory.assets",          # fetch
     "pymemory.namm.convert",    # convert-namm
     "pymemory.evaluation.cli",  # eval, bench
+    "pymemory.server.cli",      # serve
 )
 
 
