@@ -134,6 +134,23 @@ py::list captures_to_list(const AttentionPolicy * policy) {
     return out;
 }
 
+// Thread safety: every call on an Engine holds Engine::call_mutex, so two Python threads on one Engine take turns
+// (one stream cannot decode twice at once). Rule: never wait for that mutex while holding the GIL — the thread that
+// holds it may be decoding without the GIL and must be able to take the GIL back when done. `locked` runs GIL-free
+// work under the mutex; `lock_engine` takes the mutex (GIL released while waiting) for calls that build Python
+// objects under it.
+template <class F>
+auto locked(const Engine & engine, F && work) {
+    py::gil_scoped_release release;
+    const std::lock_guard<std::mutex> lock(engine.call_mutex());
+    return work();
+}
+
+std::unique_lock<std::mutex> lock_engine(const Engine & engine) {
+    py::gil_scoped_release release;
+    return std::unique_lock<std::mutex>(engine.call_mutex());
+}
+
 py::array_t<float> to_numpy(std::vector<float> && values) {
     auto * heap = new std::vector<float>(std::move(values));
     py::capsule owner(heap, [](void * p) { delete static_cast<std::vector<float> *>(p); });
@@ -220,8 +237,8 @@ void register_engine(py::module_ & m) {
     py::class_<Sampler>(m, "Sampler", "llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature).")
         .def(py::init<const LlamaModel &, const SamplingParams &>(), py::arg("model"), py::arg("params"),
              py::keep_alive<1, 2>())
-        .def("accept", &Sampler::accept, py::arg("token"))
-        .def("reset", &Sampler::reset);
+        .def("accept", &Sampler::accept, py::arg("token"), py::call_guard<py::gil_scoped_release>())
+        .def("reset", &Sampler::reset, py::call_guard<py::gil_scoped_release>());
 
     // ---- policies (pure planning, testable without a model) ----
     m.def(
@@ -298,60 +315,67 @@ void register_engine(py::module_ & m) {
              py::arg("namm_path") = "", py::arg("namm_mode") = "quorum", py::arg("quorum") = 1.0f,
              py::arg("max_cells") = 0, py::arg("namm_delay") = 0, py::arg("device_reductions") = false)
         .def_property_readonly("model", &Engine::shared_model)
-        .def("feed", &Engine::feed, py::arg("tokens"), py::call_guard<py::gil_scoped_release>())
+        .def(
+            "feed", [](Engine & self, const std::vector<Token> & tokens) { locked(self, [&] { self.feed(tokens); }); },
+            py::arg("tokens"))
         .def(
             "score",
             [](Engine & self, const std::vector<Token> & tokens, int32_t chunk) {
-                std::vector<float> nll;
-                {
-                    py::gil_scoped_release release;
-                    nll = self.score(tokens, chunk);
-                }
-                return to_numpy(std::move(nll));
+                return to_numpy(locked(self, [&] { return self.score(tokens, chunk); }));
             },
             py::arg("tokens"), py::arg("chunk") = 1)
-        .def("sample", &Engine::sample, py::arg("sampler"), py::call_guard<py::gil_scoped_release>())
-        .def("last_logits", [](const Engine & self) { return to_numpy(self.last_logits()); })
-        .def("pin_prefix", &Engine::pin_prefix, py::arg("n_tokens"))
-        .def("reset", &Engine::reset, py::call_guard<py::gil_scoped_release>())
+        .def(
+            "sample", [](Engine & self, Sampler & sampler) { return locked(self, [&] { return self.sample(sampler); }); },
+            py::arg("sampler"))
+        .def("last_logits", [](const Engine & self) { return to_numpy(locked(self, [&] { return self.last_logits(); })); })
+        .def(
+            "pin_prefix", [](Engine & self, int32_t n) { locked(self, [&] { self.pin_prefix(n); }); }, py::arg("n_tokens"))
+        .def("reset", [](Engine & self) { locked(self, [&] { self.reset(); }); })
         .def(
             "save_state",
-            [](const Engine & self) {
-                std::string bytes;
-                {
-                    py::gil_scoped_release release;
-                    bytes = self.save_state();
-                }
-                return py::bytes(bytes);
-            },
+            [](const Engine & self) { return py::bytes(locked(self, [&] { return self.save_state(); })); },
             "The stream's whole state (KV cells, cache mirror, pinned prefix, counters) as bytes; policy sink-style "
             "only (h2o/namm raise UnsupportedModelError).")
         .def(
             "load_state",
             [](Engine & self, const py::bytes & data) {
                 std::string bytes = data;
-                py::gil_scoped_release release;
-                self.load_state(bytes);
+                locked(self, [&] { self.load_state(bytes); });
             },
             py::arg("data"),
             "Restores save_state() bytes of an engine with the same model and memory settings; raises "
             "InvalidArgumentError (and resets) for damaged or mismatched bytes. Feed tokens before sampling.")
-        .def("set_threads", &Engine::set_threads, py::arg("n_threads"), py::arg("n_threads_batch") = 0)
-        .def("cached_tokens", &Engine::cached_tokens)
-        .def("cached_positions", &Engine::cached_positions)
-        .def("stats", [](const Engine & self) { return stats_to_dict(self.stats()); })
+        .def(
+            "set_threads",
+            [](Engine & self, int32_t n_threads, int32_t n_threads_batch) {
+                locked(self, [&] { self.set_threads(n_threads, n_threads_batch); });
+            },
+            py::arg("n_threads"), py::arg("n_threads_batch") = 0)
+        .def("cached_tokens", [](const Engine & self) { return locked(self, [&] { return self.cached_tokens(); }); })
+        .def("cached_positions", [](const Engine & self) { return locked(self, [&] { return self.cached_positions(); }); })
+        .def("stats", [](const Engine & self) { return stats_to_dict(locked(self, [&] { return self.stats(); })); })
         .def(
             "capture_namm_layers",
             [](Engine & self, const std::vector<int32_t> & layers) {
+                const auto lock = lock_engine(self);
                 if (!self.attention_policy()) fail(ErrorKind::invalid_argument, "capture needs policy 'namm'");
                 self.attention_policy()->capture_layers(layers);
             },
             py::arg("layers"), "Record, for these layers, what every later NAMM invocation saw and decided.")
-        .def("namm_captures", [](const Engine & self) { return captures_to_list(self.attention_policy()); })
-        .def("policy_stats", [](const Engine & self) { return policy_stats_to_dict(self.attention_policy()); },
+        .def("namm_captures",
+             [](const Engine & self) {
+                 const auto lock = lock_engine(self);
+                 return captures_to_list(self.attention_policy());
+             })
+        .def("policy_stats",
+             [](const Engine & self) {
+                 const auto lock = lock_engine(self);
+                 return policy_stats_to_dict(self.attention_policy());
+             },
              "Attention-scored policies: one record per invocation (cells before/after, per-layer kept counts, "
              "union/intersection of the per-head keep sets) and forced evictions; empty for the others.")
-        .def_property_readonly("prefill_chunk", &Engine::resolved_prefill_chunk)
+        .def_property_readonly("prefill_chunk",
+                               [](const Engine & self) { return locked(self, [&] { return self.resolved_prefill_chunk(); }); })
         .def_property_readonly("policy", [](const Engine & self) { return policy_kind_name(self.params().policy.kind); })
         .def_property_readonly("capacity", [](const Engine & self) { return capacity(self.params().policy); });
 }

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,11 @@ public:
     EngineStats stats() const;
     int32_t resolved_prefill_chunk() const;
 
+    // An engine is one stream and runs one call at a time. Its Python bindings hold this mutex around every call
+    // (bindings/engine_bindings.cpp, `locked`), so two threads on one Engine take turns instead of racing; C++
+    // callers sharing an engine across threads must hold it too. Engines on one shared LlamaModel run in parallel.
+    std::mutex & call_mutex() const { return call_mutex_; }
+
 private:
     int32_t n_pinned() const;
     // Makes room for n tokens under the policy (no-op if they fit).
@@ -124,6 +130,7 @@ private:
     bool has_logits_ = false;           // the context's last output belongs to the stream's last token
 
     EngineStats counters_;
+    mutable std::mutex call_mutex_;
 };
 
 }  // namespace pm

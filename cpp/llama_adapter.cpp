@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -738,12 +739,16 @@ bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
 void validate(const SamplingParams & p) {
     auto bad = [](const std::string & what) { fail(ErrorKind::invalid_argument, what); };
     if (!(p.temperature == p.temperature)) bad("temperature is NaN; use 0 for greedy or a value like 0.8");
-    if (p.top_p <= 0.0f || p.top_p != p.top_p) bad("top_p must be in (0, 1]; use 1 to disable it");
+    if (p.top_k < 0) bad("top_k must be >= 0 (got " + std::to_string(p.top_k) + "); use 0 to disable it");
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) bad("top_p must be in (0, 1] (got " + std::to_string(p.top_p) + "); use 1 to disable it");
     if (p.min_p < 0.0f || p.min_p > 1.0f || p.min_p != p.min_p) bad("min_p must be in [0, 1]; use 0 to disable it");
     if (p.repeat_penalty <= 0.0f || p.repeat_penalty != p.repeat_penalty) {
         bad("repeat_penalty must be > 0; use 1 to disable it");
     }
     if (p.repeat_last_n < -1) bad("repeat_last_n must be >= -1 (-1 = whole context, 0 = off)");
+    if (!std::isfinite(p.frequency_penalty) || !std::isfinite(p.presence_penalty)) {
+        bad("frequency_penalty and presence_penalty must be finite numbers; use 0 to disable them");
+    }
 }
 
 Sampler::Sampler(const LlamaModel & model, const SamplingParams & p) {
@@ -772,12 +777,19 @@ Sampler::~Sampler() {
 
 Token Sampler::sample(LlamaContext & ctx, int32_t output_index) {
     ctx.logits(output_index);  // validates that logits exist for this index
+    const std::lock_guard<std::mutex> lock(mutex_);
     // llama_sampler_sample accepts the sampled token into the chain itself.
     return llama_sampler_sample(chain_, ctx.raw(), output_index);
 }
 
-void Sampler::accept(Token token) { llama_sampler_accept(chain_, token); }
+void Sampler::accept(Token token) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    llama_sampler_accept(chain_, token);
+}
 
-void Sampler::reset() { llama_sampler_reset(chain_); }
+void Sampler::reset() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    llama_sampler_reset(chain_);
+}
 
 }  // namespace pm

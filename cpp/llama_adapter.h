@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -226,8 +227,8 @@ private:
 
 struct SamplingParams {
     float temperature = 0.8f;    // <= 0: greedy
-    int32_t top_k = 40;          // <= 0: off
-    float top_p = 0.95f;         // >= 1: off
+    int32_t top_k = 40;          // 0: off
+    float top_p = 0.95f;         // in (0, 1]; 1: off
     float min_p = 0.05f;         // <= 0: off
     float repeat_penalty = 1.0f; // 1: off
     int32_t repeat_last_n = 64;
@@ -238,6 +239,8 @@ struct SamplingParams {
 
 void validate(const SamplingParams & params);  // throws invalid_argument with the offending field
 
+// Calls on one Sampler are serialised by its mutex (it holds the random state and the penalty history), so sharing
+// one between threads is safe, if rarely what you want.
 class Sampler {
 public:
     Sampler(const LlamaModel & model, const SamplingParams & params);
@@ -252,6 +255,7 @@ public:
 
 private:
     llama_sampler * chain_ = nullptr;
+    std::mutex mutex_;
 };
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,19 @@ namespace pm {
 
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
                                              const std::vector<double> & mean_scores, int32_t n_pairs) {
+    if (mean_scores.size() != drop_votes.size()) {
+        fail(ErrorKind::invalid_argument, "drop_votes and mean_scores must have one entry per cached token (got " +
+                                              std::to_string(drop_votes.size()) + " and " +
+                                              std::to_string(mean_scores.size()) + ")");
+    }
+    if (rule.n_sink < 0) fail(ErrorKind::invalid_argument, "n_sink must be >= 0 (got " + std::to_string(rule.n_sink) + ")");
+    if (n_pairs < 1) fail(ErrorKind::invalid_argument, "n_pairs must be >= 1 (got " + std::to_string(n_pairs) + ")");
+    if (rule.mode == "quorum" && !(rule.quorum > 0.0f && rule.quorum <= 1.0f)) {
+        fail(ErrorKind::invalid_argument, "quorum must be in (0, 1] (got " + std::to_string(rule.quorum) + ")");
+    }
+    if (rule.mode == "budget" && rule.max_cells < 0) {
+        fail(ErrorKind::invalid_argument, "max_cells must be >= 0 (got " + std::to_string(rule.max_cells) + ")");
+    }
     const int32_t n = int32_t(drop_votes.size());
     const int32_t first = std::min(rule.n_sink, n);
     const int32_t last = n - 1;  // the newest token is always kept

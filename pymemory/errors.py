@@ -39,6 +39,11 @@ class LlamaError(PymemoryError, RuntimeError):
     """llama.cpp reported a failure while running."""
 
 
+class SupersededError(PymemoryError, RuntimeError):
+    """A generator of a StreamingLLM was superseded: a newer generate(), chat(), reset() or close() on the same
+    object (from this thread or another) took over its stream, so it stops instead of mixing two streams."""
+
+
 __all__ = [
     "PymemoryError",
     "InvalidArgumentError",
@@ -48,4 +53,5 @@ __all__ = [
     "CacheFullError",
     "ClosedError",
     "LlamaError",
+    "SupersededError",
 ]

@@ -7,15 +7,24 @@ Layers (each usable on its own):
 * :class:`StreamingLLM` — owns a model and an engine, turns token bytes into text, runs chat turns.
 
 Python drives the generation loop, so closing a generator (or Ctrl-C) stops the work between two tokens.
+
+Threads: one StreamingLLM is one stream. Every step runs under the object's lock, so several threads may call it
+without crashing, but a new generate()/chat()/reset()/close() supersedes the generators started before it (their
+next step raises SupersededError) instead of mixing two streams in one cache. For concurrent streams, give each
+thread its own StreamingLLM, or, to load the weights once, one ``_core.Engine`` per thread on one shared
+``_core.Model`` (README, "Threads").
 """
 from __future__ import annotations
 
+import numbers
 import os
-from dataclasses import asdict, dataclass
-from typing import Iterator, Mapping, Sequence, Union
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 from ._loader import _core
-from .errors import ClosedError, InvalidArgumentError
+from .errors import ClosedError, InvalidArgumentError, SupersededError
 from .text import TextAssembler, common_prefix_length
 
 POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "namm")
@@ -60,9 +69,44 @@ class SamplingOptions:
     seed: int = 0
 
     def to_core(self) -> "_core.SamplingParams":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            wanted = numbers.Integral if f.type == "int" else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                kind = "an integer" if f.type == "int" else "a number"
+                raise InvalidArgumentError(f"{f.name} must be {kind} (got {value!r})")
+        if self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be >= 0 (got {self.top_k}); use 0 to disable it")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidArgumentError(f"top_p must be in (0, 1] (got {self.top_p}); use 1 to disable it")
         if self.seed < 0 or self.seed > 0xFFFFFFFF:
             raise InvalidArgumentError(f"seed must be in [0, 2**32) (got {self.seed})")
         return _core.SamplingParams(**asdict(self))
+
+
+def _check_text(name: str, value: object) -> str:
+    """A str that can go to the C++ core (valid UTF-8: no lone surrogates)."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be a str (got {type(value).__name__})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{name} contains a character that is not valid Unicode text (a lone surrogate {value[exc.start]!r} "
+            f"at index {exc.start}); clean it first, e.g. text.encode('utf-8', 'replace').decode('utf-8')"
+        ) from None
+    return value
+
+
+def _check_stop(stop: object) -> list[str] | None:
+    """Stop strings: None, one str, or a list of non-empty strs."""
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidArgumentError(f"stop must be a string or a list of non-empty strings (got {stop!r})")
+    return list(stop)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -144,6 +188,9 @@ class StreamingLLM:
         verbose: bool = False,
     ) -> None:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
+        self._lock = threading.RLock()  # held by every step that touches the engine (see the module docstring)
+        self._turn = 0  # id of the newest generate()/chat(); older generators raise SupersededError
+        self._commit_partial: Callable[[], None] | None = None  # records an unfinished chat reply if superseded
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
         _check_int("n_sink", n_sink, 0)
@@ -217,8 +264,11 @@ class StreamingLLM:
 
     def close(self) -> None:
         """Frees the model and the cache. Further use raises ClosedError. Safe to call twice."""
-        self._engine = None
-        self._model = None
+        with self._lock:  # waits for a step in progress in another thread
+            self._commit_partial = None
+            self._turn += 1
+            self._engine = None
+            self._model = None
 
     def __enter__(self) -> "StreamingLLM":
         return self
@@ -236,30 +286,60 @@ class StreamingLLM:
         return self._engine
 
     def reset(self) -> None:
-        """Empties the cache and forgets the conversation (the model stays loaded)."""
-        self._live_engine().reset()
-        self.messages = []
-        self._chat_fed_text = ""
-        self._stream_started = False
+        """Empties the cache and forgets the conversation (the model stays loaded). Running generators of this
+        object are superseded."""
+        with self._lock:
+            engine = self._live_engine()
+            self._commit_partial = None
+            self._turn += 1
+            engine.reset()
+            self.messages = []
+            self._chat_fed_text = ""
+            self._stream_started = False
+
+    def _new_turn(self) -> int:
+        """Starts a generate()/chat() (the caller holds the lock): supersedes the older generators, first recording
+        the part of a chat reply that is already in the cache, as closing that generator would have."""
+        commit, self._commit_partial = self._commit_partial, None
+        if commit is not None:
+            commit()
+        self._turn += 1
+        return self._turn
+
+    @contextmanager
+    def _step(self, turn: int) -> Iterator["_core.Engine"]:
+        """One step of the generator started as `turn`: under the lock, and only while it is the newest."""
+        with self._lock:
+            engine = self._live_engine()
+            if turn != self._turn:
+                raise SupersededError(
+                    "this generator was superseded by a newer generate(), chat() or reset() on the same StreamingLLM "
+                    "(in this thread or another), so it stopped instead of mixing two streams; finish or close() "
+                    "one generator before starting the next, or give each thread its own StreamingLLM"
+                )
+            yield engine
 
     # ---- introspection ---------------------------------------------------------------------------------------
 
     @property
     def stats(self) -> CacheStats:
         """Cache occupancy and stream counters right now."""
-        return CacheStats(**self._live_engine().stats())
+        with self._lock:
+            return CacheStats(**self._live_engine().stats())
 
     @property
     def model_info(self) -> dict:
         """Architecture, layer/head counts, vocabulary size, chat template of the loaded model."""
-        self._live_engine()
-        return dict(self._model.info)
+        with self._lock:
+            self._live_engine()
+            return dict(self._model.info)
 
     @property
     def policy_stats(self) -> dict:
         """Attention-scored policies (h2o, namm): per-invocation cache sizes per layer and overall, like the
         original NAMM's mem_stats, plus forced evictions. Empty for the other policies."""
-        stats = self._live_engine().policy_stats()
+        with self._lock:
+            stats = self._live_engine().policy_stats()
         records = stats["invocations"]
         if records:
             n_layers = len(records[0]["layer_kept"])
@@ -274,17 +354,31 @@ class StreamingLLM:
 
     @property
     def capacity(self) -> int:
-        return self._live_engine().capacity
+        with self._lock:
+            return self._live_engine().capacity
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
-        self._live_engine()
-        if not isinstance(text, str):
-            raise InvalidArgumentError(f"text must be a str (got {type(text).__name__})")
-        return self._model.tokenize(text, add_bos, special)
+        _check_text("text", text)
+        with self._lock:
+            self._live_engine()
+            return self._model.tokenize(text, add_bos, special)
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        self._live_engine()
-        return self._model.detokenize(list(tokens), special).decode("utf-8", errors="replace")
+        tokens = self._check_tokens(tokens)
+        with self._lock:
+            self._live_engine()
+            return self._model.detokenize(tokens, special).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _check_tokens(tokens: object) -> list[int]:
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise InvalidArgumentError(f"expected a list of token ids (got {type(tokens).__name__})")
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise InvalidArgumentError(f"token ids must be integers (got {t!r})")
+            if not (-(2**31) <= t < 2**31):
+                raise InvalidArgumentError(f"token id {t} is outside the vocabulary")
+        return [int(t) for t in tokens]
 
     @property
     def engine(self) -> "_core.Engine":
@@ -317,28 +411,38 @@ class StreamingLLM:
         generates until an end-of-generation token or a stop string; with ``ignore_eos`` it never stops on its
         own, and the cache stays bounded however long it runs. By default the stream starts afresh; with
         ``continue_stream=True`` the prompt continues the current stream. Close the generator to stop early.
+        Starting a generation supersedes this object's older generators (their next step raises
+        SupersededError).
         """
-        engine = self._live_engine()
+        self._live_engine()
         options = SamplingOptions(
             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
             presence_penalty, self.seed if seed is None else seed,
         ).to_core()  # validates now, not at the first next()
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens, 0)
-        if isinstance(prompt, str):
-            tokens = self._model.tokenize(prompt, not (continue_stream and self._stream_started), False)
-        else:
-            tokens = [int(t) for t in prompt]
-        if not continue_stream:
-            engine.reset()
-            self.messages, self._chat_fed_text = [], ""
-        if not tokens and not self._stream_started:
-            raise InvalidArgumentError("the prompt is empty; give some text or token ids to start from")
-        return self._generate_tokens(engine, tokens, options, max_tokens, stop, ignore_eos)
+        stop = _check_stop(stop)
+        if not isinstance(prompt, str):
+            prompt = self._check_tokens(prompt)
+        with self._lock:
+            engine = self._live_engine()
+            if isinstance(prompt, str):
+                _check_text("prompt", prompt)
+                tokens = self._model.tokenize(prompt, not (continue_stream and self._stream_started), False)
+            else:
+                tokens = prompt
+            turn = self._new_turn()
+            if not continue_stream:
+                engine.reset()
+                self.messages, self._chat_fed_text = [], ""
+                self._stream_started = False
+            if not tokens and not self._stream_started:
+                raise InvalidArgumentError("the prompt is empty; give some text or token ids to start from")
+        return self._generate_tokens(turn, tokens, options, max_tokens, stop, ignore_eos)
 
     def _generate_tokens(
         self,
-        engine: "_core.Engine",
+        turn: int,
         prompt_tokens: list[int],
         options: "_core.SamplingParams",
         max_tokens: int | None,
@@ -346,24 +450,29 @@ class StreamingLLM:
         ignore_eos: bool,
         on_text: list[str] | None = None,
     ) -> Iterator[str]:
-        sampler = _core.Sampler(self._model, options)
-        # The repetition penalty looks back over the stream, prompt included (as llama.cpp's samplers do).
-        if options.repeat_last_n != 0:
-            context = engine.cached_tokens() + list(prompt_tokens)
-            for token in context if options.repeat_last_n < 0 else context[-options.repeat_last_n:]:
-                sampler.accept(token)
+        # Every engine call runs inside a step (under the lock, only while this is the newest generator); the lock
+        # is never held across a yield.
+        with self._step(turn) as engine:
+            sampler = _core.Sampler(self._model, options)
+            # The repetition penalty looks back over the stream, prompt included (as llama.cpp's samplers do).
+            if options.repeat_last_n != 0:
+                context = engine.cached_tokens() + list(prompt_tokens)
+                for token in context if options.repeat_last_n < 0 else context[-options.repeat_last_n:]:
+                    sampler.accept(token)
+            if prompt_tokens:
+                engine.feed(prompt_tokens)
+            self._stream_started = True
         assembler = TextAssembler(stop)
-        if prompt_tokens:
-            engine.feed(prompt_tokens)
-        self._stream_started = True
         produced = 0
         while max_tokens is None or produced < max_tokens:
-            token = engine.sample(sampler)
-            produced += 1
-            if self._model.is_end_of_generation(token) and not ignore_eos:
-                break
-            engine.feed([token])
-            piece = assembler.push(self._model.token_bytes(token))
+            with self._step(turn) as engine:
+                token = engine.sample(sampler)
+                produced += 1
+                if self._model.is_end_of_generation(token) and not ignore_eos:
+                    break
+                engine.feed([token])
+                data = self._model.token_bytes(token)
+            piece = assembler.push(data)
             if piece:
                 if on_text is not None:
                     on_text.append(piece)
@@ -390,20 +499,24 @@ class StreamingLLM:
         open the conversation). The reply is appended to ``self.messages`` when the generator finishes or is
         closed. The conversation is rendered with the model's chat template; only the new part is decoded,
         and the cache streams (old turns are evicted under the policy, the system prompt stays with
-        ``pin_system_prompt=True``). Sampling keywords are those of :meth:`generate`.
+        ``pin_system_prompt=True``). Sampling keywords are those of :meth:`generate`. Starting a turn supersedes
+        this object's older generators; an unfinished reply of the previous turn is kept as far as it got.
         """
-        engine = self._live_engine()
+        self._live_engine()
         new_messages = self._normalise_messages(messages)
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens, 0)
         options, stop, ignore_eos = self._sampling_from_kwargs(dict(sampling))
-        conversation = self.messages + new_messages
-        rendered = self._render(conversation, add_assistant=True)
-        return self._chat_turn(engine, conversation, rendered, options, max_tokens, stop, ignore_eos)
+        with self._lock:
+            self._live_engine()
+            turn = self._new_turn()  # may record the previous turn's partial reply: read the conversation after
+            conversation = self.messages + new_messages
+            rendered = self._render(conversation, add_assistant=True)
+        return self._chat_turn(turn, conversation, rendered, options, max_tokens, stop, ignore_eos)
 
     def _chat_turn(
         self,
-        engine: "_core.Engine",
+        turn: int,
         conversation: list[dict[str, str]],
         rendered: str,
         options: "_core.SamplingParams",
@@ -411,40 +524,50 @@ class StreamingLLM:
         stop: Sequence[str] | None,
         ignore_eos: bool,
     ) -> Iterator[str]:
-        first_turn = not self._chat_fed_text
-        if first_turn:
-            engine.reset()
-        # Only the part of the rendering that is not in the cache yet is decoded.
-        start = common_prefix_length(self._chat_fed_text, rendered)
-        add_bos = first_turn and bool(self._model.info["add_bos"])
-        delta_tokens = self._model.tokenize(rendered[start:], add_bos, True)
+        with self._step(turn) as engine:
+            first_turn = not self._chat_fed_text
+            if first_turn:
+                engine.reset()
+            # Only the part of the rendering that is not in the cache yet is decoded.
+            start = common_prefix_length(self._chat_fed_text, rendered)
+            add_bos = first_turn and bool(self._model.info["add_bos"])
+            delta_tokens = self._model.tokenize(rendered[start:], add_bos, True)
 
-        if first_turn and self.pin_system_prompt and conversation[0]["role"] == "system":
-            system_text = self._render(conversation[:1], add_assistant=False)
-            system_tokens = self._model.tokenize(system_text, add_bos, True)
-            n_pin = common_prefix_length(system_tokens, delta_tokens)
-            if n_pin >= self.capacity:
-                raise InvalidArgumentError(
-                    f"the system prompt is {n_pin} tokens but the cache holds {self.capacity}; raise window "
-                    "or shorten the system prompt, or set pin_system_prompt=False"
-                )
-            engine.feed(delta_tokens[:n_pin])
-            engine.pin_prefix(n_pin)
-            delta_tokens = delta_tokens[n_pin:]
-            self._stream_started = True
+            if first_turn and self.pin_system_prompt and conversation[0]["role"] == "system":
+                system_text = self._render(conversation[:1], add_assistant=False)
+                system_tokens = self._model.tokenize(system_text, add_bos, True)
+                n_pin = common_prefix_length(system_tokens, delta_tokens)
+                if n_pin >= engine.capacity:
+                    raise InvalidArgumentError(
+                        f"the system prompt is {n_pin} tokens but the cache holds {engine.capacity}; raise window "
+                        "or shorten the system prompt, or set pin_system_prompt=False"
+                    )
+                engine.feed(delta_tokens[:n_pin])
+                engine.pin_prefix(n_pin)
+                delta_tokens = delta_tokens[n_pin:]
+                self._stream_started = True
 
-        reply: list[str] = []
-        seen_before = engine.stats()["tokens_seen"]
+            reply: list[str] = []
+            seen_before = engine.stats()["tokens_seen"]
+
+            def commit() -> None:
+                # The partial reply is what the cache holds. If nothing reached the cache (e.g. CacheFullError), the
+                # conversation is unchanged and the same message can be sent again after reset().
+                if self._engine is engine and engine.stats()["tokens_seen"] > seen_before:
+                    text = "".join(reply)
+                    self.messages = conversation + [{"role": "assistant", "content": text}]
+                    self._chat_fed_text = rendered + text
+
+            self._commit_partial = commit
         try:
-            yield from self._generate_tokens(engine, delta_tokens, options, max_tokens, stop, ignore_eos, reply)
+            yield from self._generate_tokens(turn, delta_tokens, options, max_tokens, stop, ignore_eos, reply)
         finally:
-            # Also runs when the caller closes the generator early (or presses Ctrl-C): the partial reply is what
-            # the cache holds. If nothing reached the cache (e.g. CacheFullError), the conversation is unchanged
-            # and the same message can be sent again after reset().
-            if self._engine is not None and engine.stats()["tokens_seen"] > seen_before:
-                text = "".join(reply)
-                self.messages = conversation + [{"role": "assistant", "content": text}]
-                self._chat_fed_text = rendered + text
+            # Also runs when the caller closes the generator early (or presses Ctrl-C). A newer turn that superseded
+            # this one has already recorded it (or reset()/close() dropped it).
+            with self._lock:
+                if self._commit_partial is commit:
+                    self._commit_partial = None
+                    commit()
 
     def _render(self, conversation: Sequence[Message], add_assistant: bool) -> str:
         pairs = [(m["role"], m["content"]) for m in conversation]
@@ -454,22 +577,28 @@ class StreamingLLM:
     @staticmethod
     def _normalise_messages(messages: str | Message | Sequence[Message]) -> list[dict[str, str]]:
         if isinstance(messages, str):
-            return [{"role": "user", "content": messages}]
+            return [{"role": "user", "content": _check_text("message", messages)}]
         if isinstance(messages, Mapping):
             messages = [messages]
+        if not isinstance(messages, (list, tuple)):
+            raise InvalidArgumentError(
+                "messages must be the user's text, a {'role': ..., 'content': ...} dict or a list of them "
+                f"(got {type(messages).__name__})"
+            )
         out = []
         for m in messages:
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidArgumentError(
                     f"each message must be a dict with string 'role' and 'content' (got {m!r})"
                 )
-            out.append({"role": m["role"], "content": m["content"]})
+            out.append({"role": _check_text("message role", m["role"]),
+                        "content": _check_text("message content", m["content"])})
         if not out:
             raise InvalidArgumentError("no messages given")
         return out
 
     def _sampling_from_kwargs(self, kwargs: dict) -> tuple["_core.SamplingParams", Sequence[str] | None, bool]:
-        stop = kwargs.pop("stop", None)
+        stop = _check_stop(kwargs.pop("stop", None))
         ignore_eos = bool(kwargs.pop("ignore_eos", False))
         if kwargs.get("seed") is None:
             kwargs["seed"] = self.seed
