@@ -176,6 +176,13 @@ def run_chat(args: argparse.Namespace) -> int:
         pending_system = args.system
         if interactive:
             print(f"pymemory chat — {llm!r}\n{CHAT_HELP}", file=sys.stderr)
+        if args.load:
+            from .chat_session import load_chat
+
+            n = load_chat(llm, args.load)
+            pending_system = None  # the loaded conversation has its own
+            print(f"[resumed {n} messages from {args.load}: {llm.stats.cells_used} cells restored, nothing re-read]",
+                  file=sys.stderr)
         while True:
             try:
                 line = input("> " if interactive else "")
@@ -211,6 +218,11 @@ def run_chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             if args.show_cache:
                 print(format_cache_line(llm, 0, 0), file=sys.stderr)
+        if args.save and llm.messages:
+            from .chat_session import save_chat
+
+            save_chat(llm, args.save)
+            print(f"[session saved to {args.save}; continue it with --load {args.save}]", file=sys.stderr)
     return 0
 
 
@@ -237,6 +249,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--pin-system-prompt", action="store_true", help="keep BOS + the system prompt as sinks")
     c.add_argument("--chat-template", default=None, help="override the GGUF's chat template (e.g. chatml)")
     c.add_argument("--show-cache", action="store_true", help="print the cache line after every reply")
+    c.add_argument("--save", default=None, metavar="FILE",
+                   help="on exit, save the conversation and its cache to FILE (a pymemory session file)")
+    c.add_argument("--load", default=None, metavar="FILE",
+                   help="resume a conversation saved with --save (or by pymemory serve) without re-reading it")
     add_model_arguments(c)
     add_sampling_arguments(c, max_tokens=512)
     c.set_defaults(func=run_chat)

@@ -122,7 +122,8 @@ class ServerState:
         if self.store is not None:
             for slot in self.manager.slots:
                 if slot.session_id and slot.fed_text and not slot.busy:
-                    stored = self.store.stage(slot.session_id, slot.explicit, slot.kind, slot.fed_text)
+                    stored = self.store.stage(slot.session_id, slot.explicit, slot.kind, slot.fed_text,
+                                              slot.messages)
                     self.store.save(stored, slot.engine)
         self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -239,7 +240,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
                                             min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=seed)
         except ValueError as exc:
             raise bad_request(f"invalid sampling settings: {exc}")
-        turn = Turn(req.kind, rendered, system, max_tokens, sampling, req.stop, req.ignore_eos)
+        turn = Turn(req.kind, rendered, system, req.messages, max_tokens, sampling, req.stop, req.ignore_eos)
         assignment = await state.manager.acquire(RouteKey(req.kind, rendered, req.session_id))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

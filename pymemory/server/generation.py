@@ -34,6 +34,7 @@ class Turn:
     kind: str                    # "chat" | "completion"
     rendered: str                # full text of the request
     system_text: str | None      # chat: the rendered system message alone, pinned on a fresh slot
+    messages: list               # chat: the request's messages (kept with the session)
     max_tokens: int
     sampling: object             # _core.SamplingParams
     stop: list[str]
@@ -63,7 +64,7 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
         store.save(a.save_first, engine)
     if a.restore is not None and store is not None:
         try:
-            slot.fed_text = store.load(a.restore, engine)
+            slot.fed_text, slot.messages = store.load(a.restore, engine)
             slot.kind = a.restore.kind
             result.restored = True
         except InvalidArgumentError as exc:
@@ -142,6 +143,8 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
         slot.fed_text = turn.rendered + raw.decode("utf-8", errors="replace")
         slot.kind = turn.kind
         slot.turns += 1
+        if turn.kind == "chat":
+            slot.messages = turn.messages + [{"role": "assistant", "content": assembler.text}]
     result.text = "".join(pieces)
     result.generate_seconds = time.perf_counter() - t1
     return _finish(result, engine)

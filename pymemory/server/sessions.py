@@ -38,6 +38,7 @@ class StoredSession:
     kind: str
     fed_text: str
     path: Path
+    messages: list = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
 
@@ -72,8 +73,8 @@ class SessionStore:
 
     # ---- event loop side -------------------------------------------------------------------------------------
 
-    def stage(self, session_id: str, explicit: bool, kind: str, fed_text: str) -> StoredSession:
-        stored = StoredSession(session_id, explicit, kind, fed_text, self.path_for(session_id))
+    def stage(self, session_id: str, explicit: bool, kind: str, fed_text: str, messages: list) -> StoredSession:
+        stored = StoredSession(session_id, explicit, kind, fed_text, self.path_for(session_id), list(messages))
         self.index[session_id] = stored
         return stored
 
@@ -99,6 +100,7 @@ class SessionStore:
                 "explicit": stored.explicit,
                 "turn_kind": stored.kind,
                 "fed_text": stored.fed_text,
+                "messages": stored.messages,
                 "settings": self.settings,
                 "saved_at": time.time(),
             }
@@ -109,8 +111,9 @@ class SessionStore:
         finally:
             stored.ready.set()
 
-    def load(self, stored: StoredSession, engine) -> str:
-        """Restores the session into the engine; returns the text its cache holds. Raises SessionFileError."""
+    def load(self, stored: StoredSession, engine) -> tuple[str, list]:
+        """Restores the session into the engine; returns the text its cache holds and its chat messages.
+        Raises SessionFileError."""
         if not stored.ready.wait(timeout=120):
             raise SessionFileError(f"session {stored.session_id!r} is still being written")
         if stored.error:
@@ -125,7 +128,8 @@ class SessionStore:
             engine.reset()
             self._quarantine(stored.path)
             raise SessionFileError(f"session {stored.session_id!r} could not be restored: {exc}") from None
-        return str(header.get("fed_text", ""))
+        messages = header.get("messages")
+        return str(header.get("fed_text", "")), messages if isinstance(messages, list) else []
 
     def _quarantine(self, path: Path) -> None:
         try:

@@ -36,13 +36,14 @@ class Slot:
     explicit: bool = False         # the session id came from the client (X-Session-Id / user)
     kind: str = ""                 # "chat" | "completion": what fed_text is a rendering of
     fed_text: str = ""             # exactly what the cache holds, as text
+    messages: list = field(default_factory=list)  # chat: the conversation fed_text renders (saved with it)
     busy: bool = False
     last_used: float = 0.0
     turns: int = 0
 
     def forget(self) -> None:
         """The cache no longer matches any text (e.g. a prefill was interrupted): start afresh next time."""
-        self.session_id, self.explicit, self.kind, self.fed_text = None, False, "", ""
+        self.session_id, self.explicit, self.kind, self.fed_text, self.messages = None, False, "", "", []
 
 
 @dataclass
@@ -162,7 +163,8 @@ class SlotManager:
         target = min(idle, key=lambda s: (s.session_id is not None, s.last_used))
         save_first = None
         if self.store is not None and target.session_id is not None and target.fed_text:
-            save_first = self.store.stage(target.session_id, target.explicit, target.kind, target.fed_text)
+            save_first = self.store.stage(target.session_id, target.explicit, target.kind, target.fed_text,
+                                          target.messages)
         restore = self.store.find(key) if self.store is not None else None
         session_id = key.session_id or (restore.session_id if restore else new_session_id())
         target.forget()
