@@ -48,6 +48,34 @@ void check_model_supports(const LlamaModel & model, const LlamaContext & ctx, co
     }
 }
 
+// Refuses KV cache types and flash-attention settings that cannot run with this policy, before llama.cpp allocates
+// anything (it would abort inside ggml on the first K-shift, or fail to create the context). README "KV cache types".
+void check_cache_types(const EngineParams & p) {
+    const auto quantized = [](const std::string & t) { return t == "q8_0" || t == "q4_0"; };
+    const std::string policy = policy_kind_name(p.policy.kind);
+    if (p.type_k == "bf16" && policy_shifts_positions(p.policy)) {
+        fail(ErrorKind::invalid_argument,
+             "type_k='bf16' cannot be used with policy '" + policy + "'" +
+                 (is_attention_scored(p.policy.kind) ? " and reindex=True" : "") +
+                 ": shifting cached positions re-rotates the keys, and ggml's RoPE has no bf16 kernel; use "
+                 "type_k='f16' (same size), 'f32' or 'q8_0', or a policy that never shifts (recompute, none)");
+    }
+    if (is_attention_scored(p.policy.kind) && p.flash_attention == FlashAttention::enabled) {
+        fail(ErrorKind::invalid_argument,
+             "policy '" + policy + "' reads attention probabilities, which llama.cpp computes only without flash "
+                                   "attention; use flash_attention='auto' (the default: off for this policy) or 'off'");
+    }
+    const bool flash_off = is_attention_scored(p.policy.kind) || p.flash_attention == FlashAttention::disabled;
+    if (quantized(p.type_v) && flash_off) {
+        fail(ErrorKind::invalid_argument,
+             "type_v='" + p.type_v + "' needs flash attention (llama.cpp stores a quantized V cache only for it), " +
+                 (is_attention_scored(p.policy.kind)
+                      ? "which policy '" + policy + "' turns off to read attention probabilities; use type_v='f16'"
+                      : std::string("but flash_attention is 'off'; use flash_attention='on' or 'auto', or "
+                                    "type_v='f16'")));
+    }
+}
+
 std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, const ModelInfo & model,
                                                        uint32_t n_cells) {
     switch (p.policy.kind) {
@@ -87,6 +115,7 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     : model_(std::move(model)), params_(params) {
     validate(params_.policy);
     if (params_.prefill_chunk < 0) fail(ErrorKind::invalid_argument, "prefill_chunk must be >= 0 (0 = auto)");
+    check_cache_types(params_);
     const int32_t cap = capacity(params_.policy);
     n_batch_ = std::min(cap, 512);
 
