@@ -27,6 +27,7 @@ from .._loader import _core
 from ..errors import CacheFullError, InvalidArgumentError, PymemoryError
 from .errors import APIError, bad_request, not_found, server_error, unauthorized
 from .generation import Turn, TurnResult, run_turn
+from .memory_view import memory_view
 from .schema import (TurnRequest, chunk_object, completion_object, memory_field, new_id, now, parse_json,
                      parse_turn, usage, usage_chunk)
 from .sessions import SessionStore
@@ -200,6 +201,22 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
                         "stats": stats})
         return {"slots": out, "queued": state.manager.queued,
                 "sessions_on_disk": len(state.store.index) if state.store else 0}
+
+    @app.get("/pymemory/sessions/{session_id}/memory")
+    async def session_memory(session_id: str, request: Request):
+        """Per message of a live chat session: how much of it is still in the cache (the chat page's view)."""
+        check_key(request)
+        slot = next((s for s in state.manager.slots if s.session_id == session_id), None)
+        if slot is None:
+            raise not_found(f"session {session_id!r} is not in a slot (it may be on disk or unknown)", "session_id",
+                            code="session_not_found")
+        if slot.busy:
+            raise APIError(409, f"session {session_id!r} is generating; ask again when it is done",
+                           code="session_busy")
+        if slot.kind != "chat":
+            raise bad_request(f"session {session_id!r} is not a chat", "session_id")
+        view = memory_view(state.model, slot.engine, slot.fed_text, slot.messages, config.chat_template or "")
+        return {"session_id": session_id, "slot": slot.index, **view}
 
     @app.get("/")
     async def index():
