@@ -346,6 +346,9 @@ void register_engine(py::module_ & m) {
             "Restores save_state() bytes of an engine with the same model and memory settings; raises "
             "InvalidArgumentError (and resets) for damaged or mismatched bytes. Feed tokens before sampling.")
         .def(
+            "rewind", [](Engine & self, int32_t n) { locked(self, [&] { self.rewind(n); }); }, py::arg("n_tokens"),
+            "Takes back the last n cached tokens of the stream (sink-style policies); feed before sampling again.")
+        .def(
             "set_threads",
             [](Engine & self, int32_t n_threads, int32_t n_threads_batch) {
                 locked(self, [&] { self.set_threads(n_threads, n_threads_batch); });

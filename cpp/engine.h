@@ -88,6 +88,10 @@ public:
     // policies (h2o, namm) are refused: their per-token attention state is not saved yet.
     std::string save_state() const;
     void load_state(const std::string & bytes);
+    // Takes back the last n tokens of the stream (they must still be cached, after the pinned prefix): their cells
+    // are freed and the next token gets the first freed position. For a reply cut by a stop string, or a reply the
+    // client regenerates. Feed tokens before sampling again. Sink-style policies only (engine_state.cpp).
+    void rewind(int32_t n_tokens);
     void set_threads(int32_t n_threads, int32_t n_threads_batch);
 
     std::vector<Token> cached_tokens() const { return cached_tokens_; }

@@ -195,4 +195,25 @@ void Engine::load_state(const std::string & bytes) {
     has_logits_ = false;  // logits are not part of the state: the next call must feed tokens before sampling
 }
 
+void Engine::rewind(int32_t n_tokens) {
+    if (is_attention_scored(params_.policy.kind)) {
+        fail(ErrorKind::unsupported, "rewind is not supported for policy '" + policy_kind_name(params_.policy.kind) +
+                                         "': its attention state cannot take tokens back");
+    }
+    const int32_t n_cached = int32_t(cache_.positions.size());
+    if (n_tokens < 0 || n_tokens > n_cached - n_pinned()) {
+        fail(ErrorKind::invalid_argument, "can rewind at most the " + std::to_string(n_cached - n_pinned()) +
+                                              " unpinned cached tokens (asked for " + std::to_string(n_tokens) + ")");
+    }
+    if (n_tokens == 0) return;
+    const size_t keep = size_t(n_cached - n_tokens);
+    const Pos first_removed = cache_.positions[keep];
+    ctx_->memory_remove(first_removed, -1);
+    cache_.positions.resize(keep);
+    cached_tokens_.resize(keep);
+    next_pos_ = first_removed;
+    counters_.tokens_seen -= n_tokens;
+    has_logits_ = false;
+}
+
 }  // namespace pm

@@ -95,3 +95,27 @@ def test_session_file_roundtrip_and_damage(tmp_path, smollm2_model):
             read_session(bad)
     with pytest.raises(SessionFileError, match="not found"):
         read_session(tmp_path / "missing.pmsession")
+
+
+def test_rewind_takes_tokens_back(smollm2_model):
+    e = engine(smollm2_model)
+    e.feed(smollm2_model.tokenize(TEXT[:300], True, False))
+    e.pin_prefix(5)
+    tail = smollm2_model.tokenize(" and then the tide came in", False, False)
+    e.feed(tail)
+    before, stats = e.last_logits(), e.stats()
+    e.rewind(len(tail))
+    after = e.stats()
+    assert after["cells_used"] == stats["cells_used"] - len(tail)
+    assert after["next_pos"] == stats["next_pos"] - len(tail) and after["tokens_seen"] == stats["tokens_seen"] - len(tail)
+    with pytest.raises(InvalidArgumentError, match="feed"):
+        e.last_logits()  # the logits belonged to a token that is gone
+    e.feed(tail)  # the same tokens again: the same cells, positions and logits
+    np.testing.assert_array_equal(e.last_logits(), before)
+    assert e.stats() == stats
+    with pytest.raises(InvalidArgumentError, match="at most"):
+        e.rewind(e.stats()["cells_used"])  # would take back pinned tokens
+    h2o = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=60, n_threads=1)
+    h2o.feed(smollm2_model.tokenize("Hello there.", True, False))
+    with pytest.raises(UnsupportedModelError, match="rewind"):
+        h2o.rewind(1)

@@ -189,3 +189,22 @@ def test_api_key(server):
 def test_unknown_route_is_openai_error(server):
     r = httpx.get(server[0] + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+
+
+def test_reply_cut_by_stop_or_regenerated_is_not_reread(client):
+    """A stop string leaves its tokens in the cache and a regenerate request drops the reply: the slot takes those
+    tokens back (Engine.rewind) instead of re-reading the conversation."""
+    extra = {"X-Session-Id": "rewind"}
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "List three fruits, one per line."}]
+    first = chat(client, messages, max_tokens=32, stop=["\n"], extra_headers=extra)
+    assert first.choices[0].finish_reason == "stop"
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Thanks!"}]
+    second = chat(client, messages, extra_headers=extra)
+    mem = second.model_extra["pymemory"]
+    assert mem["reused_cache"] and mem["rewound_tokens"] >= 1 and mem["prefilled_tokens"] < 20
+    again = chat(client, messages, extra_headers=extra)  # the same request again: regenerate the last reply
+    mem = again.model_extra["pymemory"]
+    assert mem["reused_cache"] and mem["rewound_tokens"] >= again.usage.completion_tokens
+    assert mem["prefilled_tokens"] <= 2
+    assert again.choices[0].message.content == second.choices[0].message.content  # greedy: the same reply

@@ -280,6 +280,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
             memory = memory_field(result.stats, {
                 "slot": assignment.slot.index, "session_id": assignment.session_id, "policy": config.policy,
                 "prefilled_tokens": result.prefilled, "reused_cache": result.reused,
+                "rewound_tokens": result.rewound,
                 "restored_from_disk": result.restored, "queue_seconds": round(assignment.waited, 3),
                 "prefill_seconds": round(result.prefill_seconds, 3),
                 "generate_seconds": round(result.generate_seconds, 3), "warning": result.warning})

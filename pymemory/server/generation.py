@@ -14,6 +14,7 @@ evicts it, so its instructions hold however long the conversation grows.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import threading
 import time
@@ -50,6 +51,7 @@ class TurnResult:
     prefilled: int = 0           # prompt tokens decoded by this request
     completion_tokens: int = 0
     reused: bool = False         # continued what the slot held
+    rewound: int = 0             # tokens of the previous reply taken back (cut by a stop string, regenerated)
     restored: bool = False       # came back from disk
     warning: str | None = None
     prefill_seconds: float = 0.0
@@ -78,7 +80,9 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
     if fed and slot.kind == turn.kind and len(turn.rendered) > len(fed) and turn.rendered.startswith(fed):
         delta_text, fresh = turn.rendered[len(fed):], False
     else:
-        delta_text, fresh = turn.rendered, True
+        delta_text, fresh = turn.rendered, not _rewind_to_fit(slot, engine, turn, result)
+        if not fresh:
+            delta_text = turn.rendered[len(slot.fed_text):]
     if fresh:
         engine.reset()
         slot.fed_text, slot.kind = "", turn.kind
@@ -99,6 +103,7 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
         engine.pin_prefix(n_pin)
         tokens = tokens[n_pin:]
         result.prefilled += n_pin
+    last_prompt_token = tokens[-1] if tokens else None
     step = max(1, engine.prefill_chunk)
     for start in range(0, len(tokens), step):
         if turn.cancel.is_set():
@@ -113,6 +118,7 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
     sampler = model_sampler(model, turn.sampling)
     assembler = TextAssembler(turn.stop)
     raw = bytearray()  # every generated token that went into the cache, as the chat template would spell it
+    marks = ReplyMarks(turn.rendered, model, last_prompt_token, special)
     pieces: list[str] = []
     result.finish_reason = "length"
     try:
@@ -127,6 +133,7 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
                 break
             engine.feed([token])
             raw += model.token_bytes(token, special)
+            marks.fed(model.token_bytes(token, special))
             piece = assembler.push(model.token_bytes(token, False))
             if piece:
                 pieces.append(piece)
@@ -141,6 +148,7 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
     finally:
         # The cache holds the prompt and every fed reply token, whatever stopped the loop.
         slot.fed_text = turn.rendered + raw.decode("utf-8", errors="replace")
+        slot.marks = marks.points()
         slot.kind = turn.kind
         slot.turns += 1
         if turn.kind == "chat":
@@ -148,6 +156,70 @@ def run_turn(model, store: SessionStore | None, a: Assignment, turn: Turn, emit:
     result.text = "".join(pieces)
     result.generate_seconds = time.perf_counter() - t1
     return _finish(result, engine)
+
+
+class ReplyMarks:
+    """Points of a turn's text where the cache could be cut back to by rewinding tokens: before the prompt's last
+    token, after the prompt, and after every generated token that ends on a character boundary. A list of
+    (offset in fed_text, tokens to rewind), for the next request of the conversation."""
+
+    def __init__(self, rendered: str, model, last_prompt_token: int | None, special: bool):
+        self._base = len(rendered)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+        self._after: list[tuple[int, int]] = [(self._base, 0)]  # (offset, tokens generated up to it)
+        self._before_prompt_end = None
+        if last_prompt_token is not None:
+            text = model.token_bytes(last_prompt_token, special).decode("utf-8", errors="replace")
+            if text and rendered.endswith(text):
+                self._before_prompt_end = self._base - len(text)
+
+    def fed(self, data: bytes) -> None:
+        self._chars += len(self._decoder.decode(data))
+        n = len(self._after)
+        if not self._decoder.getstate()[0]:  # no half character pending: a text boundary
+            self._after.append((self._base + self._chars, n))
+        else:
+            self._after.append((-1, n))
+
+    def points(self) -> list[tuple[int, int]]:
+        total = len(self._after) - 1
+        out = [(offset, total - k) for offset, k in self._after if offset >= 0]
+        if self._before_prompt_end is not None:
+            out.append((self._before_prompt_end, total + 1))
+        return out
+
+
+def _rewind_to_fit(slot, engine, turn: Turn, result: TurnResult) -> bool:
+    """The request diverges from the slot's cache inside the last reply (a stop string cut it, or the client
+    regenerates it): take the extra tokens back instead of re-reading the conversation. True when that worked."""
+    fed = slot.fed_text
+    if not fed or slot.kind != turn.kind or not slot.marks or engine.policy in ("h2o", "namm"):
+        return False
+    common = _common_prefix(fed, turn.rendered)
+    usable = [(offset, n) for offset, n in slot.marks if offset <= common and offset < len(turn.rendered)]
+    if not usable:
+        return False
+    offset, n = max(usable)
+    try:
+        engine.rewind(n)
+    except ValueError:  # those tokens are no longer all in the cache
+        return False
+    slot.fed_text, slot.marks = fed[:offset], []
+    result.rewound = n
+    return True
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """common_prefix_length for long strings: a binary search on slice equality (C speed)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def model_sampler(model, params):

@@ -37,6 +37,7 @@ class Slot:
     kind: str = ""                 # "chat" | "completion": what fed_text is a rendering of
     fed_text: str = ""             # exactly what the cache holds, as text
     messages: list = field(default_factory=list)  # chat: the conversation fed_text renders (saved with it)
+    marks: list = field(default_factory=list)     # (offset in fed_text, tokens to rewind): generation.ReplyMarks
     busy: bool = False
     last_used: float = 0.0
     turns: int = 0
@@ -44,6 +45,7 @@ class Slot:
     def forget(self) -> None:
         """The cache no longer matches any text (e.g. a prefill was interrupted): start afresh next time."""
         self.session_id, self.explicit, self.kind, self.fed_text, self.messages = None, False, "", "", []
+        self.marks = []
 
 
 @dataclass
