@@ -1,5 +1,6 @@
 #include "attention_policy.h"
 
+#include "byte_io.h"
 #include "errors.h"
 
 #include <algorithm>
@@ -58,6 +59,30 @@ std::vector<int32_t> H2oPolicy::make_room(const CacheView & cache, int32_t n_inc
         forced_evictions_ += 1;
     }
     return out;
+}
+
+std::string H2oPolicy::save_state(const CacheView & cache) const {
+    ByteWriter out;
+    std::vector<double> scores;
+    scores.reserve(cache.cells.size());
+    for (int32_t cell : cache.cells) scores.push_back(accumulated_[size_t(cell)]);
+    out.put_vector(scores);
+    out.put(forced_evictions_);
+    return std::move(out.bytes());
+}
+
+void H2oPolicy::load_state(const CacheView & cache, const std::string & bytes) {
+    ByteReader in(bytes, "the saved h2o state");
+    const std::vector<double> scores = in.get_vector<double>();
+    const int64_t forced = in.get<int64_t>();
+    if (scores.size() != cache.cells.size() || in.remaining() != 0) {
+        fail(ErrorKind::invalid_argument, "the saved h2o state holds " + std::to_string(scores.size()) +
+                                              " tokens but the cache " + std::to_string(cache.cells.size()) +
+                                              " (damaged session file)");
+    }
+    reset();
+    for (size_t i = 0; i < scores.size(); ++i) accumulated_[size_t(cache.cells[i])] = scores[i];
+    forced_evictions_ = forced;
 }
 
 }  // namespace pm

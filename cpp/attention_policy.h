@@ -83,6 +83,12 @@ public:
     // Whether observe() reads AttentionView::cell_totals (computed by the tap where the attention lives).
     virtual bool needs_cell_totals() const { return false; }
     virtual void set_threads(int32_t n_threads) {}
+    // Saving a session (engine_state.cpp): the policy's state of every cached token, chronological (`cache.cells`
+    // gives each token's cell), as bytes, and back into the cells the tokens occupy after a restore. Policies that
+    // cannot (NAMM: per-head spectrogram state) say so with can_save_state() = false.
+    virtual bool can_save_state() const { return false; }
+    virtual std::string save_state(const CacheView & cache) const { return {}; }
+    virtual void load_state(const CacheView & cache, const std::string & bytes) {}
     const std::vector<InvocationCapture> & captures() const { return captures_; }
 
 protected:
@@ -117,6 +123,9 @@ public:
     void observe(const AttentionView & view) override;
     std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override;
     bool needs_cell_totals() const override { return true; }
+    bool can_save_state() const override { return true; }
+    std::string save_state(const CacheView & cache) const override;  // accumulated attention per token
+    void load_state(const CacheView & cache, const std::string & bytes) override;
 
     const std::vector<double> & cell_scores() const { return accumulated_; }
 

@@ -84,8 +84,8 @@ public:
     void reset();
     // The whole stream state as bytes (KV cells, the cache mirror, pinned prefix, counters; engine_state.cpp) and
     // back, for sessions saved to disk. load_state() checks that the bytes come from an engine of the same model
-    // and memory settings and throws invalid_argument otherwise (the engine is then reset). Attention-scored
-    // policies (h2o, namm) are refused: their per-token attention state is not saved yet.
+    // and memory settings and throws invalid_argument otherwise (the engine is then reset). h2o's accumulated
+    // attention is saved per token; namm is refused (its per-head spectrogram state is not saved yet).
     std::string save_state() const;
     void load_state(const std::string & bytes);
     // Takes back the last n tokens of the stream (they must still be cached, after the pinned prefix): their cells

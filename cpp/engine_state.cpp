@@ -4,7 +4,8 @@
 // Layout (all little-endian host values; a file is only read back on the machine type that wrote it):
 //   "PMENGST" + u8 version | settings fingerprint (policy, n_sink, window, reindex, KV types, cell count, model
 //   description and shape) | the cache mirror (token ids and positions in chronological order) | pinned prefix |
-//   next position | counters | the adapter's KV blob (llama_state_seq_* data + cell order, llama_adapter.cpp).
+//   next position | counters | the attention policy's per-token state (h2o; empty for the others) | the adapter's
+//   KV blob (llama_state_seq_* data + cell order, llama_adapter.cpp).
 // Everything is checked before anything is applied; a mismatch names the setting that differs.
 #include "byte_io.h"
 #include "engine.h"
@@ -16,7 +17,7 @@ namespace pm {
 namespace {
 
 constexpr char kMagic[7] = {'P', 'M', 'E', 'N', 'G', 'S', 'T'};
-constexpr uint8_t kVersion = 1;
+constexpr uint8_t kVersion = 2;  // 2: the attention policy's per-token state (h2o)
 
 struct Fingerprint {
     std::string policy;
@@ -115,18 +116,32 @@ Fingerprint fingerprint_of(const EngineParams & p, const ModelInfo & info, uint3
     return f;
 }
 
-void refuse_attention_scored(const EngineParams & p) {
-    if (is_attention_scored(p.policy.kind)) {
+void refuse_unsaveable(const EngineParams & p, const AttentionPolicy * policy) {
+    if (policy && !policy->can_save_state()) {
         fail(ErrorKind::unsupported, "saving or loading a session is not supported for policy '" +
                                          policy_kind_name(p.policy.kind) +
-                                         "' yet: its per-token attention state is not saved; use policy 'sink'");
+                                         "' yet: its per-token attention state is not saved; use policy 'sink' or "
+                                         "'h2o'");
     }
+}
+
+// The cell of each cached token (chronological), from the adapter's cell mirror.
+std::vector<int32_t> cells_of(const std::vector<Pos> & positions, const std::vector<Pos> & cell_pos) {
+    std::vector<std::pair<Pos, int32_t>> by_pos;
+    for (size_t c = 0; c < cell_pos.size(); ++c) {
+        if (cell_pos[c] >= 0) by_pos.emplace_back(cell_pos[c], int32_t(c));
+    }
+    std::sort(by_pos.begin(), by_pos.end());
+    if (by_pos.size() != positions.size()) fail(ErrorKind::runtime, "internal: cell mirror and cache disagree");
+    std::vector<int32_t> cells(positions.size());
+    for (size_t i = 0; i < positions.size(); ++i) cells[i] = by_pos[i].second;
+    return cells;
 }
 
 }  // namespace
 
 std::string Engine::save_state() const {
-    refuse_attention_scored(params_);
+    refuse_unsaveable(params_, attention_.get());
     ByteWriter out;
     out.bytes().append(kMagic, sizeof(kMagic));
     out.put(kVersion);
@@ -136,12 +151,18 @@ std::string Engine::save_state() const {
     out.put(pinned_prefix_);
     out.put(next_pos_);
     write(out, counters_);
+    std::string policy_state;
+    if (attention_) {
+        const std::vector<int32_t> cells = cells_of(cache_.positions, ctx_->cell_positions());
+        policy_state = attention_->save_state(CacheView{cache_, cells, capacity(params_.policy)});
+    }
+    out.put_string(policy_state);
     out.put_string(ctx_->state_save());
     return std::move(out.bytes());
 }
 
 void Engine::load_state(const std::string & bytes) {
-    refuse_attention_scored(params_);
+    refuse_unsaveable(params_, attention_.get());
     if (bytes.size() < sizeof(kMagic) + 1 || !std::equal(kMagic, kMagic + sizeof(kMagic), bytes.begin())) {
         fail(ErrorKind::invalid_argument, "not a pymemory engine state (the magic 'PMENGST' is missing)");
     }
@@ -162,6 +183,7 @@ void Engine::load_state(const std::string & bytes) {
     const Pos next_pos = in.get<Pos>();
     EngineStats counters;
     read_into(in, counters);
+    const std::string policy_state = in.get_string();
     const std::string kv = in.get_string();
     if (in.remaining() != 0) fail(ErrorKind::invalid_argument, "the engine state has trailing bytes (damaged file)");
 
@@ -173,10 +195,18 @@ void Engine::load_state(const std::string & bytes) {
              (i == 0 || positions[i] > positions[i - 1]);
     }
     if (!ok) fail(ErrorKind::invalid_argument, "the engine state's cache mirror is inconsistent (damaged file)");
+    if (!attention_ && !policy_state.empty()) {
+        fail(ErrorKind::invalid_argument, "the engine state carries attention-policy state (damaged file)");
+    }
 
     reset();
     try {
         ctx_->state_load(kv, positions);
+        if (attention_) {
+            const std::vector<int32_t> cells = cells_of(positions, ctx_->cell_positions());
+            const CacheState restored{positions, 0};
+            attention_->load_state(CacheView{restored, cells, cap}, policy_state);
+        }
     } catch (...) {
         reset();
         throw;

@@ -65,11 +65,45 @@ def test_load_refuses_damage_and_other_settings(smollm2_model):
     assert b.stats()["cells_used"] > 0
 
 
-def test_attention_scored_policies_refuse_saving(smollm2_model):
-    h2o = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=60, n_threads=1)
-    h2o.feed(smollm2_model.tokenize("Hello there.", True, False))
-    with pytest.raises(UnsupportedModelError, match="not supported for policy 'h2o'"):
-        h2o.save_state()
+def test_h2o_state_roundtrip_keeps_its_eviction_choices(smollm2_model):
+    """h2o saves its accumulated attention per token; a restored stream then evicts exactly the same tokens."""
+    text = smollm2_model.tokenize(TEXT * 4, True, False)
+    assert len(text) > 500
+
+    def h2o():
+        return _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=60, n_threads=1)
+
+    a = h2o()
+    a.feed(text[:200])
+    state = a.save_state()
+    b = h2o()
+    b.load_state(state)
+    assert b.save_state() == state and b.stats() == a.stats()
+    a.feed(text[200:500])
+    b.feed(text[200:500])  # many more h2o evictions, chosen from the restored scores (and the mirror check holds)
+    assert b.stats()["evictions"] > a.stats()["evictions"] - 20 > 0
+    assert b.cached_positions() == a.cached_positions() and b.stats() == a.stats()
+    # A sink engine's state does not fit an h2o engine, and the reverse.
+    with pytest.raises(InvalidArgumentError, match="policy"):
+        engine(smollm2_model).load_state(state)
+
+
+def test_namm_refuses_saving(smollm2_model, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.convert import write_gguf
+    from pymemory.namm.testing import write_random_checkpoint
+
+    write_random_checkpoint(tmp_path / "ckpt.pt", seed=2)
+    namm = write_gguf(load_checkpoint(tmp_path / "ckpt.pt", trust_pickle=True), tmp_path / "namm.gguf", "f32")
+    e = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, n_threads=1,
+                     namm_path=str(namm["output"]))
+    e.feed(smollm2_model.tokenize("Hello there.", True, False))
+    with pytest.raises(UnsupportedModelError, match="not supported for policy 'namm'"):
+        e.save_state()
+    with pytest.raises(UnsupportedModelError, match="not supported for policy 'namm'"):
+        e.load_state(b"PMENGST")
 
 
 def test_session_file_roundtrip_and_damage(tmp_path, smollm2_model):

@@ -75,9 +75,9 @@ class ServerState:
             raise InvalidArgumentError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
         if config.parallel < 1 or config.max_queue < 0:
             raise InvalidArgumentError("--parallel must be >= 1 and --max-queue >= 0")
-        if config.sessions_dir and config.policy in ("h2o", "namm"):
+        if config.sessions_dir and config.policy == "namm":
             raise InvalidArgumentError(f"--sessions-dir is not supported with policy {config.policy!r} yet (its "
-                                       "per-token attention state is not saved); use policy sink")
+                                       "per-token attention state is not saved); use policy sink or h2o")
         self.config = config
         _core.set_log_verbosity(2 if config.verbose else 0)
         self.model_path = os.fspath(resolve_model(config.model))
