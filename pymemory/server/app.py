@@ -142,6 +142,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
+        log.info("%s %s %d | %s", request.method, request.url.path, exc.status, exc.message)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -290,6 +291,8 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
         if not req.stream:
             result = await wait_watching(request, future, turn)
             if result is None:  # the client went away
+                log.info("%s %s 499 | slot %d session %s: client disconnected, generation stopped", request.method,
+                         request.url.path, assignment.slot.index, assignment.session_id)
                 return Response(status_code=499)
             memory = finish(result, 200)
             body = completion_object(req, rid, created, result.text, result.finish_reason,
@@ -300,6 +303,8 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
         # Streaming: wait for the first piece (or the end) so that errors of the prefill keep their status.
         first = await wait_watching(request, loop.create_task(queue.get()), turn)
         if first is None:
+            log.info("%s %s 499 | slot %d session %s: client disconnected during the prefill", request.method,
+                     request.url.path, assignment.slot.index, assignment.session_id)
             return Response(status_code=499)
         if first is done:
             await result_of(future)  # raises the worker's error, if any
@@ -321,6 +326,9 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
             except APIError as exc:
                 yield sse(exc.body())
             finally:
+                if not future.done():
+                    log.info("%s %s 499 | slot %d session %s: client disconnected mid-stream, generation stopped",
+                             request.method, request.url.path, assignment.slot.index, assignment.session_id)
                 turn.cancel.set()  # no-op after a normal end; stops the worker if the client went away
             yield "data: [DONE]\n\n"
 
