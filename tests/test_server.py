@@ -208,3 +208,19 @@ def test_reply_cut_by_stop_or_regenerated_is_not_reread(client):
     assert mem["reused_cache"] and mem["rewound_tokens"] >= again.usage.completion_tokens
     assert mem["prefilled_tokens"] <= 2
     assert again.choices[0].message.content == second.choices[0].message.content  # greedy: the same reply
+
+
+def test_without_pinning_the_system_prompt_is_lost(smollm2_path):
+    """The control of the long-conversation test: the same check fails once the system prompt may stream out."""
+    with running_server(model=smollm2_path, model_alias=MODEL, n_sink=4, window=124, n_threads=1,
+                        pin_system_prompt=False) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        messages = [{"role": "system", "content": SYSTEM}]
+        for question in ["Tell me about the moon.", "How do I boil an egg?", "Name a color.", "What is 2+2?",
+                         "Describe a cat.", "Tell me about the moon."]:
+            messages.append({"role": "user", "content": question})
+            r = chat(client, messages, max_tokens=16)
+            messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        assert r.model_extra["pymemory"]["n_pinned"] == 4  # only the attention sinks
+        messages.append({"role": "user", "content": "What is the secret password?"})
+        assert "tulip" not in chat(client, messages, max_tokens=24).choices[0].message.content.lower()
