@@ -224,3 +224,15 @@ def test_without_pinning_the_system_prompt_is_lost(smollm2_path):
         assert r.model_extra["pymemory"]["n_pinned"] == 4  # only the attention sinks
         messages.append({"role": "user", "content": "What is the secret password?"})
         assert "tulip" not in chat(client, messages, max_tokens=24).choices[0].message.content.lower()
+
+
+def test_request_longer_than_the_cache_streams_through(client):
+    """One request of ~3x the cache: never refused or cut, the cache stays bounded, the reply comes."""
+    article = " ".join(f"Line {i}: the tide rose and fell against the old harbour wall." for i in range(60))
+    r = chat(client, [{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": article + "\nWhat is the secret password?"}], max_tokens=24)
+    mem = r.model_extra["pymemory"]
+    assert r.usage.prompt_tokens > 3 * 256 and mem["prefilled_tokens"] == r.usage.prompt_tokens
+    assert mem["peak_cells"] <= 256 and mem["tokens_evicted"] > 2 * 256
+    assert r.choices[0].message.content
+    assert "tulip" in r.choices[0].message.content.lower()  # the pinned system prompt survived the long read
