@@ -180,7 +180,9 @@ def run_chat(args: argparse.Namespace) -> int:
             from .chat_session import load_chat
 
             n = load_chat(llm, args.load)
-            pending_system = None  # the loaded conversation has its own
+            if pending_system:
+                print("[--system ignored: the loaded conversation keeps its own]", file=sys.stderr)
+            pending_system = None
             print(f"[resumed {n} messages from {args.load}: {llm.stats.cells_used} cells restored, nothing re-read]",
                   file=sys.stderr)
         while True:
