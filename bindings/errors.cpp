@@ -27,7 +27,12 @@ void register_errors(py::module_ & m) {
                 case ErrorKind::runtime: cls = "LlamaError"; break;
             }
             py::object type = errors_module->attr(cls);
-            PyErr_SetString(type.ptr(), e.what());
+            // Messages may quote bytes from a damaged file: invalid UTF-8 becomes U+FFFD instead of a
+            // UnicodeDecodeError in place of the typed error.
+            const std::string message = e.what();
+            PyObject * text = PyUnicode_DecodeUTF8(message.data(), Py_ssize_t(message.size()), "replace");
+            PyErr_SetObject(type.ptr(), text);
+            Py_XDECREF(text);
         }
     });
 }

@@ -14,7 +14,9 @@
 #include <fstream>
 #include <limits>
 #include <mutex>
+#include <string_view>
 #include <thread>
+#include <unordered_map>
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -117,7 +119,26 @@ void validate_gguf_file(const std::string & path) {
     for (int64_t i = 0; i < n_tensors; ++i) {
         data_end = std::max(data_end, data_offset + gguf_get_tensor_offset(gctx, i) + gguf_get_tensor_size(gctx, i));
     }
+    // llama.cpp asserts (aborts the process) on a vocabulary with a repeated token text: refuse it here.
+    std::string vocab_problem;
+    const int64_t vocab_key = gguf_find_key(gctx, "tokenizer.ggml.tokens");
+    if (vocab_key >= 0 && gguf_get_kv_type(gctx, vocab_key) == GGUF_TYPE_ARRAY &&
+        gguf_get_arr_type(gctx, vocab_key) == GGUF_TYPE_STRING) {
+        const size_t n = gguf_get_arr_n(gctx, vocab_key);
+        std::unordered_map<std::string_view, size_t> seen;  // views into gctx, valid until gguf_free
+        seen.reserve(n);
+        for (size_t i = 0; i < n && vocab_problem.empty(); ++i) {
+            const auto [it, inserted] = seen.emplace(gguf_get_arr_str(gctx, vocab_key, i), i);
+            if (!inserted) {
+                vocab_problem = "tokens " + std::to_string(it->second) + " and " + std::to_string(i) +
+                                " of its vocabulary have the same text";
+            }
+        }
+    }
     gguf_free(gctx);
+    if (!vocab_problem.empty()) {
+        fail(ErrorKind::bad_model_file, "'" + path + "' is corrupted: " + vocab_problem + "; download it again");
+    }
     if (n_tensors == 0) {
         fail(ErrorKind::bad_model_file, "'" + path + "' is a GGUF file without tensors, not a model");
     }

@@ -7,7 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
+#include <limits>
 #include <numeric>
 
 namespace pm {
@@ -73,7 +73,7 @@ public:
         invocations_.clear();
         captures_.clear();
         forced_evictions_ = 0;
-        last_mean_scores_.clear();
+        std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
     }
 
     void set_threads(int32_t n_threads) override { tap_.set_threads(n_threads); }
@@ -95,6 +95,10 @@ public:
 
     void observe(const AttentionView & v) override {
         if (v.layer < 0 || v.layer >= n_layer_) return;
+        // A cell that receives a new token no longer holds the token the last invocation scored.
+        if (v.layer == 0) {
+            for (int32_t t = 0; t < v.n_tokens; ++t) last_cell_scores_[size_t(v.token_cell[t])] = kNoScore;
+        }
         std::vector<float> & window = windows_[size_t(v.layer)];
         tap_.observe(namm::TapBatch{v.layer, v.tensor, v.n_tokens, batch_begin_, v.token_cell},
                      window.empty() ? nullptr : &captured_rows_);
@@ -128,10 +132,12 @@ public:
         // scores (oldest non-sink tokens if there was none). Counted: a well-sized cache never needs this.
         const int32_t n = int32_t(cache.state.positions.size());
         const int32_t needed = n + n_incoming - cache.capacity;
+        // Keyed by cell, not position: cells stay put when positions are re-indexed (reindex=True), positions don't.
+        // Tokens decoded since the last invocation have no score yet and count as 0.
         std::vector<double> scores(static_cast<size_t>(n), 0.0);
         for (int32_t i = 0; i < n; ++i) {
-            const auto it = last_mean_scores_.find(cache.state.positions[size_t(i)]);
-            scores[size_t(i)] = it == last_mean_scores_.end() ? 0.0 : it->second;
+            const double s = last_cell_scores_[size_t(cache.cells[size_t(i)])];
+            scores[size_t(i)] = std::isnan(s) ? 0.0 : s;
         }
         forced_evictions_ += needed;
         const int32_t first = std::min(std::max(rule_.n_sink, cache.state.n_pinned), n);
@@ -168,10 +174,10 @@ private:
             }
         }
         std::vector<double> mean_scores(static_cast<size_t>(n));
-        last_mean_scores_.clear();
+        std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         for (int32_t i = 0; i < n; ++i) {
             mean_scores[size_t(i)] = score_sum[size_t(i)] / double(n_pairs);
-            last_mean_scores_[cache.state.positions[size_t(i)]] = mean_scores[size_t(i)];
+            last_cell_scores_[size_t(cache.cells[size_t(i)])] = mean_scores[size_t(i)];
             record.union_size += drop_votes[size_t(i)] < n_pairs;
             record.intersection_size += drop_votes[size_t(i)] == 0;
         }
@@ -233,7 +239,10 @@ private:
     std::vector<std::vector<float>> windows_;  // captured layers: [head][row][cell] this window's GQA rows
     std::vector<float> captured_rows_;
     int64_t batch_begin_ = 0;
-    std::map<Pos, double> last_mean_scores_;
+    // Mean score of each cell's token at the last invocation (make_room's fallback); kNoScore for cells that got a
+    // new token since, or none.
+    static constexpr double kNoScore = std::numeric_limits<double>::quiet_NaN();
+    std::vector<double> last_cell_scores_ = std::vector<double>(n_cells_, kNoScore);
 };
 
 }  // namespace

@@ -114,6 +114,8 @@ def _check_int(name: str, value: object, minimum: int) -> int:
         raise InvalidArgumentError(f"{name} must be an integer (got {value!r})")
     if value < minimum:
         raise InvalidArgumentError(f"{name} must be >= {minimum} (got {value})")
+    if value > 2**31 - 1:
+        raise InvalidArgumentError(f"{name} is too large (got {value}; at most 2**31 - 1)")
     return value
 
 
@@ -191,6 +193,17 @@ class StreamingLLM:
         self._lock = threading.RLock()  # held by every step that touches the engine (see the module docstring)
         self._turn = 0  # id of the newest generate()/chat(); older generators raise SupersededError
         self._commit_partial: Callable[[], None] | None = None  # records an unfinished chat reply if superseded
+        for name, value, kinds in (("flash_attention", flash_attention, str), ("type_k", type_k, str),
+                                   ("type_v", type_v, str), ("chat_template", chat_template, (str, type(None))),
+                                   ("reindex", reindex, (bool, type(None))), ("use_extra_bufts", use_extra_bufts, bool),
+                                   ("policy", policy, str), ("namm_path", namm_path, (str, os.PathLike, type(None))),
+                                   ("model_path", model_path, (str, os.PathLike, type(None)))):
+            if not isinstance(value, kinds):
+                raise InvalidArgumentError(f"{name} has the wrong type ({type(value).__name__}); see help(StreamingLLM)")
+        if quorum is not None and (isinstance(quorum, bool) or not isinstance(quorum, numbers.Real)):
+            raise InvalidArgumentError(f"quorum must be a number in (0, 1] (got {quorum!r})")
+        if chat_template:
+            _check_text("chat_template", chat_template)
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
         _check_int("n_sink", n_sink, 0)

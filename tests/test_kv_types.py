@@ -64,9 +64,11 @@ def namm_file(tmp_path_factory) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def results(smollm2_path, namm_file) -> dict[tuple, dict]:
+def results(request, smollm2_path, namm_file) -> dict[tuple, dict]:
     worker = Path(__file__).parent / "helpers" / "kv_matrix_worker.py"
-    todo = [c for c in COMBOS if namm_file or "namm" not in c[3]]
+    selected = {item.callspec.params["combo"] for item in request.session.items
+                if getattr(item, "callspec", None) and "combo" in item.callspec.params}  # honours -k
+    todo = [c for c in COMBOS if c in selected and (namm_file or "namm" not in c[3])]
     out: dict[tuple, dict] = {}
     while todo:
         job = json.dumps({"model": smollm2_path, "namm": namm_file, "combos": todo})

@@ -124,3 +124,49 @@ def test_streaming_llm_and_cli_run_namm(smollm2_path, namm_gguf, capsys, monkeyp
                  "--max-tokens", "20", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "[cache" in err
+
+
+@pytest.mark.model
+def test_forced_eviction_with_reindex_uses_the_scores_of_the_right_tokens(smollm2_model, namm_gguf):
+    """Between invocations a full cache evicts by the last invocation's mean scores (make_room). With reindex=True
+    positions are compacted after every eviction, so those scores must follow the tokens, not the positions they
+    had (the bug: a map keyed by position gave each token the score of whichever token had its position before).
+    Distinct token ids identify the tokens; the expected cache is simulated from the captured scores."""
+    path, _ = namm_gguf
+    n_sink, window, delay = 4, 44, 32
+    capacity = n_sink + window
+    tokens = [int(t) for t in np.random.default_rng(0).permutation(np.arange(1000, 30000))[:2 * delay - 1]]
+    engine = _core.Engine(smollm2_model, policy="namm", n_sink=n_sink, window=window, namm_path=path,
+                          namm_delay=delay, reindex=True, namm_mode="quorum", quorum=1.0, n_threads=1)
+    engine.capture_namm_layers(list(range(smollm2_model.info["n_layer"])))
+    engine.feed(tokens[:delay])  # ends with the first invocation
+    captures = engine.namm_captures()
+    assert len(captures) == smollm2_model.info["n_layer"] and {c["tokens_seen"] for c in captures} == {delay}
+    # Mean over every (layer, KV head) pair, as the policy computes it, in chronological order at the invocation.
+    mean_scores = np.mean([c["scores"].astype(np.float64) for c in captures], axis=(0, 1))
+    invoked = [tokens[p] for p in captures[0]["positions"]]  # no eviction before: position = stream index
+    kept = captures[0]["kept"].astype(bool)
+    cache = [(t, s) for t, s, k in zip(invoked, mean_scores, kept) if k]
+    assert engine.cached_tokens() == [t for t, _ in cache]
+    score_at_position = dict(zip(captures[0]["positions"].tolist(), mean_scores))
+
+    forced = disagreements = 0
+    for token in tokens[delay:]:  # up to the token before the next invocation: only forced evictions
+        if len(cache) + 1 > capacity:
+            candidates = range(n_sink, len(cache) - 1)  # never the sinks nor the newest token
+            right = min(candidates, key=lambda i: (cache[i][1], i))
+            positions = engine.cached_positions()
+            wrong = min(candidates, key=lambda i: (score_at_position.get(positions[i], 0.0), i))
+            disagreements += right != wrong
+            del cache[right]
+            forced += 1
+        cache.append((token, 0.0))  # decoded since the invocation: no score yet
+        engine.feed([token])
+        assert engine.cached_tokens() == [t for t, _ in cache], f"after {forced} forced evictions"
+        assert engine.cached_positions() == list(range(len(cache)))  # re-indexed
+    stats = engine.policy_stats()
+    print(f"kept {int(kept.sum())} of {delay} at the invocation, then {forced} forced evictions; keyed by position "
+          f"{disagreements} of them would have evicted another token")
+    assert forced == int(kept.sum()) + len(tokens) - delay - capacity
+    assert stats["forced_evictions"] == forced > 5 and len(stats["invocations"]) == 1
+    assert disagreements > 0  # the scenario tells the two lookups apart: keyed by position it would fail
