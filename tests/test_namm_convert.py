@@ -141,8 +141,9 @@ def test_quantised_files_keep_the_same_tokens(tmp_path):
     print("evicted fraction per seed", np.round(evicted, 3), "keep agreement",
           {t: np.round(v, 4).tolist() for t, v in agreement.items()})
     assert all(0.05 < e < 0.95 for e in evicted)  # the random policies really decide something
-    assert min(agreement["f16"]) >= 0.99 and min(agreement["q8_0"]) >= 0.99
-    assert min(agreement["q4_0"]) >= 0.95  # 4-bit weights: only guards against a broken dequantisation
+    # The floors docs/namm.md states (measured here: f16 and q8_0 1.0, q4_0 0.9918-0.9995).
+    assert min(agreement["f16"]) >= 1.0 and min(agreement["q8_0"]) >= 0.998
+    assert min(agreement["q4_0"]) >= 0.991
 
 
 def test_plain_vectors_are_accepted(tmp_path, checkpoint):

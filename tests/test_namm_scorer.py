@@ -161,22 +161,26 @@ def rounded(values: list[float]) -> list[float]:
     return [round(float(v), 5) for v in values]
 
 
+# The floors docs/namm.md states for the keep decisions (measured on these seeds: f16 1.0, q8_0 >= 0.9996).
+DOCUMENTED_AGREEMENT = {"f16": 1.0, "q8_0": 0.998, "q4_0": 0.991}
+
+
 @pytest.mark.parametrize("weight_type", ["f16", "q8_0"])
-def test_f16_and_q8_0_keep_decisions_agree_on_99_percent(policies, trajectories, weight_type):
+def test_f16_and_q8_0_keep_decisions_agree_as_documented(policies, trajectories, weight_type):
     agreements = [keep_agreement(trajectories[s], policies[s].models[weight_type]) for s in SEEDS]
     print(f"{weight_type}: keep-decision agreement with the reference {rounded(agreements)}")
-    assert min(agreements) >= 0.99
+    assert min(agreements) >= DOCUMENTED_AGREEMENT[weight_type]
 
 
 def test_q4_0_agreement_is_reported_and_far_above_an_unrelated_policy(policies, trajectories):
-    """q4_0 keeps 4 bits per weight, so decisions near score 0 flip (measured: 99.2-99.97 %). The floor only has to
-    separate a working q4_0 path from a broken one (wrong scales or nibble order), which behaves like an unrelated
-    network: that is the baseline measured here with another seed's weights (36-68 %)."""
+    """q4_0 keeps 4 bits per weight, so decisions near score 0 flip (measured: 99.2-99.97 %); docs/namm.md states
+    >= 99.1 %. A broken q4_0 path (wrong scales or nibble order) behaves like an unrelated network: that is the
+    baseline measured here with another seed's weights (36-68 %)."""
     q4 = [keep_agreement(trajectories[s], policies[s].models["q4_0"]) for s in SEEDS]
     unrelated = [keep_agreement(trajectories[s], policies[SEEDS[(i + 1) % 3]].models["f32"])
                  for i, s in enumerate(SEEDS)]
     print(f"q4_0: keep-decision agreement {rounded(q4)}; an unrelated policy: {rounded(unrelated)}")
-    assert max(unrelated) < 0.95 <= min(q4)
+    assert max(unrelated) < 0.95 and min(q4) >= DOCUMENTED_AGREEMENT["q4_0"]
 
 
 # ---- the streaming form ----------------------------------------------------------------------------------------
