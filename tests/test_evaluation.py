@@ -79,10 +79,15 @@ def test_eval_streameval_runs(tmp_path, smollm2_path):
 
 def test_bench_writes_ratios(tmp_path, smollm2_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", smollm2_path, "--suite", "speed,recompute", "--caches", "128",
-                 "--tokens", "8", "--rounds", "1", "--json", str(out), "--md", str(tmp_path / "b.md")]) == 0
-    data = json.loads(out.read_text())
-    speed = data["speed"][0]
-    assert speed["capacity"] == 128 and speed["ratio_c_loop"] > 0.3 and speed["ratio_generate"] > 0.3
-    assert data["recompute"][0]["speedup"] > 1.0
+    assert main(["bench", "--model", smollm2_path, "--suite", "speed", "--caches", "128", "--tokens", "16",
+                 "--rounds", "3", "--json", str(out), "--md", str(tmp_path / "b.md")]) == 0
+    speed = json.loads(out.read_text())["speed"][0]
+    print("speed ratios", speed["ratio_c_loop"], speed["ratio_generate"])
+    # README: sink decodes at 0.986-1.009x llama-cpp-python. Medians of 3 interleaved rounds on a busy shared machine
+    # measured 0.85-0.89; a slowdown by 30 % is a regression, not noise.
+    assert speed["capacity"] == 128 and speed["ratio_c_loop"] > 0.7 and speed["ratio_generate"] > 0.7
+    recompute = tmp_path / "recompute.json"
+    assert main(["bench", "--model", smollm2_path, "--suite", "recompute", "--caches", "128", "--tokens", "8",
+                 "--rounds", "1", "--json", str(recompute)]) == 0
+    assert json.loads(recompute.read_text())["recompute"][0]["speedup"] > 1.0
     assert "llama-cpp-python" in (tmp_path / "b.md").read_text()
