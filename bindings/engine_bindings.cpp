@@ -1,6 +1,7 @@
 // Bindings of the llama.cpp adapter types, the memory policies and the streaming engine.
 // Long-running calls (load, feed, score, sample) release the GIL.
 #include "bindings.h"
+#include "namm/namm_model.h"
 #include "numpy_util.h"
 
 #include "engine.h"
@@ -312,7 +313,7 @@ void register_engine(py::module_ & m) {
              py::arg("evict_chunk") = py::none(), py::arg("reindex") = py::none(), py::arg("n_threads") = 0,
              py::arg("n_threads_batch") = 0, py::arg("prefill_chunk") = 0, py::arg("flash_attention") = "auto",
              py::arg("type_k") = "f16", py::arg("type_v") = "f16", py::arg("h2o_recent") = -1,
-             py::arg("namm_path") = "", py::arg("namm_mode") = "quorum", py::arg("quorum") = 1.0f,
+             py::arg("namm_path") = "", py::arg("namm_mode") = "", py::arg("quorum") = 0.0f,
              py::arg("max_cells") = 0, py::arg("namm_delay") = 0, py::arg("device_reductions") = false)
         .def_property_readonly("model", &Engine::shared_model)
         .def(
@@ -365,11 +366,37 @@ void register_engine(py::module_ & m) {
                 self.attention_policy()->capture_layers(layers);
             },
             py::arg("layers"), "Record, for these layers, what every later NAMM invocation saw and decided.")
+        .def(
+            "set_namm_parameters",
+            [](Engine & self, const py::dict & tensors) {
+                std::vector<std::pair<std::string, std::vector<float>>> values;
+                for (const auto & item : tensors) {
+                    const auto array = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(item.second);
+                    if (!array) fail(ErrorKind::invalid_argument, "NAMM tensor values must be float arrays");
+                    values.emplace_back(py::str(item.first), std::vector<float>(array.data(), array.data() + array.size()));
+                }
+                locked(self, [&] {
+                    namm::NammModel * scorer = self.attention_policy() ? self.attention_policy()->namm_scorer() : nullptr;
+                    if (!scorer) fail(ErrorKind::invalid_argument, "set_namm_parameters needs an engine with policy 'namm'");
+                    scorer->set_parameters(values);
+                });
+            },
+            py::arg("tensors"),
+            "Replaces the NAMM's parameters in memory (a trainer's candidate): the eight NAMM GGUF tensors by name, "
+            "ggml layout (pymemory.namm.convert.ggml_tensors). The engine's NAMM file must be f32. Call reset() "
+            "before streaming a new sample.")
         .def("namm_captures",
              [](const Engine & self) {
                  const auto lock = lock_engine(self);
                  return captures_to_list(self.attention_policy());
              })
+        .def(
+            "clear_namm_captures",
+            [](Engine & self) {
+                const auto lock = lock_engine(self);
+                if (self.attention_policy()) self.attention_policy()->clear_captures();
+            },
+            "Drops the captures read so far (each holds a layer's attention rows for one invocation).")
         .def("policy_stats",
              [](const Engine & self) {
                  const auto lock = lock_engine(self);

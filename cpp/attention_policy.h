@@ -20,6 +20,9 @@
 #include <vector>
 
 namespace pm {
+namespace namm {
+class NammModel;
+}
 
 // What a policy may look at besides the attention: the cache in chronological order and each token's cell.
 struct CacheView {
@@ -89,7 +92,10 @@ public:
     virtual bool can_save_state() const { return false; }
     virtual std::string save_state(const CacheView & cache) const { return {}; }
     virtual void load_state(const CacheView & cache, const std::string & bytes) {}
+    // The NAMM scorer whose parameters a trainer may replace in place (NAMM only; nullptr for the others).
+    virtual namm::NammModel * namm_scorer() { return nullptr; }
     const std::vector<InvocationCapture> & captures() const { return captures_; }
+    void clear_captures() { captures_.clear(); }  // after the caller has read them (they hold whole attention rows)
 
 protected:
     std::vector<InvocationRecord> invocations_;

@@ -22,8 +22,9 @@ namespace pm {
 struct AttentionPolicyParams {
     int32_t h2o_recent = -1;           // h2o: most recent tokens always kept; -1 = window / 2
     std::string namm_path;             // namm: a NAMM GGUF (pymemory convert-namm)
-    std::string namm_mode = "quorum";  // namm: "quorum" or "budget" (namm_policy.h)
-    float quorum = 1.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop it
+    std::string namm_mode;             // namm: "quorum" or "budget" (namm_policy.h); "" = the file's, else quorum
+    float quorum = 0.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop
+                                       // it; 0 = the file's, else 1.0
     int32_t max_cells = 0;             // namm budget: cells kept after each invocation; 0 = capacity - delay
     int32_t namm_delay = 0;            // namm: tokens between invocations; 0 = the file's value (512)
     bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory

@@ -58,7 +58,7 @@ namespace {
 
 class NammPolicy : public AttentionPolicy {
 public:
-    NammPolicy(std::shared_ptr<const namm::NammModel> model, const SharedCellDecision & rule, int32_t delay,
+    NammPolicy(std::shared_ptr<namm::NammModel> model, const SharedCellDecision & rule, int32_t delay,
                int32_t n_layer, int32_t n_head, int32_t n_head_kv, uint32_t n_cells, int32_t n_threads)
         : model_(std::move(model)), rule_(rule), delay_(delay), n_layer_(n_layer), n_head_kv_(n_head_kv),
           n_cells_(n_cells), tap_(namm::FeatureTapParams{n_layer, n_head, n_head_kv, int32_t(n_cells), n_threads,
@@ -77,6 +77,8 @@ public:
     }
 
     void set_threads(int32_t n_threads) override { tap_.set_threads(n_threads); }
+
+    namm::NammModel * namm_scorer() override { return model_.get(); }
 
     void capture_layers(const std::vector<int32_t> & layers) override {
         for (int32_t l : layers) {
@@ -230,7 +232,7 @@ private:
         return c;
     }
 
-    std::shared_ptr<const namm::NammModel> model_;
+    std::shared_ptr<namm::NammModel> model_;
     SharedCellDecision rule_;
     int32_t delay_;
     int32_t n_layer_, n_head_kv_;
@@ -268,9 +270,11 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, c
                  std::to_string(delay) + " + the retained tokens; raise window above " + std::to_string(delay) +
                  " (e.g. window=" + std::to_string(2 * delay + 1020 - delay) + ")");
     }
+    // Unset mode and quorum take the settings the NAMM was trained with (its file says), else quorum 1.0.
     SharedCellDecision rule;
-    rule.mode = a.namm_mode;
-    rule.quorum = a.quorum;
+    rule.mode = !a.namm_mode.empty() ? a.namm_mode : !scorer->hparams().deploy_mode.empty() ? scorer->hparams().deploy_mode
+                                                                                           : "quorum";
+    rule.quorum = a.quorum > 0.0f ? a.quorum : scorer->hparams().deploy_quorum;
     rule.n_sink = params.policy.n_sink;
     rule.max_cells = a.max_cells > 0 ? a.max_cells : cap - delay;
     if (rule.mode == "budget" && rule.max_cells + delay > cap) {

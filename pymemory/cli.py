@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "pymemory.commands",        # generate, chat
     "pymemory.assets",          # fetch
     "pymemory.namm.convert",    # convert-namm
+    "pymemory.namm.training.cli",  # train-namm
     "pymemory.evaluation.cli",  # eval, bench
     "pymemory.server.cli",      # serve
 )

@@ -23,10 +23,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compact positions after evictions (default: on for sink-style policies, off for h2o/namm)")
     g.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens always kept (default window/2)")
     g.add_argument("--namm", dest="namm_path", default=None, help="namm: the NAMM GGUF (see convert-namm)")
-    g.add_argument("--namm-mode", choices=("quorum", "budget"), default="quorum",
-                   help="namm: evict by quorum of (layer, head) votes, or hold --max-cells (default quorum)")
-    g.add_argument("--quorum", type=float, default=1.0,
-                   help="namm quorum: fraction of (layer, head) pairs that must drop a token (default 1.0 = all)")
+    g.add_argument("--namm-mode", choices=("quorum", "budget"), default=None,
+                   help="namm: evict by quorum of (layer, head) votes, or hold --max-cells (default: what the NAMM "
+                   "file was trained with, else quorum)")
+    g.add_argument("--quorum", type=float, default=None,
+                   help="namm quorum: fraction of (layer, head) pairs that must drop a token (default: the file's, "
+                   "else 1.0 = all)")
     g.add_argument("--max-cells", type=int, default=None, help="namm budget: cells kept after each invocation")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")

@@ -154,9 +154,11 @@ class StreamingLLM:
             False for h2o and namm, which keep absolute positions like their originals — set True to stream
             forever with them).
         h2o_recent: h2o's always-kept recent tokens (default window // 2).
-        namm_path: the NAMM GGUF for policy "namm" (``pymemory convert-namm``).
+        namm_path: the NAMM GGUF for policy "namm" (``pymemory convert-namm`` or ``pymemory train-namm``), or
+            the name of a NAMM shipped with pymemory ("smollm2", see ``pymemory.namm.packaged``).
         namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =
             all of them, so nothing any head keeps is removed) or "budget" (hold the cache at ``max_cells``).
+            Default: the mode the NAMM file was trained with (a trained NAMM says), else quorum 1.0.
         quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (512).
         verbose: show llama.cpp's informational log.
     """
@@ -183,8 +185,8 @@ class StreamingLLM:
         reindex: bool | None = None,
         h2o_recent: int | None = None,
         namm_path: str | os.PathLike | None = None,
-        namm_mode: str = "quorum",
-        quorum: float = 1.0,
+        namm_mode: str | None = None,
+        quorum: float | None = None,
         max_cells: int | None = None,
         namm_delay: int | None = None,
         verbose: bool = False,
@@ -223,19 +225,19 @@ class StreamingLLM:
             _check_int("n_threads", n_threads, 1)
         if prefill_chunk is not None:
             _check_int("prefill_chunk", prefill_chunk, 1)
-        if namm_mode not in NAMM_MODES:
+        if namm_mode is not None and namm_mode not in NAMM_MODES:
             raise InvalidArgumentError(f"namm_mode must be one of {NAMM_MODES} (got {namm_mode!r})")
-        if not (0.0 < quorum <= 1.0):
+        if quorum is not None and not (0.0 < quorum <= 1.0):
             raise InvalidArgumentError(f"quorum must be in (0, 1] (got {quorum})")
         if policy == "namm" and namm_path is None:
             raise InvalidArgumentError(
                 "policy 'namm' needs namm_path=<a NAMM GGUF>; convert a trained checkpoint with "
                 "`pymemory convert-namm ckpt.pt -o namm.gguf --trust-pickle`"
             )
-        if namm_path is not None and not os.path.isfile(namm_path):
-            from .errors import ModelNotFoundError
+        if namm_path is not None:
+            from .namm.packaged import resolve_namm
 
-            raise ModelNotFoundError(f"NAMM file not found: {os.fspath(namm_path)!r}")
+            namm_path = resolve_namm(namm_path)
 
         from .assets import resolve_model  # local import: assets pulls in nothing heavy, but keep startup lean
 
@@ -264,8 +266,8 @@ class StreamingLLM:
             reindex=reindex,
             h2o_recent=-1 if h2o_recent is None else _check_int("h2o_recent", h2o_recent, 0),
             namm_path=os.fspath(namm_path) if namm_path is not None else "",
-            namm_mode=namm_mode,
-            quorum=quorum,
+            namm_mode=namm_mode or "",
+            quorum=quorum or 0.0,
             max_cells=0 if max_cells is None else _check_int("max_cells", max_cells, 1),
             namm_delay=0 if namm_delay is None else _check_int("namm_delay", namm_delay, 16),
         )

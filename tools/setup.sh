@@ -34,7 +34,7 @@ if [ "$dev" = 1 ]; then
   # torch is only needed for the NAMM reference and converter. 2.13.0 is the CPU build this machine type keeps
   # on disk; elsewhere pip picks the matching wheel for your platform.
   python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-  extras="[test,namm,eval,server]"
+  extras="[test,namm,eval,server,train,distributed]"
 else
   extras=""
 fi

@@ -112,6 +112,32 @@ std::vector<float> dequantized(const ggml_tensor * t) {
     return out;
 }
 
+// What is wrong with the eight tensors' values (kTensors order), or "" when nothing is: padding columns of W_qkv
+// must be zero and the variances >= 0, not all zero. Shared by the file reader and set_parameters().
+std::string value_problem(const std::vector<std::vector<float>> & values) {
+    const std::vector<float> & qkv = values[0];  // [96][32]
+    for (int64_t row = 0; row < 3 * kHidden; ++row) {
+        for (int64_t col = kFeatures; col < kFeaturesPadded; ++col) {
+            if (qkv[size_t(row * kFeaturesPadded + col)] != 0.0f) {
+                return "namm.attn_qkv.weight has non-zero padding in input columns 25-31";
+            }
+        }
+    }
+    const std::vector<float> & var = values[7];
+    if (std::any_of(var.begin(), var.end(), [](float v) { return v < 0.0f; }) ||
+        std::all_of(var.begin(), var.end(), [](float v) { return v == 0.0f; })) {
+        return "namm.feat_var must be >= 0 and not all zero";
+    }
+    return "";
+}
+
+// 1 / max(sqrt(var), eps): the graph multiplies by it instead of dividing.
+std::vector<float> inverse_std(const std::vector<float> & var, float eps) {
+    std::vector<float> inv_std(kBins);
+    for (int32_t f = 0; f < kBins; ++f) inv_std[size_t(f)] = 1.0f / std::max(std::sqrt(var[size_t(f)]), eps);
+    return inv_std;
+}
+
 ggml_backend_t init_backend(const std::string & device) {
     ggml_backend_t backend = nullptr;
     if (device == "cpu") {
@@ -214,6 +240,16 @@ void NammModel::load_file(const std::string & path) {
     hp.norm_eps = meta.f32("namm.norm_eps");
     hp.weight_type = meta.str("namm.weight_type");
     hp.source = meta.str("namm.source");
+    if (gguf_find_key(gctx, "namm.deploy.mode") >= 0) {
+        hp.deploy_mode = meta.str("namm.deploy.mode");
+        if (hp.deploy_mode != "quorum" && hp.deploy_mode != "budget") {
+            bad_file(path, "namm.deploy.mode is '" + hp.deploy_mode + "', expected 'quorum' or 'budget'");
+        }
+    }
+    if (gguf_find_key(gctx, "namm.deploy.quorum") >= 0) {
+        hp.deploy_quorum = meta.f32("namm.deploy.quorum");
+        if (!(hp.deploy_quorum > 0.0f && hp.deploy_quorum <= 1.0f)) bad_file(path, "namm.deploy.quorum must be in (0, 1]");
+    }
     if (gguf_find_key(gctx, "namm.source.iteration") >= 0) meta.find("namm.source.iteration", GGUF_TYPE_INT32);
     if (delay == 0 || delay % kHop != 0 || delay > (1u << 20)) {
         bad_file(path, "namm.delay must be a positive multiple of 16 (got " + std::to_string(delay) + ")");
@@ -258,22 +294,9 @@ void NammModel::load_file(const std::string & path) {
         }
     }
     if (gguf_get_n_tensors(gctx) != n_expected) bad_file(path, "a tensor appears more than once");
-    const std::vector<float> & qkv = values[0];  // [96][32]
-    for (int64_t row = 0; row < 3 * kHidden; ++row) {
-        for (int64_t col = kFeatures; col < kFeaturesPadded; ++col) {
-            if (qkv[size_t(row * kFeaturesPadded + col)] != 0.0f) {
-                bad_file(path, "namm.attn_qkv.weight has non-zero padding in input columns 25-31");
-            }
-        }
-    }
-    const std::vector<float> & var = values[7];
-    if (std::any_of(var.begin(), var.end(), [](float v) { return v < 0.0f; }) ||
-        std::all_of(var.begin(), var.end(), [](float v) { return v == 0.0f; })) {
-        bad_file(path, "namm.feat_var must be >= 0 and not all zero");
-    }
-    const float eps = hp.norm_eps;
-    std::vector<float> inv_std(kBins);
-    for (int32_t f = 0; f < kBins; ++f) inv_std[size_t(f)] = 1.0f / std::max(std::sqrt(var[size_t(f)]), eps);
+    const std::string problem = value_problem(values);
+    if (!problem.empty()) bad_file(path, problem);
+    const std::vector<float> inv_std = inverse_std(values[7], hp.norm_eps);
 
     // Backend tensors: the file's (feat_var replaced by inv_std) plus the DFT matrix.
     const size_t n_backend = std::size(kTensors) + 1;
@@ -306,6 +329,42 @@ void NammModel::load_file(const std::string & path) {
     b_out_ = tensors[5];
     mean_ = tensors[6];
     inv_std_ = tensors[7];
+}
+
+void NammModel::set_parameters(const std::vector<std::pair<std::string, std::vector<float>>> & tensors) {
+    if (hparams_.weight_type != "f32") {
+        fail(ErrorKind::invalid_argument, "set_parameters needs a NAMM whose weights are f32 (this one is " +
+                                              hparams_.weight_type + "); load an f32 GGUF as the template");
+    }
+    std::vector<std::vector<float>> values(std::size(kTensors));
+    std::vector<bool> given(std::size(kTensors), false);
+    for (const auto & [name, data] : tensors) {
+        size_t i = 0;
+        while (i < std::size(kTensors) && name != kTensors[i].name) ++i;
+        if (i == std::size(kTensors)) fail(ErrorKind::invalid_argument, "unknown NAMM tensor '" + name + "'");
+        if (given[i]) fail(ErrorKind::invalid_argument, "NAMM tensor '" + name + "' given twice");
+        const size_t expected = size_t(kTensors[i].ne0 * kTensors[i].ne1);
+        if (data.size() != expected) {
+            fail(ErrorKind::invalid_argument, "NAMM tensor '" + name + "' has " + std::to_string(data.size()) +
+                                                  " values, expected " + std::to_string(expected));
+        }
+        if (!std::all_of(data.begin(), data.end(), [](float v) { return std::isfinite(v); })) {
+            fail(ErrorKind::invalid_argument, "NAMM tensor '" + name + "' contains NaN or infinity");
+        }
+        values[i] = data;
+        given[i] = true;
+    }
+    for (size_t i = 0; i < std::size(kTensors); ++i) {
+        if (!given[i]) fail(ErrorKind::invalid_argument, std::string("NAMM tensor '") + kTensors[i].name + "' missing");
+    }
+    const std::string problem = value_problem(values);
+    if (!problem.empty()) fail(ErrorKind::invalid_argument, problem);
+    values[7] = inverse_std(values[7], hparams_.norm_eps);
+    ggml_tensor * targets[] = {w_qkv_, b_qkv_, w_o_, b_o_, w_out_, b_out_, mean_, inv_std_};
+    const std::lock_guard<std::mutex> lock(compute_mutex_);
+    for (size_t i = 0; i < std::size(kTensors); ++i) {
+        ggml_backend_tensor_set(targets[i], values[i].data(), 0, values[i].size() * sizeof(float));
+    }
 }
 
 NammModel::~NammModel() {

@@ -3,8 +3,9 @@
 //   1. features  fold_frames()    STFT frames of attention folded into each token's EMA (§2.2-2.3), a ggml graph;
 //   2. scores    scores()         normalisation, recency, the BAM network (§2.4-§3), a ggml graph;
 //   3. selection select_tokens()  K per layer and each head's top-K (§4.1), on the host from the n scores per head.
-// Immutable once loaded: any number of states and engines share one model (whisper.cpp's model/state split).
-// Computations on one model are serialised by a mutex (a ggml CPU backend runs one graph at a time).
+// Any number of states and engines share one model (whisper.cpp's model/state split). Computations on one model are
+// serialised by a mutex (a ggml CPU backend runs one graph at a time). The weights change only through
+// set_parameters() (a trainer scoring CMA-ES candidates in memory), under the same mutex.
 #pragma once
 
 #include "spectrogram.h"
@@ -36,6 +37,10 @@ struct NammHparams {
     float norm_eps = 1e-7f;            // (E - μ) / max(√σ², eps)
     std::string weight_type;           // f32, f16, q8_0 or q4_0: type of the two weight matrices
     std::string source;                // provenance written by the converter
+    // How the engine uses this NAMM unless told otherwise: the settings it was trained with (pymemory train-namm
+    // writes them; "" / 1.0 for converted checkpoints).
+    std::string deploy_mode;           // namm.deploy.mode: "quorum" or "budget"
+    float deploy_quorum = 1.0f;        // namm.deploy.quorum
 };
 
 // One layer's tokens to score: per KV head, chronological absolute positions and un-normalised EMAs.
@@ -89,6 +94,12 @@ public:
     std::vector<float> features(const LayerInput & tokens) const;
     // BAM alone on given features X [head][token][25].
     std::vector<float> scores_from_features(const float * x, int32_t n_heads, int32_t n_tokens) const;
+
+    // Replaces the learned parameters in place, without a file: the eight tensors of a NAMM GGUF by name, in ggml
+    // layout (docs/namm-gguf.md; pymemory.namm.convert.ggml_tensors builds them from the flat vector θ), feat_var as
+    // variances. Only for a model whose weights are f32 (a trainer's template file). Validated like a file; a
+    // failure leaves the old parameters in place. Throws pm::Error (invalid_argument).
+    void set_parameters(const std::vector<std::pair<std::string, std::vector<float>>> & tensors);
 
     // Steps 2 and 3: scores() then select_tokens() with this model's threshold.
     LayerScores score_layer(const LayerInput & tokens, ScorerTimings * timings = nullptr) const;

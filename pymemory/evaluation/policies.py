@@ -35,6 +35,10 @@ class PolicySpec:
 
     def engine_kwargs(self) -> dict:
         engine_options = {k: v for k, v in self.options.items() if k in ENGINE_OPTIONS}
+        if "namm_path" in engine_options:  # a file or the name of a shipped NAMM
+            from ..namm.packaged import resolve_namm
+
+            engine_options["namm_path"] = resolve_namm(engine_options["namm_path"])
         return {"policy": self.name, "n_sink": self.n_sink, "window": self.window, **engine_options}
 
 

@@ -6,6 +6,7 @@ half-written GGUF, and prints a summary. Runs without the compiled extension.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -33,8 +34,11 @@ def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
     }
 
 
-def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32") -> dict:
+def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32", *, delay: int | None = None,
+               deploy: dict | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
+    ``delay`` overrides the invocation period (default the released 512); ``deploy`` records how the NAMM was
+    trained to be used ({"mode": "budget" | "quorum", "quorum": float}), which the engine then takes by default.
     Returns a summary: output, source, weight_type, bytes, tensors (name, shape, type, max_abs_error)."""
     gguf = _require_gguf()
     if weight_type not in fmt.WEIGHT_TYPES:
@@ -49,8 +53,15 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
         writer.add_uint32(fmt.KEY_FORMAT_VERSION, fmt.FORMAT_VERSION)
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "str": writer.add_string,
                "bool": writer.add_bool}
-        for key, (kind, value) in fmt.RELEASED.metadata().items():
+        hparams = fmt.RELEASED if delay is None else dataclasses.replace(fmt.RELEASED, delay=int(delay))
+        hparams.check_supported()
+        for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)
+        if deploy:
+            if deploy.get("mode") not in ("budget", "quorum"):
+                raise ValueError(f"deploy mode must be 'budget' or 'quorum' (got {deploy.get('mode')!r})")
+            writer.add_string(fmt.KEY_DEPLOY_MODE, deploy["mode"])
+            writer.add_float32(fmt.KEY_DEPLOY_QUORUM, float(deploy.get("quorum", 1.0)))
         writer.add_string(fmt.KEY_SOURCE, vector.source)
         if vector.iteration is not None:
             writer.add_int32(fmt.KEY_SOURCE_ITERATION, vector.iteration)

@@ -1,0 +1,163 @@
+"""What a NAMM training run is: every setting, validated before any work is spent (docs/namm-training.md).
+
+A run is identified by its configuration: resuming a run directory with different settings is refused, so a
+run's log always describes one experiment.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ...errors import InvalidArgumentError
+
+DATA_SOURCES = ("austen", "shakespeare", "paul-graham-essays", "passkey", "kv")
+TEXT_SOURCES = ("austen", "shakespeare", "paul-graham-essays")
+RETRIEVAL_SOURCES = ("passkey", "kv")
+COVARIANCES = ("diagonal", "full")
+MODES = ("budget", "quorum")
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one `pymemory train-namm` run. Defaults follow the original trainer (namm-spec.md §6) where the
+    engine allows it: population 32, σ₀ 0.065, mean 0; `covariance` is diagonal by default (see
+    docs/namm-training.md for why) and samples are short, so a run fits in a few CPU hours."""
+
+    model: str = "smollm2-135m-instruct"  # GGUF path or asset name
+    out_dir: str = "namm-run"
+    data: list[str] = field(default_factory=lambda: ["austen", "passkey", "kv"])
+    # Samples and memory.
+    sample_tokens: int = 1024  # tokens per sample (prompt + scored continuation)
+    scored_tokens: int = 256  # text samples: the last tokens, scored; retrieval samples score only the answer
+    cache_fraction: float = 0.25  # peak cells = this fraction of sample_tokens (what a user's memory buys)
+    n_sink: int = 4
+    namm_delay: int = 64  # tokens between NAMM invocations
+    mode: str = "budget"  # how per-(layer, head) decisions become cell evictions (namm_policy.h)
+    quorum: float = 1.0  # quorum mode only
+    # Evolution (pycma).
+    population: int = 32
+    sigma0: float = 0.065
+    covariance: str = "diagonal"
+    generations: int = 200
+    text_samples: int = 2  # text samples per generation, shared by all members
+    retrieval_samples: int = 2  # retrieval samples per generation, shared by all members
+    fixed_samples: bool = False  # score every generation on generation 0's samples (a fixed training set)
+    heldout_every: int = 10  # generations between held-out evaluations of the CMA mean
+    heldout_text: int = 8
+    heldout_retrieval: int = 8
+    calibration_samples: int = 2  # text samples for the normalisation statistics (all-zero NAMM, no eviction)
+    seed: int = 0
+    # Compute.
+    workers: int = 1  # local worker processes (0 = evaluate in this process)
+    threads: int = 0  # CPU threads per worker (0 = cores / workers)
+    dask: str = ""  # "" | "local:N" (a LocalCluster of N processes) | a Dask scheduler address (tcp://host:port)
+
+    @property
+    def capacity(self) -> int:
+        return int(round(self.sample_tokens * self.cache_fraction))
+
+    @property
+    def max_cells(self) -> int:
+        """Cells kept after each invocation in budget mode: the cache then grows back to `capacity` by the next."""
+        return self.capacity - self.namm_delay
+
+    def text_sources(self) -> list[str]:
+        return [d for d in self.data if d in TEXT_SOURCES]
+
+    def retrieval_sources(self) -> list[str]:
+        return [d for d in self.data if d in RETRIEVAL_SOURCES]
+
+    def validate(self) -> "TrainConfig":
+        """Raises InvalidArgumentError naming the setting and what to do; checks nothing that needs the model."""
+        unknown = [d for d in self.data if d not in DATA_SOURCES]
+        if not self.data or unknown:
+            raise InvalidArgumentError(
+                f"--data {unknown or self.data!r}: give one or more of {', '.join(DATA_SOURCES)}")
+        if not self.text_sources():
+            raise InvalidArgumentError("--data needs at least one text source (austen, shakespeare, "
+                                       "paul-graham-essays): text is the held-out perplexity and the haystack")
+        if self.population < 2:
+            raise InvalidArgumentError(f"--population must be at least 2 for CMA-ES (got {self.population})")
+        if self.namm_delay < 16 or self.namm_delay % 16:
+            raise InvalidArgumentError(f"--namm-delay must be a positive multiple of 16, the STFT hop "
+                                       f"(got {self.namm_delay})")
+        if self.sample_tokens < 256:
+            raise InvalidArgumentError(f"--sample-tokens must be at least 256 (got {self.sample_tokens})")
+        if not 0.0 < self.cache_fraction < 1.0:
+            raise InvalidArgumentError(
+                f"--cache-fraction must be in (0, 1): the budget must be below the sample length, or nothing is "
+                f"ever evicted (got {self.cache_fraction}, i.e. {self.capacity} of {self.sample_tokens} tokens)")
+        if self.capacity < self.n_sink + 2 * self.namm_delay:
+            raise InvalidArgumentError(
+                f"the cache ({self.capacity} cells = {self.cache_fraction} x {self.sample_tokens}) must hold n_sink + "
+                f"2 x namm_delay = {self.n_sink + 2 * self.namm_delay}: raise --cache-fraction or --sample-tokens, "
+                "or lower --namm-delay")
+        if not 0 < self.scored_tokens <= self.sample_tokens - self.capacity:
+            raise InvalidArgumentError(
+                f"--scored-tokens must be in (0, sample_tokens - cache] = (0, {self.sample_tokens - self.capacity}] "
+                f"so that every scored token comes after evictions began (got {self.scored_tokens})")
+        if self.mode not in MODES:
+            raise InvalidArgumentError(f"--mode must be one of {MODES} (got {self.mode!r})")
+        if not 0.0 < self.quorum <= 1.0:
+            raise InvalidArgumentError(f"--quorum must be in (0, 1] (got {self.quorum})")
+        if self.covariance not in COVARIANCES:
+            raise InvalidArgumentError(f"--covariance must be one of {COVARIANCES} (got {self.covariance!r})")
+        if not self.sigma0 > 0:
+            raise InvalidArgumentError(f"--sigma0 must be > 0 (got {self.sigma0})")
+        for name in ("generations", "heldout_every", "calibration_samples"):
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("text_samples", "retrieval_samples", "heldout_text", "heldout_retrieval", "workers", "threads"):
+            if getattr(self, name) < 0:
+                raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.text_samples + (self.retrieval_samples if self.retrieval_sources() else 0) < 1:
+            raise InvalidArgumentError("each generation needs at least one sample (--text-samples/--retrieval-samples)")
+        if self.heldout_text + (self.heldout_retrieval if self.retrieval_sources() else 0) < 1:
+            raise InvalidArgumentError("the held-out set needs at least one sample (--heldout-text/--heldout-retrieval)")
+        if self.dask and not (self.dask.startswith("local:") or "://" in self.dask):
+            raise InvalidArgumentError(f"--dask must be local:N or a scheduler address like tcp://host:8786 "
+                                       f"(got {self.dask!r})")
+        return self
+
+    def identity(self) -> dict:
+        """Settings that define the experiment (a resumed run must match them); compute settings may change."""
+        d = asdict(self)
+        for name in ("out_dir", "generations", "workers", "threads", "dask"):
+            d.pop(name)
+        return d
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def prepare_out_dir(config: TrainConfig) -> tuple[Path, bool]:
+    """Creates (or checks) the run directory; returns (path, resuming). Refuses an unwritable directory, and a
+    directory holding another experiment's run."""
+    out = Path(config.out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot write to the output directory {os.fspath(out)!r} ({exc.strerror}); "
+                                   "choose another --out") from exc
+    saved = out / CONFIG_FILE
+    if saved.exists():
+        previous = TrainConfig.from_dict(json.loads(saved.read_text()))
+        if previous.identity() != config.identity():
+            changed = sorted(k for k, v in config.identity().items() if previous.identity().get(k) != v)
+            raise InvalidArgumentError(
+                f"{os.fspath(out)!r} holds a run with other settings ({', '.join(changed)} differ); resume it with "
+                "the same settings or choose another --out")
+        return out, True
+    saved.write_text(json.dumps(config.to_dict(), indent=2))
+    return out, False

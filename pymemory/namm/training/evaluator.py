@@ -1,0 +1,233 @@
+"""Scoring samples through pymemory's engine, in this process, in worker processes, or on a Dask cluster.
+
+A job is (what memory, which sample): a NAMM candidate θ, the full cache (the reference), or a baseline policy
+(sink, h2o) at the same peak cells. Workers keep one model and one engine per memory kind and reuse them for every
+job: a candidate's parameters go into the engine's NAMM in memory (`Engine.set_namm_parameters`), never to a file
+per candidate. Each worker writes its own f32 template NAMM GGUF once (the normalisation statistics and schedule,
+zero weights), so remote workers need no shared file system, only the model (a path or an asset name they can
+fetch).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .data import Sample
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """Everything a worker needs to build its engines (picklable, small)."""
+
+    model: str
+    capacity: int  # peak cells of every bounded policy
+    sample_tokens: int
+    n_sink: int
+    namm_delay: int
+    mode: str
+    quorum: float
+    max_cells: int
+    feat_mean: tuple[float, ...]
+    feat_var: tuple[float, ...]
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    memory: str  # "namm" | "namm_file" | "full" | "sink" | "h2o"
+    sample: Sample
+    theta: tuple[float, ...] | None = None  # namm only; None = all zeros
+    tag: int = 0  # the caller's index (candidate number), returned as is
+    namm_file: str = ""  # namm_file only: a NAMM GGUF used as is (any weight type, its own settings)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    tag: int
+    sample_id: str
+    nll: float  # mean NLL (nats) of the sample's target tokens
+    seconds: float
+    peak_cells: int
+    policy_seconds: float  # time inside the memory policy (attention tap + decisions)
+    forced_evictions: int
+
+
+class _Worker:
+    """One model and its engines, kept for the life of the process."""
+
+    def __init__(self, spec: MemorySpec):
+        from ..._loader import _core
+        from ...assets import resolve_model
+        from ..checkpoint import NammVector
+
+        self.spec = spec
+        _core.set_log_verbosity(0)
+        self._core = _core
+        self.model = _core.Model.load(os.fspath(resolve_model(spec.model)))
+        self.engines: dict[str, object] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="namm-worker-")
+        zero = NammVector(np.zeros(4172, np.float32), np.asarray(spec.feat_mean, np.float32),
+                          np.asarray(spec.feat_var, np.float32), "pymemory train-namm template")
+        self.template = write_template(zero, os.path.join(self._tmp.name, "template.gguf"), spec)
+
+    def engine(self, memory: str, namm_file: str = ""):
+        key = f"{memory}:{namm_file}"
+        if key not in self.engines:
+            s = self.spec
+            common = dict(n_threads=s.threads)
+            if memory == "namm_file":
+                kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=namm_file,
+                              namm_delay=s.namm_delay)
+            elif memory == "full":
+                kwargs = dict(policy="none", n_sink=0, window=s.sample_tokens + 16)
+            elif memory == "namm":
+                kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=self.template,
+                              namm_mode=s.mode, quorum=s.quorum, max_cells=s.max_cells, namm_delay=s.namm_delay)
+            elif memory in ("sink", "h2o"):
+                kwargs = dict(policy=memory, n_sink=s.n_sink, window=s.capacity - s.n_sink)
+            else:
+                raise ValueError(f"unknown memory {memory!r}")
+            self.engines[key] = self._core.Engine(self.model, **kwargs, **common)
+        return self.engines[key]
+
+    def run(self, job: Job) -> JobResult:
+        engine = self.engine(job.memory, job.namm_file)
+        if job.memory == "namm":
+            theta = np.zeros(4172, np.float32) if job.theta is None else np.asarray(job.theta, np.float32)
+            engine.set_namm_parameters(namm_tensors(theta, self.spec))
+        start = time.perf_counter()
+        engine.reset()
+        policy_before = _policy_counters(engine)
+        engine.feed(list(job.sample.prompt))
+        # Scored in chunks of the invocation period: each chunk sees the cache the policy left.
+        nll = engine.score(list(job.sample.target), self.spec.namm_delay)
+        seconds = time.perf_counter() - start
+        policy_after = _policy_counters(engine)
+        return JobResult(job.tag, job.sample.id, float(np.mean(nll)), seconds, int(engine.stats()["peak_cells"]),
+                         policy_after[0] - policy_before[0], policy_after[1])
+
+
+def _policy_counters(engine) -> tuple[float, int]:
+    """(seconds spent in the policy so far, forced evictions since the last reset)."""
+    p = engine.policy_stats()
+    return float(p.get("observe_seconds", 0.0)) + float(p.get("decide_seconds", 0.0)), int(p.get("forced_evictions", 0))
+
+
+def namm_tensors(theta: np.ndarray, spec: MemorySpec) -> dict[str, np.ndarray]:
+    from ..checkpoint import NammVector
+    from ..convert import ggml_tensors
+
+    return ggml_tensors(NammVector(np.asarray(theta, np.float32), np.asarray(spec.feat_mean, np.float32),
+                                   np.asarray(spec.feat_var, np.float32)))
+
+
+def write_template(vector, path: str, spec: MemorySpec, weight_type: str = "f32") -> str:
+    """A NAMM GGUF carrying the run's schedule and deployment settings (delay, mode, quorum)."""
+    from ..convert import write_gguf
+
+    return write_gguf(vector, path, weight_type, delay=spec.namm_delay,
+                      deploy={"mode": spec.mode, "quorum": spec.quorum})["output"]
+
+
+_WORKERS: dict[MemorySpec, _Worker] = {}
+
+
+def run_job(spec: MemorySpec, job: Job) -> JobResult:
+    """Entry point in any process (local, pool worker, Dask worker): reuses that process's worker."""
+    worker = _WORKERS.get(spec)
+    if worker is None:
+        _WORKERS.clear()  # one model per process: a new spec replaces the old engines
+        worker = _WORKERS[spec] = _Worker(spec)
+    return worker.run(job)
+
+
+# ---- executors: run a list of jobs, results in order ------------------------------------------------------------
+
+class Executor:
+    description = ""
+
+    def map(self, spec: MemorySpec, jobs: Sequence[Job], on_done: Callable[[], None] | None = None) -> list[JobResult]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessExecutor(Executor):
+    description = "in process"
+
+    def map(self, spec, jobs, on_done=None):
+        out = []
+        for job in jobs:
+            out.append(run_job(spec, job))
+            if on_done:
+                on_done()
+        return out
+
+
+class ProcessPool(Executor):
+    """Local worker processes (spawned: a forked llama.cpp thread pool is not safe)."""
+
+    def __init__(self, workers: int):
+        self.description = f"{workers} local worker processes"
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+
+    def map(self, spec, jobs, on_done=None):
+        futures = [self.pool.submit(run_job, spec, job) for job in jobs]
+        out = []
+        for f in futures:
+            out.append(f.result())
+            if on_done:
+                on_done()
+        return out
+
+    def close(self):
+        self.pool.shutdown(cancel_futures=True)
+
+
+class DaskExecutor(Executor):
+    """A Dask distributed cluster: `local:N` starts a LocalCluster of N processes, anything else is a scheduler
+    address (workers started with `dask worker tcp://host:8786` on machines that have pymemory)."""
+
+    def __init__(self, address: str, threads: int):
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError as exc:
+            raise ImportError('distributed training needs Dask: pip install "pymemory[distributed]"') from exc
+        self.cluster = None
+        if address.startswith("local:"):
+            n = int(address.split(":", 1)[1])
+            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+            self.client = Client(self.cluster)
+        else:
+            self.client = Client(address)
+        self.description = f"Dask cluster {self.client.scheduler.address}"
+
+    def map(self, spec, jobs, on_done=None):
+        futures = [self.client.submit(run_job, spec, job, pure=False) for job in jobs]
+        out = []
+        for f in futures:
+            out.append(f.result())
+            if on_done:
+                on_done()
+        return out
+
+    def close(self):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def make_executor(workers: int, dask: str, threads: int) -> Executor:
+    if dask:
+        return DaskExecutor(dask, threads)
+    if workers >= 1:
+        return ProcessPool(workers)
+    return InProcessExecutor()

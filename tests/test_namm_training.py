@@ -1,0 +1,264 @@
+"""`pymemory train-namm`: settings refused before any work, candidates scored in memory, a short run that learns,
+resuming a killed run, Dask evaluation, and the files a run writes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pymemory.errors import InvalidArgumentError
+from pymemory.namm.training import TrainConfig
+
+pytestmark = pytest.mark.model
+
+# A tiny run: 256-token samples through a 128-cell cache, NAMM every 32 tokens.
+TINY = dict(sample_tokens=256, cache_fraction=0.5, scored_tokens=64, namm_delay=32, population=4, generations=2,
+            text_samples=1, retrieval_samples=1, heldout_every=1, heldout_text=1, heldout_retrieval=1,
+            calibration_samples=1, workers=0, threads=1, data=["austen", "passkey", "kv"])
+
+
+def tiny(tmp_path: Path, **changes) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out_dir": os.fspath(tmp_path / "run"), **changes})
+
+
+# ---- bad settings: clear errors before any work --------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(population=1), "population must be at least 2"),
+    (dict(cache_fraction=1.0), "budget must be below the sample length"),
+    (dict(cache_fraction=1.5), "budget must be below the sample length"),
+    (dict(data=["passkey"]), "at least one text source"),
+    (dict(data=["novels"]), "give one or more of"),
+    (dict(data=[]), "give one or more of"),
+    (dict(namm_delay=40), "multiple of 16"),
+    (dict(scored_tokens=200), "scored-tokens"),
+    (dict(cache_fraction=0.2), "must hold n_sink"),
+    (dict(mode="vote"), "--mode"),
+    (dict(dask="somewhere"), "--dask"),
+])
+def test_bad_settings_are_refused(tmp_path, changes, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        tiny(tmp_path, **changes).validate()
+
+
+def test_unwritable_output_directory_is_refused_before_any_work(tmp_path):
+    from pymemory.namm.training.config import prepare_out_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(InvalidArgumentError, match="cannot write to the output directory"):
+        prepare_out_dir(tiny(tmp_path, out_dir=os.fspath(blocker / "run")))
+
+
+def test_a_run_directory_with_other_settings_is_not_resumed(tmp_path):
+    from pymemory.namm.training.config import prepare_out_dir
+
+    config = tiny(tmp_path)
+    assert prepare_out_dir(config)[1] is False
+    assert prepare_out_dir(replace(config, generations=9, workers=2))[1] is True  # compute settings may change
+    with pytest.raises(InvalidArgumentError, match="population"):
+        prepare_out_dir(replace(config, population=6))
+
+
+def test_data_too_short_for_the_samples_is_refused(tmp_path, smollm2_path):
+    from pymemory.namm.training.trainer import Trainer
+
+    config = tiny(tmp_path, model=smollm2_path, sample_tokens=400_000, cache_fraction=0.25, scored_tokens=1000)
+    with pytest.raises(InvalidArgumentError, match="no text of at least 400000 tokens"):
+        Trainer(config, progress=False)
+    assert not (tmp_path / "run" / "state.pkl").exists()
+
+
+# ---- candidates in memory --------------------------------------------------------------------------------------
+
+def _random_vector(seed: int, scale: float = 0.3):
+    from pymemory.namm import NammVector
+
+    rng = np.random.default_rng(seed)
+    return NammVector(rng.normal(0, scale, 4172).astype(np.float32), rng.random(17).astype(np.float32) * 0.05,
+                      rng.random(17).astype(np.float32) * 0.01 + 1e-4, f"test {seed}")
+
+
+def test_parameters_set_in_memory_score_like_the_same_file(tmp_path, smollm2_model, english_text):
+    """A candidate set with set_namm_parameters gives exactly what loading its GGUF gives."""
+    from pymemory._loader import _core
+    from pymemory.namm.convert import ggml_tensors, write_gguf
+
+    vector = _random_vector(1)
+    template = write_gguf(_random_vector(2), tmp_path / "template.gguf", delay=32)["output"]
+    direct = write_gguf(vector, tmp_path / "direct.gguf", delay=32)["output"]
+    tokens = smollm2_model.tokenize(english_text, True, False)[:400]
+    kwargs = dict(policy="namm", n_sink=4, window=124, namm_mode="budget", namm_delay=32, n_threads=1)
+    from_file = _core.Engine(smollm2_model, namm_path=direct, **kwargs)
+    in_memory = _core.Engine(smollm2_model, namm_path=template, **kwargs)
+    before = in_memory.score(tokens, 32)
+    in_memory.reset()
+    in_memory.set_namm_parameters(ggml_tensors(vector))
+    after = in_memory.score(tokens, 32)
+    reference = from_file.score(tokens, 32)
+    np.testing.assert_array_equal(after[1:], reference[1:])
+    assert not np.array_equal(before[1:], reference[1:])  # the template itself scores differently
+    assert in_memory.cached_positions() == from_file.cached_positions()
+
+
+def test_bad_in_memory_parameters_are_refused(tmp_path, smollm2_model):
+    from pymemory._loader import _core
+    from pymemory.errors import PymemoryError
+    from pymemory.namm.convert import ggml_tensors, write_gguf
+
+    vector = _random_vector(3)
+    template = write_gguf(vector, tmp_path / "t.gguf", delay=32)["output"]
+    engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=124, namm_path=template, namm_delay=32)
+    good = ggml_tensors(vector)
+    cases = {
+        "values, expected": {**good, "namm.out.weight": np.zeros(24, np.float32)},
+        "NaN": {**good, "namm.attn_out.bias": np.full(50, np.nan, np.float32)},
+        "missing": {k: v for k, v in good.items() if k != "namm.feat_mean"},
+        "unknown NAMM tensor": {**good, "namm.extra": np.zeros(3, np.float32)},
+        "not all zero": {**good, "namm.feat_var": np.zeros(17, np.float32)},
+    }
+    for message, tensors in cases.items():
+        with pytest.raises(PymemoryError, match=message):
+            engine.set_namm_parameters(tensors)
+    quantised = write_gguf(vector, tmp_path / "q.gguf", "q8_0", delay=32)["output"]
+    engine_q8 = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=124, namm_path=quantised, namm_delay=32)
+    with pytest.raises(PymemoryError, match="f32"):
+        engine_q8.set_namm_parameters(good)
+    sink = _core.Engine(smollm2_model, policy="sink", n_sink=4, window=124)
+    with pytest.raises(PymemoryError, match="policy 'namm'"):
+        sink.set_namm_parameters(good)
+
+
+# ---- a short run: learns, resumes, writes its files -----------------------------------------------------------
+
+def _log(run_dir: Path) -> dict:
+    return json.loads((run_dir / "log.json").read_text())
+
+
+def test_short_run_improves_on_generation_zero(tmp_path, smollm2_path):
+    """On fixed samples and a fixed seed, the evolved CMA mean beats the starting all-zero NAMM."""
+    from pymemory.namm.training import train_namm
+
+    config = tiny(tmp_path, model=smollm2_path, fixed_samples=True, population=6, generations=6, heldout_every=6,
+                  seed=3)
+    train_namm(config, progress=False)
+    records = _log(tmp_path / "run")["records"]
+    start = records[0]["cma_mean_loss"]  # generation 1 scores the initial mean (all zeros) next to its members
+    later = min(r["cma_mean_loss"] for r in records[1:])
+    print(f"CMA mean loss: start {start:.4f}, best later {later:.4f}; per generation "
+          f"{[round(r['cma_mean_loss'], 4) for r in records]}")
+    assert later < start
+
+
+def test_run_outputs_convert_and_match(tmp_path, smollm2_path):
+    """ckpt.pt (evo-memory format) converts with convert-namm into the GGUF the run wrote; log and plot exist."""
+    from pymemory.namm import load_checkpoint, load_gguf
+    from pymemory.namm.training import train_namm
+
+    summary = train_namm(tiny(tmp_path, model=smollm2_path), progress=False)
+    run = tmp_path / "run"
+    log = _log(run)
+    assert [r["generation"] for r in log["records"]] == [1, 2]
+    assert [h["generation"] for h in log["heldout"]] == [1, 2]
+    assert set(log["heldout_baselines"]) == {"sink", "h2o", "random namm", "zero namm (start)"}
+    assert log["heldout_baselines"]["sink"]["loss"] == pytest.approx(1.0)
+    assert summary["best_generation"] in (1, 2)
+    assert (run / "curve.png").stat().st_size > 10_000
+    vector = load_checkpoint(run / "ckpt.pt", trust_pickle=True)
+    shipped = load_gguf(run / "namm.gguf")
+    np.testing.assert_array_equal(vector.theta, shipped.theta)
+    np.testing.assert_allclose(vector.feat_var, log["feature_var"], rtol=1e-6)
+    import torch
+
+    state = torch.load(run / "ckpt.pt", weights_only=False)
+    assert state["iter_num"] == summary["best_generation"]
+    assert state["evolution_state"]["C"].shape == (4172, 4172)
+    assert float(state["best_val_loss"]) == pytest.approx(summary["best_heldout_loss"])
+    # The GGUF says how it was trained, and the engine takes that by default.
+    from pymemory._loader import _core
+
+    model = _core.Model.load(smollm2_path)
+    engine = _core.Engine(model, policy="namm", n_sink=4, window=124, namm_path=os.fspath(run / "namm.gguf"))
+    engine.feed(model.tokenize("word " * 300, True, False))
+    full = [r for r in engine.policy_stats()["invocations"] if r["cells_before"] == 128]
+    assert full and all(r["cells_after"] == 128 - 32 for r in full)  # budget mode, delay 32, from the file
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, smollm2_path):
+    from pymemory.namm.training import train_namm
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "pymemory", "train-namm", "--model", smollm2_path, "--out", os.fspath(run),
+            "--quiet"]
+    for key, value in TINY.items():
+        if key == "data":
+            value = ",".join(value)
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    args[args.index("--generations") + 1] = "50"
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and child.poll() is None:
+            if (run / "log.json").exists() and _log(run)["generation"] >= 1:
+                break
+            time.sleep(0.5)
+        assert child.poll() is None, child.stderr.read().decode()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    saved = _log(run)["generation"]
+    assert 1 <= saved < 50
+    train_namm(tiny(tmp_path, model=smollm2_path, generations=saved + 1), progress=False)
+    log = _log(run)
+    assert [r["generation"] for r in log["records"]] == list(range(1, saved + 2))
+    assert log["heldout_baselines"]["sink"]["loss"] == pytest.approx(1.0)
+
+
+def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
+    pytest.importorskip("dask.distributed")
+    from pymemory.namm.training import train_namm
+
+    summary = train_namm(tiny(tmp_path, model=smollm2_path, generations=1, dask="local:2", threads=1),
+                         progress=False)
+    log = _log(tmp_path / "run")
+    assert log["records"][0]["generation"] == 1
+    assert np.isfinite(log["records"][0]["best_loss"])
+    assert summary["generation"] == 1
+
+
+# ---- the shipped NAMM ------------------------------------------------------------------------------------------
+
+def test_shipped_smollm2_namm_loads_by_name_with_its_trained_settings(smollm2_path):
+    from pymemory import StreamingLLM
+    from pymemory.namm import load_gguf
+    from pymemory.namm.packaged import packaged_namms
+
+    shipped = packaged_namms()
+    assert "smollm2" in shipped
+    record = json.loads(shipped["smollm2"].with_suffix(".json").read_text())
+    assert record["config"]["model"] == "smollm2-135m-instruct" and "command" in record
+    vector = load_gguf(shipped["smollm2"])
+    assert np.abs(vector.theta).max() > 0  # trained, not the all-zero start
+    with StreamingLLM(smollm2_path, policy="namm", namm_path="smollm2", n_sink=4, window=124, n_threads=1) as llm:
+        text = "".join(llm.generate("Once upon a time", max_tokens=200, ignore_eos=True, temperature=0.0))
+        assert text
+        invocations = llm.policy_stats["invocations"]
+        delay = record["config"]["namm_delay"]
+        full = [r for r in invocations if r["cells_before"] == 128]
+        assert full and all(r["cells_after"] == 128 - delay for r in full)  # budget mode from the file
+
+
+def test_unknown_namm_name_says_what_is_shipped(smollm2_path):
+    from pymemory import StreamingLLM
+    from pymemory.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="no-such-namm.*shipped NAMM"):
+        StreamingLLM(smollm2_path, policy="namm", namm_path="no-such-namm", window=1020)

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Held-out evaluation of a trained NAMM against every other policy at equal peak cells (JSON + markdown + PNG).
+
+    .venv/bin/python tools/eval_trained_namm.py --run runs/smollm2 --out docs/results/namm_trained_smollm2 \
+        --transfer-model qwen2.5-coder-0.5b-instruct
+
+On a fresh held-out test set (the run's held-out split, a seed the run never used): at peak cells = 25 % and 50 %
+of the sample length, perplexity of held-out text and answer log-likelihood of held-out retrieval for the full
+cache, sink, h2o, a random NAMM and the trained NAMM (its GGUF as shipped, f32; at 25 % also f16, q8_0, q4_0
+converted from its ckpt.pt); the trainer's own held-out score reproduced from the shipped file; and the NAMM
+applied zero-shot to another model.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.fspath(ROOT))
+
+from pymemory._loader import _core  # noqa: E402
+from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.namm import load_checkpoint  # noqa: E402
+from pymemory.namm.training.config import TrainConfig  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
+from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
+
+QUANTS = ("f16", "q8_0", "q4_0")
+
+
+def summarise(results, refs: dict[str, float]) -> dict:
+    text = [r for r in results if ":text:" in r.sample_id]
+    retrieval = [r for r in results if ":text:" not in r.sample_id]
+    out = {"peak_cells": max(r.peak_cells for r in results), "forced_evictions": sum(r.forced_evictions for r in results)}
+    if text:
+        nll = float(np.mean([r.nll for r in text]))
+        out.update(text_ppl=math.exp(nll), text_nll=nll, text_gap=nll - float(np.mean([refs[r.sample_id] for r in text])))
+    if retrieval:
+        nll = float(np.mean([r.nll for r in retrieval]))
+        out.update(answer_nll=nll, answer_gap=nll - float(np.mean([refs[r.sample_id] for r in retrieval])),
+                   answer_prob=float(np.mean([math.exp(-r.nll) for r in retrieval])))
+    return out
+
+
+def run_policies(executor, spec: MemorySpec, samples, policies: dict[str, Job], refs: dict[str, float]) -> dict:
+    out = {}
+    for name, template in policies.items():
+        started = time.perf_counter()
+        results = executor.map(spec, [replace(template, sample=s) for s in samples])
+        out[name] = summarise(results, refs)
+        out[name]["seconds"] = round(time.perf_counter() - started, 1)
+        print(f"  {name:<22} {json.dumps({k: round(v, 4) for k, v in out[name].items()})}", flush=True)
+    return out
+
+
+def closed(entry: dict, sink: dict, key: str) -> float | None:
+    """Fraction of sink's gap to the full cache that this policy closes (1 = as good as the full cache)."""
+    if key not in entry or sink.get(key, 0) <= 0:
+        return None
+    return 1.0 - entry[key] / sink[key]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Trained NAMM: held-out evaluation ({report['model']})", "",
+             f"`{report['command']}`", "",
+             f"{report['date']}, commit {report['commit']}, {report['machine']}", "",
+             f"Held-out test set: {report['n_text']} text samples and {report['n_retrieval']} retrieval samples "
+             f"(passkey and key-value lines) of {report['sample_tokens']} tokens from the run's held-out split "
+             f"({', '.join(report['heldout_parts'])}), seed {report['test_seed']} (the run never saw them). Text: "
+             f"perplexity of the last {report['scored_tokens']} tokens; retrieval: mean NLL of the answer tokens "
+             "and mean per-token probability. 'closed' = fraction of sink's gap to the full cache that the policy "
+             "closes (1 = full cache, 0 = sink, negative = worse than sink).", ""]
+    for label, table in report["tables"].items():
+        lines += [f"## {label}", "", "| policy | peak cells | text PPL | text gap (nats) | text closed | answer NLL | "
+                  "answer gap | answer closed | answer p |", "|---|---|---|---|---|---|---|---|---|"]
+        sink = table.get("sink", {})
+        for name, e in table.items():
+            def f(key, fmt="{:.4f}"):
+                return fmt.format(e[key]) if e.get(key) is not None else "-"
+            c_text, c_ans = closed(e, sink, "text_gap"), closed(e, sink, "answer_gap")
+            lines.append(f"| {name} | {e['peak_cells']} | {f('text_ppl', '{:.3f}')} | {f('text_gap')} | "
+                         f"{'-' if c_text is None else f'{c_text:+.3f}'} | {f('answer_nll', '{:.3f}')} | "
+                         f"{f('answer_gap', '{:.3f}')} | {'-' if c_ans is None else f'{c_ans:+.3f}'} | "
+                         f"{f('answer_prob', '{:.3f}')} |")
+        lines.append("")
+    r = report["reproduction"]
+    if r is None:
+        return "\n".join(lines)
+    lines += ["## Reproduction of the trainer's held-out score from the shipped file", "",
+              f"Trainer (in-memory parameters, generation {r['generation']}): loss {r['trainer_loss']:.4f}; shipped "
+              f"GGUF (f32) through the engine on the same samples: {r['file_loss']:.4f} "
+              f"(difference {r['file_loss'] - r['trainer_loss']:+.2e}).", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = report["tables"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("text_gap", "answer_gap"), ("held-out text: NLL gap to full cache",
+                                                                 "held-out retrieval: answer NLL gap to full cache")):
+        labels = list(tables)
+        names = [n for n in tables[labels[0]] if n != "full cache"]
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            values = [tables[label].get(n, {}).get(key, np.nan) for n in names]
+            ax.bar(np.arange(len(names)) + i * width, values, width, label=label)
+        ax.set_xticks(np.arange(len(names)) + width * (len(labels) - 1) / 2)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a train-namm run directory (config.json, log.json, ckpt.pt)")
+    p.add_argument("--namm", default=None, help="the shipped NAMM GGUF (default: RUN/namm.gguf)")
+    p.add_argument("--out", required=True, help="report path without extension (.json, .md, .png written)")
+    p.add_argument("--text", type=int, default=8, help="held-out text samples")
+    p.add_argument("--retrieval", type=int, default=8, help="held-out retrieval samples")
+    p.add_argument("--fractions", default="0.25,0.5", help="peak cells as fractions of the sample length")
+    p.add_argument("--transfer-model", default=None, help="also apply the NAMM zero-shot to this model (25 %%)")
+    p.add_argument("--transfer-samples", type=int, default=4, help="text and retrieval samples each for transfer")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-reproduce", action="store_true", help="skip re-scoring the trainer's held-out set")
+    args = p.parse_args()
+
+    run = Path(args.run)
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    log = json.loads((run / "log.json").read_text())
+    namm_file = os.path.abspath(args.namm or run / "namm.gguf")
+    vector = load_checkpoint(run / "ckpt.pt", trust_pickle=True)
+    mean, var = tuple(map(float, vector.feat_mean)), tuple(map(float, vector.feat_var))
+    tmp = tempfile.mkdtemp(prefix="namm-eval-")
+    _core.set_log_verbosity(0)
+    executor = make_executor(args.workers, "", 1)
+    report = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
+                         f"{os.getloadavg()[0]:.2f}",
+              "model": config.model, "sample_tokens": config.sample_tokens, "scored_tokens": config.scored_tokens,
+              "n_text": args.text, "n_retrieval": args.retrieval, "test_seed": config.seed + 1,
+              "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT), "tables": {}}
+    try:
+        def spec_for(model: str, capacity: int) -> MemorySpec:
+            return MemorySpec(model, capacity, config.sample_tokens, config.n_sink, config.namm_delay, config.mode,
+                              config.quorum, capacity - config.namm_delay, mean, var, 1)
+
+        def samples_for(model_name: str, seed: int, n_text: int, n_retrieval: int):
+            model = _core.Model.load(os.fspath(resolve_model(model_name)))
+            corpus = Corpus(model, config.text_sources(), config.sample_tokens)
+            factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
+            return corpus, heldout_samples(factory, seed, n_text, n_retrieval, config.retrieval_sources())
+
+        corpus, samples = samples_for(config.model, config.seed + 1, args.text, args.retrieval)
+        report["heldout_parts"] = [n for n, _ in corpus.parts["heldout"]]
+        random_theta = tuple(map(float, np.random.default_rng(config.seed + 77).normal(0.0, config.sigma0, 4172)))
+        quant_files = {}
+        for q in QUANTS:
+            quant_files[q] = write_template(replace(vector, source=f"{vector.source} ({q})"),
+                                            os.path.join(tmp, f"namm-{q}.gguf"), spec_for(config.model, 128), q)
+        full_spec = spec_for(config.model, config.capacity)
+        print("full cache", flush=True)
+        refs = {r.sample_id: r.nll for r in executor.map(full_spec, [Job("full", s) for s in samples])}
+        full_entry = summarise([type("R", (), {"sample_id": k, "nll": v, "peak_cells": config.sample_tokens,
+                                                "forced_evictions": 0})() for k, v in refs.items()], refs)
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            capacity = int(round(config.sample_tokens * fraction))
+            label = f"{config.model}, peak cells {capacity} = {fraction:.0%} of {config.sample_tokens}"
+            print(label, flush=True)
+            policies = {"sink": Job("sink", samples[0]), "h2o": Job("h2o", samples[0]),
+                        "random NAMM": Job("namm", samples[0], random_theta),
+                        "trained NAMM (f32)": Job("namm_file", samples[0], namm_file=namm_file)}
+            if fraction == config.cache_fraction:
+                policies.update({f"trained NAMM ({q})": Job("namm_file", samples[0], namm_file=quant_files[q])
+                                 for q in QUANTS})
+            table = {"full cache": full_entry}
+            table.update(run_policies(executor, spec_for(config.model, capacity), samples, policies, refs))
+            report["tables"][label] = table
+        # The trainer's own held-out set, through the shipped file: does it reproduce the logged loss?
+        report["reproduction"] = None
+        if args.no_reproduce:
+            trainer_heldout = []
+        else:
+            _, trainer_heldout = samples_for(config.model, config.seed, config.heldout_text, config.heldout_retrieval)
+        if trainer_heldout:
+            from pymemory.namm.training.trainer import _gaps, _loss
+
+            tr_refs = {r.sample_id: r.nll for r in executor.map(full_spec, [Job("full", s) for s in trainer_heldout])}
+            file_results = executor.map(full_spec, [Job("namm_file", s, namm_file=namm_file) for s in trainer_heldout])
+            normalisers = {k: max(v, 0.01) for k, v in log["heldout_baselines"]["sink"].items() if k != "loss"}
+            best = next(h for h in log["heldout"] if h["generation"] == vector.iteration)
+            report["reproduction"] = {"generation": vector.iteration, "trainer_loss": best["loss"],
+                                      "file_loss": _loss(_gaps(file_results, tr_refs), normalisers)}
+        if args.transfer_model:
+            t_corpus, t_samples = samples_for(args.transfer_model, config.seed + 1, args.transfer_samples,
+                                              args.transfer_samples)
+            t_spec = spec_for(args.transfer_model, config.capacity)
+            label = (f"zero-shot transfer to {args.transfer_model}, peak cells {config.capacity} = "
+                     f"{config.cache_fraction:.0%} of {config.sample_tokens}")
+            print(label, flush=True)
+            t_refs = {r.sample_id: r.nll for r in executor.map(t_spec, [Job("full", s) for s in t_samples])}
+            t_full = summarise([type("R", (), {"sample_id": k, "nll": v, "peak_cells": config.sample_tokens,
+                                                "forced_evictions": 0})() for k, v in t_refs.items()], t_refs)
+            table = {"full cache": t_full}
+            table.update(run_policies(executor, t_spec, t_samples, {
+                "sink": Job("sink", t_samples[0]), "h2o": Job("h2o", t_samples[0]),
+                "random NAMM": Job("namm", t_samples[0], random_theta),
+                "trained NAMM (f32)": Job("namm_file", t_samples[0], namm_file=namm_file)}, t_refs))
+            report["tables"][label] = table
+    finally:
+        executor.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
