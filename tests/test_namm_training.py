@@ -173,7 +173,7 @@ def test_run_outputs_convert_and_match(tmp_path, smollm2_path):
     assert summary["best_generation"] in (1, 2)
     assert (run / "curve.png").stat().st_size > 10_000
     vector = load_checkpoint(run / "ckpt.pt", trust_pickle=True)
-    shipped = load_gguf(run / "namm.gguf")
+    shipped, _ = load_gguf(run / "namm.gguf")
     np.testing.assert_array_equal(vector.theta, shipped.theta)
     np.testing.assert_allclose(vector.feat_var, log["feature_var"], rtol=1e-6)
     import torch
@@ -245,7 +245,7 @@ def test_shipped_smollm2_namm_loads_by_name_with_its_trained_settings(smollm2_pa
     assert "smollm2" in shipped
     record = json.loads(shipped["smollm2"].with_suffix(".json").read_text())
     assert record["config"]["model"] == "smollm2-135m-instruct" and "command" in record
-    vector = load_gguf(shipped["smollm2"])
+    vector, _ = load_gguf(shipped["smollm2"])
     assert np.abs(vector.theta).max() > 0  # trained, not the all-zero start
     with StreamingLLM(smollm2_path, policy="namm", namm_path="smollm2", n_sink=4, window=124, n_threads=1) as llm:
         text = "".join(llm.generate("Once upon a time", max_tokens=200, ignore_eos=True, temperature=0.0))

@@ -92,3 +92,16 @@ if run ppl-gemma-bos; then  # Gemma needs BOS: the recompute baseline with BOS k
   pymemory eval ppl --model gemma-3-270m --text austen:prideprejudice --max-tokens 20000 \
     --policy recompute:1+255,chunk=32 --json $out/ppl_gemma_bos.json --md $out/ppl_gemma_bos.md
 fi
+if run train-namm-smollm2; then  # issue 10: the shipped SmolLM2 NAMM (resumable: rerun to continue; GENERATIONS=N)
+  pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2 \
+    --data austen,passkey,kv --sample-tokens 512 --cache-fraction 0.25 --namm-delay 32 --scored-tokens 256 \
+    --mode budget --population 8 --sigma0 0.065 --covariance diagonal --text-samples 1 --retrieval-samples 1 \
+    --heldout-every 5 --heldout-text 6 --heldout-retrieval 6 --calibration-samples 2 --generations "${GENERATIONS:-300}" \
+    --workers 2 --threads 1 --seed 0
+  python tools/ship_namm.py --run runs/smollm2 --name smollm2
+fi
+if run namm-trained-eval; then  # issue 10: the shipped NAMM vs every policy on a held-out test set; transfer to Qwen
+  python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2.gguf \
+    --out $out/namm_trained_smollm2 --text 8 --retrieval 8 --transfer-model qwen2.5-coder-0.5b-instruct \
+    --transfer-samples 4 --workers 2
+fi

@@ -160,6 +160,16 @@ class Executor:
         pass
 
 
+def _gather(futures, on_done) -> list[JobResult]:
+    """Results of concurrent.futures or Dask futures, in submission order."""
+    out = []
+    for future in futures:
+        out.append(future.result())
+        if on_done:
+            on_done()
+    return out
+
+
 class InProcessExecutor(Executor):
     description = "in process"
 
@@ -180,13 +190,7 @@ class ProcessPool(Executor):
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
 
     def map(self, spec, jobs, on_done=None):
-        futures = [self.pool.submit(run_job, spec, job) for job in jobs]
-        out = []
-        for f in futures:
-            out.append(f.result())
-            if on_done:
-                on_done()
-        return out
+        return _gather([self.pool.submit(run_job, spec, job) for job in jobs], on_done)
 
     def close(self):
         self.pool.shutdown(cancel_futures=True)
@@ -211,13 +215,7 @@ class DaskExecutor(Executor):
         self.description = f"Dask cluster {self.client.scheduler.address}"
 
     def map(self, spec, jobs, on_done=None):
-        futures = [self.client.submit(run_job, spec, job, pure=False) for job in jobs]
-        out = []
-        for f in futures:
-            out.append(f.result())
-            if on_done:
-                on_done()
-        return out
+        return _gather([self.client.submit(run_job, spec, job, pure=False) for job in jobs], on_done)
 
     def close(self):
         self.client.close()
