@@ -268,6 +268,70 @@ void register_engine(py::module_ & m) {
           "Tokens evicted at once by default: window / 16, at least 16, at most the window.");
     m.def("lowest_scoring", &lowest_scoring, py::arg("scores"), py::arg("first"), py::arg("end"), py::arg("count"),
           "Indices of the `count` lowest scores in [first, end), older first on ties, sorted.");
+
+    // H2O / TOVA selection on synthetic attention (no model): the tests feed attention matrices of their own and check
+    // which tokens go. observe() reduces the matrix exactly as the tap's host loop does (sum_attention_by_cell).
+    py::class_<CellScorePolicy>(m, "CellScorePolicy",
+                                "h2o or tova on synthetic attention: observe() layer matrices, make_room() answers.")
+        .def(py::init([](const std::string & policy, int32_t n_sink, int32_t recent, int32_t evict_chunk,
+                         uint32_t n_cells) -> std::unique_ptr<CellScorePolicy> {
+                 const CellScoreParams p{n_sink, recent, evict_chunk};
+                 const PolicyKind kind = parse_policy_kind(policy);
+                 if (kind == PolicyKind::h2o) return std::make_unique<H2oPolicy>(p, n_cells);
+                 if (kind == PolicyKind::tova) return std::make_unique<TovaPolicy>(p, n_cells);
+                 fail(ErrorKind::invalid_argument, "CellScorePolicy is 'h2o' or 'tova' (got '" + policy + "')");
+             }),
+             py::arg("policy"), py::arg("n_sink"), py::arg("recent"), py::arg("evict_chunk"), py::arg("n_cells"))
+        .def("begin_batch", [](CellScorePolicy & self) { self.begin_batch(0, 0); })
+        .def(
+            "observe",
+            [](CellScorePolicy & self, int32_t layer,
+               const py::array_t<float, py::array::c_style | py::array::forcecast> & attention,
+               const std::vector<int32_t> & token_cells) {
+                if (attention.ndim() != 3) fail(ErrorKind::invalid_argument, "attention must be [heads, rows, cells]");
+                AttentionView v;
+                v.layer = layer;
+                v.n_head = int32_t(attention.shape(0));
+                v.n_tokens = int32_t(attention.shape(1));
+                v.n_kv = int32_t(attention.shape(2));
+                v.head_stride = size_t(v.n_tokens) * size_t(v.n_kv);
+                v.probs = attention.data();
+                if (int32_t(token_cells.size()) != v.n_tokens) {
+                    fail(ErrorKind::invalid_argument, "token_cells needs one cell per attention row");
+                }
+                for (int32_t c : token_cells) {
+                    if (c < 0 || c >= v.n_kv) fail(ErrorKind::invalid_argument, "token cell outside the attention");
+                }
+                v.token_cell = token_cells.data();
+                std::vector<float> totals;
+                const AttentionTotals rows =
+                    self.cell_totals_last_row() ? AttentionTotals::last_row : AttentionTotals::all_rows;
+                sum_attention_by_cell(v, rows, totals);
+                v.cell_totals = totals.data();
+                v.totals_rows = rows;
+                self.observe(v);
+            },
+            py::arg("layer"), py::arg("attention"), py::arg("token_cells"),
+            "One layer's attention [heads, rows (the batch's tokens), cells]; layer 0 starts a new ubatch.")
+        .def(
+            "make_room",
+            [](CellScorePolicy & self, const std::vector<int32_t> & cells, int32_t capacity, int32_t n_incoming,
+               int32_t n_pinned) {
+                for (int32_t c : cells) {
+                    if (c < 0 || size_t(c) >= self.cell_scores().size()) {
+                        fail(ErrorKind::invalid_argument, "cell outside the policy's cells");
+                    }
+                }
+                CacheState state;
+                for (size_t i = 0; i < cells.size(); ++i) state.positions.push_back(Pos(i));
+                state.n_pinned = n_pinned;
+                return self.make_room(CacheView{state, cells, capacity}, n_incoming);
+            },
+            py::arg("cells"), py::arg("capacity"), py::arg("n_incoming"), py::arg("n_pinned") = 0,
+            "Chronological indices (into `cells`, the cell of each cached token, oldest first) to evict.")
+        .def_property_readonly("scores", &CellScorePolicy::cell_scores)
+        .def_property_readonly("forced_evictions", &CellScorePolicy::forced_evictions);
+
     m.def(
         "apply_plan",
         [](const std::vector<Pos> & positions, const py::dict & plan) {
@@ -335,8 +399,8 @@ void register_engine(py::module_ & m) {
         .def(
             "save_state",
             [](const Engine & self) { return py::bytes(locked(self, [&] { return self.save_state(); })); },
-            "The stream's whole state (KV cells, cache mirror, pinned prefix, counters) as bytes; policy sink-style "
-            "only (h2o/namm raise UnsupportedModelError).")
+            "The stream's whole state (KV cells, cache mirror, pinned prefix, counters) as bytes; sink-style "
+            "policies, h2o and tova (namm raises UnsupportedModelError).")
         .def(
             "load_state",
             [](Engine & self, const py::bytes & data) {
@@ -397,6 +461,11 @@ void register_engine(py::module_ & m) {
                 if (self.attention_policy()) self.attention_policy()->clear_captures();
             },
             "Drops the captures read so far (each holds a layer's attention rows for one invocation).")
+        .def("token_scores",
+             [](Engine & self) { return locked(self, [&] { return self.token_scores(); }); },
+             "h2o / tova: the score each cached token is ranked by (chronological, as cached_positions()); h2o's "
+             "accumulated attention, tova's attention from the newest query, summed over layers and query heads. "
+             "Empty for the other policies.")
         .def("policy_stats",
              [](const Engine & self) {
                  const auto lock = lock_engine(self);

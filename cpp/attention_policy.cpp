@@ -22,33 +22,39 @@ std::vector<int32_t> lowest_scoring(const std::vector<double> & scores, int32_t 
     return candidates;
 }
 
-// ---- H2O ----------------------------------------------------------------------------------------------------
+// ---- H2O and TOVA ------------------------------------------------------------------------------------------------
 
-H2oPolicy::H2oPolicy(const H2oParams & params, uint32_t n_cells) : params_(params), accumulated_(n_cells, 0.0) {
+CellScorePolicy::CellScorePolicy(std::string name, const CellScoreParams & params, uint32_t n_cells)
+    : scores_(n_cells, 0.0), name_(std::move(name)), params_(params) {
     if (params_.n_sink < 0 || params_.recent < 0 || params_.evict_chunk < 1) {
-        fail(ErrorKind::invalid_argument, "h2o needs n_sink >= 0, recent >= 0 and evict_chunk >= 1");
+        fail(ErrorKind::invalid_argument, name_ + " needs n_sink >= 0, recent >= 0 and evict_chunk >= 1");
     }
 }
 
-void H2oPolicy::reset() { std::fill(accumulated_.begin(), accumulated_.end(), 0.0); }
+void CellScorePolicy::reset() { std::fill(scores_.begin(), scores_.end(), 0.0); }
 
-void H2oPolicy::begin_batch(int64_t, int32_t) { batch_cells_reset_ = false; }
+void CellScorePolicy::begin_batch(int64_t, int32_t) { batch_started_ = false; }
 
-void H2oPolicy::observe(const AttentionView & v) {
-    if (!batch_cells_reset_) {
-        // Cells just (re)used by this batch start from zero: whatever they held before was evicted.
-        for (int32_t t = 0; t < v.n_tokens; ++t) accumulated_[size_t(v.token_cell[t])] = 0.0;
-        batch_cells_reset_ = true;
+void CellScorePolicy::observe(const AttentionView & v) {
+    if (v.cell_totals == nullptr) fail(ErrorKind::runtime, "internal: " + name_ + " observed no per-cell totals");
+    if (v.n_kv > int32_t(scores_.size())) {
+        fail(ErrorKind::runtime, "internal: attention over " + std::to_string(v.n_kv) + " cells but " + name_ +
+                                     " scores " + std::to_string(scores_.size()));
     }
-    for (int32_t c = 0; c < v.n_kv; ++c) accumulated_[size_t(c)] += v.cell_totals[c];
+    // Layers arrive in order for every ubatch (llama.cpp may split a batch), so layer 0 opens a new one.
+    if (!batch_started_ || v.layer == 0) {
+        start_ubatch(v);
+        batch_started_ = true;
+    }
+    for (int32_t c = 0; c < v.n_kv; ++c) scores_[size_t(c)] += v.cell_totals[c];
 }
 
-std::vector<int32_t> H2oPolicy::make_room(const CacheView & cache, int32_t n_incoming) {
+std::vector<int32_t> CellScorePolicy::make_room(const CacheView & cache, int32_t n_incoming) {
     const int32_t n = int32_t(cache.state.positions.size());
     const int32_t needed = n + n_incoming - cache.capacity;
     if (needed <= 0) return {};
     std::vector<double> scores(static_cast<size_t>(n));
-    for (int32_t i = 0; i < n; ++i) scores[size_t(i)] = accumulated_[size_t(cache.cells[size_t(i)])];
+    for (int32_t i = 0; i < n; ++i) scores[size_t(i)] = scores_[size_t(cache.cells[size_t(i)])];
     const int32_t first = std::min(std::max(params_.n_sink, cache.state.n_pinned), n);
     const int32_t protected_end = std::max(first, n - params_.recent);
     const int32_t count = std::max(needed, params_.evict_chunk);
@@ -61,28 +67,38 @@ std::vector<int32_t> H2oPolicy::make_room(const CacheView & cache, int32_t n_inc
     return out;
 }
 
-std::string H2oPolicy::save_state(const CacheView & cache) const {
+std::string CellScorePolicy::save_state(const CacheView & cache) const {
     ByteWriter out;
     std::vector<double> scores;
     scores.reserve(cache.cells.size());
-    for (int32_t cell : cache.cells) scores.push_back(accumulated_[size_t(cell)]);
+    for (int32_t cell : cache.cells) scores.push_back(scores_[size_t(cell)]);
     out.put_vector(scores);
     out.put(forced_evictions_);
     return std::move(out.bytes());
 }
 
-void H2oPolicy::load_state(const CacheView & cache, const std::string & bytes) {
-    ByteReader in(bytes, "the saved h2o state");
+void CellScorePolicy::load_state(const CacheView & cache, const std::string & bytes) {
+    const std::string what = "the saved " + name_ + " state";
+    ByteReader in(bytes, what);
     const std::vector<double> scores = in.get_vector<double>();
     const int64_t forced = in.get<int64_t>();
     if (scores.size() != cache.cells.size() || in.remaining() != 0) {
-        fail(ErrorKind::invalid_argument, "the saved h2o state holds " + std::to_string(scores.size()) +
-                                              " tokens but the cache " + std::to_string(cache.cells.size()) +
-                                              " (damaged session file)");
+        fail(ErrorKind::invalid_argument, what + " holds " + std::to_string(scores.size()) + " tokens but the cache " +
+                                              std::to_string(cache.cells.size()) + " (damaged session file)");
     }
     reset();
-    for (size_t i = 0; i < scores.size(); ++i) accumulated_[size_t(cache.cells[i])] = scores[i];
+    for (size_t i = 0; i < scores.size(); ++i) scores_[size_t(cache.cells[i])] = scores[i];
     forced_evictions_ = forced;
+}
+
+void H2oPolicy::start_ubatch(const AttentionView & v) {
+    // Whatever these cells held before was evicted; the tokens now in them start from zero.
+    for (int32_t t = 0; t < v.n_tokens; ++t) scores_[size_t(v.token_cell[t])] = 0.0;
+}
+
+void TovaPolicy::start_ubatch(const AttentionView &) {
+    // Only the newest query counts: the scores of the previous ubatch are forgotten.
+    std::fill(scores_.begin(), scores_.end(), 0.0);
 }
 
 }  // namespace pm

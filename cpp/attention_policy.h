@@ -1,15 +1,20 @@
 // Attention-scored memory policies: they watch the attention llama.cpp computes while decoding (the tap in
-// llama_adapter) and decide which cached tokens to evict. Two are provided:
+// llama_adapter) and decide which cached tokens to evict. Three are provided:
 //   - H2O (heavy hitters): keep the tokens that received the most attention plus a recent window, at a budget;
+//   - TOVA (token omission via attention): keep the tokens the newest query attends to most, at a budget;
 //   - NAMM (Sakana AI's learned memory, namm_policy.h): a small network scores every token every 512 tokens.
+// H2O and TOVA share everything but their score (CellScorePolicy); they differ only in which rows of the attention
+// a cell's score adds up: every row ever decoded (H2O) or the last row of the latest batch (TOVA).
 //
-// Deviation from both papers, forced by llama.cpp: a KV *cell* is shared by every layer and KV head, so a token
-// is either in the cache for all of them or for none. The papers evict per layer (and, for NAMM, per head).
-// How per-head decisions become cell decisions is each policy's documented choice (see NammPolicy).
+// Deviation from the papers, forced by llama.cpp: a KV *cell* is shared by every layer and KV head, so a token
+// is either in the cache for all of them or for none. The papers evict per layer (and, for NAMM and TOVA, per
+// head). How per-head decisions become cell decisions is each policy's documented choice (see NammPolicy;
+// CellScorePolicy sums over layers and heads).
 //
 // The engine calls, per decoded batch: begin_batch() before llama_decode, observe() from inside it (once per
-// layer), then after_decode(); and make_room() before a batch that would not fit. Policies answer with
-// chronological indices into the cache (CacheState order); the engine turns them into a plan (plan_removal).
+// layer and ubatch, layers in order), then after_decode(); and make_room() before a batch that would not fit.
+// Policies answer with chronological indices into the cache (CacheState order); the engine turns them into a plan
+// (plan_removal).
 #pragma once
 
 #include "kv_policy.h"
@@ -83,8 +88,10 @@ public:
     double decide_seconds = 0.0;
     // Records InvocationCapture for these layers from now on (NAMM only; costs memory: rows x cells per layer).
     virtual void capture_layers(const std::vector<int32_t> & layers) {}
-    // Whether observe() reads AttentionView::cell_totals (computed by the tap where the attention lives).
+    // Whether observe() reads AttentionView::cell_totals (computed by the tap where the attention lives), and over
+    // which rows: every row of the batch, or the last (the newest token's query).
     virtual bool needs_cell_totals() const { return false; }
+    virtual bool cell_totals_last_row() const { return false; }
     virtual void set_threads(int32_t n_threads) {}
     // Saving a session (engine_state.cpp): the policy's state of every cached token, chronological (`cache.cells`
     // gives each token's cell), as bytes, and back into the cells the tokens occupy after a restore. Policies that
@@ -109,36 +116,68 @@ protected:
 // goes first), returned sorted.
 std::vector<int32_t> lowest_scoring(const std::vector<double> & scores, int32_t first, int32_t end, int32_t count);
 
-// ---- H2O ----------------------------------------------------------------------------------------------------
+// ---- H2O and TOVA: one score per cell ---------------------------------------------------------------------------
 
-struct H2oParams {
-    int32_t n_sink = 4;       // first tokens always kept (0 = pure H2O)
+struct CellScoreParams {
+    int32_t n_sink = 4;       // first tokens always kept (0 = pure H2O / TOVA)
     int32_t recent = 0;       // most recent tokens always kept
     int32_t evict_chunk = 16; // tokens evicted at once when full
 };
+using H2oParams = CellScoreParams;
+using TovaParams = CellScoreParams;
 
-// Heavy-Hitter Oracle (Zhang et al., 2023) on shared cells: every cell accumulates the attention it receives,
-// summed over layers, query heads and queries (the tap reduces each layer's matrix to per-cell totals where it was
-// computed); when the cache is full the lowest-scoring tokens outside the sinks and the recent window go.
-class H2oPolicy : public AttentionPolicy {
+// What H2O and TOVA share: a score per KV cell built from the tap's per-cell attention totals (summed over layers
+// and query heads), and one eviction rule: when the cache is full, the lowest-scoring tokens outside the sinks
+// (n_sink, or the pinned prefix if longer) and the `recent` newest go, at least evict_chunk at a time. A subclass
+// says only how a ubatch's totals update the scores (start_ubatch, then every layer's totals are added).
+class CellScorePolicy : public AttentionPolicy {
 public:
-    H2oPolicy(const H2oParams & params, uint32_t n_cells);
-    std::string name() const override { return "h2o"; }
+    CellScorePolicy(std::string name, const CellScoreParams & params, uint32_t n_cells);
+    std::string name() const override { return name_; }
     void reset() override;
     void begin_batch(int64_t stream_begin, int32_t n_tokens) override;
-    void observe(const AttentionView & view) override;
+    // Layer 0 (or the first layer after begin_batch) starts a ubatch: start_ubatch() runs, then every layer's
+    // AttentionView::cell_totals is added to the scores.
+    void observe(const AttentionView & view) final;
     std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override;
     bool needs_cell_totals() const override { return true; }
     bool can_save_state() const override { return true; }
-    std::string save_state(const CacheView & cache) const override;  // accumulated attention per token
+    std::string save_state(const CacheView & cache) const override;  // the score of each cached token
     void load_state(const CacheView & cache, const std::string & bytes) override;
 
-    const std::vector<double> & cell_scores() const { return accumulated_; }
+    const std::vector<double> & cell_scores() const { return scores_; }  // per cell
+
+protected:
+    // Before a ubatch's first layer is added: drop whatever must not carry over.
+    virtual void start_ubatch(const AttentionView & first_layer) = 0;
+    std::vector<double> scores_;  // per cell
 
 private:
-    H2oParams params_;
-    std::vector<double> accumulated_;  // per cell
-    bool batch_cells_reset_ = false;
+    std::string name_;
+    CellScoreParams params_;
+    bool batch_started_ = false;
+};
+
+// Heavy-Hitter Oracle (Zhang et al., 2023) on shared cells: every cell accumulates the attention it receives,
+// summed over layers, query heads and every query (row) since it entered the cache.
+class H2oPolicy : public CellScorePolicy {
+public:
+    H2oPolicy(const H2oParams & params, uint32_t n_cells) : CellScorePolicy("h2o", params, n_cells) {}
+
+protected:
+    void start_ubatch(const AttentionView & v) override;  // cells the ubatch's tokens now occupy start from 0
+};
+
+// TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs", §3.3) on shared cells: a cell's score is the
+// attention the newest token (the last row of the latest ubatch) pays to it, summed over layers and query heads
+// (the paper averages over heads and evicts per layer); when the cache is full the least attended tokens go.
+class TovaPolicy : public CellScorePolicy {
+public:
+    TovaPolicy(const TovaParams & params, uint32_t n_cells) : CellScorePolicy("tova", params, n_cells) {}
+    bool cell_totals_last_row() const override { return true; }
+
+protected:
+    void start_ubatch(const AttentionView & v) override;  // every score is replaced by the new last row's
 };
 
 }  // namespace pm

@@ -17,6 +17,7 @@ bool policy_shifts_positions(const PolicyParams & p) {
         case PolicyKind::window:
         case PolicyKind::context_shift: return true;
         case PolicyKind::h2o:
+        case PolicyKind::tova:
         case PolicyKind::namm: return p.reindex;
         default: return false;
     }
@@ -79,18 +80,24 @@ void check_cache_types(const EngineParams & p) {
 std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, const ModelInfo & model,
                                                        uint32_t n_cells) {
     switch (p.policy.kind) {
-        case PolicyKind::h2o: {
-            H2oParams h;
+        case PolicyKind::h2o:
+        case PolicyKind::tova: {
+            const bool h2o = p.policy.kind == PolicyKind::h2o;
+            CellScoreParams h;
             h.n_sink = p.policy.n_sink;
-            h.recent = p.attention.h2o_recent >= 0 ? p.attention.h2o_recent : p.policy.window / 2;
+            // h2o keeps half its window recent by default (the paper's split); TOVA ranks every token by the newest
+            // query alone (the paper keeps no recent window).
+            h.recent = p.attention.h2o_recent >= 0 ? p.attention.h2o_recent : (h2o ? p.policy.window / 2 : 0);
             h.evict_chunk = p.policy.evict_chunk;
             if (h.recent >= p.policy.window) {
                 fail(ErrorKind::invalid_argument, "h2o_recent (" + std::to_string(h.recent) +
                                                       ") must be smaller than window (" +
                                                       std::to_string(p.policy.window) +
-                                                      "): the rest of the window holds the heavy hitters");
+                                                      "): the rest of the window holds the tokens " +
+                                                      policy_kind_name(p.policy.kind) + " keeps by attention");
             }
-            return std::make_unique<H2oPolicy>(h, n_cells);
+            if (h2o) return std::make_unique<H2oPolicy>(h, n_cells);
+            return std::make_unique<TovaPolicy>(h, n_cells);
         }
         case PolicyKind::namm: return make_namm_policy(p, model, n_cells);
         default: return nullptr;
@@ -142,7 +149,9 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     check_model_supports(*model_, *ctx_, params_.policy);
     attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
     if (attention_) {
-        ctx_->set_attention_totals(attention_->needs_cell_totals());
+        ctx_->set_attention_totals(!attention_->needs_cell_totals()     ? AttentionTotals::none
+                                   : attention_->cell_totals_last_row() ? AttentionTotals::last_row
+                                                                        : AttentionTotals::all_rows);
         ctx_->set_device_reductions(params_.attention.device_reductions);
     }
     counters_.capacity = cap;
@@ -344,6 +353,16 @@ std::vector<float> Engine::last_logits() const {
     if (!has_logits_) fail(ErrorKind::invalid_argument, "no logits: feed tokens first");
     const float * logits = ctx_->logits(-1);
     return std::vector<float>(logits, logits + model_->info().n_vocab);
+}
+
+std::vector<double> Engine::token_scores() {
+    const auto * scored = dynamic_cast<const CellScorePolicy *>(attention_.get());
+    if (!scored) return {};
+    const CacheView view = cache_view();
+    std::vector<double> out;
+    out.reserve(view.cells.size());
+    for (int32_t cell : view.cells) out.push_back(scored->cell_scores()[size_t(cell)]);
+    return out;
 }
 
 int32_t Engine::batch_limit() const {

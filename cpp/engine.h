@@ -20,7 +20,7 @@ namespace pm {
 
 // Settings of the attention-scored policies (ignored by the others).
 struct AttentionPolicyParams {
-    int32_t h2o_recent = -1;           // h2o: most recent tokens always kept; -1 = window / 2
+    int32_t h2o_recent = -1;           // h2o, tova: most recent tokens always kept; -1 = window / 2 for h2o, 0 for tova
     std::string namm_path;             // namm: a NAMM GGUF (pymemory convert-namm)
     std::string namm_mode;             // namm: "quorum" or "budget" (namm_policy.h); "" = the file's, else quorum
     float quorum = 0.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop
@@ -85,8 +85,8 @@ public:
     void reset();
     // The whole stream state as bytes (KV cells, the cache mirror, pinned prefix, counters; engine_state.cpp) and
     // back, for sessions saved to disk. load_state() checks that the bytes come from an engine of the same model
-    // and memory settings and throws invalid_argument otherwise (the engine is then reset). h2o's accumulated
-    // attention is saved per token; namm is refused (its per-head spectrogram state is not saved yet).
+    // and memory settings and throws invalid_argument otherwise (the engine is then reset). h2o's and tova's
+    // scores are saved per token; namm is refused (its per-head spectrogram state is not saved yet).
     std::string save_state() const;
     void load_state(const std::string & bytes);
     // Takes back the last n tokens of the stream (they must still be cached, after the pinned prefix): their cells
@@ -97,6 +97,8 @@ public:
 
     std::vector<Token> cached_tokens() const { return cached_tokens_; }
     const AttentionPolicy * attention_policy() const { return attention_.get(); }
+    // h2o / tova: each cached token's score (chronological); empty for the other policies.
+    std::vector<double> token_scores();
     AttentionPolicy * attention_policy() { return attention_.get(); }
     std::vector<Pos> cached_positions() const { return cache_.positions; }
     EngineStats stats() const;
@@ -123,7 +125,7 @@ private:
     std::shared_ptr<LlamaModel> model_;
     EngineParams params_;
     std::unique_ptr<LlamaContext> ctx_;
-    std::unique_ptr<AttentionPolicy> attention_;  // h2o / namm only
+    std::unique_ptr<AttentionPolicy> attention_;  // h2o / tova / namm only
     int32_t n_batch_ = 0;
     std::vector<int32_t> cache_cells_;            // cell of each cached token (for attention policies)
     int32_t tap_layers_seen_ = 0;                 // attention tensors observed during the last decode

@@ -13,9 +13,10 @@ PolicyKind parse_policy_kind(const std::string & name) {
     if (name == "recompute") return PolicyKind::recompute;
     if (name == "none") return PolicyKind::none;
     if (name == "h2o") return PolicyKind::h2o;
+    if (name == "tova") return PolicyKind::tova;
     if (name == "namm") return PolicyKind::namm;
     fail(ErrorKind::invalid_argument,
-         "unknown policy '" + name + "'; choose one of: sink, context_shift, window, recompute, none, h2o, namm");
+         "unknown policy '" + name + "'; choose one of: sink, context_shift, window, recompute, none, h2o, tova, namm");
 }
 
 std::string policy_kind_name(PolicyKind kind) {
@@ -26,6 +27,7 @@ std::string policy_kind_name(PolicyKind kind) {
         case PolicyKind::recompute: return "recompute";
         case PolicyKind::none: return "none";
         case PolicyKind::h2o: return "h2o";
+        case PolicyKind::tova: return "tova";
         case PolicyKind::namm: return "namm";
     }
     return "?";

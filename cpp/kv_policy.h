@@ -20,11 +20,14 @@ enum class PolicyKind {
                     // (the paper's quality baseline has n_sink = 0)
     none,           // full cache; error when it would overflow
     h2o,            // heavy hitters by accumulated attention + recent window (attention_policy.h)
+    tova,           // the tokens the newest query attends to least go first (attention_policy.h)
     namm,           // Sakana AI's learned NAMM scorer (namm_policy.h)
 };
 
 // Policies that decide from tapped attention rather than from positions alone.
-inline bool is_attention_scored(PolicyKind kind) { return kind == PolicyKind::h2o || kind == PolicyKind::namm; }
+inline bool is_attention_scored(PolicyKind kind) {
+    return kind == PolicyKind::h2o || kind == PolicyKind::tova || kind == PolicyKind::namm;
+}
 
 PolicyKind parse_policy_kind(const std::string & name);  // throws invalid_argument listing the valid names
 std::string policy_kind_name(PolicyKind kind);

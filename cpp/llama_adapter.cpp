@@ -671,24 +671,35 @@ std::string LlamaContext::check_cell_mirror_totals(const AttentionView & v) cons
     return "";
 }
 
-void LlamaContext::compute_cell_totals(AttentionView & v) {
-    cell_totals_.assign(size_t(v.n_kv), 0.0f);
-    if (v.probs) {
-        for (int32_t h = 0; h < v.n_head; ++h) {
-            for (int32_t t = 0; t < v.n_tokens; ++t) {
-                const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
-                for (int32_t c = 0; c < v.n_kv; ++c) cell_totals_[size_t(c)] += row[c];
-            }
+void sum_attention_by_cell(const AttentionView & v, AttentionTotals rows, std::vector<float> & out) {
+    out.assign(size_t(v.n_kv), 0.0f);
+    if (rows == AttentionTotals::none || v.n_tokens < 1) return;
+    const int32_t t0 = rows == AttentionTotals::last_row ? v.n_tokens - 1 : 0;
+    for (int32_t h = 0; h < v.n_head; ++h) {
+        for (int32_t t = t0; t < v.n_tokens; ++t) {
+            const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
+            for (int32_t c = 0; c < v.n_kv; ++c) out[size_t(c)] += row[c];
         }
+    }
+}
+
+void LlamaContext::compute_cell_totals(AttentionView & v, AttentionTotals rows) {
+    if (v.probs) {
+        sum_attention_by_cell(v, rows, cell_totals_);
     } else {
+        cell_totals_.assign(size_t(v.n_kv), 0.0f);
+        // The rows to add: all of the batch's, or only the last (the newest token's query).
+        const int32_t t0 = rows == AttentionTotals::last_row ? v.n_tokens - 1 : 0;
+        const int32_t n_rows = v.n_tokens - t0;
         tap_device_->bind(v.tensor, "the attention of a layer");
         Graph g(16);
         ggml_context * ctx = g.ctx();
         ggml_tensor * probs = g.external(v.tensor);                                           // [n_kv, rows, n_head]
-        ggml_tensor * real = ggml_view_3d(ctx, probs, v.n_kv, v.n_tokens, v.n_head, probs->nb[1], probs->nb[2], 0);
+        ggml_tensor * real = ggml_view_3d(ctx, probs, v.n_kv, n_rows, v.n_head, probs->nb[1], probs->nb[2],
+                                          size_t(t0) * probs->nb[1]);                          // [n_kv, n_rows, n_head]
         // Rows and heads first, so one sum_rows adds everything a cell received.
-        ggml_tensor * by_cell = ggml_cont(ctx, ggml_permute(ctx, real, 2, 0, 1, 3));          // [n_tokens, n_head, n_kv]
-        ggml_tensor * totals = ggml_sum_rows(ctx, ggml_reshape_2d(ctx, by_cell, int64_t(v.n_tokens) * v.n_head,
+        ggml_tensor * by_cell = ggml_cont(ctx, ggml_permute(ctx, real, 2, 0, 1, 3));          // [n_rows, n_head, n_kv]
+        ggml_tensor * totals = ggml_sum_rows(ctx, ggml_reshape_2d(ctx, by_cell, int64_t(n_rows) * v.n_head,
                                                                  v.n_kv));                    // [1, n_kv]
         g.output(totals);
         tap_device_->allocate(g);
@@ -696,6 +707,7 @@ void LlamaContext::compute_cell_totals(AttentionView & v) {
         ggml_backend_tensor_get(totals, cell_totals_.data(), 0, cell_totals_.size() * sizeof(float));
     }
     v.cell_totals = cell_totals_.data();
+    v.totals_rows = rows;
 }
 
 Pos LlamaContext::memory_pos_min() const { return llama_memory_seq_pos_min(llama_get_memory(ctx_), 0); }
@@ -737,7 +749,9 @@ bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
         view.cell_pos = self->cells_.pos.data();
         view.token_pos = self->batch_pos_.data();
         view.token_cell = self->batch_cells_.data();
-        if (self->attention_totals_ || (view.layer == 0 && !on_host)) self->compute_cell_totals(view);
+        // Without the host matrix, the layer-0 mirror check reads the totals over all rows.
+        const bool check_on_totals = view.layer == 0 && !on_host;
+        if (check_on_totals) self->compute_cell_totals(view, AttentionTotals::all_rows);
         if (view.layer == 0) {
             const std::string problem = on_host ? self->check_cell_mirror(view) : self->check_cell_mirror_totals(view);
             if (!problem.empty()) {
@@ -746,6 +760,9 @@ bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
                                    "was written for";
                 return false;
             }
+        }
+        if (self->attention_totals_ != AttentionTotals::none && self->attention_totals_ != view.totals_rows) {
+            self->compute_cell_totals(view, self->attention_totals_);
         }
         self->on_attention_(view);
     } catch (const std::exception & e) {

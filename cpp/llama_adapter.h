@@ -95,6 +95,11 @@ private:
 // ---------------------------------------------------------------------------------------------------------------
 // Attention tap: post-softmax attention of every layer, observed during llama_decode.
 
+// Which rows of a layer's attention the tap adds up per cell (AttentionView::cell_totals), over all query heads:
+// none, every row of the batch (H2O's accumulated attention), or only the last row, the newest token's query
+// (TOVA's rule).
+enum class AttentionTotals { none, all_rows, last_row };
+
 // One layer's attention probabilities as llama.cpp computed them (flash attention off), valid only during the
 // callback. Layout (ggml order): probs[h * head_stride + t * n_kv + c] for query head h, batch token t, cell c.
 // Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0. Query head h
@@ -109,7 +114,8 @@ struct AttentionView {
     size_t head_stride = 0;             // floats between heads (n_kv * rows of the tensor, which may be padded)
     const ggml_tensor * tensor = nullptr;  // llama.cpp's kq_soft_max-<layer>: [n_kv, rows >= n_tokens, n_head]
     const float * probs = nullptr;      // the same in host memory, or nullptr when it lives on a device
-    const float * cell_totals = nullptr;  // [n_kv] attention each cell received (all heads, all rows), if requested
+    const float * cell_totals = nullptr;  // [n_kv] attention each cell received (all heads; rows: totals_rows)
+    AttentionTotals totals_rows = AttentionTotals::none;  // which rows cell_totals sums (none: not computed)
     const Pos * cell_pos = nullptr;     // [n_kv] position held by each cell, -1 if empty
     const Pos * token_pos = nullptr;    // [n_tokens] positions of the batch's tokens (the rows)
     const int32_t * token_cell = nullptr;  // [n_tokens] cell each batch token was placed in
@@ -117,6 +123,10 @@ struct AttentionView {
 
 // Called from inside llama_decode, on the decoding thread, once per layer and ubatch.
 using AttentionCallback = std::function<void(const AttentionView &)>;
+
+// The host reduction behind AttentionView::cell_totals: out[c] = sum over heads (and the chosen rows) of
+// view.probs. Pure (no llama.cpp): the tap runs it on host attention, tests run it on synthetic matrices.
+void sum_attention_by_cell(const AttentionView & view, AttentionTotals rows, std::vector<float> & out);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Context: one KV cache (one sequence) plus the decode loop's buffers.
@@ -176,8 +186,9 @@ public:
     // must hold exactly `positions` (in any order). Throws pm::Error(invalid_argument) for a damaged or mismatched
     // blob and leaves the cache empty.
     void state_load(const std::string & blob, const std::vector<Pos> & positions);
-    // The tap also computes AttentionView::cell_totals for every layer (where the attention lives).
-    void set_attention_totals(bool enabled) { attention_totals_ = enabled; }
+    // The tap also computes AttentionView::cell_totals for every layer (where the attention lives), over the rows
+    // asked for.
+    void set_attention_totals(AttentionTotals rows) { attention_totals_ = rows; }
     // Treats tapped attention as if it lived on a device even when it is in host memory: AttentionView::probs stays
     // null, totals come from a ggml graph, the mirror check uses them (what a GPU run does; for tests).
     void set_device_reductions(bool enabled) { device_reductions_ = enabled; }
@@ -203,13 +214,13 @@ private:
     // when the matrix is in host memory, else from the per-cell totals.
     std::string check_cell_mirror(const AttentionView & view) const;
     std::string check_cell_mirror_totals(const AttentionView & view) const;
-    // AttentionView::cell_totals: a host loop, or a ggml graph on the tensor's device.
-    void compute_cell_totals(AttentionView & view);
+    // AttentionView::cell_totals over `rows`: a host loop, or a ggml graph on the tensor's device.
+    void compute_cell_totals(AttentionView & view, AttentionTotals rows);
 
     std::shared_ptr<LlamaModel> model_;
     llama_context * ctx_ = nullptr;
     AttentionCallback on_attention_;
-    bool attention_totals_ = false;
+    AttentionTotals attention_totals_ = AttentionTotals::none;
     bool device_reductions_ = false;
     std::vector<float> cell_totals_;
     std::unique_ptr<DeviceCompute> tap_device_;  // reductions of device-resident attention

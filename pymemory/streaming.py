@@ -27,7 +27,7 @@ from ._loader import _core
 from .errors import ClosedError, InvalidArgumentError, SupersededError
 from .text import TextAssembler, common_prefix_length
 
-POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "namm")
+POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "tova", "namm")
 NAMM_MODES = ("quorum", "budget")
 
 Message = Mapping[str, str]
@@ -137,8 +137,9 @@ class StreamingLLM:
             ``n_sink`` and the last ``window`` tokens for every token: exact but slow; the paper's baseline has
             ``n_sink=0``), "none" (never evict; error when full),
             "h2o" (heavy hitters by accumulated attention + ``h2o_recent`` recent tokens, at the same budget),
+            "tova" (TOVA: when full, evict the tokens the newest token attends to least, at the same budget),
             "namm" (Sakana AI's learned memory: a NAMM GGUF scores every cached token every 512 tokens).
-            The attention-scored ones (h2o, namm) turn flash attention off to read attention probabilities.
+            The attention-scored ones (h2o, tova, namm) turn flash attention off to read attention probabilities.
         evict_chunk: tokens evicted at once when the cache is full (1 = every token, as in the paper; default
             window/16, at least 16: each eviction re-rotates every cached key, see docs/results.md).
         n_threads: CPU threads (default: all cores).
@@ -151,9 +152,9 @@ class StreamingLLM:
         type_k, type_v: KV cache element types ("f16", "f32", "q8_0", ...).
         use_extra_bufts: weight repacking; set False to work around ggml's AMX crash (llama.cpp #20824).
         reindex: compact positions after evictions (default: True for sink-style policies, as in the paper;
-            False for h2o and namm, which keep absolute positions like their originals — set True to stream
+            False for h2o, tova and namm, which keep absolute positions like their originals — set True to stream
             forever with them).
-        h2o_recent: h2o's always-kept recent tokens (default window // 2).
+        h2o_recent: h2o's and tova's always-kept recent tokens (default window // 2 for h2o, 0 for tova).
         namm_path: the NAMM GGUF for policy "namm" (``pymemory convert-namm`` or ``pymemory train-namm``), or
             the name of a NAMM shipped with pymemory ("smollm2", see ``pymemory.namm.packaged``).
         namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =

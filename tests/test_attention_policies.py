@@ -1,7 +1,9 @@
-"""Attention-scored policies (h2o; namm in test_namm_policy.py): the tap, the cell mirror, bounded caches."""
+"""Attention-scored policies (h2o, tova; namm in test_namm_policy.py): the tap, the cell mirror, bounded caches."""
 from __future__ import annotations
 
 import random
+
+import numpy as np
 
 import pytest
 
@@ -106,3 +108,133 @@ def test_attention_policies_refuse_what_they_cannot_do(smollm2_path, gemma_path)
         StreamingLLM(smollm2_path, policy="namm")
     with pytest.raises(InvalidArgumentError, match="quorum"):
         StreamingLLM(smollm2_path, policy="h2o", quorum=1.5)
+
+
+# ---- TOVA next to H2O: the same eviction rule, different scores ---------------------------------------------------
+
+def _causal_batch():
+    """One layer, two heads (identical), four tokens in cells 0-3: rows 1-2 look at token 1, the last row (the
+    newest token) at tokens 0 and 3 and hardly at all at token 1."""
+    rows = np.array([[1.0, 0.0, 0.0, 0.0],
+                     [0.5, 0.5, 0.0, 0.0],
+                     [0.3, 0.6, 0.1, 0.0],
+                     [0.4, 0.02, 0.08, 0.5]], dtype=np.float32)
+    return np.stack([rows, rows])  # [heads, rows, cells]
+
+
+def test_tova_evicts_what_the_newest_query_ignores_where_h2o_evicts_the_least_accumulated():
+    attention = _causal_batch()
+    chosen = {}
+    for name in ("h2o", "tova"):
+        policy = _core.CellScorePolicy(name, n_sink=1, recent=0, evict_chunk=1, n_cells=8)
+        policy.begin_batch()
+        for layer in range(2):  # the same matrix on two layers: scores are summed over layers and heads
+            policy.observe(layer, attention, [0, 1, 2, 3])
+        chosen[name] = policy.make_room([0, 1, 2, 3], capacity=4, n_incoming=1)
+        if name == "h2o":  # every row: token 2 received least (0.15 per head and layer)
+            assert np.allclose(policy.scores[:4], 4 * attention[0].sum(axis=0))
+        else:  # the last row only: token 1 (0.02)
+            assert np.allclose(policy.scores[:4], 4 * attention[0, -1])
+    assert chosen == {"h2o": [2], "tova": [1]}
+
+
+def test_tova_replaces_its_scores_at_every_ubatch_while_h2o_accumulates():
+    """A later ubatch (layer 0 arrives again, with or without begin_batch: llama.cpp may split a batch) replaces
+    every TOVA score by the new last row's; H2O adds the new rows and restarts only the cells the new tokens took
+    (cell 2 here, whose token was evicted)."""
+    first = _causal_batch()
+    # Token 2 was evicted; the next batch's two tokens go to cells 2 (a reused cell) and 4.
+    second = np.zeros((2, 2, 5), dtype=np.float32)
+    second[:, 0] = [0.1, 0.3, 0.4, 0.2, 0.0]
+    second[:, 1] = [0.1, 0.02, 0.3, 0.2, 0.38]
+    h2o = _core.CellScorePolicy("h2o", n_sink=1, recent=0, evict_chunk=1, n_cells=8)
+    tova = _core.CellScorePolicy("tova", n_sink=1, recent=0, evict_chunk=1, n_cells=8)
+    for policy in (h2o, tova):
+        policy.observe(0, first, [0, 1, 2, 3])
+        policy.observe(0, second, [2, 4])  # no begin_batch: layer 0 starts the ubatch
+    assert np.allclose(tova.scores[:5], 2 * second[0, -1]) and not np.any(tova.scores[5:])
+    before = 2 * first[0].sum(axis=0)
+    expected = np.array([before[0], before[1], 0.0, before[3], 0.0]) + 2 * second[0].sum(axis=0)
+    assert np.allclose(h2o.scores[:5], expected)
+    # Cache (oldest first): tokens in cells 0, 1, 3, 2, 4; full at 5, one more incoming. The sink (cell 0) stays.
+    cells = [0, 1, 3, 2, 4]
+    assert tova.make_room(cells, capacity=5, n_incoming=1) == [1]  # cell 1: 0.02 from the newest query
+    assert h2o.make_room(cells, capacity=5, n_incoming=1) == [4]   # cell 4: 0.38 in all (cell 2 restarted: 0.7)
+
+
+def test_tova_keeps_pinned_and_recent_tokens_and_counts_forced_evictions():
+    attention = np.full((1, 1, 6), 1 / 6, dtype=np.float32)
+    attention[0, 0, 4] = 0.0  # the newest query ignores token 4, which the recent window protects
+    tova = _core.CellScorePolicy("tova", n_sink=0, recent=2, evict_chunk=2, n_cells=6)
+    tova.observe(0, attention, [5])
+    assert tova.make_room(list(range(6)), capacity=6, n_incoming=1, n_pinned=2) == [2, 3]
+    assert tova.forced_evictions == 0
+    assert tova.make_room(list(range(6)), capacity=6, n_incoming=3, n_pinned=2) == [2, 3, 4]  # recent must go too
+    assert tova.forced_evictions == 1
+    with pytest.raises(InvalidArgumentError, match="'h2o' or 'tova'"):
+        _core.CellScorePolicy("sink", n_sink=0, recent=0, evict_chunk=1, n_cells=4)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("device_reductions", [False, True])
+def test_tova_scores_are_the_newest_tokens_attention(smollm2_model, english_text, device_reductions):
+    """On SmolLM2 (no eviction yet): TOVA's score of a cell is what the last token of the last batch paid it, so each
+    layer and head adds one softmax row (total n_layer * n_head), whatever the batch size; after a one-token batch it
+    equals exactly what H2O's accumulated scores grew by. Host loop and ggml graph (device_reductions) alike."""
+    info = smollm2_model.info
+    tokens = smollm2_model.tokenize(english_text, True, False)[:48]
+    engines = {name: _core.Engine(smollm2_model, policy=name, n_sink=4, window=124, n_threads=1,
+                                  device_reductions=device_reductions) for name in ("h2o", "tova")}
+    one_row = info["n_layer"] * info["n_head"]
+    for engine in engines.values():
+        engine.feed(tokens[:40])
+    h2o_before = np.array(engines["h2o"].token_scores())
+    assert h2o_before.sum() == pytest.approx(40 * one_row, rel=1e-3)  # every row of the 40-token batch
+    assert np.sum(engines["tova"].token_scores()) == pytest.approx(one_row, rel=1e-3)
+    for engine in engines.values():
+        engine.feed(tokens[40:47])  # 7 tokens: still one row for TOVA
+    assert np.sum(engines["tova"].token_scores()) == pytest.approx(one_row, rel=1e-3)
+    h2o_before = np.array(engines["h2o"].token_scores())
+    for engine in engines.values():
+        engine.feed(tokens[47:48])
+    grown = np.array(engines["h2o"].token_scores()) - np.append(h2o_before, 0.0)
+    tova = np.array(engines["tova"].token_scores())
+    assert len(tova) == 48 and np.allclose(tova, grown, rtol=1e-4, atol=1e-5)
+    assert np.all(tova > 0)  # every cached token is visible to the newest query
+    assert engines["tova"].policy_stats()["policy"] == "tova"
+
+
+@pytest.mark.model
+def test_tova_long_stream_stays_bounded_with_its_own_evictions(smollm2_model, english_text):
+    """1,000 tokens in irregular batches, then 80 generated: the cache never exceeds its 128 cells, every eviction is
+    TOVA's own choice (0 forced), the sinks stay, and TOVA keeps tokens from far back (not a rolling window)."""
+    tokens = smollm2_model.tokenize(english_text, True, False)[:1000]
+    engine = _core.Engine(smollm2_model, policy="tova", n_sink=4, window=124, n_threads=1)
+    rng = random.Random(7)
+    start = 0
+    while start < len(tokens):
+        n = rng.choice([1, 3, 16, 31, 64])
+        engine.feed(tokens[start:start + n])
+        start += n
+        assert engine.stats()["cells_used"] <= 128
+    sampler = _core.Sampler(smollm2_model, _core.SamplingParams(temperature=0.8, seed=3))
+    for _ in range(80):
+        engine.feed([engine.sample(sampler)])
+        assert engine.stats()["cells_used"] <= 128
+    s = engine.stats()
+    assert s["peak_cells"] <= 128 and s["evictions"] > 20 and s["tokens_seen"] == 1080
+    assert engine.policy_stats()["forced_evictions"] == 0
+    assert engine.cached_tokens()[:4] == tokens[:4]
+    old = [p for p in engine.cached_positions()[4:] if p < s["tokens_seen"] - 300]
+    assert len(old) >= 5, old
+    assert len(engine.token_scores()) == s["cells_used"]
+
+
+@pytest.mark.model
+def test_tova_refuses_what_h2o_refuses(smollm2_path, gemma_path):
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        StreamingLLM(gemma_path, policy="tova", window=252)
+    with pytest.raises(InvalidArgumentError, match="h2o_recent"):
+        StreamingLLM(smollm2_path, policy="tova", window=100, h2o_recent=100)
+    with pytest.raises(InvalidArgumentError, match="flash"):
+        StreamingLLM(smollm2_path, policy="tova", window=100, flash_attention="on")

@@ -88,6 +88,29 @@ def test_h2o_state_roundtrip_keeps_its_eviction_choices(smollm2_model):
         engine(smollm2_model).load_state(state)
 
 
+def test_tova_state_roundtrip_restores_its_scores(smollm2_model):
+    """tova saves the newest query's attention per token: a restored engine ranks the cached tokens exactly as the
+    saved one did, and streams on within its budget. (Later choices may differ: the restored cells are laid out
+    afresh, so attention differs in the last bits, and TOVA's single-row scores have near-ties that h2o's sums
+    do not.)"""
+    text = smollm2_model.tokenize(TEXT * 4, True, False)
+
+    def tova():
+        return _core.Engine(smollm2_model, policy="tova", n_sink=4, window=60, n_threads=1)
+
+    a = tova()
+    a.feed(text[:200])
+    state = a.save_state()
+    b = tova()
+    b.load_state(state)
+    assert b.save_state() == state and b.stats() == a.stats()
+    assert b.token_scores() == a.token_scores() and len(a.token_scores()) == a.stats()["cells_used"]
+    b.feed(text[200:400])
+    assert b.stats()["peak_cells"] <= 64 and b.policy_stats()["forced_evictions"] == 0
+    with pytest.raises(InvalidArgumentError, match="policy"):
+        _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=60, n_threads=1).load_state(state)
+
+
 def test_namm_refuses_saving(smollm2_model, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("gguf")

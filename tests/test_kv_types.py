@@ -18,15 +18,16 @@ pytestmark = pytest.mark.model
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 QUANTIZED = ("q8_0", "q4_0")
 FLASH = ("on", "off", "auto")
-SHIFTING = {"sink", "window", "context_shift", "h2o+reindex", "namm+reindex"}  # re-index positions: K-shifts
-ATTENTION_SCORED = {"h2o", "h2o+reindex", "namm", "namm+reindex"}  # read attention: flash attention off
+SHIFTING = {"sink", "window", "context_shift", "h2o+reindex", "tova+reindex", "namm+reindex"}  # K-shifts
+ATTENTION_SCORED = {"h2o", "h2o+reindex", "tova+reindex", "namm", "namm+reindex"}  # flash attention off
 
 
 def combinations() -> list[tuple[str, str, str, str]]:
     """The full type_k x type_v x flash matrix for sink (shifts, flash attention as asked); for the other policies
     each K type and each V type with the other at f16, and the flash settings that behave differently."""
     combos = [(k, v, fa, "sink") for k in TYPES for v in TYPES for fa in FLASH]
-    for policy in ("window", "context_shift", "recompute", "none", "h2o", "h2o+reindex", "namm", "namm+reindex"):
+    for policy in ("window", "context_shift", "recompute", "none", "h2o", "h2o+reindex", "tova+reindex", "namm",
+                   "namm+reindex"):
         combos += [(k, "f16", "auto", policy) for k in TYPES]
         combos += [("f16", v, "auto", policy) for v in TYPES if v != "f16"]
         if policy in ATTENTION_SCORED:  # flash attention on: refused (they read attention probabilities)

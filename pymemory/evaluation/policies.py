@@ -1,7 +1,7 @@
 """Policy specifications for evaluation commands: `NAME[:SINKS+WINDOW][,key=value...]`.
 
 Examples: `sink` (uses --n-sink/--window), `sink:4+252`, `window` (no sinks, same total cache), `recompute`,
-`h2o:4+252,h2o_recent=64`, `namm:4+1020,namm_path=namm.gguf,namm_mode=budget`. Every `key=value` is passed to
+`h2o:4+252,h2o_recent=64`, `tova:4+252`, `namm:4+1020,namm_path=namm.gguf,namm_mode=budget`. Every `key=value` is passed to
 the engine as is (numbers and booleans parsed), so new policies need no change here.
 """
 from __future__ import annotations

@@ -77,7 +77,7 @@ class ServerState:
             raise InvalidArgumentError("--parallel must be >= 1 and --max-queue >= 0")
         if config.sessions_dir and config.policy == "namm":
             raise InvalidArgumentError(f"--sessions-dir is not supported with policy {config.policy!r} yet (its "
-                                       "per-token attention state is not saved); use policy sink or h2o")
+                                       "per-token attention state is not saved); use policy sink, h2o or tova")
         self.config = config
         _core.set_log_verbosity(2 if config.verbose else 0)
         self.model_path = os.fspath(resolve_model(config.model))

@@ -194,7 +194,7 @@ def _rewind_to_fit(slot, engine, turn: Turn, result: TurnResult) -> bool:
     """The request diverges from the slot's cache inside the last reply (a stop string cut it, or the client
     regenerates it): take the extra tokens back instead of re-reading the conversation. True when that worked."""
     fed = slot.fed_text
-    if not fed or slot.kind != turn.kind or not slot.marks or engine.policy in ("h2o", "namm"):
+    if not fed or slot.kind != turn.kind or not slot.marks or engine.policy in ("h2o", "tova", "namm"):
         return False
     common = _common_prefix(fed, turn.rendered)
     usable = [(offset, n) for offset, n in slot.marks if offset <= common and offset < len(turn.rendered)]

@@ -3,7 +3,7 @@
 The cache holds the pinned prefix (BOS + system prompt, or the attention sinks) and, for the sink-style
 policies, a contiguous tail of the stream. Both are turned back into text (the cached tokens, detokenized with
 their special tokens) and laid over the conversation's rendering, whose per-message spans come from rendering
-growing prefixes of the messages with the chat template. For h2o and namm, which evict tokens anywhere, the
+growing prefixes of the messages with the chat template. For h2o, tova and namm, which evict tokens anywhere, the
 tail is an approximation: it counts the cells, not which ones.
 """
 from __future__ import annotations
@@ -38,4 +38,4 @@ def memory_view(model, engine, fed_text: str, messages: list[dict[str, str]], te
         kept = max(0, min(end, pinned_end) - start) + max(0, end - max(start, tail_start))
         out.append({"role": m["role"], "chars": end - start, "in_cache": round(min(1.0, kept / length), 3),
                     "pinned": start < pinned_end})
-    return {"stats": stats, "messages": out, "approximate": engine.policy in ("h2o", "namm")}
+    return {"stats": stats, "messages": out, "approximate": engine.policy in ("h2o", "tova", "namm")}
