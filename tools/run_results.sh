@@ -105,3 +105,10 @@ if run namm-trained-eval; then  # issue 10: the shipped NAMM vs every policy on 
     --out $out/namm_trained_smollm2 --text 8 --retrieval 8 --transfer-model qwen2.5-coder-0.5b-instruct \
     --transfer-samples 4 --workers 2
 fi
+if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (cache 75/50/25/12.5 % of the context)
+  # for full cache, sink, h2o, tova and the shipped NAMM; 1,024 tokens, 1 sample per task: ~25 minutes on 1 core
+  pymemory eval ruler --model smollm2-135m-instruct --context "${RULER_CONTEXT:-1024}" --samples "${RULER_SAMPLES:-1}" \
+    --ratios 0.75,0.5,0.25,0.125 --policy full --policy sink --policy h2o --policy tova \
+    --policy namm,namm_path=smollm2 --threads 1 --seed 0 \
+    --json $out/ruler_smollm2.json --md $out/ruler_smollm2.md --plot $out/ruler_smollm2.png
+fi

@@ -1,4 +1,4 @@
-"""`pymemory eval ppl|passkey|streameval` and `pymemory bench`."""
+"""`pymemory eval ppl|passkey|streameval|ruler` and `pymemory bench`."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .policies import PolicySpec, parse_policy
+from .ruler import TASKS
 
 DEFAULT_POLICIES = ["sink", "window", "recompute,chunk=32"]
 
@@ -131,6 +132,47 @@ def _retrieval_report(args, meta, model, model_path, cells, row_key, row_label, 
         from .plots import accuracy_heatmaps
 
         accuracy_heatmaps(cells, row_key, row_label, f"{title}: {data['model']}", args.plot)
+    return 0
+
+
+# ---- eval ruler ---------------------------------------------------------------------------------------------------
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def run_ruler_command(args) -> int:
+    from . import report, ruler
+
+    config = ruler.RulerConfig(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                               context_tokens=args.context, ratios=tuple(args.ratios),
+                               policies=tuple(args.policy or ruler.DEFAULT_POLICIES), samples=args.samples,
+                               seed=args.seed, n_sink=args.n_sink)
+    ruler.check_config(config)  # before loading anything
+    for text in config.policies:
+        if text.strip() != "full":
+            parse_policy(text, config.n_sink, 100)
+    meta = report.run_metadata(args.argv)
+    model, model_path = _load_model(args)
+    prose, _ = _read_text(args.prose)
+    bar = report.Progress(1, "ruler")
+    result = ruler.run_ruler(model, config, prose, n_threads=args.threads or 0,
+                             progress=lambda done, total: (setattr(bar, "total", total), bar.update(done)))
+    data = {**meta, **_model_fields(model, model_path), "prose": args.prose, **result}
+    body = ruler.markdown(result)
+    print(body)
+    if args.json:
+        report.write_json(args.json, data)
+    if args.md:
+        report.write_markdown(args.md, f"RULER-style tasks through bounded caches: {data['model']}", meta, body)
+    if args.plot:
+        from .plots import ruler_curves
+
+        ruler_curves(result, f"RULER-style tasks, {data['model']}, {config.context_tokens}-token context",
+                     args.plot)
     return 0
 
 
@@ -309,7 +351,7 @@ def _common(p: argparse.ArgumentParser, plot: bool = True) -> None:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    ev = subparsers.add_parser("eval", help="streaming perplexity, passkey and StreamEval retrieval")
+    ev = subparsers.add_parser("eval", help="streaming perplexity, passkey, StreamEval and RULER-style retrieval")
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="TASK")
 
     p = ev_sub.add_parser("ppl", help="perplexity of one long text streamed through each policy")
@@ -334,6 +376,26 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lines", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_streameval)
+
+    p = ev_sub.add_parser("ruler", help="RULER's synthetic tasks through bounded caches at kvpress's ratios")
+    p.add_argument("--model", "-m", default=None, help="GGUF file or asset name (default: the default model)")
+    p.add_argument("--context", type=int, default=1024, help="prompt length in tokens (default 1024)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated among {', '.join(TASKS)}")
+    p.add_argument("--ratios", type=_floats, default=[0.75, 0.5, 0.25, 0.125],
+                   help="cache sizes as fractions of the context, sinks included (default: kvpress's)")
+    p.add_argument("--policy", action="append", default=None,
+                   help="full, or NAME[,key=value...] as in the other commands (repeatable; default: full, sink, "
+                   "h2o, tova, namm,namm_path=smollm2)")
+    p.add_argument("--samples", type=int, default=2, help="samples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--prose", default="austen:prideprejudice",
+                   help="haystack prose and cwe vocabulary: a text file or an asset such as austen:emma")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--md", default=None, help="write a markdown report here")
+    p.add_argument("--plot", default=None, help="write a PNG figure here")
+    p.set_defaults(func=run_ruler_command)
 
     b = subparsers.add_parser("bench", help="decode/prefill throughput and memory per policy and cache size")
     _common(b, plot=False)

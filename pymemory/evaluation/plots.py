@@ -63,3 +63,40 @@ def accuracy_heatmaps(cells: list[dict], row_key: str, row_label: str, title: st
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ruler_curves(result: dict, title: str, path: str | os.PathLike) -> None:
+    """Score against cache fraction, one panel per task plus the mean over tasks, one line per policy; the full
+    cache as a dashed horizontal reference."""
+    plt = _pyplot()
+    tasks = list(result["settings"]["tasks"]) + ["mean"]
+    summary = result["summary"]
+    ncols = min(4, len(tasks))
+    nrows = (len(tasks) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False, sharey=True)
+    specs = list(dict.fromkeys(r["spec"] for r in summary))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes.flat, tasks):
+        for i, spec in enumerate(specs):
+            rows = sorted((r for r in summary if r["spec"] == spec), key=lambda r: r["ratio"])
+            ys = [r["mean_score"] if task == "mean" else r["tasks"][task] for r in rows]
+            if rows[0]["cache_cells"] is None:  # full cache
+                ax.axhline(ys[0], color="k", linestyle="--", linewidth=1, label="full cache")
+            else:
+                ax.plot([r["ratio"] for r in rows], ys, marker="o", color=colors[i % len(colors)], label=spec)
+        ax.set_title(task)
+        ax.set_xscale("log", base=2)
+        ratios = result["settings"]["ratios"]
+        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("cache / context")
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("score")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
