@@ -100,7 +100,7 @@ if run train-namm-smollm2; then  # issue 10: the shipped SmolLM2 NAMM (resumable
     --workers 2 --threads 1 --seed 0
   python tools/ship_namm.py --run runs/smollm2 --name smollm2
 fi
-if run namm-trained-eval; then  # issue 10: the shipped NAMM vs every policy on a held-out test set; transfer to Qwen
+if run namm-trained-eval; then  # issue 10: the shipped NAMM vs every policy on held-out data; transfer to Qwen (needs runs/smollm2 from train-namm-smollm2)
   python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2.gguf \
     --out $out/namm_trained_smollm2 --text 8 --retrieval 8 --transfer-model qwen2.5-coder-0.5b-instruct \
     --transfer-samples 4 --workers 2
