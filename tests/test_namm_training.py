@@ -147,7 +147,7 @@ def test_short_run_improves_on_generation_zero(tmp_path, smollm2_path):
     """On fixed samples and a fixed seed, the evolved CMA mean beats the starting all-zero NAMM."""
     from pymemory.namm.training import train_namm
 
-    config = tiny(tmp_path, model=smollm2_path, fixed_samples=True, population=4, generations=4, heldout_every=4,
+    config = tiny(tmp_path, model=smollm2_path, fixed_samples=True, population=6, generations=6, heldout_every=6,
                   seed=3)
     train_namm(config, progress=False)
     records = _log(tmp_path / "run")["records"]
