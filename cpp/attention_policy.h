@@ -1,5 +1,5 @@
-// Attention-scored memory policies: they watch the attention llama.cpp computes while decoding (the tap in
-// llama_adapter) and decide which cached tokens to evict. Three are provided:
+// Attention-scored memory policies: they watch the attention llama.cpp computes while decoding (the tap,
+// attention_tap.h, driven by llama_adapter) and decide which cached tokens to evict. Three are provided:
 //   - H2O (heavy hitters): keep the tokens that received the most attention plus a recent window, at a budget;
 //   - TOVA (token omission via attention): keep the tokens the newest query attends to most, at a budget;
 //   - NAMM (Sakana AI's learned memory, namm_policy.h): a small network scores every token every 512 tokens.
@@ -28,6 +28,19 @@ namespace pm {
 namespace namm {
 class NammModel;
 }
+
+// Settings of the attention-scored policies (ignored by the others).
+struct AttentionPolicyParams {
+    int32_t h2o_recent = -1;           // h2o, tova: most recent tokens always kept; -1 = window / 2 for h2o, 0 for tova
+    std::string namm_path;             // namm: a NAMM GGUF (pymemory convert-namm)
+    std::string namm_mode;             // namm: "quorum" or "budget" (namm_policy.h); "" = the file's, else quorum
+    float quorum = 0.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop
+                                       // it; 0 = the file's, else 1.0
+    int32_t max_cells = 0;             // namm budget: cells kept after each invocation; 0 = capacity - delay
+    int32_t namm_delay = 0;            // namm: tokens between invocations; 0 = the file's value (512)
+    bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory
+                                       // (ggml graphs, totals-based mirror check): how tests check the GPU path
+};
 
 // What a policy may look at besides the attention: the cache in chronological order and each token's cell.
 struct CacheView {

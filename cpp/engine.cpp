@@ -99,7 +99,10 @@ std::unique_ptr<AttentionPolicy> make_attention_policy(const EngineParams & p, c
             if (h2o) return std::make_unique<H2oPolicy>(h, n_cells);
             return std::make_unique<TovaPolicy>(h, n_cells);
         }
-        case PolicyKind::namm: return make_namm_policy(p, model, n_cells);
+        case PolicyKind::namm:
+            // BAM runs where the model runs: on the GPU when layers are offloaded (llama-cpp-python's backend).
+            return make_namm_policy(p.attention, p.policy, model, n_cells, p.model.n_gpu_layers != 0 ? "auto" : "cpu",
+                                    p.n_threads);
         default: return nullptr;
     }
 }

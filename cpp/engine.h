@@ -18,23 +18,10 @@
 
 namespace pm {
 
-// Settings of the attention-scored policies (ignored by the others).
-struct AttentionPolicyParams {
-    int32_t h2o_recent = -1;           // h2o, tova: most recent tokens always kept; -1 = window / 2 for h2o, 0 for tova
-    std::string namm_path;             // namm: a NAMM GGUF (pymemory convert-namm)
-    std::string namm_mode;             // namm: "quorum" or "budget" (namm_policy.h); "" = the file's, else quorum
-    float quorum = 0.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop
-                                       // it; 0 = the file's, else 1.0
-    int32_t max_cells = 0;             // namm budget: cells kept after each invocation; 0 = capacity - delay
-    int32_t namm_delay = 0;            // namm: tokens between invocations; 0 = the file's value (512)
-    bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory
-                                       // (ggml graphs, totals-based mirror check): how tests check the GPU path
-};
-
 struct EngineParams {
     ModelParams model;
     PolicyParams policy;
-    AttentionPolicyParams attention;
+    AttentionPolicyParams attention;   // attention_policy.h
     int32_t n_threads = 0;        // 0 = all cores
     int32_t n_threads_batch = 0;  // 0 = n_threads
     int32_t prefill_chunk = 0;    // tokens per decode while prefilling; 0 = auto (see resolved_prefill_chunk)

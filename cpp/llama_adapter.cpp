@@ -1,9 +1,9 @@
-// The one file that calls llama.cpp (and the few ggml/gguf calls the adapter needs). See llama_adapter.h.
+// The one file that calls llama.cpp: logging, GGUF validation, model, context (driving the cell mirror and the
+// attention tap, kv_cell_mirror.h and attention_tap.h), session state, sampler. See llama_adapter.h.
 #include "llama_adapter.h"
 
 #include "byte_io.h"
 #include "errors.h"
-#include "ggml_compute.h"
 
 #include <algorithm>
 #include <atomic>
@@ -11,8 +11,8 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <iterator>
 #include <fstream>
-#include <limits>
 #include <mutex>
 #include <string_view>
 #include <thread>
@@ -25,10 +25,6 @@
 
 namespace pm {
 namespace {
-
-// Upstream name of the post-softmax attention node (llama-graph.cpp, build_attn_mha: cb(kq, "kq_soft_max", il)).
-// llama.cpp names graph nodes "<name>-<layer>".
-constexpr const char * kAttentionTensorPrefix = "kq_soft_max-";
 
 // ---- logging -------------------------------------------------------------------------------------------------
 
@@ -341,11 +337,11 @@ std::string LlamaModel::apply_chat_template(const std::vector<ChatMessage> & mes
 // ---- context -------------------------------------------------------------------------------------------------
 
 LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParams & params)
-    : model_(std::move(model)), on_attention_(params.on_attention) {
+    : model_(std::move(model)) {
     if (!model_) fail(ErrorKind::invalid_argument, "context needs a loaded model");
     if (params.n_ctx < 1) fail(ErrorKind::invalid_argument, "n_ctx must be at least 1");
     if (params.n_batch < 1) fail(ErrorKind::invalid_argument, "n_batch must be at least 1");
-    if (on_attention_ && params.flash_attention == FlashAttention::enabled) {
+    if (params.on_attention && params.flash_attention == FlashAttention::enabled) {
         fail(ErrorKind::invalid_argument,
              "the attention tap needs flash attention off (llama.cpp only materialises attention probabilities "
              "without it)");
@@ -361,15 +357,18 @@ LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParam
     cparams.type_k = parse_cache_type(params.type_k);
     cparams.type_v = parse_cache_type(params.type_v);
     cparams.no_perf = true;
-    switch (on_attention_ ? FlashAttention::disabled : params.flash_attention) {
+    switch (params.on_attention ? FlashAttention::disabled : params.flash_attention) {
         case FlashAttention::automatic: cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO; break;
         case FlashAttention::enabled: cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED; break;
         case FlashAttention::disabled: cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED; break;
     }
-    if (on_attention_) {
-        cparams.cb_eval = &LlamaContext::eval_callback;
-        cparams.cb_eval_user_data = this;
-        tap_device_ = std::make_unique<DeviceCompute>(cparams.n_threads);
+    if (params.on_attention) {
+        // The tap checks every batch's layer-0 attention against the cell mirror before the policy sees it.
+        tap_ = std::make_unique<AttentionTap>(
+            params.on_attention, [this](const AttentionView & layer0) { return cells_.check(layer0); },
+            cparams.n_threads);
+        cparams.cb_eval = &AttentionTap::eval_callback;
+        cparams.cb_eval_user_data = tap_.get();
     }
     clear_recent_errors();
     ctx_ = llama_init_from_model(model_->raw(), cparams);
@@ -379,7 +378,7 @@ LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParam
                                                    "KV cache type does not fit this model)"));
     }
     n_batch_ = int32_t(llama_n_batch(ctx_));
-    cells_.pos.assign(llama_n_ctx(ctx_), -1);
+    cells_.reset(llama_n_ctx(ctx_));
 }
 
 LlamaContext::~LlamaContext() {
@@ -397,13 +396,13 @@ void LlamaContext::decode(const Token * tokens, const Pos * positions, int32_t n
                                               std::to_string(n_batch_));
     }
     // One batch is one ubatch (n_ubatch == n_batch), so llama.cpp runs find_slot once: mirror it first.
-    const CellMirror before = cells_;
-    batch_cells_ = cells_.place(positions, n);
-    if (batch_cells_.empty()) {
+    const KvCellMirror before = cells_;
+    const std::vector<int32_t> batch_cells = cells_.place(positions, n);
+    if (batch_cells.empty()) {
         cells_ = before;
         fail(ErrorKind::capacity, "no free KV cell for " + std::to_string(n) + " tokens (the cache is full)");
     }
-    batch_pos_.assign(positions, positions + n);
+    if (tap_) tap_->begin_batch(cells_.positions().data(), positions, batch_cells.data(), n);
 
     llama_batch batch = llama_batch_init(n, 0, 1);
     for (int32_t i = 0; i < n; ++i) {
@@ -415,15 +414,14 @@ void LlamaContext::decode(const Token * tokens, const Pos * positions, int32_t n
     }
     batch.n_tokens = n;
     clear_recent_errors();
-    tap_error_.clear();
     const int32_t rc = llama_decode(ctx_, batch);
     llama_batch_free(batch);
-    if (!tap_error_.empty()) {
+    if (tap_ && !tap_->error().empty()) {
         // The compute was cancelled from the attention callback; the cache no longer matches any mirror.
         cells_.clear();
         llama_memory_clear(llama_get_memory(ctx_), true);
         n_tokens_last_ = 0;
-        fail(ErrorKind::runtime, tap_error_ + " (the cache was cleared; reset() and start again)");
+        fail(ErrorKind::runtime, tap_->error() + " (the cache was cleared; reset() and start again)");
     }
     if (rc != 0) {
         cells_ = before;  // llama.cpp restores the memory on these errors
@@ -470,7 +468,7 @@ void LlamaContext::memory_shift(Pos p0, Pos p1, Pos delta) {
 // ---- session state ---------------------------------------------------------------------------------------------
 // Blob: "PMKV" | u32 n_ctx | u32 n_cells | i32 pos[n_cells] (cell order) | u64 n_bytes | llama_state_seq data.
 // llama.cpp writes sequence 0's cells in cell order and, on restore, places them with the same find_slot +
-// apply_ubatch as a decode (llama-kv-cache.cpp, state_read_meta), which is what CellMirror::place replays.
+// apply_ubatch as a decode (llama-kv-cache.cpp, state_read_meta), which is what KvCellMirror::place replays.
 
 namespace {
 constexpr char kStateMagic[4] = {'P', 'M', 'K', 'V'};
@@ -479,9 +477,9 @@ constexpr char kStateMagic[4] = {'P', 'M', 'K', 'V'};
 std::string LlamaContext::state_save() const {
     ByteWriter out;
     out.bytes().append(kStateMagic, sizeof(kStateMagic));
-    out.put(uint32_t(cells_.pos.size()));
+    out.put(uint32_t(cells_.size()));
     std::vector<Pos> in_cell_order;
-    for (Pos p : cells_.pos) {
+    for (Pos p : cells_.positions()) {
         if (p >= 0) in_cell_order.push_back(p);
     }
     out.put_vector(in_cell_order);
@@ -508,9 +506,9 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
     const std::string body = blob.substr(sizeof(kStateMagic));
     ByteReader in(body, "the saved KV state");
     const uint32_t n_ctx_saved = in.get<uint32_t>();
-    if (n_ctx_saved != uint32_t(cells_.pos.size())) {
+    if (n_ctx_saved != cells_.size()) {
         fail(ErrorKind::invalid_argument, "the saved KV state has " + std::to_string(n_ctx_saved) +
-                                              " cells but this cache has " + std::to_string(cells_.pos.size()) +
+                                              " cells but this cache has " + std::to_string(cells_.size()) +
                                               "; load it with the same window and n_sink");
     }
     const std::vector<Pos> in_cell_order = in.get_vector<Pos>();
@@ -544,232 +542,13 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
     }
 }
 
-// ---- cell mirror (llama-kv-cache.cpp, single stream, no SWA) ------------------------------------------------
-
-std::vector<int32_t> LlamaContext::CellMirror::place(const Pos * positions, int32_t n) {
-    const uint32_t size = uint32_t(pos.size());
-    const uint32_t n_tokens = uint32_t(n);
-    std::vector<int32_t> idxs;
-    if (n_tokens > size) return idxs;
-    uint32_t head_cur = head;
-    // find_slot: with many free cells before the head, start from the beginning to fill the cache.
-    if (head_cur > used + 2 * n_tokens) head_cur = 0;
-    uint32_t n_tested = 0;
-    while (true) {
-        if (head_cur + 1 > size) {
-            n_tested += size - head_cur;
-            head_cur = 0;
-            continue;
-        }
-        const uint32_t idx = head_cur++;
-        ++n_tested;
-        if (pos[idx] < 0) idxs.push_back(int32_t(idx));
-        if (idxs.size() == n_tokens) break;
-        if (n_tested >= size) return {};
-    }
-    // apply_ubatch
-    for (uint32_t i = 0; i < n_tokens; ++i) pos[size_t(idxs[i])] = positions[i];
-    used += n_tokens;
-    head = uint32_t(idxs.back()) + 1;
-    return idxs;
-}
-
-void LlamaContext::CellMirror::remove(Pos p0, Pos p1) {
-    if (p0 < 0) p0 = 0;
-    if (p1 < 0) p1 = std::numeric_limits<Pos>::max();
-    const uint32_t size = uint32_t(pos.size());
-    uint32_t new_head = size;
-    for (uint32_t i = 0; i < size; ++i) {
-        if (pos[i] < 0 || pos[i] < p0 || pos[i] >= p1) continue;
-        pos[i] = -1;
-        --used;
-        if (new_head == size) new_head = i;
-    }
-    if (new_head != size && new_head < head) head = new_head;
-}
-
-void LlamaContext::CellMirror::shift(Pos p0, Pos p1, Pos delta) {
-    if (delta == 0) return;
-    if (p0 < 0) p0 = 0;
-    if (p1 < 0) p1 = std::numeric_limits<Pos>::max();
-    if (p0 == p1) return;
-    const uint32_t size = uint32_t(pos.size());
-    uint32_t new_head = size;
-    for (uint32_t i = 0; i < size; ++i) {
-        if (pos[i] < 0 || pos[i] < p0 || pos[i] >= p1) continue;
-        pos[i] += delta;
-        if (pos[i] < 0) {
-            pos[i] = -1;
-            --used;
-            if (new_head == size) new_head = i;
-        }
-    }
-    head = new_head != size ? new_head : 0;
-}
-
-void LlamaContext::CellMirror::clear() {
-    std::fill(pos.begin(), pos.end(), -1);
-    head = 0;
-    used = 0;
-}
-
-uint32_t LlamaContext::CellMirror::used_max_p1() const {
-    for (size_t i = pos.size(); i > 0; --i) {
-        if (pos[i - 1] >= 0) return uint32_t(i);
-    }
-    return 0;
-}
-
-std::string LlamaContext::check_cell_mirror(const AttentionView & v) const {
-    const uint32_t used_end = cells_.used_max_p1();
-    if (uint32_t(v.n_kv) < used_end || size_t(v.n_kv) > cells_.pos.size()) {
-        return "attention covers " + std::to_string(v.n_kv) + " cells but the cell mirror expects at least " +
-               std::to_string(used_end);
-    }
-    const size_t plane = v.head_stride;
-    for (int32_t t = 0; t < v.n_tokens; ++t) {
-        bool self_seen = false;
-        for (int32_t c = 0; c < v.n_kv; ++c) {
-            float total = 0.0f;
-            for (int32_t h = 0; h < v.n_head; ++h) total += v.probs[size_t(h) * plane + size_t(t) * v.n_kv + c];
-            const Pos p = v.cell_pos[c];
-            const bool visible = p >= 0 && p <= v.token_pos[t];
-            if (!visible && total != 0.0f) {
-                return "cell " + std::to_string(c) + " receives attention from position " +
-                       std::to_string(v.token_pos[t]) + " but the mirror says it holds " +
-                       (p < 0 ? std::string("nothing") : "position " + std::to_string(p));
-            }
-            if (c == v.token_cell[t]) self_seen = total > 0.0f;
-        }
-        if (!self_seen) {
-            return "the token at position " + std::to_string(v.token_pos[t]) + " does not attend to cell " +
-                   std::to_string(v.token_cell[t]) + " where the mirror placed it";
-        }
-    }
-    return "";
-}
-
-std::string LlamaContext::check_cell_mirror_totals(const AttentionView & v) const {
-    // Without the rows: an empty cell must receive nothing, and every cell the batch was placed in must receive
-    // something (each token attends to itself).
-    const uint32_t used_end = cells_.used_max_p1();
-    if (uint32_t(v.n_kv) < used_end || size_t(v.n_kv) > cells_.pos.size()) {
-        return "attention covers " + std::to_string(v.n_kv) + " cells but the cell mirror expects at least " +
-               std::to_string(used_end);
-    }
-    for (int32_t c = 0; c < v.n_kv; ++c) {
-        if (v.cell_pos[c] < 0 && v.cell_totals[c] != 0.0f) {
-            return "cell " + std::to_string(c) + " receives attention but the mirror says it is empty";
-        }
-    }
-    for (int32_t t = 0; t < v.n_tokens; ++t) {
-        if (!(v.cell_totals[v.token_cell[t]] > 0.0f)) {
-            return "cell " + std::to_string(v.token_cell[t]) + ", where the mirror placed position " +
-                   std::to_string(v.token_pos[t]) + ", receives no attention";
-        }
-    }
-    return "";
-}
-
-void sum_attention_by_cell(const AttentionView & v, AttentionTotals rows, std::vector<float> & out) {
-    out.assign(size_t(v.n_kv), 0.0f);
-    if (rows == AttentionTotals::none || v.n_tokens < 1) return;
-    const int32_t t0 = rows == AttentionTotals::last_row ? v.n_tokens - 1 : 0;
-    for (int32_t h = 0; h < v.n_head; ++h) {
-        for (int32_t t = t0; t < v.n_tokens; ++t) {
-            const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
-            for (int32_t c = 0; c < v.n_kv; ++c) out[size_t(c)] += row[c];
-        }
-    }
-}
-
-void LlamaContext::compute_cell_totals(AttentionView & v, AttentionTotals rows) {
-    if (v.probs) {
-        sum_attention_by_cell(v, rows, cell_totals_);
-    } else {
-        cell_totals_.assign(size_t(v.n_kv), 0.0f);
-        // The rows to add: all of the batch's, or only the last (the newest token's query).
-        const int32_t t0 = rows == AttentionTotals::last_row ? v.n_tokens - 1 : 0;
-        const int32_t n_rows = v.n_tokens - t0;
-        tap_device_->bind(v.tensor, "the attention of a layer");
-        Graph g(16);
-        ggml_context * ctx = g.ctx();
-        ggml_tensor * probs = g.external(v.tensor);                                           // [n_kv, rows, n_head]
-        ggml_tensor * real = ggml_view_3d(ctx, probs, v.n_kv, n_rows, v.n_head, probs->nb[1], probs->nb[2],
-                                          size_t(t0) * probs->nb[1]);                          // [n_kv, n_rows, n_head]
-        // Rows and heads first, so one sum_rows adds everything a cell received.
-        ggml_tensor * by_cell = ggml_cont(ctx, ggml_permute(ctx, real, 2, 0, 1, 3));          // [n_rows, n_head, n_kv]
-        ggml_tensor * totals = ggml_sum_rows(ctx, ggml_reshape_2d(ctx, by_cell, int64_t(n_rows) * v.n_head,
-                                                                 v.n_kv));                    // [1, n_kv]
-        g.output(totals);
-        tap_device_->allocate(g);
-        tap_device_->compute(g);
-        ggml_backend_tensor_get(totals, cell_totals_.data(), 0, cell_totals_.size() * sizeof(float));
-    }
-    v.cell_totals = cell_totals_.data();
-    v.totals_rows = rows;
-}
-
 Pos LlamaContext::memory_pos_min() const { return llama_memory_seq_pos_min(llama_get_memory(ctx_), 0); }
 Pos LlamaContext::memory_pos_max() const { return llama_memory_seq_pos_max(llama_get_memory(ctx_), 0); }
 
 void LlamaContext::set_threads(int32_t n_threads, int32_t n_threads_batch) {
     const int32_t n = n_threads > 0 ? n_threads : default_threads();
     llama_set_n_threads(ctx_, n, n_threads_batch > 0 ? n_threads_batch : n);
-    if (tap_device_) tap_device_->set_threads(n);
-}
-
-bool LlamaContext::eval_callback(ggml_tensor * tensor, bool ask, void * user_data) {
-    auto * self = static_cast<LlamaContext *>(user_data);
-    const char * name = ggml_get_name(tensor);
-    const size_t prefix_len = std::strlen(kAttentionTensorPrefix);
-    if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return !ask;  // observe nothing else
-    if (ask) return true;  // we want to observe this node once it is computed
-    // Errors cannot propagate through ggml's scheduler: remember them and cancel the compute.
-    try {
-        if (tensor->type != GGML_TYPE_F32 || !ggml_is_contiguous(tensor) || tensor->ne[3] != 1) {
-            self->tap_error_ = std::string("attention tensor ") + name + " has an unexpected layout (type " +
-                               ggml_type_name(tensor->type) + ")";
-            return false;
-        }
-        AttentionView view;
-        view.layer = std::atoi(name + prefix_len);
-        view.n_kv = int32_t(tensor->ne[0]);
-        view.n_tokens = int32_t(self->batch_pos_.size());  // rows past the batch (padding) are not ours
-        view.n_head = int32_t(tensor->ne[2]);
-        view.head_stride = size_t(tensor->ne[0]) * size_t(tensor->ne[1]);
-        if (tensor->ne[1] < view.n_tokens) {
-            self->tap_error_ = "attention tensor has fewer rows than the batch has tokens";
-            return false;
-        }
-        view.tensor = tensor;
-        const bool on_host =
-            !self->device_reductions_ && tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer);
-        view.probs = on_host ? static_cast<const float *>(tensor->data) : nullptr;
-        view.cell_pos = self->cells_.pos.data();
-        view.token_pos = self->batch_pos_.data();
-        view.token_cell = self->batch_cells_.data();
-        // Without the host matrix, the layer-0 mirror check reads the totals over all rows.
-        const bool check_on_totals = view.layer == 0 && !on_host;
-        if (check_on_totals) self->compute_cell_totals(view, AttentionTotals::all_rows);
-        if (view.layer == 0) {
-            const std::string problem = on_host ? self->check_cell_mirror(view) : self->check_cell_mirror_totals(view);
-            if (!problem.empty()) {
-                self->tap_error_ = "KV cell mirror out of sync with llama.cpp (" + problem +
-                                   "); this llama.cpp version allocates cells differently from the one pymemory "
-                                   "was written for";
-                return false;
-            }
-        }
-        if (self->attention_totals_ != AttentionTotals::none && self->attention_totals_ != view.totals_rows) {
-            self->compute_cell_totals(view, self->attention_totals_);
-        }
-        self->on_attention_(view);
-    } catch (const std::exception & e) {
-        self->tap_error_ = e.what();
-        return false;
-    }
-    return true;
+    if (tap_) tap_->set_threads(n);
 }
 
 // ---- sampling ------------------------------------------------------------------------------------------------
@@ -787,6 +566,12 @@ void validate(const SamplingParams & p) {
     if (!std::isfinite(p.frequency_penalty) || !std::isfinite(p.presence_penalty)) {
         bad("frequency_penalty and presence_penalty must be finite numbers; use 0 to disable them");
     }
+    if (!(p.dry_multiplier >= 0.0f) || !std::isfinite(p.dry_multiplier)) {
+        bad("dry_multiplier must be a finite number >= 0; use 0 to disable DRY (0.8 is a common setting)");
+    }
+    if (!(p.dry_base >= 1.0f) || !std::isfinite(p.dry_base)) bad("dry_base must be a finite number >= 1 (e.g. 1.75)");
+    if (p.dry_allowed_length < 1) bad("dry_allowed_length must be >= 1 (e.g. 2)");
+    if (p.dry_penalty_last_n < -1) bad("dry_penalty_last_n must be >= -1 (-1 = whole context, 0 = off)");
 }
 
 Sampler::Sampler(const LlamaModel & model, const SamplingParams & p) {
@@ -797,6 +582,14 @@ Sampler::Sampler(const LlamaModel & model, const SamplingParams & p) {
         const int32_t last_n = p.repeat_last_n < 0 ? model.info().n_ctx_train : p.repeat_last_n;
         llama_sampler_chain_add(chain_, llama_sampler_init_penalties(model.info().n_vocab, last_n, p.repeat_penalty,
                                                                      p.frequency_penalty, p.presence_penalty));
+    }
+    if (p.dry_multiplier > 0.0f) {
+        // The sequence breakers of llama.cpp's common defaults: a repeat does not continue across them.
+        static const char * breakers[] = {"\n", ":", "\"", "*"};
+        const int32_t last_n = p.dry_penalty_last_n < 0 ? model.info().n_ctx_train : p.dry_penalty_last_n;
+        llama_sampler_chain_add(chain_, llama_sampler_init_dry(llama_model_get_vocab(model.raw()), p.dry_multiplier,
+                                                               p.dry_base, p.dry_allowed_length, last_n, breakers,
+                                                               std::size(breakers)));
     }
     if (p.temperature <= 0.0f) {
         llama_sampler_chain_add(chain_, llama_sampler_init_greedy());

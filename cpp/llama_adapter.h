@@ -1,12 +1,21 @@
 // The one place where pymemory talks to llama.cpp.
 //
-// Every llama.cpp call and every upstream name (tensor names, metadata keys) lives in llama_adapter.cpp, so an
-// upstream change breaks exactly one file. This header deliberately does not include llama.h: the rest of the
-// core sees small value types and three owning classes (model, context, sampler).
+// Every llama.cpp call (llama_*) lives in llama_adapter.cpp, so an upstream API change breaks exactly one file. This
+// header deliberately does not include llama.h: the rest of the core sees small value types and three owning classes
+// (model, context, sampler), plus logging and GGUF validation behind them.
+//
+// Two pieces depend on llama.cpp's internals rather than its API, and are quarantined in units of their own that the
+// context drives (neither calls llama.cpp):
+//   kv_cell_mirror.h  which cell each token goes to (a replay of llama-kv-cache.cpp's allocator), self-checked;
+//   attention_tap.h   the scheduler eval callback that finds "kq_soft_max-<layer>" and reduces it per cell.
+// Data flow of one LlamaContext::decode(): mirror.place(batch) -> tap.begin_batch(cells) -> llama_decode, inside
+// which the tap checks layer 0 against the mirror and hands every layer's AttentionView to the policy.
 #pragma once
 
+#include "attention_tap.h"
+#include "kv_cell_mirror.h"
+
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -17,11 +26,8 @@
 struct llama_model;
 struct llama_context;
 struct llama_sampler;
-struct ggml_tensor;
 
 namespace pm {
-
-class DeviceCompute;
 
 using Token = int32_t;
 using Pos = int32_t;
@@ -93,42 +99,6 @@ private:
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Attention tap: post-softmax attention of every layer, observed during llama_decode.
-
-// Which rows of a layer's attention the tap adds up per cell (AttentionView::cell_totals), over all query heads:
-// none, every row of the batch (H2O's accumulated attention), or only the last row, the newest token's query
-// (TOVA's rule).
-enum class AttentionTotals { none, all_rows, last_row };
-
-// One layer's attention probabilities as llama.cpp computed them (flash attention off), valid only during the
-// callback. Layout (ggml order): probs[h * head_stride + t * n_kv + c] for query head h, batch token t, cell c.
-// Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0. Query head h
-// reads KV head h / (n_head / n_head_kv) (ggml's broadcasting order, the same as HF's repeat_kv).
-// The matrix stays where llama.cpp computed it: `probs` is set only when that is host memory (CPU backend); on a
-// GPU a policy reduces `tensor` there with its own ggml graph (cpp/ggml_compute.h).
-struct AttentionView {
-    int32_t layer = 0;
-    int32_t n_kv = 0;
-    int32_t n_tokens = 0;
-    int32_t n_head = 0;
-    size_t head_stride = 0;             // floats between heads (n_kv * rows of the tensor, which may be padded)
-    const ggml_tensor * tensor = nullptr;  // llama.cpp's kq_soft_max-<layer>: [n_kv, rows >= n_tokens, n_head]
-    const float * probs = nullptr;      // the same in host memory, or nullptr when it lives on a device
-    const float * cell_totals = nullptr;  // [n_kv] attention each cell received (all heads; rows: totals_rows)
-    AttentionTotals totals_rows = AttentionTotals::none;  // which rows cell_totals sums (none: not computed)
-    const Pos * cell_pos = nullptr;     // [n_kv] position held by each cell, -1 if empty
-    const Pos * token_pos = nullptr;    // [n_tokens] positions of the batch's tokens (the rows)
-    const int32_t * token_cell = nullptr;  // [n_tokens] cell each batch token was placed in
-};
-
-// Called from inside llama_decode, on the decoding thread, once per layer and ubatch.
-using AttentionCallback = std::function<void(const AttentionView &)>;
-
-// The host reduction behind AttentionView::cell_totals: out[c] = sum over heads (and the chosen rows) of
-// view.probs. Pure (no llama.cpp): the tap runs it on host attention, tests run it on synthetic matrices.
-void sum_attention_by_cell(const AttentionView & view, AttentionTotals rows, std::vector<float> & out);
-
-// ---------------------------------------------------------------------------------------------------------------
 // Context: one KV cache (one sequence) plus the decode loop's buffers.
 
 enum class FlashAttention { automatic, enabled, disabled };
@@ -155,12 +125,12 @@ public:
     uint32_t n_ctx() const;                 // physical cells after padding
     bool can_shift() const;                 // llama_memory_can_shift
 
-    // Position held by each KV cell (-1 = empty), mirrored from llama.cpp's slot allocation. Attention columns are
-    // cells, so attention-scored policies map them to tokens through this. The mirror follows llama-kv-cache.cpp
-    // (find_slot/apply_ubatch/seq_rm/seq_add) of the pinned llama.cpp and is checked against every tapped layer-0
-    // attention pattern: a mismatch (an upstream change) stops decoding with an error instead of evicting wrongly.
-    // Exact for single-sequence caches without sliding-window layers (the tap refuses the others).
-    const std::vector<Pos> & cell_positions() const { return cells_.pos; }
+    // Position held by each KV cell (-1 = empty), mirrored from llama.cpp's slot allocation (kv_cell_mirror.h).
+    // Attention columns are cells, so attention-scored policies map them to tokens through this. The mirror is
+    // checked against every tapped layer-0 attention pattern: a mismatch (an upstream change) stops decoding with an
+    // error instead of evicting wrongly. Exact for single-sequence caches without sliding-window layers (the tap
+    // refuses the others).
+    const std::vector<Pos> & cell_positions() const { return cells_.positions(); }
 
     // Decodes `n` tokens of sequence 0 at explicit positions. With logits_all every token gets logits, otherwise
     // only the last. Throws pm::Error (capacity if no KV slot, runtime otherwise); on failure the cache is
@@ -187,47 +157,24 @@ public:
     // blob and leaves the cache empty.
     void state_load(const std::string & blob, const std::vector<Pos> & positions);
     // The tap also computes AttentionView::cell_totals for every layer (where the attention lives), over the rows
-    // asked for.
-    void set_attention_totals(AttentionTotals rows) { attention_totals_ = rows; }
+    // asked for. No-op without on_attention (no tap).
+    void set_attention_totals(AttentionTotals rows) {
+        if (tap_) tap_->set_totals(rows);
+    }
     // Treats tapped attention as if it lived on a device even when it is in host memory: AttentionView::probs stays
     // null, totals come from a ggml graph, the mirror check uses them (what a GPU run does; for tests).
-    void set_device_reductions(bool enabled) { device_reductions_ = enabled; }
+    void set_device_reductions(bool enabled) {
+        if (tap_) tap_->set_device_reductions(enabled);
+    }
 
     const LlamaModel & model() const { return *model_; }
     llama_context * raw() const { return ctx_; }
 
 private:
-    // See cell_positions().
-    struct CellMirror {
-        std::vector<Pos> pos;
-        uint32_t head = 0;
-        uint32_t used = 0;
-        std::vector<int32_t> place(const Pos * positions, int32_t n);  // find_slot + apply_ubatch
-        void remove(Pos p0, Pos p1);                                   // seq_rm
-        void shift(Pos p0, Pos p1, Pos delta);                         // seq_add
-        void clear();
-        uint32_t used_max_p1() const;
-    };
-
-    static bool eval_callback(ggml_tensor * tensor, bool ask, void * user_data);
-    // Checks the layer-0 attention pattern against the mirror; returns an error message or "". Exact (every row)
-    // when the matrix is in host memory, else from the per-cell totals.
-    std::string check_cell_mirror(const AttentionView & view) const;
-    std::string check_cell_mirror_totals(const AttentionView & view) const;
-    // AttentionView::cell_totals over `rows`: a host loop, or a ggml graph on the tensor's device.
-    void compute_cell_totals(AttentionView & view, AttentionTotals rows);
-
     std::shared_ptr<LlamaModel> model_;
     llama_context * ctx_ = nullptr;
-    AttentionCallback on_attention_;
-    AttentionTotals attention_totals_ = AttentionTotals::none;
-    bool device_reductions_ = false;
-    std::vector<float> cell_totals_;
-    std::unique_ptr<DeviceCompute> tap_device_;  // reductions of device-resident attention
-    CellMirror cells_;
-    std::vector<Pos> batch_pos_;          // positions and cells of the batch being decoded (for the tap)
-    std::vector<int32_t> batch_cells_;
-    std::string tap_error_;               // set inside the callback; decode() throws it
+    std::unique_ptr<AttentionTap> tap_;  // only with ContextParams::on_attention
+    KvCellMirror cells_;                 // see cell_positions()
     int32_t n_batch_ = 0;
     int32_t n_tokens_last_ = 0;   // size of the last decoded batch
     bool logits_all_last_ = false;
@@ -245,6 +192,11 @@ struct SamplingParams {
     int32_t repeat_last_n = 64;
     float frequency_penalty = 0.0f;
     float presence_penalty = 0.0f;
+    // DRY ("don't repeat yourself"): penalises tokens that would extend a repeat of an earlier sequence.
+    float dry_multiplier = 0.0f;   // 0: off
+    float dry_base = 1.75f;
+    int32_t dry_allowed_length = 2;
+    int32_t dry_penalty_last_n = -1;  // -1: the whole context
     uint32_t seed = 0;
 };
 

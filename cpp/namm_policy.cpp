@@ -1,6 +1,5 @@
 #include "namm_policy.h"
 
-#include "engine.h"
 #include "errors.h"
 #include "namm/namm_model.h"
 #include "namm/namm_tap.h"
@@ -249,22 +248,20 @@ private:
 
 }  // namespace
 
-std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, const ModelInfo & model,
-                                                  uint32_t n_cells) {
-    const AttentionPolicyParams & a = params.attention;
+std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & a, const PolicyParams & policy,
+                                                  const ModelInfo & model, uint32_t n_cells, const std::string & device,
+                                                  int32_t n_threads) {
     if (a.namm_path.empty()) {
         fail(ErrorKind::invalid_argument, "policy 'namm' needs namm_path (a NAMM GGUF from pymemory convert-namm)");
     }
-    // BAM runs where the model runs: on the GPU when layers are offloaded (llama-cpp-python's backend).
-    auto scorer = namm::NammModel::load(a.namm_path, params.model.n_gpu_layers != 0 ? "auto" : "cpu",
-                                        params.n_threads);
+    auto scorer = namm::NammModel::load(a.namm_path, device, n_threads);
     const int32_t delay = a.namm_delay > 0 ? a.namm_delay : scorer->hparams().delay;
     if (delay % namm::kHop != 0) {
         fail(ErrorKind::invalid_argument, "namm_delay must be a multiple of " + std::to_string(namm::kHop) +
                                               " (the STFT hop); got " + std::to_string(delay));
     }
-    const int32_t cap = capacity(params.policy);
-    if (cap < params.policy.n_sink + delay + 1) {
+    const int32_t cap = capacity(policy);
+    if (cap < policy.n_sink + delay + 1) {
         fail(ErrorKind::invalid_argument,
              "policy 'namm' evicts every " + std::to_string(delay) + " tokens, so the cache needs room for n_sink + " +
                  std::to_string(delay) + " + the retained tokens; raise window above " + std::to_string(delay) +
@@ -275,7 +272,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, c
     rule.mode = !a.namm_mode.empty() ? a.namm_mode : !scorer->hparams().deploy_mode.empty() ? scorer->hparams().deploy_mode
                                                                                            : "quorum";
     rule.quorum = a.quorum > 0.0f ? a.quorum : scorer->hparams().deploy_quorum;
-    rule.n_sink = params.policy.n_sink;
+    rule.n_sink = policy.n_sink;
     rule.max_cells = a.max_cells > 0 ? a.max_cells : cap - delay;
     if (rule.mode == "budget" && rule.max_cells + delay > cap) {
         fail(ErrorKind::invalid_argument, "max_cells + namm delay (" + std::to_string(rule.max_cells) + " + " +
@@ -290,7 +287,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, c
                                          ", n_head_kv " + std::to_string(model.n_head_kv) + ")");
     }
     return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, model.n_layer, model.n_head, model.n_head_kv,
-                                        n_cells, params.n_threads);
+                                        n_cells, n_threads);
 }
 
 }  // namespace pm

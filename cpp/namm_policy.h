@@ -18,15 +18,21 @@
 #pragma once
 
 #include "attention_policy.h"
+#include "kv_policy.h"
 
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace pm {
 
-struct EngineParams;
-
-std::unique_ptr<AttentionPolicy> make_namm_policy(const EngineParams & params, const ModelInfo & model,
-                                                  uint32_t n_cells);
+// The engine's factory for policy "namm" (engine.cpp hands over its settings; this unit never sees the engine):
+// the NAMM file and its overrides (`attention`), the cache budget (`policy`: capacity, n_sink), the model's head
+// layout, the cache's n_cells. The scorer runs on `device` ("auto": the model's GPU backend if any, or "cpu") with
+// n_threads threads (0 = all cores). Throws invalid_argument for settings that cannot work.
+std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & attention, const PolicyParams & policy,
+                                                  const ModelInfo & model, uint32_t n_cells, const std::string & device,
+                                                  int32_t n_threads);
 
 // How per-(layer, head) keep decisions become cell evictions. `drop_votes[i]` counts the (layer, head) pairs
 // that drop token i (chronological), out of `n_pairs`; `mean_scores[i]` is its mean score. Returns the sorted

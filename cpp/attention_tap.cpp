@@ -1,0 +1,132 @@
+// The attention tap: recognises llama.cpp's attention nodes in the scheduler's eval callback, builds views, reduces
+// them per cell. ggml only; see attention_tap.h.
+#include "attention_tap.h"
+
+#include "ggml_compute.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <utility>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+namespace pm {
+namespace {
+
+// Upstream name of the post-softmax attention node (llama-graph.cpp, build_attn_mha: cb(kq, "kq_soft_max", il)).
+// llama.cpp names graph nodes "<name>-<layer>". If it changes, nothing is observed and the engine fails loudly
+// (engine.cpp counts the tapped layers).
+constexpr const char * kAttentionTensorPrefix = "kq_soft_max-";
+
+}  // namespace
+
+void sum_attention_by_cell(const AttentionView & v, AttentionTotals rows, std::vector<float> & out) {
+    out.assign(size_t(v.n_kv), 0.0f);
+    if (rows == AttentionTotals::none || v.n_tokens < 1) return;
+    const int32_t t0 = rows == AttentionTotals::last_row ? v.n_tokens - 1 : 0;
+    for (int32_t h = 0; h < v.n_head; ++h) {
+        for (int32_t t = t0; t < v.n_tokens; ++t) {
+            const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
+            for (int32_t c = 0; c < v.n_kv; ++c) out[size_t(c)] += row[c];
+        }
+    }
+}
+
+AttentionTap::AttentionTap(AttentionCallback on_attention, AttentionCheck check_layer0, int32_t n_threads)
+    : on_attention_(std::move(on_attention)),
+      check_layer0_(std::move(check_layer0)),
+      device_(std::make_unique<DeviceCompute>(n_threads)) {}
+
+AttentionTap::~AttentionTap() = default;
+
+void AttentionTap::begin_batch(const Pos * cell_pos, const Pos * token_pos, const int32_t * token_cell,
+                               int32_t n_tokens) {
+    cell_pos_ = cell_pos;
+    token_pos_.assign(token_pos, token_pos + n_tokens);
+    token_cell_.assign(token_cell, token_cell + n_tokens);
+    error_.clear();
+}
+
+void AttentionTap::set_threads(int32_t n_threads) { device_->set_threads(n_threads); }
+
+bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_data) {
+    auto * self = static_cast<AttentionTap *>(user_data);
+    const char * name = ggml_get_name(tensor);
+    const size_t prefix_len = std::strlen(kAttentionTensorPrefix);
+    if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return !ask;  // observe nothing else
+    if (ask) return true;  // we want to observe this node once it is computed
+    return self->observe(tensor, name, std::atoi(name + prefix_len));
+}
+
+bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t layer) {
+    // Errors cannot propagate through ggml's scheduler: remember them and cancel the compute.
+    try {
+        if (tensor->type != GGML_TYPE_F32 || !ggml_is_contiguous(tensor) || tensor->ne[3] != 1) {
+            error_ = std::string("attention tensor ") + name + " has an unexpected layout (type " +
+                     ggml_type_name(tensor->type) + ")";
+            return false;
+        }
+        AttentionView view;
+        view.layer = layer;
+        view.n_kv = int32_t(tensor->ne[0]);
+        view.n_tokens = int32_t(token_pos_.size());  // rows past the batch (padding) are not ours
+        view.n_head = int32_t(tensor->ne[2]);
+        view.head_stride = size_t(tensor->ne[0]) * size_t(tensor->ne[1]);
+        if (tensor->ne[1] < view.n_tokens) {
+            error_ = "attention tensor has fewer rows than the batch has tokens";
+            return false;
+        }
+        view.tensor = tensor;
+        const bool on_host = !device_reductions_ && tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer);
+        view.probs = on_host ? static_cast<const float *>(tensor->data) : nullptr;
+        view.cell_pos = cell_pos_;
+        view.token_pos = token_pos_.data();
+        view.token_cell = token_cell_.data();
+        if (view.layer == 0) {
+            // Without the host matrix, the layer-0 check reads the totals over all rows.
+            if (!on_host) compute_cell_totals(view, AttentionTotals::all_rows);
+            const std::string problem = check_layer0_ ? check_layer0_(view) : std::string();
+            if (!problem.empty()) {
+                error_ = problem;
+                return false;
+            }
+        }
+        if (totals_ != AttentionTotals::none && totals_ != view.totals_rows) compute_cell_totals(view, totals_);
+        on_attention_(view);
+    } catch (const std::exception & e) {
+        error_ = e.what();
+        return false;
+    }
+    return true;
+}
+
+void AttentionTap::compute_cell_totals(AttentionView & v, AttentionTotals rows) {
+    if (v.probs) {
+        sum_attention_by_cell(v, rows, cell_totals_);
+    } else {
+        cell_totals_.assign(size_t(v.n_kv), 0.0f);
+        // The rows to add: all of the batch's, or only the last (the newest token's query).
+        const int32_t t0 = rows == AttentionTotals::last_row ? v.n_tokens - 1 : 0;
+        const int32_t n_rows = v.n_tokens - t0;
+        device_->bind(v.tensor, "the attention of a layer");
+        Graph g(16);
+        ggml_context * ctx = g.ctx();
+        ggml_tensor * probs = g.external(v.tensor);                                           // [n_kv, rows, n_head]
+        ggml_tensor * real = ggml_view_3d(ctx, probs, v.n_kv, n_rows, v.n_head, probs->nb[1], probs->nb[2],
+                                          size_t(t0) * probs->nb[1]);                          // [n_kv, n_rows, n_head]
+        // Rows and heads first, so one sum_rows adds everything a cell received.
+        ggml_tensor * by_cell = ggml_cont(ctx, ggml_permute(ctx, real, 2, 0, 1, 3));          // [n_rows, n_head, n_kv]
+        ggml_tensor * totals = ggml_sum_rows(ctx, ggml_reshape_2d(ctx, by_cell, int64_t(n_rows) * v.n_head,
+                                                                 v.n_kv));                    // [1, n_kv]
+        g.output(totals);
+        device_->allocate(g);
+        device_->compute(g);
+        ggml_backend_tensor_get(totals, cell_totals_.data(), 0, cell_totals_.size() * sizeof(float));
+    }
+    v.cell_totals = cell_totals_.data();
+    v.totals_rows = rows;
+}
+
+}  // namespace pm

@@ -1,0 +1,109 @@
+// The attention tap: each layer's post-softmax attention, observed while llama.cpp decodes.
+//
+// llama.cpp's scheduler asks an eval callback, node by node, whether to show it a computed tensor. The tap answers
+// yes only for the attention probabilities (the node llama.cpp names "kq_soft_max-<layer>", flash attention off;
+// the name lives in attention_tap.cpp and is upstream-fragile), and for each one:
+//   1. builds an AttentionView (shape, strides, where the matrix lives, which cell each batch token went to);
+//   2. on layer 0, lets the adapter check its cell mirror against the pattern (kv_cell_mirror.h);
+//   3. reduces the matrix per cell where it lives (host loop, or a ggml graph on its device: ggml_compute.h) when
+//      the policy reads per-cell totals;
+//   4. hands the view to the policy's callback.
+// Errors cannot cross ggml's scheduler: the tap cancels the compute and keeps the message for the adapter.
+//
+// This unit uses ggml only. llama_adapter.cpp installs eval_callback() in the context it creates and feeds the tap
+// each batch's cells (begin_batch); nothing here calls llama.cpp.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+
+namespace pm {
+
+class DeviceCompute;
+
+using Pos = int32_t;
+
+// Which rows of a layer's attention the tap adds up per cell (AttentionView::cell_totals), over all query heads:
+// none, every row of the batch (H2O's accumulated attention), or only the last row, the newest token's query
+// (TOVA's rule).
+enum class AttentionTotals { none, all_rows, last_row };
+
+// One layer's attention probabilities as llama.cpp computed them (flash attention off), valid only during the
+// callback. Layout (ggml order): probs[h * head_stride + t * n_kv + c] for query head h, batch token t, cell c.
+// Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0. Query head h
+// reads KV head h / (n_head / n_head_kv) (ggml's broadcasting order, the same as HF's repeat_kv).
+// The matrix stays where llama.cpp computed it: `probs` is set only when that is host memory (CPU backend); on a
+// GPU a policy reduces `tensor` there with its own ggml graph (cpp/ggml_compute.h).
+struct AttentionView {
+    int32_t layer = 0;
+    int32_t n_kv = 0;
+    int32_t n_tokens = 0;
+    int32_t n_head = 0;
+    size_t head_stride = 0;             // floats between heads (n_kv * rows of the tensor, which may be padded)
+    const ggml_tensor * tensor = nullptr;  // llama.cpp's kq_soft_max-<layer>: [n_kv, rows >= n_tokens, n_head]
+    const float * probs = nullptr;      // the same in host memory, or nullptr when it lives on a device
+    const float * cell_totals = nullptr;  // [n_kv] attention each cell received (all heads; rows: totals_rows)
+    AttentionTotals totals_rows = AttentionTotals::none;  // which rows cell_totals sums (none: not computed)
+    const Pos * cell_pos = nullptr;     // [n_kv] position held by each cell, -1 if empty
+    const Pos * token_pos = nullptr;    // [n_tokens] positions of the batch's tokens (the rows)
+    const int32_t * token_cell = nullptr;  // [n_tokens] cell each batch token was placed in
+};
+
+// Called from inside llama_decode, on the decoding thread, once per layer and ubatch.
+using AttentionCallback = std::function<void(const AttentionView &)>;
+// Checks layer 0's view before the callback sees it: "" if fine, else the error that cancels the decode. It gets
+// the host matrix (probs) when there is one, else cell_totals over all rows.
+using AttentionCheck = std::function<std::string(const AttentionView &)>;
+
+// The host reduction behind AttentionView::cell_totals: out[c] = sum over heads (and the chosen rows) of
+// view.probs. Pure (no llama.cpp): the tap runs it on host attention, tests run it on synthetic matrices.
+void sum_attention_by_cell(const AttentionView & view, AttentionTotals rows, std::vector<float> & out);
+
+class AttentionTap {
+public:
+    // n_threads: threads of the CPU backend that reduces attention when device reductions are on.
+    AttentionTap(AttentionCallback on_attention, AttentionCheck check_layer0, int32_t n_threads);
+    ~AttentionTap();
+    AttentionTap(const AttentionTap &) = delete;
+    AttentionTap & operator=(const AttentionTap &) = delete;
+
+    // A ggml_backend_sched_eval_callback; install it with user_data = this tap.
+    static bool eval_callback(ggml_tensor * tensor, bool ask, void * user_data);
+
+    // Before each decode: the position of every cell (read during the decode, so it must stay valid until then),
+    // and the positions and cells of the batch's n_tokens tokens (copied). Clears error().
+    void begin_batch(const Pos * cell_pos, const Pos * token_pos, const int32_t * token_cell, int32_t n_tokens);
+    // Why the tap cancelled the last decode, or "".
+    const std::string & error() const { return error_; }
+
+    // Per-cell totals to compute for every layer (AttentionView::cell_totals), where the attention lives.
+    void set_totals(AttentionTotals rows) { totals_ = rows; }
+    // Treats attention as device-resident even when it is in host memory (probs stays null, totals come from a
+    // ggml graph, the layer-0 check reads them): what a GPU run does, for tests.
+    void set_device_reductions(bool enabled) { device_reductions_ = enabled; }
+    void set_threads(int32_t n_threads);
+
+private:
+    // The computed tensor named `name`, a layer's attention: view, check, totals, callback. False cancels.
+    bool observe(ggml_tensor * tensor, const char * name, int32_t layer);
+    // AttentionView::cell_totals over `rows`: a host loop, or a ggml graph on the tensor's device.
+    void compute_cell_totals(AttentionView & view, AttentionTotals rows);
+
+    AttentionCallback on_attention_;
+    AttentionCheck check_layer0_;
+    AttentionTotals totals_ = AttentionTotals::none;
+    bool device_reductions_ = false;
+    std::unique_ptr<DeviceCompute> device_;  // reductions of device-resident attention
+    std::vector<float> cell_totals_;
+    const Pos * cell_pos_ = nullptr;         // the batch being decoded
+    std::vector<Pos> token_pos_;
+    std::vector<int32_t> token_cell_;
+    std::string error_;                      // set inside the callback; the adapter's decode() throws it
+};
+
+}  // namespace pm

@@ -1,0 +1,55 @@
+// Which KV cell holds which position: a mirror of llama.cpp's private cell allocator.
+//
+// llama.cpp does not say where it puts a token in its KV cache, but the attention the tap observes has one column
+// per *cell*, so attention-scored policies need the cell of every cached token. This class replays the allocator of
+// the pinned llama.cpp (src/llama-kv-cache.cpp, single stream, no sliding-window layers):
+//   place()  = find_slot + apply_ubatch   (a decoded batch, or a restored session's cells)
+//   remove() = seq_rm                      shift() = seq_add           clear() = clear
+// It is upstream-fragile by nature, so it checks itself: check() compares a batch's layer-0 attention with what the
+// mirror predicts, and the adapter stops decoding on any mismatch instead of letting a policy evict wrong tokens.
+//
+// Pure C++ (no llama.cpp or ggml calls); only llama_adapter.cpp drives it, one call per llama.cpp memory operation.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pm {
+
+using Pos = int32_t;
+struct AttentionView;  // attention_tap.h
+
+class KvCellMirror {
+public:
+    // A cache of n_cells empty cells (llama_n_ctx after padding).
+    void reset(uint32_t n_cells);
+
+    // Position held by each cell, -1 if empty.
+    const std::vector<Pos> & positions() const { return pos_; }
+    uint32_t size() const { return uint32_t(pos_.size()); }
+
+    // Places n tokens (positions[i] of one ubatch) as find_slot + apply_ubatch do; returns the cell of each, or an
+    // empty vector (and changes nothing) if there is no room.
+    std::vector<int32_t> place(const Pos * positions, int32_t n);
+    void remove(Pos p0, Pos p1);             // seq_rm: empties cells holding [p0, p1); negative bounds are open
+    void shift(Pos p0, Pos p1, Pos delta);   // seq_add: positions in [p0, p1) += delta; cells that go negative empty
+    void clear();
+
+    // Checks one batch's layer-0 attention (the view's cell_pos, token_pos and token_cell come from this mirror and
+    // the batch) against the mirror: a token attends to the cell it was placed in and to no empty cell or cell
+    // holding a later position. Exact (every row) when the matrix is in host memory (view.probs), otherwise from
+    // view.cell_totals summed over all rows. Returns "" or the error to stop decoding with (what diverged).
+    std::string check(const AttentionView & layer0) const;
+
+private:
+    uint32_t used_max_p1() const;  // one past the last non-empty cell
+    std::string check_rows(const AttentionView & v) const;
+    std::string check_totals(const AttentionView & v) const;
+
+    std::vector<Pos> pos_;
+    uint32_t head_ = 0;  // where find_slot starts looking
+    uint32_t used_ = 0;  // non-empty cells
+};
+
+}  // namespace pm
