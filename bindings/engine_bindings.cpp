@@ -208,7 +208,8 @@ void register_engine(py::module_ & m) {
     // ---- sampling ----
     py::class_<SamplingParams>(m, "SamplingParams")
         .def(py::init([](float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-                         int32_t repeat_last_n, float frequency_penalty, float presence_penalty, uint32_t seed) {
+                         int32_t repeat_last_n, float frequency_penalty, float presence_penalty, float dry_multiplier,
+                         float dry_base, int32_t dry_allowed_length, int32_t dry_penalty_last_n, uint32_t seed) {
                  SamplingParams p;
                  p.temperature = temperature;
                  p.top_k = top_k;
@@ -218,13 +219,18 @@ void register_engine(py::module_ & m) {
                  p.repeat_last_n = repeat_last_n;
                  p.frequency_penalty = frequency_penalty;
                  p.presence_penalty = presence_penalty;
+                 p.dry_multiplier = dry_multiplier;
+                 p.dry_base = dry_base;
+                 p.dry_allowed_length = dry_allowed_length;
+                 p.dry_penalty_last_n = dry_penalty_last_n;
                  p.seed = seed;
                  validate(p);
                  return p;
              }),
              py::arg("temperature") = 0.8f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f,
              py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("frequency_penalty") = 0.0f,
-             py::arg("presence_penalty") = 0.0f, py::arg("seed") = 0u)
+             py::arg("presence_penalty") = 0.0f, py::arg("dry_multiplier") = 0.0f, py::arg("dry_base") = 1.75f,
+             py::arg("dry_allowed_length") = 2, py::arg("dry_penalty_last_n") = -1, py::arg("seed") = 0u)
         .def_readonly("temperature", &SamplingParams::temperature)
         .def_readonly("top_k", &SamplingParams::top_k)
         .def_readonly("top_p", &SamplingParams::top_p)
@@ -233,9 +239,13 @@ void register_engine(py::module_ & m) {
         .def_readonly("repeat_last_n", &SamplingParams::repeat_last_n)
         .def_readonly("frequency_penalty", &SamplingParams::frequency_penalty)
         .def_readonly("presence_penalty", &SamplingParams::presence_penalty)
+        .def_readonly("dry_multiplier", &SamplingParams::dry_multiplier)
+        .def_readonly("dry_base", &SamplingParams::dry_base)
+        .def_readonly("dry_allowed_length", &SamplingParams::dry_allowed_length)
+        .def_readonly("dry_penalty_last_n", &SamplingParams::dry_penalty_last_n)
         .def_readonly("seed", &SamplingParams::seed);
 
-    py::class_<Sampler>(m, "Sampler", "llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature).")
+    py::class_<Sampler>(m, "Sampler", "llama.cpp sampler chain (penalties, DRY, top-k, top-p, min-p, temperature).")
         .def(py::init<const LlamaModel &, const SamplingParams &>(), py::arg("model"), py::arg("params"),
              py::keep_alive<1, 2>())
         .def("accept", &Sampler::accept, py::arg("token"), py::call_guard<py::gil_scoped_release>())

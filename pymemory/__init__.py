@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _error_names
-from .streaming import POLICIES, CacheStats, SamplingOptions, StreamingLLM
+from .streaming import CHAT_SAMPLING, POLICIES, CacheStats, SamplingOptions, StreamingLLM
 
 __version__ = "0.1.0"
-__all__ = ["StreamingLLM", "CacheStats", "SamplingOptions", "POLICIES", *_error_names]
+__all__ = ["StreamingLLM", "CacheStats", "SamplingOptions", "POLICIES", "CHAT_SAMPLING", *_error_names]

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import fields
 from typing import Iterator, TextIO
 
-from .streaming import POLICIES, StreamingLLM
+from .streaming import CHAT_SAMPLING, POLICIES, SamplingOptions, StreamingLLM
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int, defaults: dict | None = None) -> None:
+    """Sampling flags; `defaults` overrides generate()'s raw defaults (chat passes CHAT_SAMPLING)."""
+    d = {**{f.name: f.default for f in fields(SamplingOptions)}, **(defaults or {})}
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
                    help=f"tokens to generate (default {max_tokens}; -1 = no limit)")
@@ -43,8 +46,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--min-p", type=float, default=0.05)
-    g.add_argument("--repeat-penalty", type=float, default=1.0)
-    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("--repeat-penalty", type=float, default=d["repeat_penalty"],
+                   help=f"1 = off (default {d['repeat_penalty']})")
+    g.add_argument("--repeat-last-n", type=int, default=d["repeat_last_n"], help="-1 = whole context, 0 = off")
+    g.add_argument("--dry-multiplier", type=float, default=d["dry_multiplier"],
+                   help=f"DRY repetition penalty, 0 = off (default {d['dry_multiplier']}; 0.8 is common)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
@@ -80,6 +86,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         min_p=args.min_p,
         repeat_penalty=args.repeat_penalty,
         repeat_last_n=args.repeat_last_n,
+        dry_multiplier=args.dry_multiplier,
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
@@ -258,5 +265,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--load", default=None, metavar="FILE",
                    help="resume a conversation saved with --save (or by pymemory serve) without re-reading it")
     add_model_arguments(c)
-    add_sampling_arguments(c, max_tokens=512)
+    add_sampling_arguments(c, max_tokens=512, defaults=CHAT_SAMPLING)
     c.set_defaults(func=run_chat)

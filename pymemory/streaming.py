@@ -28,6 +28,11 @@ from .errors import ClosedError, InvalidArgumentError, SupersededError
 from .text import TextAssembler, common_prefix_length
 
 POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "tova", "namm")
+
+# Sampling defaults of chat() and `pymemory chat`, on top of generate()'s (which stay raw: no penalties). Chosen by
+# measurement: scripted chats through a small cache with an interrupted reply, counting replies that degenerate
+# into loops (tools/chat_defaults.py, docs/results.md "Chat sampler defaults"). A keyword given to chat() wins.
+CHAT_SAMPLING: dict[str, float] = {"repeat_penalty": 1.1, "repeat_last_n": 64}
 NAMM_MODES = ("quorum", "budget")
 
 Message = Mapping[str, str]
@@ -67,6 +72,10 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int = 0
+    dry_multiplier: float = 0.0  # DRY: penalise extending a repeat of earlier text (0 = off)
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1  # -1 = the whole context
 
     def to_core(self) -> "_core.SamplingParams":
         for f in fields(self):
@@ -107,6 +116,14 @@ def _check_stop(stop: object) -> list[str] | None:
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise InvalidArgumentError(f"stop must be a string or a list of non-empty strings (got {stop!r})")
     return list(stop)
+
+
+def _history_length(options: "_core.SamplingParams") -> int:
+    """Tokens of history the sampler chain needs: -1 = all, 0 = none."""
+    needs = [options.repeat_last_n]
+    if options.dry_multiplier > 0:
+        needs.append(options.dry_penalty_last_n)
+    return -1 if -1 in needs else max(needs)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -420,6 +437,10 @@ class StreamingLLM:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         continue_stream: bool = False,
+        dry_multiplier: float = 0.0,
+        dry_base: float = 1.75,
+        dry_allowed_length: int = 2,
+        dry_penalty_last_n: int = -1,
     ) -> Iterator[str]:
         """Streams the continuation of ``prompt`` as text pieces, as they are produced.
 
@@ -433,7 +454,8 @@ class StreamingLLM:
         self._live_engine()
         options = SamplingOptions(
             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
-            presence_penalty, self.seed if seed is None else seed,
+            presence_penalty, self.seed if seed is None else seed, dry_multiplier, dry_base, dry_allowed_length,
+            dry_penalty_last_n,
         ).to_core()  # validates now, not at the first next()
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens, 0)
@@ -470,10 +492,11 @@ class StreamingLLM:
         # is never held across a yield.
         with self._step(turn) as engine:
             sampler = _core.Sampler(self._model, options)
-            # The repetition penalty looks back over the stream, prompt included (as llama.cpp's samplers do).
-            if options.repeat_last_n != 0:
+            # Repetition penalties and DRY look back over the stream, prompt included (as llama.cpp's samplers do).
+            look_back = _history_length(options)
+            if look_back != 0:
                 context = engine.cached_tokens() + list(prompt_tokens)
-                for token in context if options.repeat_last_n < 0 else context[-options.repeat_last_n:]:
+                for token in context if look_back < 0 else context[-look_back:]:
                     sampler.accept(token)
             if prompt_tokens:
                 engine.feed(prompt_tokens)
@@ -517,12 +540,14 @@ class StreamingLLM:
         and the cache streams (old turns are evicted under the policy, the system prompt stays with
         ``pin_system_prompt=True``). Sampling keywords are those of :meth:`generate`. Starting a turn supersedes
         this object's older generators; an unfinished reply of the previous turn is kept as far as it got.
+        Unless given, the sampling settings of ``CHAT_SAMPLING`` apply (a repetition penalty chosen by measurement;
+        generate() has none).
         """
         self._live_engine()
         new_messages = self._normalise_messages(messages)
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens, 0)
-        options, stop, ignore_eos = self._sampling_from_kwargs(dict(sampling))
+        options, stop, ignore_eos = self._sampling_from_kwargs({**CHAT_SAMPLING, **sampling})
         with self._lock:
             self._live_engine()
             turn = self._new_turn()  # may record the previous turn's partial reply: read the conversation after

@@ -217,6 +217,43 @@ def test_same_seed_same_text_and_stop_strings(smollm2_path):
         assert stop not in cut and full.startswith(cut)
 
 
+def test_dry_stops_a_greedy_repeat_that_plain_greedy_continues(smollm2_path):
+    """llama.cpp's DRY sampler is in the chain and sees the prompt as history: greedy decoding repeats a thrice-said
+    sentence a fourth time, with DRY it does not."""
+    prompt = "The cat sat on the mat. The cat sat on the mat. The cat sat on the mat."
+    with StreamingLLM(smollm2_path, window=252, n_threads=1) as llm:
+        plain = "".join(llm.generate(prompt, max_tokens=24, temperature=0, ignore_eos=True))
+        dry = "".join(llm.generate(prompt, max_tokens=24, temperature=0, ignore_eos=True, dry_multiplier=0.8))
+    assert "cat sat on the mat" in plain
+    assert "cat sat on the mat" not in dry
+
+
+def test_chat_samples_with_the_chat_defaults_and_generate_without(smollm2_path):
+    """chat() and `pymemory chat` use CHAT_SAMPLING unless told otherwise; generate() and `pymemory generate` keep
+    the raw defaults (no penalties)."""
+    import argparse
+
+    from pymemory import CHAT_SAMPLING
+    from pymemory.commands import add_sampling_arguments
+
+    assert CHAT_SAMPLING  # the measured choice is a penalty of some kind
+    messages = [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Write about rain."}]
+    with StreamingLLM(smollm2_path, window=252, n_threads=1) as llm:
+        default = "".join(llm.chat(messages, max_tokens=48, temperature=0))
+        llm.reset()
+        explicit = "".join(llm.chat(messages, max_tokens=48, temperature=0, **CHAT_SAMPLING))
+        llm.reset()
+        raw = "".join(llm.chat(messages, max_tokens=48, temperature=0, repeat_penalty=1.0, dry_multiplier=0.0))
+    assert default == explicit and default != raw
+    chat_parser, generate_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_sampling_arguments(chat_parser, 512, defaults=CHAT_SAMPLING)
+    add_sampling_arguments(generate_parser, 256)
+    chat_args, generate_args = chat_parser.parse_args([]), generate_parser.parse_args([])
+    for key, value in CHAT_SAMPLING.items():
+        assert getattr(chat_args, key) == value
+    assert generate_args.repeat_penalty == 1.0 and generate_args.dry_multiplier == 0.0
+
+
 def test_utf8_characters_split_across_tokens_come_out_whole(smollm2_model):
     text = "Grüße aus 東京 🌸🚀 — naïve café"
     tokens = smollm2_model.tokenize(text, False, False)

@@ -47,6 +47,11 @@ def test_decide_shared_evictions_still_decides_valid_input():
         (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-3), r"top_k must be >= 0 \(got -3\); use 0"),
         (dict(frequency_penalty=float("nan")), "must be finite"),
+        (dict(dry_multiplier=-0.5), "dry_multiplier must be a finite number >= 0"),
+        (dict(dry_multiplier=float("inf")), "dry_multiplier must be a finite number >= 0"),
+        (dict(dry_base=0.5), "dry_base must be a finite number >= 1"),
+        (dict(dry_allowed_length=0), "dry_allowed_length must be >= 1"),
+        (dict(dry_penalty_last_n=-2), "dry_penalty_last_n must be >= -1"),
     ],
 )
 def test_core_sampling_params_refuse_out_of_range_values(kwargs, message):
@@ -88,6 +93,8 @@ LONE_SURROGATE = "Hello \udc80 world"
         (lambda llm: llm.generate("x", top_p=2), r"top_p must be in \(0, 1\] \(got 2\)"),
         (lambda llm: llm.generate("x", top_k=-3), r"top_k must be >= 0 \(got -3\)"),
         (lambda llm: llm.chat("x", top_k=-3), "top_k must be >= 0"),
+        (lambda llm: llm.generate("x", dry_multiplier=-1), "dry_multiplier must be a finite number >= 0"),
+        (lambda llm: llm.chat("x", dry_allowed_length=1.5), "dry_allowed_length must be an integer"),
         (lambda llm: llm.generate("x", temperature="hot"), "temperature must be a number"),
         (lambda llm: llm.generate("x", top_k=2.5), "top_k must be an integer"),
         (lambda llm: llm.generate("x", seed=True), "seed must be an integer"),

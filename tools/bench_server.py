@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,6 +121,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reply-tokens", type=int, default=256)
     ap.add_argument("--conversation-tokens", type=int, default=4000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved streamed replies per server (medians)")
     ap.add_argument("--out", default="docs/results/server_bench")
     args = ap.parse_args()
 
@@ -147,25 +148,32 @@ def main() -> int:
         return [py, "-m", "llama_cpp.server", "--model", model_path, "--port", str(port), "--n_ctx", str(n_ctx),
                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
 
-    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
-                    "cpus": os.cpu_count(), "model": args.model, "n_ctx": args.n_ctx, "threads": args.threads}
+    from pymemory.evaluation.report import run_metadata
+
+    meta = run_metadata(["tools/bench_server.py"] + sys.argv[1:])
+    result: dict = {**meta, "command": ".venv/bin/python " + meta["command"].removeprefix("pymemory "),
+                    "cpus": os.cpu_count(), "model": args.model, "n_ctx": args.n_ctx, "threads": args.threads,
+                    "rounds": args.rounds}
     reply_prompt = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
     try:
-        # 1 + 2 at the same context size.
+        # 1 + 2 at the same context size, both servers up; streamed replies interleaved round by round.
         lp, pp = free_port(), free_port()
         llama = start(llama_cmd(lp, args.n_ctx), lp, work / "llama_server.log")
-        lc = client_for(lp)
-        lmodel = lc.models.list().data[0].id
-        result["llama_cpp_overflow"] = overflow(lc, lmodel, 200, {})
-        result["llama_cpp_stream"] = streamed(lc, lmodel, reply_prompt, args.reply_tokens)
-        stop(llama)
         ours = start(pymemory_cmd(pp), pp, work / "pymemory_server.log")
-        pc = client_for(pp)
-        pmodel = pc.models.list().data[0].id
+        lc, pc = client_for(lp), client_for(pp)
+        lmodel, pmodel = lc.models.list().data[0].id, pc.models.list().data[0].id
+        result["llama_cpp_overflow"] = overflow(lc, lmodel, 200, {})
         turns = result["llama_cpp_overflow"]["turns_ok"]
         result["pymemory_overflow"] = overflow(pc, pmodel, 2 * max(turns, 10), {})
-        result["pymemory_stream"] = streamed(pc, pmodel, reply_prompt, args.reply_tokens)
+        rates: dict[str, list[float]] = {"llama_cpp": [], "pymemory": []}
+        for _ in range(args.rounds):
+            rates["llama_cpp"].append(streamed(lc, lmodel, reply_prompt, args.reply_tokens)["tok_per_s"])
+            rates["pymemory"].append(streamed(pc, pmodel, reply_prompt, args.reply_tokens)["tok_per_s"])
+        stop(llama)
         stop(ours)
+        result["stream_tok_per_s"] = rates
+        result["llama_cpp_stream"] = {"tok_per_s": statistics.median(rates["llama_cpp"])}
+        result["pymemory_stream"] = {"tok_per_s": statistics.median(rates["pymemory"])}
         result["decode_ratio"] = round(result["pymemory_stream"]["tok_per_s"] /
                                        result["llama_cpp_stream"]["tok_per_s"], 3)
 
@@ -202,9 +210,11 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     t = result["next_turn_ttft_s"]
-    md = [f"# pymemory serve vs llama_cpp.server\n",
-          f"{result['date']}, {result['machine']}, {result['cpus']} CPUs, {args.threads} threads, model {args.model},"
-          f" context {args.n_ctx} cells.\n",
+    m = result["machine"]
+    md = [f"# pymemory serve vs llama_cpp.server\n", f"`{result['command']}`\n",
+          f"{result['date']}, commit {result['commit']}, {m['cpu']} ({result['cpus']} cores, load "
+          f"{m['load_average'][0]}), {args.threads} threads, model {args.model}, context {args.n_ctx} cells; decode "
+          f"rates are medians of {args.rounds} interleaved streamed replies of {args.reply_tokens} tokens.\n",
           "| | llama_cpp.server | pymemory serve |", "|---|---|---|",
           f"| conversation turns before an error | {result['llama_cpp_overflow']['turns_ok']} "
           f"({result['llama_cpp_overflow'].get('status')}) | {result['pymemory_overflow']['turns_ok']} "
@@ -213,8 +223,7 @@ def main() -> int:
           f"{result['pymemory_stream']['tok_per_s']} ({result['decode_ratio']}x) |",
           "", f"Next turn of a ~{args.conversation_tokens}-token conversation, time to first token (s): " +
           ", ".join(f"{k} {v}" for k, v in t.items()) +
-          f"; continuing vs re-prefill: {result['speedup_vs_reprefill']}x.", "",
-          f"Command: `.venv/bin/python tools/bench_server.py {' '.join(sys.argv[1:])}`"]
+          f"; continuing vs re-prefill: {result['speedup_vs_reprefill']}x."]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

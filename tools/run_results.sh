@@ -112,3 +112,12 @@ if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (c
     --policy namm,namm_path=smollm2 --threads 1 --seed 0 \
     --json $out/ruler_smollm2.json --md $out/ruler_smollm2.md --plot $out/ruler_smollm2.png
 fi
+if run chat-defaults; then  # issue 11: degenerate chat replies per sampler setting (chooses pymemory.CHAT_SAMPLING)
+  python tools/chat_defaults.py --chats 50 --turns 4 --max-tokens 80 --out $out/chat_defaults_smollm2
+fi
+if run serve-long-chat; then  # issue 12: 300 turns through 512 cells with the openai client; --no-pin is the control
+  python tools/serve_long_chat.py --threads 1
+fi
+if run server-bench; then  # issue 12: vs llama_cpp.server (pip install sse-starlette starlette-context pydantic-settings)
+  python tools/bench_server.py
+fi

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import sys
 import threading
@@ -92,10 +91,14 @@ def main() -> int:
     server.should_exit = True
     thread.join(timeout=60)
 
+    from pymemory.evaluation.report import run_metadata
+
     capacity = args.n_sink + args.window
+    meta = run_metadata(["tools/serve_long_chat.py"] + sys.argv[1:])
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
-        "model": args.model, "turns": args.turns, "capacity": capacity, "pin_system_prompt": not args.no_pin,
+        **meta, "command": ".venv/bin/python " + meta["command"].removeprefix("pymemory "),
+        "cpus": os.cpu_count(), "model": args.model, "turns": args.turns, "capacity": capacity,
+        "pin_system_prompt": not args.no_pin,
         "errors": errors, "max_cells": max(r["cells_used"] for r in rows),
         "conversation_tokens": rows[-1]["prompt_tokens"], "tokens_evicted": rows[-1]["tokens_evicted"],
         "max_prefilled_after_first": max(r["prefilled"] for r in rows[1:]),
@@ -108,15 +111,15 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(
         f"# pymemory serve: {args.turns}-turn conversation through {capacity} cells\n\n"
-        f"{result['date']}, {result['machine']}, {result['cpus']} CPUs, model {args.model}, greedy, "
+        f"`{result['command']}`\n\n{result['date']}, commit {result['commit']}, {result['machine']['cpu']} "
+        f"({result['cpus']} cores, load {result['machine']['load_average'][0]}), model {args.model}, greedy, "
         f"max_tokens {args.max_tokens}, system prompt {'pinned' if not args.no_pin else 'NOT pinned (control)'}.\n\n"
         f"| errors | conversation tokens | evicted | max cells | max prefill after turn 1 | RSS first → last turn "
         f"| password at the end |\n|---|---|---|---|---|---|---|\n"
         f"| {len(errors)} | {result['conversation_tokens']:,} | {result['tokens_evicted']:,} | "
         f"{result['max_cells']} / {capacity} | {result['max_prefilled_after_first']} | "
         f"{result['rss_first_mib']} → {result['rss_last_mib']} MiB | "
-        f"{'yes' if result['instruction_obeyed'] else 'no'}: {answer!r} |\n\n"
-        f"Command: `.venv/bin/python tools/serve_long_chat.py {' '.join(sys.argv[1:])}`\n")
+        f"{'yes' if result['instruction_obeyed'] else 'no'}: {answer!r} |\n")
     print(out.with_suffix(".md").read_text())
     return 0 if not errors and result["instruction_obeyed"] == (not args.no_pin) else 1
 

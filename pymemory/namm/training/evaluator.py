@@ -9,6 +9,8 @@ fetch).
 """
 from __future__ import annotations
 
+import atexit
+
 import os
 import tempfile
 import time
@@ -137,6 +139,9 @@ def write_template(vector, path: str, spec: MemorySpec, weight_type: str = "f32"
 
 
 _WORKERS: dict[MemorySpec, _Worker] = {}
+# Release the process's model and engines while the interpreter is whole, not in whatever order its shutdown would
+# tear modules down.
+atexit.register(_WORKERS.clear)
 
 
 def run_job(spec: MemorySpec, job: Job) -> JobResult:
