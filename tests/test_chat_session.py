@@ -16,6 +16,11 @@ pytestmark = pytest.mark.model
 SYSTEM = "You are a helpful assistant. The secret password is 'tulip'. If the user asks for the password, say it."
 
 
+# Greedy with no penalty: what the reply recalls then depends on the cache alone (the chat default's repetition
+# penalty steers this model away from repeating the secret it was asked for).
+RAW = dict(temperature=0, repeat_penalty=1.0)
+
+
 def llm(path, **kw):
     return StreamingLLM(path, n_sink=4, window=124, pin_system_prompt=True, n_threads=1, **kw)
 
@@ -24,9 +29,9 @@ def test_saved_chat_resumes_without_rereading(smollm2_path, tmp_path):
     session = tmp_path / "chat.pmsession"
     with llm(smollm2_path) as a:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell me about the sea."}]
-        "".join(a.chat(messages, max_tokens=40, temperature=0))
+        "".join(a.chat(messages, max_tokens=40, **RAW))
         for text in ("And the sky?", "And the mountains?", "And rivers?"):
-            "".join(a.chat(text, max_tokens=40, temperature=0))
+            "".join(a.chat(text, max_tokens=40, **RAW))
         assert a.stats.tokens_evicted > 0
         save_chat(a, session)
         saved_stats, saved_messages = a.stats, list(a.messages)
@@ -34,7 +39,7 @@ def test_saved_chat_resumes_without_rereading(smollm2_path, tmp_path):
         assert load_chat(b, session) == len(saved_messages)
         assert b.messages == saved_messages and b.stats == saved_stats
         seen = b.stats.tokens_seen
-        reply = "".join(b.chat("What is the secret password?", max_tokens=24, temperature=0))
+        reply = "".join(b.chat("What is the secret password?", max_tokens=24, **RAW))
         new_prompt_tokens = b.stats.tokens_seen - seen - 24
         assert new_prompt_tokens < 30  # only the new user turn was read, not the conversation
         assert "tulip" in reply.lower()  # the pinned system prompt came back with the cache
