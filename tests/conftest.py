@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers
 
 # Tokens generated per model by the long streaming test. CI keeps it short; the acceptance run uses 50000:
 #   PYMEMORY_STREAM_TOKENS=50000 pytest tests/test_long_stream.py
-STREAM_TOKENS = int(os.environ.get("PYMEMORY_STREAM_TOKENS", "3000"))
+STREAM_TOKENS = int(os.environ.get("PYMEMORY_STREAM_TOKENS", "2000"))
 
 
 def _model(name: str) -> str:

@@ -1,5 +1,5 @@
 """Long streams at bounded memory on the three real models (SmolLM2, Gemma-3 with its sliding-window cache,
-Qwen2.5). CI runs PYMEMORY_STREAM_TOKENS tokens per model (default 3000: ~12 full turnovers of the cache);
+Qwen2.5). CI runs PYMEMORY_STREAM_TOKENS tokens per model (default 2000: ~8 full turnovers of the cache);
 the acceptance run is PYMEMORY_STREAM_TOKENS=50000 (see docs/results.md for its numbers)."""
 from __future__ import annotations
 
