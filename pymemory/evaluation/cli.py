@@ -46,6 +46,16 @@ def _read_text(spec: str) -> tuple[str, str]:
     return assets.read_text(name, part=part or None), spec
 
 
+def _write_reports(args, data: dict, meta: dict, title: str, body: str) -> None:
+    """The JSON and markdown reports a command was asked for (--json, --md)."""
+    from . import report
+
+    if args.json:
+        report.write_json(args.json, data)
+    if args.md:
+        report.write_markdown(args.md, title, meta, body)
+
+
 def _specs(args, capacity_override: int | None = None) -> list[PolicySpec]:
     n_sink, window = args.n_sink, args.window
     if capacity_override is not None:
@@ -69,10 +79,7 @@ def run_ppl(args) -> int:
     table = report.markdown_table(["policy", "chunk", "tokens", "PPL", "PPL first segment", "PPL last segment",
                                    "tokens/s"], rows)
     print(table)
-    if args.json:
-        report.write_json(args.json, data)
-    if args.md:
-        report.write_markdown(args.md, f"Streaming perplexity: {data['model']} on {text_name}", meta, table)
+    _write_reports(args, data, meta, f"Streaming perplexity: {data['model']} on {text_name}", table)
     if args.plot:
         from .plots import perplexity_curves
 
@@ -124,10 +131,7 @@ def _retrieval_report(args, meta, model, model_path, cells, row_key, row_label, 
     table = report.markdown_table(header, rows)
     print(table)
     data = {**meta, **_model_fields(model, model_path), "cells": cells}
-    if args.json:
-        report.write_json(args.json, data)
-    if args.md:
-        report.write_markdown(args.md, f"{title}: {data['model']}", meta, table)
+    _write_reports(args, data, meta, f"{title}: {data['model']}", table)
     if args.plot:
         from .plots import accuracy_heatmaps
 
@@ -164,10 +168,7 @@ def run_ruler_command(args) -> int:
     data = {**meta, **_model_fields(model, model_path), "prose": args.prose, **result}
     body = ruler.markdown(result)
     print(body)
-    if args.json:
-        report.write_json(args.json, data)
-    if args.md:
-        report.write_markdown(args.md, f"RULER-style tasks through bounded caches: {data['model']}", meta, body)
+    _write_reports(args, data, meta, f"RULER-style tasks through bounded caches: {data['model']}", body)
     if args.plot:
         from .plots import ruler_curves
 
@@ -328,10 +329,7 @@ def run_bench(args) -> int:
 
     body = "\n\n".join(sections)
     print(body)
-    if args.json:
-        report.write_json(args.json, data)
-    if args.md:
-        report.write_markdown(args.md, f"pymemory bench: {data['model']}", meta, body)
+    _write_reports(args, data, meta, f"pymemory bench: {data['model']}", body)
     return 0
 
 
