@@ -222,6 +222,11 @@ class NammReference:
 
     def scores_from_features(self, X) -> np.ndarray:
         """X [H, n, 25] (numpy or torch) -> float32 scores [H, n]."""
+        return self.scores_tensor(X).detach().numpy()
+
+    def scores_tensor(self, X) -> torch.Tensor:
+        """X [H, n, 25] -> scores [H, n] as a torch tensor, differentiable in the parameters when they require
+        gradients (the imitation warm start fits them by gradient descent, pymemory/namm/training/warm_start.py)."""
         torch = _torch()
         p = self.params
         X = torch.as_tensor(X, dtype=torch.float32)
@@ -238,7 +243,7 @@ class NammReference:
         f = self.hparams.n_features
         residual, gate = y[..., :f], y[..., f:]  # [H, n, 25] each
         hidden = X * (1 + gate) + residual  # [H, n, 25]
-        return (hidden @ p.w_out + p.b_out).numpy()  # [H, n]
+        return hidden @ p.w_out + p.b_out  # [H, n]
 
     def select(self, scores: np.ndarray) -> np.ndarray:
         """scores [H, n] -> keep int64 [H, K], chronological column indices per head.

@@ -5,7 +5,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from .config import COVARIANCES, DATA_SOURCES, MODES, TrainConfig
+from .config import COVARIANCES, DATA_SOURCES, MODES, WARM_STARTS, TrainConfig
 
 _HELP = {
     "model": "GGUF file or asset name (default smollm2-135m-instruct)",
@@ -18,6 +18,11 @@ _HELP = {
     "namm_delay": "tokens between NAMM invocations (multiple of 16)",
     "mode": f"shared-cell rule: {', '.join(MODES)}",
     "quorum": "quorum mode: fraction of (layer, head) pairs that must drop a token",
+    "warm_start": f"where evolution starts: {', '.join(WARM_STARTS)} (imitation: θ fitted to predict future "
+                  "attention, docs/namm-training.md)",
+    "warm_start_samples": "imitation: training samples captured for the fit",
+    "warm_start_horizon": "imitation: tokens of future queries a token's target counts",
+    "warm_start_steps": "imitation: Adam steps",
     "population": "CMA-ES population (the original: 32)",
     "sigma0": "initial step size (the original: 0.065)",
     "covariance": f"CMA-ES covariance: {', '.join(COVARIANCES)} (docs/namm-training.md says why diagonal)",

@@ -17,6 +17,7 @@ TEXT_SOURCES = ("austen", "shakespeare", "paul-graham-essays")
 RETRIEVAL_SOURCES = ("passkey", "kv")
 COVARIANCES = ("diagonal", "full")
 MODES = ("budget", "quorum")
+WARM_STARTS = ("imitation", "none")
 CONFIG_FILE = "config.json"
 
 
@@ -37,6 +38,12 @@ class TrainConfig:
     namm_delay: int = 64  # tokens between NAMM invocations
     mode: str = "budget"  # how per-(layer, head) decisions become cell evictions (namm_policy.h)
     quorum: float = 1.0  # quorum mode only
+    # Where evolution starts: "imitation" fits θ by gradient descent to predict the attention each cached token
+    # will receive (warm_start.py); "none" starts from θ = 0, as the original does.
+    warm_start: str = "imitation"
+    warm_start_samples: int = 9  # training-split samples captured for the fit (two thirds text)
+    warm_start_horizon: int = 256  # tokens of future queries whose attention a token's target counts
+    warm_start_steps: int = 600  # Adam steps
     # Evolution (pycma).
     population: int = 32
     sigma0: float = 0.065
@@ -103,6 +110,18 @@ class TrainConfig:
             raise InvalidArgumentError(f"--mode must be one of {MODES} (got {self.mode!r})")
         if not 0.0 < self.quorum <= 1.0:
             raise InvalidArgumentError(f"--quorum must be in (0, 1] (got {self.quorum})")
+        if self.warm_start not in WARM_STARTS:
+            raise InvalidArgumentError(f"--warm-start must be one of {WARM_STARTS} (got {self.warm_start!r})")
+        if self.warm_start == "imitation":
+            if self.warm_start_horizon < self.namm_delay or self.warm_start_horizon % self.namm_delay or \
+                    self.warm_start_horizon + self.namm_delay >= self.sample_tokens:
+                raise InvalidArgumentError(
+                    f"--warm-start-horizon must be a multiple of --namm-delay ({self.namm_delay}) and leave at least "
+                    f"one invocation before it in a sample: at most {self.sample_tokens - 2 * self.namm_delay} "
+                    f"(got {self.warm_start_horizon})")
+            for name in ("warm_start_samples", "warm_start_steps"):
+                if getattr(self, name) < 1:
+                    raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1 (or --warm-start none)")
         if self.covariance not in COVARIANCES:
             raise InvalidArgumentError(f"--covariance must be one of {COVARIANCES} (got {self.covariance!r})")
         if not self.sigma0 > 0:
@@ -135,6 +154,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
+        d = {"warm_start": "none", **d}  # runs saved before the warm start existed started from θ = 0
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

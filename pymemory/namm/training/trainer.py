@@ -102,11 +102,31 @@ class Trainer:
         options = {"popsize": c.population, "seed": c.seed + 1, "verbose": -9, "CMA_diagonal": c.covariance ==
                    "diagonal", "tolx": 0, "tolfun": 0, "tolflatfitness": 10 ** 9, "tolfunhist": 0,
                    "tolstagnation": 10 ** 9}
-        es = self.cma.CMAEvolutionStrategy(np.zeros(4172), c.sigma0, options)
-        return {"es": es, "generation": 0, "feat_mean": mean, "feat_var": var,
+        t1 = time.perf_counter()
+        start, warm = self._warm_start(mean, var)
+        es = self.cma.CMAEvolutionStrategy(start, c.sigma0, options)
+        return {"es": es, "generation": 0, "feat_mean": mean, "feat_var": var, "warm_start": warm,
+                "warm_start_theta": start if warm else None, "warm_start_seconds": time.perf_counter() - t1,
                 "calibration_tokens": sum(s.n_tokens for s in rng_samples),
                 "calibration_seconds": time.perf_counter() - t0, "records": [], "heldout": [],
                 "heldout_refs": None, "heldout_baselines": None, "best_heldout": math.inf, "wall_seconds": 0.0}
+
+    def _warm_start(self, feat_mean: np.ndarray, feat_var: np.ndarray) -> tuple[np.ndarray, dict | None]:
+        """CMA-ES's initial mean: θ = 0, or the imitation fit on its own training samples (warm_start.py)."""
+        c = self.config
+        if c.warm_start == "none":
+            return np.zeros(4172), None
+        from .warm_start import capture_examples, fit_imitation
+
+        n_retrieval = c.warm_start_samples // 3 if self.retrieval_kinds else 0
+        samples = generation_samples(self.factory, c.seed + 2_000_003, 0, c.warm_start_samples - n_retrieval,
+                                     n_retrieval, self.retrieval_kinds)
+        t0 = time.perf_counter()
+        examples = capture_examples(self.model, samples, c.namm_delay, c.warm_start_horizon, c.n_sink, self.threads)
+        capture_seconds = time.perf_counter() - t0
+        theta, report = fit_imitation(examples, feat_mean, feat_var, steps=c.warm_start_steps, seed=c.seed)
+        report.update(samples=[smp.id for smp in samples], capture_seconds=capture_seconds)
+        return theta.astype(np.float64), report
 
     def spec(self) -> MemorySpec:
         c, s = self.config, self.state
@@ -204,8 +224,12 @@ class Trainer:
         random_theta = tuple(map(float, rng.normal(0.0, c.sigma0, 4172)))
         baselines["random namm"] = _gaps(executor.map(spec, [Job("namm", smp, random_theta) for smp in self.heldout]),
                                          s["heldout_refs"])
-        baselines["zero namm (start)"] = _gaps(executor.map(spec, [Job("namm", smp) for smp in self.heldout]),
-                                               s["heldout_refs"])
+        baselines["zero namm"] = _gaps(executor.map(spec, [Job("namm", smp) for smp in self.heldout]),
+                                       s["heldout_refs"])
+        if s.get("warm_start_theta") is not None:
+            warm = tuple(map(float, s["warm_start_theta"]))
+            baselines["warm start"] = _gaps(executor.map(spec, [Job("namm", smp, warm) for smp in self.heldout]),
+                                            s["heldout_refs"])
         sink = dict(baselines["sink"])
         for gaps in baselines.values():
             gaps["loss"] = _loss({k: v for k, v in gaps.items() if k != "loss"}, sink)
@@ -247,6 +271,7 @@ class Trainer:
             "generation": s["generation"],
             "feature_mean": [float(v) for v in s["feat_mean"]], "feature_var": [float(v) for v in s["feat_var"]],
             "calibration_seconds": s["calibration_seconds"],
+            "warm_start": s.get("warm_start"),
             "heldout_samples": [smp.id for smp in self.heldout],
             "heldout_full_nll": s.get("heldout_full_nll"),
             "heldout_baselines": s["heldout_baselines"],

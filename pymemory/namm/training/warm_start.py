@@ -1,0 +1,184 @@
+"""Imitation warm start: fit the NAMM by gradient descent to predict which cached tokens the *future* queries will
+attend to, before CMA-ES takes over (docs/namm-training.md, "Warm start").
+
+Evolution from θ = 0 spends its first generations discovering that attention matters at all. The signal an
+eviction policy would like to have is hindsight: how much attention each cached token receives from the queries
+that come after the decision (kvpress's "expected attention", H2O's premise). It is available for free while the
+cache keeps everything, and the NAMM sees exactly the features that predict it (its spectrogram of the attention
+the token got so far, and its age). So:
+
+1. run training-split samples through the engine with the all-zero NAMM and no eviction, capturing at every
+   invocation, for every layer, each KV head's features (positions, spectrogram EMA) and the attention rows of the
+   window (the engine's capture API, the same numbers the NAMM scores);
+2. target[head, token] = log of the mean attention the token receives from the next `horizon` queries, relative
+   to a uniform share (`n_tokens ×`), clipped; each (invocation, layer, head) is centred, since only the ranking
+   within it matters;
+3. minimise the mean squared error between the centred NAMM scores (the torch reference, differentiable) and
+   the centred targets with Adam;
+4. shift the output bias so every score on the fitted data is positive: no (layer, head) then votes to drop a
+   token by itself, and budget mode evicts by the mean score over all layers and heads, i.e. by the predicted
+   future attention averaged over the model.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..gguf_format import PARAM_COUNT, PARAM_LAYOUT
+from .data import Sample
+
+LOG_FLOOR = 0.01  # relative attention below 1 % of a uniform share counts as 1 % (the log would run off to -inf)
+LOG_CEIL = 50.0  # and above 50 shares as 50 (sinks would dominate the squared error)
+POSITIVE_MARGIN = 0.5  # the smallest fitted score after the bias shift
+
+
+@dataclass
+class ImitationExample:
+    """One (invocation, layer): the NAMM's inputs and the hindsight target, for every KV head."""
+
+    positions: np.ndarray  # int64 [n] chronological positions of the cached tokens
+    ema: np.ndarray  # float32 [H, n, 17] un-normalised spectrogram EMA
+    target: np.ndarray  # float32 [H, n] log relative future attention, clipped
+    first: int  # tokens before this index (sinks) are not fitted: the policy never evicts them
+
+
+def capture_examples(model, samples: Sequence[Sample], namm_delay: int, horizon: int, n_sink: int,
+                     n_threads: int = 0) -> list[ImitationExample]:
+    """Runs `samples` with the all-zero NAMM (no eviction) and turns every invocation that has at least `horizon`
+    tokens after it into one example per layer."""
+    from ..._loader import _core
+    from ..checkpoint import NammVector
+    from ..convert import write_gguf
+
+    if horizon < namm_delay or horizon % namm_delay:
+        raise ValueError(f"horizon must be a positive multiple of namm_delay {namm_delay} (got {horizon})")
+    n_layer = int(model.info["n_layer"])
+    longest = max(s.n_tokens for s in samples)
+    ahead = horizon // namm_delay  # future windows per example
+    examples: list[ImitationExample] = []
+    with tempfile.TemporaryDirectory(prefix="namm-warm-start-") as tmp:
+        zero = NammVector(np.zeros(PARAM_COUNT, np.float32), np.zeros(17, np.float32), np.ones(17, np.float32),
+                          "warm start capture")
+        path = write_gguf(zero, os.path.join(tmp, "zero.gguf"), delay=namm_delay)["output"]
+        engine = _core.Engine(model, policy="namm", n_sink=0, window=longest + namm_delay, namm_path=path,
+                              namm_mode="quorum", quorum=1.0, n_threads=n_threads)
+        for sample in samples:
+            engine.reset()
+            engine.capture_namm_layers(list(range(n_layer)))
+            tokens = list(sample.prompt) + list(sample.target)
+            per_layer: list[list[dict]] = [[] for _ in range(n_layer)]  # invocations in order
+            for begin in range(0, len(tokens), namm_delay):
+                engine.feed(tokens[begin:begin + namm_delay])
+                for capture in engine.namm_captures():
+                    per_layer[int(capture["layer"])].append(
+                        {"positions": np.asarray(capture["positions"], np.int64),
+                         "attention": np.asarray(capture["attention"], np.float32),  # [H, R, n]
+                         "ema": np.asarray(capture["ema"], np.float32)})  # [H, n, 17]
+                engine.clear_namm_captures()
+            if engine.stats()["tokens_evicted"]:
+                raise RuntimeError("the warm start's capture evicted tokens; the all-zero NAMM must keep everything")
+            for invocations in per_layer:
+                for k in range(len(invocations) - ahead):
+                    examples.append(_example(invocations[k], invocations[k + 1:k + 1 + ahead], n_sink))
+    if not examples:
+        raise ValueError(f"no invocation had {horizon} tokens after it: use samples longer than "
+                         f"{horizon + namm_delay} tokens or a shorter horizon")
+    return examples
+
+
+def _example(now: dict, future: Sequence[dict], n_sink: int) -> ImitationExample:
+    positions = now["positions"]
+    n = positions.size
+    received = np.zeros((now["ema"].shape[0], n), np.float64)  # [H, n]
+    rows = 0
+    for later in future:
+        # Nothing was evicted, so every token cached now is still cached later: find its column there.
+        columns = np.searchsorted(later["positions"], positions)
+        if np.any(later["positions"][columns] != positions):
+            raise RuntimeError("a token disappeared between invocations during the warm start's capture")
+        received += later["attention"][:, :, columns].sum(axis=1)
+        rows += later["attention"].shape[1]
+    relative = received / rows * n  # 1 = a uniform share of each future query's attention
+    target = np.log(np.clip(relative, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
+    return ImitationExample(positions, now["ema"], target, min(n_sink, n - 1))
+
+
+def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, feat_var: np.ndarray,
+                  steps: int = 600, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """θ [4172] float32 fitted to the examples, and a report (losses, rank correlation, seconds)."""
+    import torch
+
+    from ..checkpoint import NammVector
+    from ..reference import NammParams, NammReference
+
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.randn(PARAM_COUNT, generator=generator, dtype=torch.float32) * 0.02
+    theta[PARAM_LAYOUT["b_out"][0]:PARAM_LAYOUT["b_out"][1]] = 0.0
+    theta.requires_grad_(True)
+    stats = NammVector(np.zeros(PARAM_COUNT, np.float32), np.asarray(feat_mean, np.float32),
+                       np.asarray(feat_var, np.float32))
+    reference = NammReference.from_vector(stats)
+    inputs = []
+    with torch.no_grad():
+        for ex in examples:
+            H = ex.ema.shape[0]
+            X = reference.features_from_ema(np.tile(ex.positions, (H, 1)), ex.ema)
+            target = torch.from_numpy(ex.target[:, ex.first:])
+            inputs.append((X, target - target.mean(dim=-1, keepdim=True), ex.first))
+
+    def network() -> None:
+        reference.params = NammParams(
+            **{name: theta[start:end].reshape(shape) for name, (start, end, shape) in PARAM_LAYOUT.items()},
+            feat_mean=reference.params.feat_mean, feat_var=reference.params.feat_var)
+
+    def loss_of(indices) -> torch.Tensor:
+        total = 0.0
+        for i in indices:
+            X, target, first = inputs[i]
+            scores = reference.scores_tensor(X)[:, first:]  # [H, n - first]
+            total = total + ((scores - scores.mean(dim=-1, keepdim=True) - target) ** 2).mean()
+        return total / len(indices)
+
+    optimiser = torch.optim.Adam([theta], lr=lr)
+    order = np.random.default_rng(seed)
+    history = []
+    for step in range(steps):
+        network()
+        picked = order.choice(len(inputs), size=min(batch, len(inputs)), replace=False)
+        loss = loss_of(picked)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        history.append(float(loss.detach()))
+    network()
+    with torch.no_grad():
+        variance = float(np.mean([float((t ** 2).mean()) for _, t, _ in inputs]))  # the loss of predicting 0
+        final = float(loss_of(range(len(inputs))))
+        lowest = min(float(reference.scores_tensor(X).min()) for X, _, _ in inputs)
+        correlations = [_rank_correlation(reference.scores_tensor(X)[:, f:].numpy(), t.numpy())
+                        for X, t, f in inputs[::max(1, len(inputs) // 200)]]
+    fitted = theta.detach().numpy().astype(np.float32).copy()
+    b_out = PARAM_LAYOUT["b_out"][0]
+    fitted[b_out] += POSITIVE_MARGIN - lowest  # every fitted score >= POSITIVE_MARGIN: no drop votes by sign
+    report = {"examples": len(inputs), "steps": steps, "batch": batch, "lr": lr,
+              "loss_first": history[0], "loss_last_50": float(np.mean(history[-50:])), "loss_final": final,
+              "target_variance": variance, "explained": 1.0 - final / variance if variance > 0 else None,
+              "rank_correlation_median": float(np.median(correlations)), "bias_shift": POSITIVE_MARGIN - lowest,
+              "seconds": time.perf_counter() - t0}
+    return fitted, report
+
+
+def _rank_correlation(scores: np.ndarray, target: np.ndarray) -> float:
+    """Mean over heads of Spearman's rank correlation."""
+    out = []
+    for s, t in zip(scores, target):
+        rs, rt = np.argsort(np.argsort(s)), np.argsort(np.argsort(t))
+        if rs.std() > 0 and rt.std() > 0:
+            out.append(float(np.corrcoef(rs, rt)[0, 1]))
+    return float(np.mean(out)) if out else 0.0
