@@ -82,6 +82,7 @@ py::dict info_to_dict(const ModelInfo & i) {
     d["n_embd"] = i.n_embd;
     d["n_ctx_train"] = i.n_ctx_train;
     d["n_swa"] = i.n_swa;
+    d["swa_layers"] = std::vector<int>(i.swa_layers.begin(), i.swa_layers.end());  // 1 = sliding-window layer
     d["is_recurrent"] = i.is_recurrent;
     d["is_hybrid"] = i.is_hybrid;
     d["uses_mrope"] = i.uses_mrope;
@@ -109,6 +110,7 @@ py::dict policy_stats_to_dict(const AttentionPolicy * policy) {
             records.append(rec);
         }
         d["policy"] = policy->name();
+        d["scored_layers"] = policy->scored_layers();  // model layers read (an iSWA model's global layers only)
         d["forced_evictions"] = policy->forced_evictions();
         d["observe_seconds"] = policy->observe_seconds;
         d["decide_seconds"] = policy->decide_seconds;

@@ -33,19 +33,27 @@ CellScorePolicy::CellScorePolicy(std::string name, const CellScoreParams & param
 
 void CellScorePolicy::reset() { std::fill(scores_.begin(), scores_.end(), 0.0); }
 
-void CellScorePolicy::begin_batch(int64_t, int32_t) { batch_started_ = false; }
+void CellScorePolicy::begin_batch(int64_t, int32_t) {
+    batch_started_ = false;
+    last_layer_ = -1;
+}
 
 void CellScorePolicy::observe(const AttentionView & v) {
+    // Sliding-window layers (iSWA models) see only the last n_swa positions: their attention says nothing about
+    // older tokens, so only the global layers score.
+    if (v.sliding) return;
     if (v.cell_totals == nullptr) fail(ErrorKind::runtime, "internal: " + name_ + " observed no per-cell totals");
     if (v.n_kv > int32_t(scores_.size())) {
         fail(ErrorKind::runtime, "internal: attention over " + std::to_string(v.n_kv) + " cells but " + name_ +
                                      " scores " + std::to_string(scores_.size()));
     }
-    // Layers arrive in order for every ubatch (llama.cpp may split a batch), so layer 0 opens a new one.
-    if (!batch_started_ || v.layer == 0) {
+    // Layers arrive in order for every ubatch (llama.cpp may split a batch), so a layer that is not after the last
+    // one scored opens a new one.
+    if (!batch_started_ || v.layer <= last_layer_) {
         start_ubatch(v);
         batch_started_ = true;
     }
+    last_layer_ = v.layer;
     for (int32_t c = 0; c < v.n_kv; ++c) scores_[size_t(c)] += v.cell_totals[c];
 }
 

@@ -5,6 +5,9 @@
 //   - NAMM (Sakana AI's learned memory, namm_policy.h): a small network scores every token every 512 tokens.
 // H2O and TOVA share everything but their score (CellScorePolicy); they differ only in which rows of the attention
 // a cell's score adds up: every row ever decoded (H2O) or the last row of the latest batch (TOVA).
+// On iSWA models (Gemma 2/3) every policy scores the global layers only (AttentionView::sliding views are skipped):
+// their cache holds every token, while a sliding-window layer sees only the last n_swa positions. Evictions remove
+// the tokens from both caches (llama.cpp's seq_rm applies to both).
 //
 // Deviation from the papers, forced by llama.cpp: a KV *cell* is shared by every layer and KV head, so a token
 // is either in the cache for all of them or for none. The papers evict per layer (and, for NAMM and TOVA, per
@@ -95,6 +98,10 @@ public:
     virtual std::vector<int32_t> after_decode(const CacheView & cache, int64_t tokens_seen) { return {}; }
 
     const std::vector<InvocationRecord> & invocations() const { return invocations_; }
+    // The model layers whose attention the policy reads, in the order of InvocationRecord::layer_kept: every layer,
+    // or an iSWA model's global layers (the sliding-window layers are never scored).
+    const std::vector<int32_t> & scored_layers() const { return scored_layers_; }
+    void set_scored_layers(std::vector<int32_t> layers) { scored_layers_ = std::move(layers); }
     int64_t forced_evictions() const { return forced_evictions_; }
     // Wall time spent in the policy, measured by the engine: reading attention (inside llama_decode) and deciding.
     double observe_seconds = 0.0;
@@ -118,6 +125,7 @@ public:
     void clear_captures() { captures_.clear(); }  // after the caller has read them (they hold whole attention rows)
 
 protected:
+    std::vector<int32_t> scored_layers_;
     std::vector<InvocationRecord> invocations_;
     std::vector<InvocationCapture> captures_;
     int64_t forced_evictions_ = 0;  // evicted by make_room because the policy's own choice did not free enough
@@ -149,8 +157,9 @@ public:
     std::string name() const override { return name_; }
     void reset() override;
     void begin_batch(int64_t stream_begin, int32_t n_tokens) override;
-    // Layer 0 (or the first layer after begin_batch) starts a ubatch: start_ubatch() runs, then every layer's
-    // AttentionView::cell_totals is added to the scores.
+    // The first scored layer after begin_batch (or a layer not after the last one) starts a ubatch: start_ubatch()
+    // runs, then every global layer's AttentionView::cell_totals is added to the scores. Sliding-window layers of
+    // iSWA models are skipped: they only see the last n_swa positions.
     void observe(const AttentionView & view) final;
     std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override;
     bool needs_cell_totals() const override { return true; }
@@ -169,6 +178,7 @@ private:
     std::string name_;
     CellScoreParams params_;
     bool batch_started_ = false;
+    int32_t last_layer_ = -1;  // last layer scored in this ubatch
 };
 
 // Heavy-Hitter Oracle (Zhang et al., 2023) on shared cells: every cell accumulates the attention it receives,

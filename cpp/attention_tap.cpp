@@ -42,10 +42,19 @@ AttentionTap::AttentionTap(AttentionCallback on_attention, AttentionCheck check_
 AttentionTap::~AttentionTap() = default;
 
 void AttentionTap::begin_batch(const Pos * cell_pos, const Pos * token_pos, const int32_t * token_cell,
-                               int32_t n_tokens) {
+                               int32_t n_tokens, const Pos * swa_cell_pos, const int32_t * swa_token_cell) {
     cell_pos_ = cell_pos;
     token_pos_.assign(token_pos, token_pos + n_tokens);
     token_cell_.assign(token_cell, token_cell + n_tokens);
+    swa_cell_pos_ = swa_cell_pos;
+    if (swa_token_cell) {
+        swa_token_cell_.assign(swa_token_cell, swa_token_cell + n_tokens);
+    } else {
+        swa_token_cell_.clear();
+    }
+    checked_[0] = checked_[1] = false;
+    mask_[0] = mask_[1] = nullptr;
+    mask_layer_[0] = mask_layer_[1] = -1;
     error_.clear();
 }
 
@@ -81,19 +90,49 @@ bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t laye
         view.tensor = tensor;
         const bool on_host = !device_reductions_ && tensor->buffer && ggml_backend_buffer_is_host(tensor->buffer);
         view.probs = on_host ? static_cast<const float *>(tensor->data) : nullptr;
-        view.cell_pos = cell_pos_;
+        view.sliding = layer >= 0 && size_t(layer) < sliding_.size() && sliding_[size_t(layer)] != 0;
+        const int kind = view.sliding ? 1 : 0;
+        if (view.sliding && (swa_cell_pos_ == nullptr || swa_token_cell_.size() != token_pos_.size())) {
+            error_ = std::string("internal: attention of sliding-window layer ") + name + " but no SWA cell mirror";
+            return false;
+        }
+        view.cell_pos = view.sliding ? swa_cell_pos_ : cell_pos_;
         view.token_pos = token_pos_.data();
-        view.token_cell = token_cell_.data();
-        if (view.layer == 0) {
-            // Without the host matrix, the layer-0 check reads the totals over all rows.
+        view.token_cell = view.sliding ? swa_token_cell_.data() : token_cell_.data();
+        if (!sliding_.empty()) {
+            // Layers of different kinds read different caches through different KQ masks (src[1] of the softmax):
+            // a shared mask means the layer kinds we were given are not llama.cpp's.
+            const ggml_tensor * mask = tensor->src[1];
+            const ggml_tensor * other = mask_[1 - kind];
+            if (mask != nullptr && mask == other) {
+                error_ = "layers " + std::to_string(mask_layer_[1 - kind]) + " and " + std::to_string(layer) +
+                         " share llama.cpp's attention mask but pymemory takes one for a sliding-window layer and "
+                         "the other for a global one: this model's sliding-window layer pattern is not the one "
+                         "pymemory assumed";
+                return false;
+            }
+            if (mask_[kind] == nullptr) {
+                mask_[kind] = mask;
+                mask_layer_[kind] = layer;
+            }
+        }
+        if (!checked_[kind]) {
+            // The first layer of each kind checks its cache's mirror; without the host matrix the check reads the
+            // totals over all rows.
+            checked_[kind] = true;
             if (!on_host) compute_cell_totals(view, AttentionTotals::all_rows);
             const std::string problem = check_layer0_ ? check_layer0_(view) : std::string();
             if (!problem.empty()) {
-                error_ = problem;
+                error_ = problem + (sliding_.empty() ? std::string()
+                                                     : std::string(" [layer ") + std::to_string(layer) +
+                                                           (view.sliding ? ", sliding-window cache]" : ", base cache]"));
                 return false;
             }
         }
-        if (totals_ != AttentionTotals::none && totals_ != view.totals_rows) compute_cell_totals(view, totals_);
+        // Sliding layers are not scored (their attention says nothing about tokens outside the window).
+        if (!view.sliding && totals_ != AttentionTotals::none && totals_ != view.totals_rows) {
+            compute_cell_totals(view, totals_);
+        }
         on_attention_(view);
     } catch (const std::exception & e) {
         error_ = e.what();

@@ -4,7 +4,8 @@
 // yes only for the attention probabilities (the node llama.cpp names "kq_soft_max-<layer>", flash attention off;
 // the name lives in attention_tap.cpp and is upstream-fragile), and for each one:
 //   1. builds an AttentionView (shape, strides, where the matrix lives, which cell each batch token went to);
-//   2. on layer 0, lets the adapter check its cell mirror against the pattern (kv_cell_mirror.h);
+//   2. on the first layer of each kind (layer 0; on iSWA models also the first layer of the other kind: sliding
+//      window or global), lets the adapter check that cache's cell mirror against the pattern (kv_cell_mirror.h);
 //   3. reduces the matrix per cell where it lives (host loop, or a ggml graph on its device: ggml_compute.h) when
 //      the policy reads per-cell totals;
 //   4. hands the view to the policy's callback.
@@ -35,19 +36,23 @@ enum class AttentionTotals { none, all_rows, last_row };
 
 // One layer's attention probabilities as llama.cpp computed them (flash attention off), valid only during the
 // callback. Layout (ggml order): probs[h * head_stride + t * n_kv + c] for query head h, batch token t, cell c.
-// Columns are KV *cells* 0..n_kv-1 of the cache, not tokens; masked and empty cells hold exactly 0. Query head h
+// Columns are KV *cells* 0..n_kv-1 of the layer's cache, not tokens; masked and empty cells hold exactly 0. On an
+// iSWA model (Gemma 2/3) sliding-window layers read a cache of their own (`sliding`), whose cells differ from the
+// global layers'; cell_pos and token_cell are those of the layer's cache. Query head h
 // reads KV head h / (n_head / n_head_kv) (ggml's broadcasting order, the same as HF's repeat_kv).
 // The matrix stays where llama.cpp computed it: `probs` is set only when that is host memory (CPU backend); on a
 // GPU a policy reduces `tensor` there with its own ggml graph (cpp/ggml_compute.h).
 struct AttentionView {
     int32_t layer = 0;
+    bool sliding = false;               // a sliding-window layer of an iSWA model (its own cache, cells and mask)
     int32_t n_kv = 0;
     int32_t n_tokens = 0;
     int32_t n_head = 0;
     size_t head_stride = 0;             // floats between heads (n_kv * rows of the tensor, which may be padded)
     const ggml_tensor * tensor = nullptr;  // llama.cpp's kq_soft_max-<layer>: [n_kv, rows >= n_tokens, n_head]
     const float * probs = nullptr;      // the same in host memory, or nullptr when it lives on a device
-    const float * cell_totals = nullptr;  // [n_kv] attention each cell received (all heads; rows: totals_rows)
+    const float * cell_totals = nullptr;  // [n_kv] attention each cell received (all heads; rows: totals_rows); not
+                                          // computed for sliding layers unless the mirror check needs them
     AttentionTotals totals_rows = AttentionTotals::none;  // which rows cell_totals sums (none: not computed)
     const Pos * cell_pos = nullptr;     // [n_kv] position held by each cell, -1 if empty
     const Pos * token_pos = nullptr;    // [n_tokens] positions of the batch's tokens (the rows)
@@ -56,8 +61,9 @@ struct AttentionView {
 
 // Called from inside llama_decode, on the decoding thread, once per layer and ubatch.
 using AttentionCallback = std::function<void(const AttentionView &)>;
-// Checks layer 0's view before the callback sees it: "" if fine, else the error that cancels the decode. It gets
-// the host matrix (probs) when there is one, else cell_totals over all rows.
+// Checks the view of the first layer of each kind (sliding / global) before the callback sees it: "" if fine, else
+// the error that cancels the decode. It gets the host matrix (probs) when there is one, else cell_totals over all
+// rows.
 using AttentionCheck = std::function<std::string(const AttentionView &)>;
 
 // The host reduction behind AttentionView::cell_totals: out[c] = sum over heads (and the chosen rows) of
@@ -75,9 +81,14 @@ public:
     // A ggml_backend_sched_eval_callback; install it with user_data = this tap.
     static bool eval_callback(ggml_tensor * tensor, bool ask, void * user_data);
 
+    // Which layers slide (iSWA models: 1 per sliding-window layer); empty = none. Views of those layers get the SWA
+    // cache's cells (begin_batch) and no cell totals.
+    void set_layer_kinds(std::vector<uint8_t> sliding) { sliding_ = std::move(sliding); }
     // Before each decode: the position of every cell (read during the decode, so it must stay valid until then),
-    // and the positions and cells of the batch's n_tokens tokens (copied). Clears error().
-    void begin_batch(const Pos * cell_pos, const Pos * token_pos, const int32_t * token_cell, int32_t n_tokens);
+    // and the positions and cells of the batch's n_tokens tokens (copied); for iSWA models also the SWA cache's
+    // cell positions and the batch's cells there. Clears error().
+    void begin_batch(const Pos * cell_pos, const Pos * token_pos, const int32_t * token_cell, int32_t n_tokens,
+                     const Pos * swa_cell_pos = nullptr, const int32_t * swa_token_cell = nullptr);
     // Why the tap cancelled the last decode, or "".
     const std::string & error() const { return error_; }
 
@@ -100,9 +111,15 @@ private:
     bool device_reductions_ = false;
     std::unique_ptr<DeviceCompute> device_;  // reductions of device-resident attention
     std::vector<float> cell_totals_;
-    const Pos * cell_pos_ = nullptr;         // the batch being decoded
+    std::vector<uint8_t> sliding_;           // per layer: 1 = sliding-window layer
+    const Pos * cell_pos_ = nullptr;         // the batch being decoded: base cache
     std::vector<Pos> token_pos_;
     std::vector<int32_t> token_cell_;
+    const Pos * swa_cell_pos_ = nullptr;     // ... and SWA cache (iSWA models)
+    std::vector<int32_t> swa_token_cell_;
+    bool checked_[2] = {false, false};       // this batch's first layer of each kind (global, sliding) was checked
+    const ggml_tensor * mask_[2] = {nullptr, nullptr};  // the KQ mask each kind's layers used in this batch
+    int32_t mask_layer_[2] = {-1, -1};
     std::string error_;                      // set inside the callback; the adapter's decode() throws it
 };
 

@@ -34,18 +34,33 @@ void check_model_supports(const LlamaModel & model, const LlamaContext & ctx, co
                  "' cannot run on it; use policy='recompute' (rebuilds the state from the recent tokens) or "
                  "policy='none'");
     }
-    if (is_attention_scored(policy.kind) && info.n_swa > 0) {
-        fail(ErrorKind::unsupported,
-             who + " has sliding-window attention layers with their own cache, whose cells the attention tap "
-                   "cannot map to tokens; policy '" + policy_kind_name(policy.kind) +
-                 "' is not available for it — use policy='sink'");
-    }
     if ((!ctx.can_shift() || info.uses_mrope) && policy_shifts_positions(policy)) {
         fail(ErrorKind::unsupported,
              who + " cannot shift cached positions (" +
                  std::string(info.uses_mrope ? "multi-axis M-RoPE positions" : "llama.cpp reports no shift support") +
                  "), which policy '" + policy_kind_name(policy.kind) +
                  "' needs; use policy='recompute' (re-decodes the recent window, slower but exact) or policy='none'");
+    }
+}
+
+// Attention-scored policies on iSWA models (Gemma 2/3): the tap scores the global layers and mirrors both caches
+// (docs/namm.md, "Sliding-window models"). Refused, before a context is made, where that cannot work.
+void check_iswa_supported(const ModelInfo & info, const PolicyParams & policy) {
+    if (!is_attention_scored(policy.kind) || info.n_swa <= 0) return;
+    const std::string who = "model '" + info.path + "' (architecture " + info.architecture + ")";
+    const std::string name = policy_kind_name(policy.kind);
+    if (info.swa_layers.size() != size_t(info.n_layer)) {
+        fail(ErrorKind::unsupported,
+             who + " has sliding-window attention layers, but pymemory does not know which ones (no " +
+                 info.architecture + ".attention.sliding_window_pattern in the GGUF and no built-in pattern for "
+                 "this architecture; known: gemma2, gemma3), so the attention tap cannot tell their cache from the "
+                 "global one; policy '" + name + "' is not available for it — use policy='sink'");
+    }
+    if (std::find(info.swa_layers.begin(), info.swa_layers.end(), uint8_t(0)) == info.swa_layers.end()) {
+        fail(ErrorKind::unsupported,
+             who + " has only sliding-window attention layers: none sees tokens older than its window of " +
+                 std::to_string(info.n_swa) + " positions, so policy '" + name +
+                 "' would have nothing to score them by — use policy='sink'");
     }
 }
 
@@ -126,6 +141,7 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     validate(params_.policy);
     if (params_.prefill_chunk < 0) fail(ErrorKind::invalid_argument, "prefill_chunk must be >= 0 (0 = auto)");
     check_cache_types(params_);
+    check_iswa_supported(model_->info(), params_.policy);
     const int32_t cap = capacity(params_.policy);
     n_batch_ = std::min(cap, 512);
 
@@ -152,6 +168,12 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     check_model_supports(*model_, *ctx_, params_.policy);
     attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
     if (attention_) {
+        const ModelInfo & info = model_->info();
+        std::vector<int32_t> scored;
+        for (int32_t l = 0; l < info.n_layer; ++l) {
+            if (info.swa_layers.size() != size_t(info.n_layer) || info.swa_layers[size_t(l)] == 0) scored.push_back(l);
+        }
+        attention_->set_scored_layers(std::move(scored));
         ctx_->set_attention_totals(!attention_->needs_cell_totals()     ? AttentionTotals::none
                                    : attention_->cell_totals_last_row() ? AttentionTotals::last_row
                                                                         : AttentionTotals::all_rows);

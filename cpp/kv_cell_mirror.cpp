@@ -1,4 +1,5 @@
-// The cell mirror: llama-kv-cache.cpp's slot allocation for one stream without SWA, replayed. See kv_cell_mirror.h.
+// The cell mirror: llama-kv-cache.cpp's slot allocation for one stream (a base or an SWA cache), replayed. See
+// kv_cell_mirror.h.
 #include "kv_cell_mirror.h"
 
 #include "attention_tap.h"
@@ -8,10 +9,15 @@
 
 namespace pm {
 
-void KvCellMirror::reset(uint32_t n_cells) {
+void KvCellMirror::reset(uint32_t n_cells, int32_t n_swa) {
     pos_.assign(n_cells, -1);
     head_ = 0;
     used_ = 0;
+    n_swa_ = std::max(n_swa, 0);
+}
+
+bool KvCellMirror::visible(Pos cell, Pos query) const {
+    return cell >= 0 && cell <= query && (n_swa_ == 0 || query - cell < n_swa_);
 }
 
 std::vector<int32_t> KvCellMirror::place(const Pos * positions, int32_t n) {
@@ -22,6 +28,16 @@ std::vector<int32_t> KvCellMirror::place(const Pos * positions, int32_t n) {
     uint32_t head_cur = head_;
     // find_slot: with many free cells before the head, start from the beginning to fill the cache.
     if (head_cur > used_ + 2 * n_tokens) head_cur = 0;
+    // An SWA cache may also take a cell whose token the next position no longer sees (masked relative to the
+    // sequence's largest position + 1).
+    Pos pos_max = -1;
+    if (n_swa_ > 0) {
+        for (Pos p : pos_) pos_max = std::max(pos_max, p);
+    }
+    const auto usable = [&](uint32_t idx) {
+        const Pos p = pos_[idx];
+        return p < 0 || (n_swa_ > 0 && (pos_max + 1) - p >= n_swa_);
+    };
     uint32_t n_tested = 0;
     while (true) {
         if (head_cur + 1 > size) {
@@ -31,13 +47,29 @@ std::vector<int32_t> KvCellMirror::place(const Pos * positions, int32_t n) {
         }
         const uint32_t idx = head_cur++;
         ++n_tested;
-        if (pos_[idx] < 0) idxs.push_back(int32_t(idx));
+        if (usable(idx)) idxs.push_back(int32_t(idx));
         if (idxs.size() == n_tokens) break;
         if (n_tested >= size) return {};
     }
-    // apply_ubatch
-    for (uint32_t i = 0; i < n_tokens; ++i) pos_[size_t(idxs[i])] = positions[i];
-    used_ += n_tokens;
+    // apply_ubatch: overwrite, remembering the largest position overwritten (SWA cache only)
+    Pos pos_max_rm = -1;
+    for (uint32_t i = 0; i < n_tokens; ++i) {
+        Pos & cell = pos_[size_t(idxs[i])];
+        if (cell >= 0) {
+            pos_max_rm = std::max(pos_max_rm, cell);
+        } else {
+            ++used_;
+        }
+        cell = positions[i];
+    }
+    // ... and purge every position up to it, so the sequence's cached positions stay one contiguous range.
+    if (pos_max_rm >= 0) {
+        Pos pos_min = std::numeric_limits<Pos>::max();
+        for (Pos p : pos_) {
+            if (p >= 0) pos_min = std::min(pos_min, p);
+        }
+        if (pos_min <= pos_max_rm) remove(pos_min, pos_max_rm + 1);
+    }
     head_ = uint32_t(idxs.back()) + 1;
     return idxs;
 }
@@ -110,8 +142,7 @@ std::string KvCellMirror::check_rows(const AttentionView & v) const {
             float total = 0.0f;
             for (int32_t h = 0; h < v.n_head; ++h) total += v.probs[size_t(h) * plane + size_t(t) * v.n_kv + c];
             const Pos p = v.cell_pos[c];
-            const bool visible = p >= 0 && p <= v.token_pos[t];
-            if (!visible && total != 0.0f) {
+            if (!visible(p, v.token_pos[t]) && total != 0.0f) {
                 return "cell " + std::to_string(c) + " receives attention from position " +
                        std::to_string(v.token_pos[t]) + " but the mirror says it holds " +
                        (p < 0 ? std::string("nothing") : "position " + std::to_string(p));
@@ -134,9 +165,19 @@ std::string KvCellMirror::check_totals(const AttentionView & v) const {
         return "attention covers " + std::to_string(v.n_kv) + " cells but the cell mirror expects at least " +
                std::to_string(used_end);
     }
+    // A cell no row of the batch may see: empty, after the last token, or (SWA) out of the first token's window
+    // and therefore of every later one's.
+    Pos first = std::numeric_limits<Pos>::max(), last = -1;
+    for (int32_t t = 0; t < v.n_tokens; ++t) {
+        first = std::min(first, v.token_pos[t]);
+        last = std::max(last, v.token_pos[t]);
+    }
     for (int32_t c = 0; c < v.n_kv; ++c) {
-        if (v.cell_pos[c] < 0 && v.cell_totals[c] != 0.0f) {
-            return "cell " + std::to_string(c) + " receives attention but the mirror says it is empty";
+        const Pos p = v.cell_pos[c];
+        const bool hidden = p < 0 || p > last || (n_swa_ > 0 && first - p >= n_swa_);
+        if (hidden && v.cell_totals[c] != 0.0f) {
+            return "cell " + std::to_string(c) + " receives attention but the mirror says it " +
+                   (p < 0 ? std::string("is empty") : "holds position " + std::to_string(p) + ", hidden from the batch");
         }
     }
     for (int32_t t = 0; t < v.n_tokens; ++t) {

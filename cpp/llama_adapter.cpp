@@ -145,6 +145,45 @@ void validate_gguf_file(const std::string & path) {
     }
 }
 
+// Which layers of an iSWA model slide (1) and which attend globally (0), as llama.cpp decides it at load time:
+// the GGUF key <arch>.attention.sliding_window_pattern (a per-layer bool array, or a period n: layer il slides unless
+// il % n == n - 1), else the period llama.cpp hard-codes for the architecture (llama-model.cpp / src/models/*.cpp,
+// load_swa_pattern). Only architectures whose default we know are listed; others get an empty vector, and the
+// attention-scored policies refuse them. The tap verifies the result on every batch (layers of different kinds must
+// use different attention masks, and the first layer of each kind must match its cache's cell mirror).
+std::vector<uint8_t> read_swa_layers(const std::string & path, const std::string & arch, int32_t n_layer) {
+    std::vector<uint8_t> out;
+    if (n_layer < 1) return out;
+    int64_t period = 0;
+    gguf_init_params gparams{/*no_alloc=*/true, /*ctx=*/nullptr};
+    gguf_context * gctx = gguf_init_from_file(path.c_str(), gparams);
+    if (gctx != nullptr) {
+        const std::string key = arch + ".attention.sliding_window_pattern";
+        const int64_t k = gguf_find_key(gctx, key.c_str());
+        if (k >= 0) {
+            const gguf_type type = gguf_get_kv_type(gctx, k);
+            if (type == GGUF_TYPE_ARRAY && gguf_get_arr_type(gctx, k) == GGUF_TYPE_BOOL &&
+                gguf_get_arr_n(gctx, k) >= size_t(n_layer)) {
+                const auto * flags = static_cast<const int8_t *>(gguf_get_arr_data(gctx, k));
+                for (int32_t il = 0; il < n_layer; ++il) out.push_back(flags[il] ? 1 : 0);
+            } else if (type == GGUF_TYPE_UINT32) {
+                period = gguf_get_val_u32(gctx, k);
+            } else if (type == GGUF_TYPE_INT32) {
+                period = gguf_get_val_i32(gctx, k);
+            }
+        }
+        gguf_free(gctx);
+    }
+    if (!out.empty()) return out;
+    if (period <= 0) {
+        if (arch == "gemma2") period = 2;        // src/models/gemma2.cpp: load_swa_pattern(ml, 2)
+        else if (arch == "gemma3") period = 6;   // src/models/gemma3.cpp: load_swa_pattern(ml, 6)
+        else return out;
+    }
+    for (int32_t il = 0; il < n_layer; ++il) out.push_back(il % period < period - 1 ? 1 : 0);
+    return out;
+}
+
 std::string meta_string(const llama_model * model, const char * key) {
     char buf[512];
     const int32_t n = llama_model_meta_val_str(model, key, buf, sizeof(buf));
@@ -232,6 +271,7 @@ std::shared_ptr<LlamaModel> LlamaModel::load(const ModelParams & params) {
     info.n_embd = llama_model_n_embd(raw);
     info.n_ctx_train = llama_model_n_ctx_train(raw);
     info.n_swa = llama_model_n_swa(raw);
+    if (info.n_swa > 0) info.swa_layers = read_swa_layers(params.path, info.architecture, info.n_layer);
     info.is_recurrent = llama_model_is_recurrent(raw);
     info.is_hybrid = llama_model_is_hybrid(raw);
     const llama_rope_type rope = llama_model_rope_type(raw);
@@ -363,9 +403,11 @@ LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParam
         case FlashAttention::disabled: cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED; break;
     }
     if (params.on_attention) {
-        // The tap checks every batch's layer-0 attention against the cell mirror before the policy sees it.
+        // The tap checks every batch's attention of the first layer of each kind against that cache's cell mirror
+        // before the policy sees it.
         tap_ = std::make_unique<AttentionTap>(
-            params.on_attention, [this](const AttentionView & layer0) { return cells_.check(layer0); },
+            params.on_attention,
+            [this](const AttentionView & first) { return (first.sliding ? swa_cells_ : cells_).check(first); },
             cparams.n_threads);
         cparams.cb_eval = &AttentionTap::eval_callback;
         cparams.cb_eval_user_data = tap_.get();
@@ -379,6 +421,22 @@ LlamaContext::LlamaContext(std::shared_ptr<LlamaModel> model, const ContextParam
     }
     n_batch_ = int32_t(llama_n_batch(ctx_));
     cells_.reset(llama_n_ctx(ctx_));
+    const ModelInfo & info = model_->info();
+    if (tap_ && info.n_swa > 0) {
+        // iSWA (llama-kv-cache-iswa.cpp): global layers read the base cache, sliding-window layers an SWA cache of
+        // their own. With swa_full both have n_ctx cells; every batch, seq_rm and seq_add goes to both, but the SWA
+        // cache reuses the cells of tokens that left the window, so it gets a mirror of its own.
+        if (!params.swa_full || info.swa_layers.size() != size_t(info.n_layer)) {
+            llama_free(ctx_);
+            ctx_ = nullptr;
+            fail(ErrorKind::unsupported,
+                 "the attention tap needs a full-size SWA cache and the sliding-window layer pattern of model '" +
+                     info.path + "' (architecture " + info.architecture + ")");
+        }
+        swa_cells_.reset(llama_n_ctx(ctx_), info.n_swa);
+        tap_->set_layer_kinds(info.swa_layers);
+        mirror_swa_ = true;
+    }
 }
 
 LlamaContext::~LlamaContext() {
@@ -395,14 +453,22 @@ void LlamaContext::decode(const Token * tokens, const Pos * positions, int32_t n
         fail(ErrorKind::invalid_argument, "batch of " + std::to_string(n) + " tokens exceeds n_batch " +
                                               std::to_string(n_batch_));
     }
-    // One batch is one ubatch (n_ubatch == n_batch), so llama.cpp runs find_slot once: mirror it first.
+    // One batch is one ubatch (n_ubatch == n_batch), so llama.cpp runs find_slot once per cache: mirror it first.
     const KvCellMirror before = cells_;
+    const KvCellMirror swa_before = swa_cells_;
     const std::vector<int32_t> batch_cells = cells_.place(positions, n);
-    if (batch_cells.empty()) {
+    std::vector<int32_t> swa_batch_cells;
+    if (mirror_swa_ && !batch_cells.empty()) swa_batch_cells = swa_cells_.place(positions, n);
+    if (batch_cells.empty() || (mirror_swa_ && swa_batch_cells.empty())) {
         cells_ = before;
+        swa_cells_ = swa_before;
         fail(ErrorKind::capacity, "no free KV cell for " + std::to_string(n) + " tokens (the cache is full)");
     }
-    if (tap_) tap_->begin_batch(cells_.positions().data(), positions, batch_cells.data(), n);
+    if (tap_) {
+        tap_->begin_batch(cells_.positions().data(), positions, batch_cells.data(), n,
+                          mirror_swa_ ? swa_cells_.positions().data() : nullptr,
+                          mirror_swa_ ? swa_batch_cells.data() : nullptr);
+    }
 
     llama_batch batch = llama_batch_init(n, 0, 1);
     for (int32_t i = 0; i < n; ++i) {
@@ -419,12 +485,14 @@ void LlamaContext::decode(const Token * tokens, const Pos * positions, int32_t n
     if (tap_ && !tap_->error().empty()) {
         // The compute was cancelled from the attention callback; the cache no longer matches any mirror.
         cells_.clear();
+        swa_cells_.clear();
         llama_memory_clear(llama_get_memory(ctx_), true);
         n_tokens_last_ = 0;
         fail(ErrorKind::runtime, tap_->error() + " (the cache was cleared; reset() and start again)");
     }
     if (rc != 0) {
         cells_ = before;  // llama.cpp restores the memory on these errors
+        swa_cells_ = swa_before;
         if (rc == 1) {
             fail(ErrorKind::capacity, "llama.cpp found no free KV cell for " + std::to_string(n) +
                                           " tokens (the cache is full)");
@@ -449,6 +517,7 @@ const float * LlamaContext::logits(int32_t i) const {
 void LlamaContext::memory_clear() {
     llama_memory_clear(llama_get_memory(ctx_), true);
     cells_.clear();
+    swa_cells_.clear();
     n_tokens_last_ = 0;
 }
 
@@ -458,11 +527,13 @@ void LlamaContext::memory_remove(Pos p0, Pos p1) {
                                          std::to_string(p1) + ") from this model's memory (recurrent state)");
     }
     cells_.remove(p0, p1);
+    swa_cells_.remove(p0, p1);  // llama_kv_cache_iswa::seq_rm removes from both caches
 }
 
 void LlamaContext::memory_shift(Pos p0, Pos p1, Pos delta) {
     llama_memory_seq_add(llama_get_memory(ctx_), 0, p0, p1, delta);
     cells_.shift(p0, p1, delta);
+    swa_cells_.shift(p0, p1, delta);  // llama_kv_cache_iswa::seq_add shifts both caches
 }
 
 // ---- session state ---------------------------------------------------------------------------------------------

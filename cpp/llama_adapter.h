@@ -59,6 +59,10 @@ struct ModelInfo {
     int32_t n_embd = 0;
     int32_t n_ctx_train = 0;
     int32_t n_swa = 0;         // sliding-window size of SWA layers, 0 if the model has none
+    // Per layer, 1 if it is a sliding-window layer (its own KV cache, attends to the last n_swa positions only).
+    // From the GGUF's <arch>.attention.sliding_window_pattern, else llama.cpp's built-in pattern of the architecture
+    // (known here: gemma2, gemma3); empty when the model has no SWA layers or the pattern is unknown.
+    std::vector<uint8_t> swa_layers;
     bool is_recurrent = false;
     bool is_hybrid = false;
     bool uses_mrope = false;   // multi-axis RoPE (Qwen2-VL family): positions cannot be shifted
@@ -127,10 +131,14 @@ public:
 
     // Position held by each KV cell (-1 = empty), mirrored from llama.cpp's slot allocation (kv_cell_mirror.h).
     // Attention columns are cells, so attention-scored policies map them to tokens through this. The mirror is
-    // checked against every tapped layer-0 attention pattern: a mismatch (an upstream change) stops decoding with an
-    // error instead of evicting wrongly. Exact for single-sequence caches without sliding-window layers (the tap
-    // refuses the others).
+    // checked against every batch's attention of the first layer of each kind (the first layer, and on iSWA models
+    // the first sliding-window layer too): a mismatch (an upstream change) stops decoding with an error instead of
+    // evicting wrongly. For iSWA models (Gemma 2/3) this is the base (non-SWA) cache, which holds every token; the
+    // SWA cache, whose cells diverge (it reuses cells of tokens that left the window), has a mirror of its own
+    // (swa_cell_positions). Single-sequence caches only.
     const std::vector<Pos> & cell_positions() const { return cells_.positions(); }
+    // The SWA cache's cells (iSWA models with a tap; empty otherwise).
+    const std::vector<Pos> & swa_cell_positions() const { return swa_cells_.positions(); }
 
     // Decodes `n` tokens of sequence 0 at explicit positions. With logits_all every token gets logits, otherwise
     // only the last. Throws pm::Error (capacity if no KV slot, runtime otherwise); on failure the cache is
@@ -175,6 +183,8 @@ private:
     llama_context * ctx_ = nullptr;
     std::unique_ptr<AttentionTap> tap_;  // only with ContextParams::on_attention
     KvCellMirror cells_;                 // see cell_positions()
+    KvCellMirror swa_cells_;             // the SWA cache of an iSWA model (only with a tap)
+    bool mirror_swa_ = false;            // swa_cells_ is in use
     int32_t n_batch_ = 0;
     int32_t n_tokens_last_ = 0;   // size of the last decoded batch
     bool logits_all_last_ = false;

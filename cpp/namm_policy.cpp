@@ -57,12 +57,20 @@ namespace {
 
 class NammPolicy : public AttentionPolicy {
 public:
+    // scored_layers: the model's layers NAMM reads (all of them, or an iSWA model's global layers); its per-layer
+    // state, selections, votes and captures are kept in that order ("slots").
     NammPolicy(std::shared_ptr<namm::NammModel> model, const SharedCellDecision & rule, int32_t delay,
-               int32_t n_layer, int32_t n_head, int32_t n_head_kv, uint32_t n_cells, int32_t n_threads)
-        : model_(std::move(model)), rule_(rule), delay_(delay), n_layer_(n_layer), n_head_kv_(n_head_kv),
-          n_cells_(n_cells), tap_(namm::FeatureTapParams{n_layer, n_head, n_head_kv, int32_t(n_cells), n_threads,
-                                                         model_->ema_coefficient()}),
-          windows_(size_t(n_layer)) {}
+               std::vector<int32_t> scored_layers, int32_t n_model_layers, int32_t n_head, int32_t n_head_kv,
+               uint32_t n_cells, int32_t n_threads)
+        : model_(std::move(model)), rule_(rule), delay_(delay), n_layer_(int32_t(scored_layers.size())),
+          n_head_kv_(n_head_kv), n_cells_(n_cells), scored_layers_(std::move(scored_layers)),
+          slot_of_layer_(size_t(n_model_layers), -1),
+          tap_(namm::FeatureTapParams{n_layer_, n_head, n_head_kv, int32_t(n_cells), n_threads,
+                                      model_->ema_coefficient()}),
+          windows_(size_t(n_layer_)) {
+        for (size_t s = 0; s < scored_layers_.size(); ++s) slot_of_layer_[size_t(scored_layers_[s])] = int32_t(s);
+        set_scored_layers(scored_layers_);
+    }
 
     std::string name() const override { return "namm"; }
 
@@ -81,8 +89,13 @@ public:
 
     void capture_layers(const std::vector<int32_t> & layers) override {
         for (int32_t l : layers) {
-            if (l < 0 || l >= n_layer_) fail(ErrorKind::invalid_argument, "no layer " + std::to_string(l));
-            windows_[size_t(l)].assign(size_t(n_head_kv_) * size_t(delay_) * n_cells_, 0.0f);
+            if (l < 0 || l >= int32_t(slot_of_layer_.size())) fail(ErrorKind::invalid_argument, "no layer " + std::to_string(l));
+            const int32_t slot = slot_of_layer_[size_t(l)];
+            if (slot < 0) {
+                fail(ErrorKind::invalid_argument, "layer " + std::to_string(l) +
+                                                      " is a sliding-window layer, which NAMM does not score");
+            }
+            windows_[size_t(slot)].assign(size_t(n_head_kv_) * size_t(delay_) * n_cells_, 0.0f);
         }
     }
 
@@ -95,13 +108,16 @@ public:
     }
 
     void observe(const AttentionView & v) override {
-        if (v.layer < 0 || v.layer >= n_layer_) return;
+        // Sliding-window layers of iSWA models are not scored (they see only the last n_swa positions).
+        if (v.sliding || v.layer < 0 || v.layer >= int32_t(slot_of_layer_.size())) return;
+        const int32_t slot = slot_of_layer_[size_t(v.layer)];
+        if (slot < 0) return;
         // A cell that receives a new token no longer holds the token the last invocation scored.
-        if (v.layer == 0) {
+        if (slot == 0) {
             for (int32_t t = 0; t < v.n_tokens; ++t) last_cell_scores_[size_t(v.token_cell[t])] = kNoScore;
         }
-        std::vector<float> & window = windows_[size_t(v.layer)];
-        tap_.observe(namm::TapBatch{v.layer, v.tensor, v.n_tokens, batch_begin_, v.token_cell},
+        std::vector<float> & window = windows_[size_t(slot)];
+        tap_.observe(namm::TapBatch{slot, v.tensor, v.n_tokens, batch_begin_, v.token_cell},
                      window.empty() ? nullptr : &captured_rows_);
         if (window.empty()) return;
         // Keep this window's GQA-averaged rows, [head][row][cell], for the capture at the next invocation. A cell
@@ -161,7 +177,7 @@ private:
         for (int32_t g = 0; g < n_head_kv_; ++g) {  // shared cells: every head sees the same tokens
             input.positions.insert(input.positions.end(), cache.state.positions.begin(), cache.state.positions.end());
         }
-        for (int32_t l = 0; l < n_layer_; ++l) {
+        for (int32_t l = 0; l < n_layer_; ++l) {  // scored-layer slots
             input.ema = tap_.ema(l, cache.cells);                         // [head][token][17], chronological
             const namm::LayerScores scored = model_->score_layer(input);  // [head][token] + selection
             record.layer_kept.push_back(scored.n_keep);
@@ -206,11 +222,11 @@ private:
         return evict;
     }
 
-    InvocationCapture capture(int32_t layer, const CacheView & cache, const namm::LayerInput & input,
+    InvocationCapture capture(int32_t slot, const CacheView & cache, const namm::LayerInput & input,
                               const namm::LayerScores & scored, int64_t tokens_seen) {
-        std::vector<float> & window = windows_[size_t(layer)];
+        std::vector<float> & window = windows_[size_t(slot)];
         InvocationCapture c;
-        c.layer = layer;
+        c.layer = scored_layers_[size_t(slot)];  // the model's layer id
         c.tokens_seen = tokens_seen;
         c.n_heads = n_head_kv_;
         c.n_rows = delay_;
@@ -234,8 +250,10 @@ private:
     std::shared_ptr<namm::NammModel> model_;
     SharedCellDecision rule_;
     int32_t delay_;
-    int32_t n_layer_, n_head_kv_;
+    int32_t n_layer_, n_head_kv_;              // n_layer_: scored layers (slots)
     size_t n_cells_;
+    std::vector<int32_t> scored_layers_;       // slot -> model layer
+    std::vector<int32_t> slot_of_layer_;       // model layer -> slot, -1 for sliding-window layers
     namm::FeatureTap tap_;                     // per-(layer, head, cell) features, where the attention lives
     std::vector<std::vector<float>> windows_;  // captured layers: [head][row][cell] this window's GQA rows
     std::vector<float> captured_rows_;
@@ -286,8 +304,16 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
         fail(ErrorKind::unsupported, "model has an unusual head layout (n_head " + std::to_string(model.n_head) +
                                          ", n_head_kv " + std::to_string(model.n_head_kv) + ")");
     }
-    return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, model.n_layer, model.n_head, model.n_head_kv,
-                                        n_cells, n_threads);
+    // iSWA models (Gemma 2/3): only the global layers are scored; their cache holds every token, while a
+    // sliding-window layer sees the last n_swa positions only. The shared-cell votes and mean scores are over the
+    // (global layer, KV head) pairs.
+    std::vector<int32_t> scored;
+    for (int32_t l = 0; l < model.n_layer; ++l) {
+        if (model.swa_layers.size() != size_t(model.n_layer) || model.swa_layers[size_t(l)] == 0) scored.push_back(l);
+    }
+    if (scored.empty()) fail(ErrorKind::unsupported, "policy 'namm' needs at least one global attention layer");
+    return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, std::move(scored), model.n_layer, model.n_head,
+                                        model.n_head_kv, n_cells, n_threads);
 }
 
 }  // namespace pm

@@ -116,12 +116,14 @@ def format_cache_line(llm: StreamingLLM, n_generated: int, elapsed: float, polic
 
 def format_layer_lines(llm: StreamingLLM, policy_stats: dict | None = None) -> list[str]:
     """The last invocation's cache size for every layer (the original NAMM's per-layer mem_stats), if any."""
-    invocations = (llm.policy_stats if policy_stats is None else policy_stats)["invocations"]
+    stats = llm.policy_stats if policy_stats is None else policy_stats
+    invocations = stats["invocations"]
     if not invocations or not invocations[-1].get("layer_kept"):
         return []
     kept = invocations[-1]["layer_kept"]
+    layers = stats.get("scored_layers") or list(range(len(kept)))  # sliding-window models: global layers only
     return [f"[{llm.policy} invocation {len(invocations)}: cells kept per layer " +
-            " ".join(f"L{layer}:{n}" for layer, n in enumerate(kept)) + "]"]
+            " ".join(f"L{layer}:{n}" for layer, n in zip(layers, kept)) + "]"]
 
 
 def status_lines(llm: StreamingLLM, n_generated: int, elapsed: float) -> list[str]:

@@ -376,11 +376,13 @@ class StreamingLLM:
         records = stats["invocations"]
         if records:
             n_layers = len(records[0]["layer_kept"])
+            # layer_kept follows scored_layers: every layer, or a sliding-window model's global layers only
+            layer_ids = stats.get("scored_layers") or list(range(n_layers))
             stats["mem_stats"] = {
                 "overall/mean_cells_after": sum(r["cells_after"] for r in records) / len(records),
                 **{
-                    f"layer_id_{layer}/mean_kept": sum(r["layer_kept"][layer] for r in records) / len(records)
-                    for layer in range(n_layers)
+                    f"layer_id_{layer_ids[i]}/mean_kept": sum(r["layer_kept"][i] for r in records) / len(records)
+                    for i in range(n_layers)
                 },
             }
         return stats

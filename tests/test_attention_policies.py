@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import STREAM_TOKENS
-from pymemory import InvalidArgumentError, StreamingLLM, UnsupportedModelError
+from pymemory import InvalidArgumentError, StreamingLLM
 from pymemory._loader import _core
 
 
@@ -99,9 +99,8 @@ def test_h2o_keeps_older_heavy_hitters_that_sink_drops(smollm2_model, english_te
 
 
 @pytest.mark.model
-def test_attention_policies_refuse_what_they_cannot_do(smollm2_path, gemma_path):
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        StreamingLLM(gemma_path, policy="h2o", window=252)
+def test_attention_policies_refuse_what_they_cannot_do(smollm2_path):
+    # (sliding-window models are supported since issue 13: tests/test_iswa.py)
     with pytest.raises(InvalidArgumentError, match="h2o_recent"):
         StreamingLLM(smollm2_path, policy="h2o", window=100, h2o_recent=100)
     with pytest.raises(InvalidArgumentError, match="needs namm_path"):
@@ -231,9 +230,7 @@ def test_tova_long_stream_stays_bounded_with_its_own_evictions(smollm2_model, en
 
 
 @pytest.mark.model
-def test_tova_refuses_what_h2o_refuses(smollm2_path, gemma_path):
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        StreamingLLM(gemma_path, policy="tova", window=252)
+def test_tova_refuses_what_h2o_refuses(smollm2_path):
     with pytest.raises(InvalidArgumentError, match="h2o_recent"):
         StreamingLLM(smollm2_path, policy="tova", window=100, h2o_recent=100)
     with pytest.raises(InvalidArgumentError, match="flash"):

@@ -50,3 +50,62 @@ def to_mrope_model(source: Path, target: Path, n_layers: int = 2) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return target
+
+
+def with_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:
+    """The same architecture cut to len(pattern) layers, with `<arch>.attention.sliding_window_pattern` set to this
+    per-layer list (True = sliding-window layer), which llama.cpp reads instead of the architecture's default."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    writer = gguf.GGUFWriter(str(target), arch)
+    n_layers = len(pattern)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name == f"{arch}.block_count":
+            writer.add_uint32(name, n_layers)
+            continue
+        value_type = field.types[0]
+        if value_type == gguf.GGUFValueType.ARRAY:
+            if field.types[-1] == gguf.GGUFValueType.STRING:
+                values = [str(bytes(field.parts[i]), "utf-8") for i in field.data]
+            else:
+                values = [field.parts[i].tolist()[0] for i in field.data]
+            writer.add_array(name, values)
+        elif value_type == gguf.GGUFValueType.STRING:
+            writer.add_string(name, str(bytes(field.parts[-1]), "utf-8"))
+        else:
+            writer.add_key_value(name, field.parts[-1].tolist()[0], value_type)
+    writer.add_array(f"{arch}.attention.sliding_window_pattern", [bool(p) for p in pattern])
+    for tensor in reader.tensors:
+        m = re.match(r"blk\.(\d+)\.", tensor.name)
+        if m and int(m.group(1)) >= n_layers:
+            continue
+        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def patch_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:
+    """A copy of a with_swa_pattern() file with another pattern of the same length, patched in place (writing a
+    GGUF with a 262k-token vocabulary again takes a minute on a small machine)."""
+    import shutil
+    import struct
+
+    shutil.copyfile(source, target)
+    with open(target, "r+b") as f:
+        head = f.read(64 << 20)  # the metadata section, before the tensors
+        key = b".attention.sliding_window_pattern"
+        at = head.find(key)
+        assert at > 0, "no sliding_window_pattern key"
+        at += len(key)
+        value_type, item_type, count = struct.unpack_from("<IIQ", head, at)
+        assert value_type == 9 and item_type == 7 and count == len(pattern), "not a bool array of that length"
+        f.seek(at + 16)
+        f.write(bytes(int(bool(p)) for p in pattern))
+    return target
