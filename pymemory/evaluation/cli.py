@@ -75,9 +75,10 @@ def run_ppl(args) -> int:
     results = ppl.evaluate(model, tokens, _specs(args), chunk=args.chunk, n_threads=args.threads or 0)
     data = {**meta, **_model_fields(model, model_path), "text": text_name, "results": results}
     rows = [[r["label"], r["chunk"], r["tokens"], r["ppl"], r["segment_ppl"][0], r["segment_ppl"][-1],
-             r["tokens_per_s"]] for r in results]
+             r["tokens_per_s"], f'{r["cache"]["peak_cells"]}/{r["capacity"]}',
+             r["cache"].get("policy_stats", {}).get("forced_evictions", "-")] for r in results]
     table = report.markdown_table(["policy", "chunk", "tokens", "PPL", "PPL first segment", "PPL last segment",
-                                   "tokens/s"], rows)
+                                   "tokens/s", "peak cells", "forced evictions"], rows)
     print(table)
     _write_reports(args, data, meta, f"Streaming perplexity: {data['model']} on {text_name}", table)
     if args.plot:

@@ -28,7 +28,14 @@ def streaming_nll(model, tokens: np.ndarray, spec: PolicySpec, *, chunk: int = 1
         end = min(begin + step, len(tokens))
         nll[begin:end] = engine.score(tokens[begin:end].tolist(), chunk)
         progress.update(end)
-    return nll, engine.stats(), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    stats = engine.stats()
+    policy_stats = engine.policy_stats()
+    if policy_stats.get("policy"):  # attention-scored policies: who evicted, and which layers scored
+        stats["policy_stats"] = {"forced_evictions": policy_stats["forced_evictions"],
+                                 "invocations": len(policy_stats["invocations"]),
+                                 "scored_layers": policy_stats["scored_layers"]}
+    return nll, stats, seconds
 
 
 def summarise(nll: np.ndarray, *, curve_points: int = 200, segment: int = 1024) -> dict:
