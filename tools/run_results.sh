@@ -88,12 +88,14 @@ if run evict-chunk-ppl; then  # what the default evict_chunk (window/16) costs i
     --policy sink:4+1020,evict_chunk=1 --policy sink:4+1020,evict_chunk=16 --policy sink:4+1020,evict_chunk=63 \
     --policy sink:4+1020,evict_chunk=256 --json $out/evict_chunk_ppl_smollm2.json --md $out/evict_chunk_ppl_smollm2.md
 fi
-if run ppl-gemma-attention; then  # issue 13: h2o and the shipped NAMM on Gemma-3's sliding-window cache, beside sink
-  # and window; 16 tokens per decode so that four 20,000-token streams fit in an hour on 1 core
+if run ppl-gemma-attention; then  # issue 13: h2o and the shipped NAMM on Gemma-3's sliding-window cache, then sink
+  # and window at the same 16 tokens per decode (about 12 minutes per 20,000-token stream on 1 core)
   pymemory eval ppl --model gemma-3-270m --text austen:prideprejudice --max-tokens 20000 --chunk 16 --threads 1 \
-    --policy sink:4+252 --policy window:0+256 --policy h2o:4+252 \
-    --policy namm:4+252,namm_path=smollm2,namm_mode=budget \
+    --policy h2o:4+252 --policy namm:4+252,namm_path=smollm2,namm_mode=budget \
     --json $out/ppl_gemma_attention.json --md $out/ppl_gemma_attention.md --plot $out/ppl_gemma_attention.png
+  pymemory eval ppl --model gemma-3-270m --text austen:prideprejudice --max-tokens 20000 --chunk 16 --threads 1 \
+    --policy sink:4+252 --policy window:0+256 \
+    --json $out/ppl_gemma_chunk16.json --md $out/ppl_gemma_chunk16.md --plot $out/ppl_gemma_chunk16.png
 fi
 if run ppl-gemma-bos; then  # Gemma needs BOS: the recompute baseline with BOS kept in every rebuilt cache
   pymemory eval ppl --model gemma-3-270m --text austen:prideprejudice --max-tokens 20000 \
