@@ -164,23 +164,34 @@ def test_short_run_improves_on_generation_zero(tmp_path, smollm2_path):
 
 def test_imitation_warm_start_predicts_future_attention(tmp_path, smollm2_path):
     """The warm start fits the NAMM to the attention tokens receive later: its scores rank tokens like the targets
-    (on the examples it was fitted to), it beats predicting a constant, and a run starts CMA-ES from it."""
+    (on the examples it was fitted to) and beat predicting a constant; CMA-ES starts from it, and it is generation
+    0 of the held-out curve, shipped until evolution beats it on held-out data."""
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.training import train_namm
     from pymemory.namm.training.trainer import Trainer
     from pymemory.namm.training.warm_start import capture_examples, fit_imitation
 
     config = tiny(tmp_path, model=smollm2_path, warm_start="imitation", warm_start_samples=2, warm_start_horizon=96,
                   warm_start_steps=60, generations=1)
-    trainer = Trainer(config, progress=False)
-    state = trainer._new_state()
-    report = state["warm_start"]
+    summary = train_namm(config, progress=False)
+    log = _log(tmp_path / "run")
+    report = log["warm_start"]
     assert report["examples"] > 100 and len(report["samples"]) == 2
     assert report["explained"] > 0.2, report
     assert report["rank_correlation_median"] > 0.3, report
-    np.testing.assert_array_equal(state["es"].mean, state["warm_start_theta"])
+    start = log["heldout"][0]
+    assert start["generation"] == 0 and start["loss"] == log["heldout_baselines"]["warm start"]["loss"]
+    best = min(log["heldout"], key=lambda h: h["loss"])
+    assert summary["best_generation"] == best["generation"]
+    trainer = Trainer(config, progress=False)  # resumes the finished run: state as saved
+    shipped = load_checkpoint(tmp_path / "run" / "ckpt.pt", trust_pickle=True)
+    assert shipped.iteration == best["generation"]
+    if best["generation"] == 0:
+        np.testing.assert_allclose(shipped.theta, trainer.state["warm_start_theta"], rtol=1e-6)
     # The targets are hindsight: the same tokens, scored with the attention that came after them.
     examples = capture_examples(trainer.model, trainer.heldout[:1], 32, 96, 4, 1)
     assert all(e.target.shape == e.ema.shape[:2] for e in examples)
-    theta, _ = fit_imitation(examples, state["feat_mean"], state["feat_var"], steps=1)
+    theta, _ = fit_imitation(examples, trainer.state["feat_mean"], trainer.state["feat_var"], steps=1)
     assert theta.shape == (4172,) and np.isfinite(theta).all()
 
 

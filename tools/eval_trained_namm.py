@@ -6,7 +6,8 @@
 
 On a fresh held-out test set (the run's held-out split, a seed the run never used): at peak cells = 25 % and 50 %
 of the sample length, perplexity of held-out text and answer log-likelihood of held-out retrieval for the full
-cache, sink, h2o, a random NAMM and the trained NAMM (its GGUF as shipped, f32; at 25 % also f16, q8_0, q4_0
+cache, sink, h2o, tova, a random NAMM, the run's warm start before evolution (if any), other NAMMs given with
+--also, and the trained NAMM (its GGUF as shipped, f32; at 25 % also f16, q8_0, q4_0
 converted from its ckpt.pt); the trainer's own held-out score reproduced from the shipped file; and the NAMM
 applied zero-shot to another model.
 """
@@ -143,6 +144,8 @@ def main() -> int:
     p.add_argument("--transfer-samples", type=int, default=4, help="text and retrieval samples each for transfer")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-reproduce", action="store_true", help="skip re-scoring the trainer's held-out set")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=GGUF",
+                   help="another NAMM GGUF to score beside the trained one (e.g. an earlier shipped NAMM)")
     args = p.parse_args()
 
     run = Path(args.run)
@@ -177,6 +180,21 @@ def main() -> int:
         corpus, samples = samples_for(config.model, config.seed + 1, args.text, args.retrieval)
         report["heldout_parts"] = [n for n, _ in corpus.parts["heldout"]]
         random_theta = tuple(map(float, np.random.default_rng(config.seed + 77).normal(0.0, config.sigma0, 4172)))
+        # The run's starting point when it was warm-started: what the imitation fit alone gives, before evolution.
+        state_file = run / "state.pkl"
+        warm_theta = None
+        if state_file.exists():
+            import pickle
+
+            with open(state_file, "rb") as f:
+                warm = pickle.load(f).get("warm_start_theta")
+            warm_theta = None if warm is None else tuple(map(float, warm))
+        others = {}
+        for item in args.also:
+            name, _, path = item.partition("=")
+            if not path or not Path(path).exists():
+                p.error(f"--also needs NAME=GGUF with an existing file (got {item!r})")
+            others[name] = os.path.abspath(path)
         quant_files = {}
         for q in QUANTS:
             quant_files[q] = write_template(replace(vector, source=f"{vector.source} ({q})"),
@@ -191,8 +209,11 @@ def main() -> int:
             label = f"{config.model}, peak cells {capacity} = {fraction:.0%} of {config.sample_tokens}"
             print(label, flush=True)
             policies = {"sink": Job("sink", samples[0]), "h2o": Job("h2o", samples[0]),
-                        "random NAMM": Job("namm", samples[0], random_theta),
-                        "trained NAMM (f32)": Job("namm_file", samples[0], namm_file=namm_file)}
+                        "tova": Job("tova", samples[0]), "random NAMM": Job("namm", samples[0], random_theta)}
+            if warm_theta is not None:
+                policies["warm start only (no evolution)"] = Job("namm", samples[0], warm_theta)
+            policies.update({name: Job("namm_file", samples[0], namm_file=path) for name, path in others.items()})
+            policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file)
             if fraction == config.cache_fraction:
                 policies.update({f"trained NAMM ({q})": Job("namm_file", samples[0], namm_file=quant_files[q])
                                  for q in QUANTS})
@@ -226,7 +247,7 @@ def main() -> int:
                                                 "forced_evictions": 0})() for k, v in t_refs.items()], t_refs)
             table = {"full cache": t_full}
             table.update(run_policies(executor, t_spec, t_samples, {
-                "sink": Job("sink", t_samples[0]), "h2o": Job("h2o", t_samples[0]),
+                "sink": Job("sink", t_samples[0]), "h2o": Job("h2o", t_samples[0]), "tova": Job("tova", t_samples[0]),
                 "random NAMM": Job("namm", t_samples[0], random_theta),
                 "trained NAMM (f32)": Job("namm_file", t_samples[0], namm_file=namm_file)}, t_refs))
             report["tables"][label] = table

@@ -43,7 +43,7 @@ class MemorySpec:
 
 @dataclass(frozen=True)
 class Job:
-    memory: str  # "namm" | "namm_file" | "full" | "sink" | "h2o"
+    memory: str  # "namm" | "namm_file" | "full" | "sink" | "h2o" | "tova"
     sample: Sample
     theta: tuple[float, ...] | None = None  # namm only; None = all zeros
     tag: int = 0  # the caller's index (candidate number), returned as is
@@ -92,7 +92,7 @@ class _Worker:
             elif memory == "namm":
                 kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=self.template,
                               namm_mode=s.mode, quorum=s.quorum, max_cells=s.max_cells, namm_delay=s.namm_delay)
-            elif memory in ("sink", "h2o"):
+            elif memory in ("sink", "h2o", "tova"):
                 kwargs = dict(policy=memory, n_sink=s.n_sink, window=s.capacity - s.n_sink)
             else:
                 raise ValueError(f"unknown memory {memory!r}")

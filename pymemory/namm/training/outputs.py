@@ -29,14 +29,14 @@ def covariance_diagonal_or_matrix(es) -> np.ndarray:
 
 
 def write_checkpoint(path: Path, es, feat_mean: np.ndarray, feat_var: np.ndarray, iteration: int,
-                     best_val_loss: float, calibration_tokens: int) -> None:
+                     best_val_loss: float, calibration_tokens: int, mean: np.ndarray | None = None) -> None:
     """`torch.save({'evolution_state': ..., 'iter_num': int, 'best_val_loss': numpy.float64})` with the keys the
     evo-memory trainer writes (namm-spec.md §5.1-5.2) that describe the search distribution and the buffers; so
     `pymemory convert-namm ckpt.pt --trust-pickle` converts it. C is written as a full [N, N] matrix (diagonal for
     the diagonal variant), as the original's loader expects."""
     import torch
 
-    mean = np.asarray(es.mean, np.float32)
+    mean = np.asarray(es.mean if mean is None else mean, np.float32)  # the deployed θ: the CMA mean by default
     n = mean.size
     c = covariance_diagonal_or_matrix(es)
     c_full = torch.diag(torch.from_numpy(c.astype(np.float32))) if c.ndim == 1 else torch.from_numpy(c.astype(np.float32))

@@ -152,6 +152,9 @@ class Trainer:
             if s["heldout_refs"] is None:
                 self._heldout_baselines(executor, spec)
                 self._save_state()
+            if s.get("warm_start_theta") is not None and not any(h["generation"] == 0 for h in s["heldout"]):
+                self._record_start()
+                self._save_state()
             while s["generation"] < c.generations:
                 started = time.perf_counter()
                 record = self._generation(executor, spec, s["generation"])
@@ -236,6 +239,19 @@ class Trainer:
         s["heldout_full_nll"] = float(np.mean(list(s["heldout_refs"].values())))
         s["heldout_baselines"] = baselines
 
+    def _record_start(self) -> None:
+        """The warm start is generation 0 of the held-out curve, and the run's model until evolution beats it on
+        held-out data: a run never ships something worse than where it started."""
+        s = self.state
+        gaps = s["heldout_baselines"]["warm start"]
+        entry = {"generation": 0, "loss": gaps["loss"], "text_gap": gaps.get("text"),
+                 "retrieval_gap": gaps.get("retrieval")}
+        s["heldout"].insert(0, entry)
+        if entry["loss"] < s["best_heldout"]:
+            s["best_heldout"] = entry["loss"]
+            s["best_generation"] = 0
+            self._write_model(s["es"], 0, entry["loss"], theta=s["warm_start_theta"])
+
     def _heldout_eval(self, executor, spec: MemorySpec, generation: int) -> None:
         s, es = self.state, self.state["es"]
         theta = tuple(map(float, es.mean))
@@ -249,14 +265,15 @@ class Trainer:
             s["best_generation"] = generation
             self._write_model(es, generation, loss)
 
-    def _write_model(self, es, generation: int, heldout_gap: float) -> None:
+    def _write_model(self, es, generation: int, heldout_gap: float, theta: np.ndarray | None = None) -> None:
         """ckpt.pt (the run's best held-out CMA mean, as the original keeps its best-eval checkpoint) and its GGUF."""
         from ..checkpoint import load_checkpoint
         from .evaluator import write_template
 
         s = self.state
         ckpt = self.out / "ckpt.pt"
-        write_checkpoint(ckpt, es, s["feat_mean"], s["feat_var"], generation, heldout_gap, s["calibration_tokens"])
+        write_checkpoint(ckpt, es, s["feat_mean"], s["feat_var"], generation, heldout_gap, s["calibration_tokens"],
+                         mean=theta)
         vector = load_checkpoint(ckpt, trust_pickle=True)  # the converter's own reading of what we wrote
         vector = replace(vector, source=f"pymemory train-namm {self.config.model} generation {generation}")
         write_template(vector, os.fspath(self.out / "namm.gguf"), self.spec())
