@@ -58,6 +58,7 @@ def main() -> int:
         "best_heldout_loss": log["best_heldout_loss"],
         "heldout": log["heldout"],
         "heldout_baselines": log["heldout_baselines"],
+        "warm_start": log.get("warm_start"),
         "seconds_per_generation_median": log["seconds_per_generation_median"],
         "wall_seconds": log["wall_seconds"],
         "feature_mean": log["feature_mean"],
