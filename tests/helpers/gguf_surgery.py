@@ -12,23 +12,25 @@ from pathlib import Path
 import numpy as np
 
 
-def to_mrope_model(source: Path, target: Path, n_layers: int = 2) -> Path:
+def _cut_copy(source: Path, target: Path, n_layers: int, new_arch: str | None, extra: dict[str, list]) -> Path:
+    """`source`'s metadata and tensors cut to its first n_layers, the architecture renamed to new_arch (keys
+    follow), plus `extra` array keys."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
     arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    writer = gguf.GGUFWriter(str(target), "qwen2vl")
+    new_arch = new_arch or arch
+    writer = gguf.GGUFWriter(str(target), new_arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
-        new_name = "qwen2vl." + name[len(arch) + 1:] if name.startswith(arch + ".") else name
-        if new_name == "qwen2vl.block_count":
+        new_name = f"{new_arch}.{name[len(arch) + 1:]}" if name.startswith(arch + ".") else name
+        if new_name == f"{new_arch}.block_count":
             writer.add_uint32(new_name, n_layers)
             continue
         value_type = field.types[0]
         if value_type == gguf.GGUFValueType.ARRAY:
-            sub_type = field.types[-1]
-            if sub_type == gguf.GGUFValueType.STRING:
+            if field.types[-1] == gguf.GGUFValueType.STRING:
                 values = [str(bytes(field.parts[i]), "utf-8") for i in field.data]
             else:
                 values = [field.parts[i].tolist()[0] for i in field.data]
@@ -37,7 +39,8 @@ def to_mrope_model(source: Path, target: Path, n_layers: int = 2) -> Path:
             writer.add_string(new_name, str(bytes(field.parts[-1]), "utf-8"))
         else:
             writer.add_key_value(new_name, field.parts[-1].tolist()[0], value_type)
-    writer.add_array("qwen2vl.rope.dimension_sections", [8, 12, 12, 0])
+    for key, values in extra.items():
+        writer.add_array(key.format(arch=new_arch), values)
     for tensor in reader.tensors:
         m = re.match(r"blk\.(\d+)\.", tensor.name)
         if m and int(m.group(1)) >= n_layers:
@@ -52,43 +55,15 @@ def to_mrope_model(source: Path, target: Path, n_layers: int = 2) -> Path:
     return target
 
 
+def to_mrope_model(source: Path, target: Path, n_layers: int = 2) -> Path:
+    return _cut_copy(source, target, n_layers, "qwen2vl", {"{arch}.rope.dimension_sections": [8, 12, 12, 0]})
+
+
 def with_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:
     """The same architecture cut to len(pattern) layers, with `<arch>.attention.sliding_window_pattern` set to this
     per-layer list (True = sliding-window layer), which llama.cpp reads instead of the architecture's default."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(source))
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    writer = gguf.GGUFWriter(str(target), arch)
-    n_layers = len(pattern)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        if name == f"{arch}.block_count":
-            writer.add_uint32(name, n_layers)
-            continue
-        value_type = field.types[0]
-        if value_type == gguf.GGUFValueType.ARRAY:
-            if field.types[-1] == gguf.GGUFValueType.STRING:
-                values = [str(bytes(field.parts[i]), "utf-8") for i in field.data]
-            else:
-                values = [field.parts[i].tolist()[0] for i in field.data]
-            writer.add_array(name, values)
-        elif value_type == gguf.GGUFValueType.STRING:
-            writer.add_string(name, str(bytes(field.parts[-1]), "utf-8"))
-        else:
-            writer.add_key_value(name, field.parts[-1].tolist()[0], value_type)
-    writer.add_array(f"{arch}.attention.sliding_window_pattern", [bool(p) for p in pattern])
-    for tensor in reader.tensors:
-        m = re.match(r"blk\.(\d+)\.", tensor.name)
-        if m and int(m.group(1)) >= n_layers:
-            continue
-        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
+    return _cut_copy(source, target, len(pattern), None,
+                     {"{arch}.attention.sliding_window_pattern": [bool(p) for p in pattern]})
 
 
 def patch_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:

@@ -12,38 +12,45 @@ import numpy as np
 from .data import Sample
 
 
-def feature_statistics(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0) -> tuple[np.ndarray,
-                                                                                                          np.ndarray]:
-    """(μ [17], σ² [17]) of the un-normalised spectrogram EMAs the engine computes on `samples` with no eviction."""
+def zero_namm_captures(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0):
+    """Runs each sample through the all-zero NAMM (scores 0, nothing evicted) capturing every layer; yields
+    (sample index, the captures of one invocation: dicts from Engine.namm_captures) in stream order."""
     from ..._loader import _core
     from ..checkpoint import NammVector
     from ..convert import write_gguf
 
     n_layer = int(model.info["n_layer"])
     longest = max(s.n_tokens for s in samples)
-    total = np.zeros(17)
-    total_sq = np.zeros(17)
-    count = 0
-    with tempfile.TemporaryDirectory(prefix="namm-calibration-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="namm-zero-") as tmp:
         # Statistics do not enter the EMA, so any valid ones serve while measuring.
         zero = NammVector(np.zeros(4172, np.float32), np.zeros(17, np.float32), np.ones(17, np.float32), "calibration")
         path = write_gguf(zero, os.path.join(tmp, "zero.gguf"), delay=namm_delay)["output"]
         engine = _core.Engine(model, policy="namm", n_sink=0, window=longest + namm_delay, namm_path=path,
                               namm_mode="quorum", quorum=1.0, n_threads=n_threads)
-        for sample in samples:
+        for index, sample in enumerate(samples):
             engine.reset()
             engine.capture_namm_layers(list(range(n_layer)))
             tokens = list(sample.prompt) + list(sample.target)
             for begin in range(0, len(tokens), namm_delay):  # one invocation's worth at a time, captures read out
                 engine.feed(tokens[begin:begin + namm_delay])
-                for capture in engine.namm_captures():
-                    ema = np.asarray(capture["ema"], np.float64).reshape(-1, 17)  # [heads * tokens, 17]
-                    total += ema.sum(axis=0)
-                    total_sq += (ema * ema).sum(axis=0)
-                    count += ema.shape[0]
+                yield index, engine.namm_captures()
                 engine.clear_namm_captures()
             if engine.stats()["tokens_evicted"]:
-                raise RuntimeError("calibration evicted tokens; the all-zero NAMM must keep everything")
+                raise RuntimeError("the all-zero NAMM evicted tokens; it must keep everything")
+
+
+def feature_statistics(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0) -> tuple[np.ndarray,
+                                                                                                          np.ndarray]:
+    """(μ [17], σ² [17]) of the un-normalised spectrogram EMAs the engine computes on `samples` with no eviction."""
+    total = np.zeros(17)
+    total_sq = np.zeros(17)
+    count = 0
+    for _, captures in zero_namm_captures(model, samples, namm_delay, n_threads):
+        for capture in captures:
+            ema = np.asarray(capture["ema"], np.float64).reshape(-1, 17)  # [heads * tokens, 17]
+            total += ema.sum(axis=0)
+            total_sq += (ema * ema).sum(axis=0)
+            count += ema.shape[0]
     if count == 0:
         raise RuntimeError(f"no NAMM invocation happened: calibration samples need at least {namm_delay} tokens")
     mean = total / count

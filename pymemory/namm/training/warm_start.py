@@ -21,8 +21,6 @@ the token got so far, and its age). So:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -51,40 +49,24 @@ def capture_examples(model, samples: Sequence[Sample], namm_delay: int, horizon:
                      n_threads: int = 0) -> list[ImitationExample]:
     """Runs `samples` with the all-zero NAMM (no eviction) and turns every invocation that has at least `horizon`
     tokens after it into one example per layer."""
-    from ..._loader import _core
-    from ..checkpoint import NammVector
-    from ..convert import write_gguf
+    from .calibration import zero_namm_captures
 
     if horizon < namm_delay or horizon % namm_delay:
         raise ValueError(f"horizon must be a positive multiple of namm_delay {namm_delay} (got {horizon})")
     n_layer = int(model.info["n_layer"])
-    longest = max(s.n_tokens for s in samples)
     ahead = horizon // namm_delay  # future windows per example
     examples: list[ImitationExample] = []
-    with tempfile.TemporaryDirectory(prefix="namm-warm-start-") as tmp:
-        zero = NammVector(np.zeros(PARAM_COUNT, np.float32), np.zeros(17, np.float32), np.ones(17, np.float32),
-                          "warm start capture")
-        path = write_gguf(zero, os.path.join(tmp, "zero.gguf"), delay=namm_delay)["output"]
-        engine = _core.Engine(model, policy="namm", n_sink=0, window=longest + namm_delay, namm_path=path,
-                              namm_mode="quorum", quorum=1.0, n_threads=n_threads)
-        for sample in samples:
-            engine.reset()
-            engine.capture_namm_layers(list(range(n_layer)))
-            tokens = list(sample.prompt) + list(sample.target)
-            per_layer: list[list[dict]] = [[] for _ in range(n_layer)]  # invocations in order
-            for begin in range(0, len(tokens), namm_delay):
-                engine.feed(tokens[begin:begin + namm_delay])
-                for capture in engine.namm_captures():
-                    per_layer[int(capture["layer"])].append(
-                        {"positions": np.asarray(capture["positions"], np.int64),
-                         "attention": np.asarray(capture["attention"], np.float32),  # [H, R, n]
-                         "ema": np.asarray(capture["ema"], np.float32)})  # [H, n, 17]
-                engine.clear_namm_captures()
-            if engine.stats()["tokens_evicted"]:
-                raise RuntimeError("the warm start's capture evicted tokens; the all-zero NAMM must keep everything")
-            for invocations in per_layer:
-                for k in range(len(invocations) - ahead):
-                    examples.append(_example(invocations[k], invocations[k + 1:k + 1 + ahead], n_sink))
+    per_sample: list[list[list[dict]]] = [[[] for _ in range(n_layer)] for _ in samples]  # [sample][layer][invocation]
+    for index, captures in zero_namm_captures(model, samples, namm_delay, n_threads):
+        for capture in captures:
+            per_sample[index][int(capture["layer"])].append(
+                {"positions": np.asarray(capture["positions"], np.int64),
+                 "attention": np.asarray(capture["attention"], np.float32),  # [H, R, n]
+                 "ema": np.asarray(capture["ema"], np.float32)})  # [H, n, 17]
+    for per_layer in per_sample:
+        for invocations in per_layer:
+            for k in range(len(invocations) - ahead):
+                examples.append(_example(invocations[k], invocations[k + 1:k + 1 + ahead], n_sink))
     if not examples:
         raise ValueError(f"no invocation had {horizon} tokens after it: use samples longer than "
                          f"{horizon + namm_delay} tokens or a shorter horizon")
