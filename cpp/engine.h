@@ -73,7 +73,7 @@ public:
     // The whole stream state as bytes (KV cells, the cache mirror, pinned prefix, counters; engine_state.cpp) and
     // back, for sessions saved to disk. load_state() checks that the bytes come from an engine of the same model
     // and memory settings and throws invalid_argument otherwise (the engine is then reset). h2o's and tova's
-    // scores are saved per token; namm is refused (its per-head spectrogram state is not saved yet).
+    // scores and namm's features (STFT frame and EMA per layer and KV head) are saved per token.
     std::string save_state() const;
     void load_state(const std::string & bytes);
     // Takes back the last n tokens of the stream (they must still be cached, after the pinned prefix): their cells

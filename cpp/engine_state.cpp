@@ -4,7 +4,8 @@
 // Layout (all little-endian host values; a file is only read back on the machine type that wrote it):
 //   "PMENGST" + u8 version | settings fingerprint (policy, n_sink, window, reindex, KV types, cell count, model
 //   description and shape) | the cache mirror (token ids and positions in chronological order) | pinned prefix |
-//   next position | counters | the attention policy's per-token state (h2o, tova; empty for the others) | the adapter's
+//   next position | counters | the attention policy's per-token state (h2o, tova: scores; namm: features and last
+//   scores; empty for the others) | the adapter's
 //   KV blob (llama_state_seq_* data + cell order, llama_adapter.cpp).
 // Everything is checked before anything is applied; a mismatch names the setting that differs.
 #include "byte_io.h"
@@ -17,7 +18,7 @@ namespace pm {
 namespace {
 
 constexpr char kMagic[7] = {'P', 'M', 'E', 'N', 'G', 'S', 'T'};
-constexpr uint8_t kVersion = 2;  // 2: the attention policy's per-token state (h2o; tova uses the same bytes)
+constexpr uint8_t kVersion = 2;  // 2: the attention policy's per-token state (h2o, tova, namm)
 
 struct Fingerprint {
     std::string policy;
@@ -128,7 +129,7 @@ void refuse_unsaveable(const EngineParams & p, const AttentionPolicy * policy, c
         fail(ErrorKind::unsupported, "saving or loading a session is not supported for policy '" +
                                          policy_kind_name(p.policy.kind) +
                                          "' yet: its per-token attention state is not saved; use policy 'sink', "
-                                         "'h2o' or 'tova'");
+                                         "'h2o', 'tova' or 'namm'");
     }
 }
 

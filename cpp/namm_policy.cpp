@@ -1,5 +1,6 @@
 #include "namm_policy.h"
 
+#include "byte_io.h"
 #include "errors.h"
 #include "namm/namm_model.h"
 #include "namm/namm_tap.h"
@@ -137,6 +138,47 @@ public:
                             v.n_kv, row);
             }
         }
+    }
+
+    // A session holds, per cached token: its features in every scored layer and KV head (the STFT frame being
+    // assembled and the EMA E, from the tap) and its mean score at the last invocation (make_room's fallback).
+    // The invocation records and fidelity captures are diagnostics and start empty after a restore.
+    bool can_save_state() const override { return true; }
+
+    std::string save_state(const CacheView & cache) const override {
+        ByteWriter out;
+        out.put(n_layer_);
+        out.put(n_head_kv_);
+        out.put_vector(tap_.save_cells(cache.cells));
+        std::vector<double> scores;
+        scores.reserve(cache.cells.size());
+        for (int32_t cell : cache.cells) scores.push_back(last_cell_scores_[size_t(cell)]);
+        out.put_vector(scores);
+        out.put(forced_evictions_);
+        return std::move(out.bytes());
+    }
+
+    void load_state(const CacheView & cache, const std::string & bytes) override {
+        ByteReader in(bytes, "the saved NAMM state");
+        const int32_t n_layer = in.get<int32_t>(), n_head_kv = in.get<int32_t>();
+        if (n_layer != n_layer_ || n_head_kv != n_head_kv_) {
+            fail(ErrorKind::invalid_argument, "the saved NAMM state has " + std::to_string(n_layer) +
+                                                  " scored layers x " + std::to_string(n_head_kv) +
+                                                  " KV heads; this engine scores " + std::to_string(n_layer_) + " x " +
+                                                  std::to_string(n_head_kv_));
+        }
+        const std::vector<float> features = in.get_vector<float>();
+        const std::vector<double> scores = in.get_vector<double>();
+        const int64_t forced = in.get<int64_t>();
+        if (scores.size() != cache.cells.size() || in.remaining() != 0) {
+            fail(ErrorKind::invalid_argument, "the saved NAMM state holds " + std::to_string(scores.size()) +
+                                                  " tokens but the cache " + std::to_string(cache.cells.size()) +
+                                                  " (damaged session file)");
+        }
+        reset();
+        tap_.load_cells(cache.cells, features);
+        for (size_t i = 0; i < scores.size(); ++i) last_cell_scores_[size_t(cache.cells[i])] = scores[i];
+        forced_evictions_ = forced;
     }
 
     std::vector<int32_t> after_decode(const CacheView & cache, int64_t tokens_seen) override {

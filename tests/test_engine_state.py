@@ -111,22 +111,34 @@ def test_tova_state_roundtrip_restores_its_scores(smollm2_model):
         _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=60, n_threads=1).load_state(state)
 
 
-def test_namm_refuses_saving(smollm2_model, tmp_path):
-    pytest.importorskip("torch")
-    pytest.importorskip("gguf")
-    from pymemory.namm import load_checkpoint
-    from pymemory.namm.convert import write_gguf
-    from pymemory.namm.testing import write_random_checkpoint
+def test_namm_state_roundtrip_restores_features_and_choices(smollm2_model):
+    """namm saves every cached token's features (STFT frame and EMA per layer and KV head) and last score: the
+    restored engine saves the same bytes (so the tap's device state was rebuilt exactly), and its next invocations
+    evict what the saved engine's do. Saved mid-frame (stream length not a multiple of 16), so the partial frame
+    and the not-yet-folded tokens' E must come back too."""
+    from pymemory.namm.packaged import resolve_namm
 
-    write_random_checkpoint(tmp_path / "ckpt.pt", seed=2)
-    namm = write_gguf(load_checkpoint(tmp_path / "ckpt.pt", trust_pickle=True), tmp_path / "namm.gguf", "f32")
-    e = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, n_threads=1,
-                     namm_path=str(namm["output"]))
-    e.feed(smollm2_model.tokenize("Hello there.", True, False))
-    with pytest.raises(UnsupportedModelError, match="not supported for policy 'namm'"):
-        e.save_state()
-    with pytest.raises(UnsupportedModelError, match="not supported for policy 'namm'"):
-        e.load_state(b"PMENGST")
+    text = smollm2_model.tokenize(TEXT * 4, True, False)
+
+    def namm():  # the shipped NAMM runs every 32 tokens in budget mode: 64 cells keep 32 after each invocation
+        return _core.Engine(smollm2_model, policy="namm", n_sink=4, window=60, n_threads=1,
+                            namm_path=resolve_namm("smollm2"))
+
+    a = namm()
+    a.feed(text[:203])
+    assert len(a.policy_stats()["invocations"]) >= 5
+    state = a.save_state()
+    b = namm()
+    b.load_state(state)
+    assert b.save_state() == state and b.stats() == a.stats()
+    a.feed(text[203:331])  # four more invocations
+    b.feed(text[203:331])
+    assert b.cached_positions() == a.cached_positions() and b.stats() == a.stats()
+    assert b.policy_stats()["forced_evictions"] == a.policy_stats()["forced_evictions"] == 0
+    with pytest.raises(InvalidArgumentError):
+        namm().load_state(state[:-40])
+    with pytest.raises(InvalidArgumentError, match="policy"):
+        _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=60, n_threads=1).load_state(state)
 
 
 def test_session_file_roundtrip_and_damage(tmp_path, smollm2_model):

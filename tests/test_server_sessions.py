@@ -118,12 +118,17 @@ def test_h2o_sessions_come_back_from_disk(smollm2_path, tmp_path):
         assert mem["restored_from_disk"] and mem["prefilled_tokens"] < 30 and mem["policy"] == "h2o"
 
 
-def test_sessions_dir_refused_for_namm(smollm2_path, tmp_path):
-    from pymemory import InvalidArgumentError
-    from pymemory.server.app import ServerConfig, ServerState
-
-    with pytest.raises(InvalidArgumentError, match="not supported with policy 'namm'"):
-        ServerState(ServerConfig(model=smollm2_path, policy="namm", window=1020, sessions_dir=str(tmp_path)))
+def test_namm_sessions_come_back_from_disk(smollm2_path, tmp_path):
+    """namm sessions save every cached token's features (cpp/namm_policy.cpp): they come back from disk, and the
+    restored conversation keeps running NAMM invocations within its budget."""
+    with running_server(**config(smollm2_path, tmp_path), policy="namm", namm_path="smollm2") as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        a, a_mem = conversation(client, 5, "Talk about the sea.")
+        assert a_mem["tokens_evicted"] > 0 and a_mem["policy"] == "namm"
+        conversation(client, 1, "Talk about trees.")
+        mem = turn(client, a, "And what is the secret password? Answer in one long sentence please.")
+        assert mem["restored_from_disk"] and mem["prefilled_tokens"] < 40
+        assert mem["tokens_evicted"] > a_mem["tokens_evicted"] and mem["cells_used"] <= mem["capacity"]
 
 
 def test_server_session_continues_in_pymemory_chat(smollm2_path, tmp_path):

@@ -41,14 +41,22 @@ void FeatureTap::allocate_state(const ggml_tensor * probs) {
         fail(ErrorKind::runtime, "could not allocate " + std::to_string(mib) + " MiB of NAMM state on " +
                                      compute_.name() + " (a smaller cache needs less)");
     }
-    reset();
+    clear_device_state();
+    if (!pending_cells_.empty()) write_cells(pending_cells_, pending_values_);
+    pending_cells_.clear();
+    pending_values_.clear();
 }
 
 void FeatureTap::reset() {
     std::fill(ema_keep_.begin(), ema_keep_.end(), 1.0f);
     batch_begin_ = -1;
     batch_folds_ = false;
-    if (!state_buffer_) return;
+    pending_cells_.clear();
+    pending_values_.clear();
+    if (state_buffer_) clear_device_state();
+}
+
+void FeatureTap::clear_device_state() {
     ggml_backend_buffer_clear(state_buffer_, 0);
     // |(1 - a)·DFT(x)| = (1 - a)·|DFT(x)|: the EMA's weight goes into the matrix.
     std::vector<float> dft(size_t(2 * kBins * kFft));
@@ -182,6 +190,86 @@ std::vector<float> FeatureTap::ema(int32_t layer, const std::vector<int32_t> & c
         }
     }
     return out;
+}
+
+}  // namespace pm::namm
+
+namespace pm::namm {
+
+std::vector<float> FeatureTap::save_cells(const std::vector<int32_t> & cells) const {
+    const int64_t L = params_.n_layer, C = params_.n_cells, H = params_.n_head_kv, n = int64_t(cells.size());
+    std::vector<float> out(size_t(L * n * H * kSavedPerHead), 0.0f);
+    for (int32_t c : cells) {
+        if (c < 0 || c >= C) fail(ErrorKind::invalid_argument, "NAMM state: no cell " + std::to_string(c));
+    }
+    if (!state_buffer_) {  // nothing observed since the reset: zeros, or what load_cells() left pending
+        for (size_t j = 0; j < pending_cells_.size(); ++j) {
+            const auto it = std::find(cells.begin(), cells.end(), pending_cells_[j]);
+            if (it == cells.end()) continue;
+            const int64_t i = it - cells.begin();
+            for (int64_t l = 0; l < L; ++l) {
+                std::copy_n(pending_values_.data() + size_t(((l * int64_t(pending_cells_.size()) + int64_t(j)) * H) *
+                                                             kSavedPerHead),
+                            H * kSavedPerHead, out.data() + size_t(((l * n + i) * H) * kSavedPerHead));
+            }
+        }
+        return out;
+    }
+    std::vector<float> frames(size_t(C * kFft * H)), ema(size_t(C * kBins * H));  // [H][32][C], [H][17][C]
+    for (int64_t l = 0; l < L; ++l) {
+        ggml_backend_tensor_get(frames_[size_t(l)], frames.data(), 0, frames.size() * sizeof(float));
+        ggml_backend_tensor_get(ema_[size_t(l)], ema.data(), 0, ema.size() * sizeof(float));
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t c = cells[size_t(i)];
+            const bool stale = !batch_folds_ && ema_keep_[size_t(c)] == 0.0f;
+            for (int64_t h = 0; h < H; ++h) {
+                float * dst = out.data() + size_t(((l * n + i) * H + h) * kSavedPerHead);
+                for (int64_t t = 0; t < kFft; ++t) dst[t] = frames[size_t((h * kFft + t) * C + c)];
+                for (int64_t f = 0; f < kBins; ++f) dst[kFft + f] = stale ? 0.0f : ema[size_t((h * kBins + f) * C + c)];
+            }
+        }
+    }
+    return out;
+}
+
+void FeatureTap::load_cells(const std::vector<int32_t> & cells, const std::vector<float> & values) {
+    const int64_t L = params_.n_layer, H = params_.n_head_kv, n = int64_t(cells.size());
+    if (int64_t(values.size()) != L * n * H * kSavedPerHead) {
+        fail(ErrorKind::invalid_argument, "the saved NAMM features hold " + std::to_string(values.size()) +
+                                              " values, not " + std::to_string(L * n * H * kSavedPerHead) +
+                                              " (damaged session file)");
+    }
+    for (size_t i = 0; i < values.size(); ++i) {
+        if (!std::isfinite(values[i])) fail(ErrorKind::invalid_argument, "the saved NAMM features are not finite");
+    }
+    for (int32_t c : cells) {
+        if (c < 0 || c >= params_.n_cells) fail(ErrorKind::invalid_argument, "NAMM state: no cell " + std::to_string(c));
+    }
+    if (!state_buffer_) {
+        pending_cells_ = cells;
+        pending_values_ = values;
+        return;
+    }
+    write_cells(cells, values);
+}
+
+void FeatureTap::write_cells(const std::vector<int32_t> & cells, const std::vector<float> & values) {
+    const int64_t L = params_.n_layer, C = params_.n_cells, H = params_.n_head_kv, n = int64_t(cells.size());
+    std::vector<float> frames(size_t(C * kFft * H)), ema(size_t(C * kBins * H));
+    for (int64_t l = 0; l < L; ++l) {
+        ggml_backend_tensor_get(frames_[size_t(l)], frames.data(), 0, frames.size() * sizeof(float));
+        ggml_backend_tensor_get(ema_[size_t(l)], ema.data(), 0, ema.size() * sizeof(float));
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t c = cells[size_t(i)];
+            for (int64_t h = 0; h < H; ++h) {
+                const float * src = values.data() + size_t(((l * n + i) * H + h) * kSavedPerHead);
+                for (int64_t t = 0; t < kFft; ++t) frames[size_t((h * kFft + t) * C + c)] = src[t];
+                for (int64_t f = 0; f < kBins; ++f) ema[size_t((h * kBins + f) * C + c)] = src[kFft + f];
+            }
+        }
+        ggml_backend_tensor_set(frames_[size_t(l)], frames.data(), 0, frames.size() * sizeof(float));
+        ggml_backend_tensor_set(ema_[size_t(l)], ema.data(), 0, ema.size() * sizeof(float));
+    }
 }
 
 }  // namespace pm::namm

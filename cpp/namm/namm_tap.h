@@ -62,11 +62,22 @@ public:
     // length is a multiple of 16 (NAMM invocations always are).
     std::vector<float> ema(int32_t layer, const std::vector<int32_t> & cells);
 
+    // Sessions (NammPolicy::save_state): per layer, the frame (32 samples) and E (17 bins) of each given cell for every
+    // KV head, [layer][i][H][32 + 17] in the order of `cells`. The E of a token whose batch has not folded yet still
+    // belongs to its cell's previous occupant and is saved as 0, the token's own E. Exact between batches.
+    std::vector<float> save_cells(const std::vector<int32_t> & cells) const;
+    // The reverse, into a tap just reset: cell cells[i] gets token i's values (applied at the first observe when
+    // the state lives on a device not bound yet). Throws invalid_argument when the sizes do not fit.
+    void load_cells(const std::vector<int32_t> & cells, const std::vector<float> & values);
+    static constexpr int32_t kSavedPerHead = kFft + kBins;
+
     std::string device() const { return compute_.name(); }
     void set_threads(int32_t n_threads) { compute_.set_threads(n_threads); }
 
 private:
     void allocate_state(const ggml_tensor * probs);
+    void clear_device_state();
+    void write_cells(const std::vector<int32_t> & cells, const std::vector<float> & values);
 
     FeatureTapParams params_;
     StftTables tables_;
@@ -80,6 +91,8 @@ private:
     bool batch_folds_ = false;                 // whether it completes a frame
     std::vector<float> ema_keep_;              // [C] 0 for cells whose E belongs to an evicted occupant, else 1
     std::vector<float> ema_host_;              // staging for ema()
+    std::vector<int32_t> pending_cells_;       // load_cells() before the state was allocated
+    std::vector<float> pending_values_;
 };
 
 }  // namespace pm::namm

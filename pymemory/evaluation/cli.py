@@ -192,18 +192,21 @@ def run_bench(args) -> int:
     sections = []
 
     if args.long_run:
-        spec = parse_policy("sink", args.n_sink, args.window)
-        result = bench.long_run(model, spec, args.long_run, [10_000, args.long_run // 2], threads)
+        spec = parse_policy(args.long_run_policy, args.n_sink, args.window)
+        marks = sorted({10_000, args.long_run // 2, *range(100_000, args.long_run, 100_000)})
+        result = bench.long_run(model, spec, args.long_run, marks, threads, args.long_run_chunk)
         data["long_run"] = result
-        first = next(r for r in result["records"] if r["tokens"] == 10_000)
+        first = result["records"][0]
         last = result["records"][-1]
         table = report.markdown_table(
             ["tokens", "RSS MiB", "peak RSS MiB", "cells used", "max pos", "seconds"],
             [[r["tokens"], r["rss_mib"], r["peak_rss_mib"], r["cells_used"], r["max_pos"], r["seconds"]]
              for r in result["records"]])
         sections.append(f"## Memory over {args.long_run:,} tokens ({spec.label})\n\n{table}\n\nPeak RSS at the end vs "
-                        f"after 10,000 tokens: {last['peak_rss_mib'] - first['peak_rss_mib']:+.1f} MiB; "
-                        f"{result['tokens_per_s']} tokens/s; peak cells {result['peak_cells']}.")
+                        f"after {first['tokens']:,} tokens: {last['peak_rss_mib'] - first['peak_rss_mib']:+.1f} MiB; "
+                        f"{result['tokens_per_s']} tokens/s; peak cells {result['peak_cells']}; "
+                        + (f"{result['sampled_tokens']:,} tokens sampled, the rest fed as prose "
+                           f"{args.long_run_chunk} at a time." if args.long_run_chunk else "every token sampled."))
     suites = [] if args.long_run else args.suite.split(",")
 
     if "speed" in suites:
@@ -406,6 +409,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     b.add_argument("--namm", default=None, help="NAMM GGUF for the attention suite (default: random weights)")
     b.add_argument("--long-run", type=int, default=0, metavar="N",
-                   help="instead: generate N tokens (sink) and record RSS at 10,000 and N")
+                   help="instead: stream N tokens through one policy and record RSS at 10,000, every 100,000 and N")
+    b.add_argument("--long-run-chunk", type=int, default=0, metavar="K",
+                   help="with --long-run: feed K tokens of prose between sampled tokens (0: sample every token)")
+    b.add_argument("--long-run-policy", default="sink", help="with --long-run: NAME[,key=value...] (default sink)")
     b.set_defaults(func=run_bench)
     ev.set_defaults(func=lambda args: (ev.print_help(), 2)[1])

@@ -75,9 +75,6 @@ class ServerState:
             raise InvalidArgumentError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
         if config.parallel < 1 or config.max_queue < 0:
             raise InvalidArgumentError("--parallel must be >= 1 and --max-queue >= 0")
-        if config.sessions_dir and config.policy == "namm":
-            raise InvalidArgumentError(f"--sessions-dir is not supported with policy {config.policy!r} yet (its "
-                                       "per-token attention state is not saved); use policy sink, h2o or tova")
         self.config = config
         _core.set_log_verbosity(2 if config.verbose else 0)
         self.model_path = os.fspath(resolve_model(config.model))
@@ -93,6 +90,10 @@ class ServerState:
         for name in ("namm_path", "namm_mode", "quorum", "max_cells"):
             if getattr(config, name) is not None:
                 engine_args[name] = getattr(config, name)
+        if config.namm_path is not None:  # a shipped NAMM's name (--namm-path smollm2) or a GGUF path
+            from ..namm.packaged import resolve_namm
+
+            engine_args["namm_path"] = resolve_namm(config.namm_path)
         slots = [Slot(i, _core.Engine(self.model, **engine_args)) for i in range(config.parallel)]
         self.capacity = slots[0].engine.capacity
         self.store = None
