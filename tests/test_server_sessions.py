@@ -3,6 +3,8 @@ back without re-reading them, also after a restart; a damaged session file costs
 or a crash."""
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from helpers.live_server import running_server  # noqa: E402
+from pymemory.session_file import read_header  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -72,6 +75,36 @@ def test_explicit_session_ids_survive_a_restart(smollm2_path, tmp_path):
         mem = turn(client, messages, "What is the secret password?", user="alice")
         assert mem["session_id"] == "alice" and mem["restored_from_disk"] and mem["reused_cache"]
         assert "tulip" in messages[-1]["content"].lower()
+
+
+def test_save_every_turn_survives_a_crash(smollm2_path, tmp_path):
+    """--save-every-turn writes the live conversation after each reply: the files on disk while the server still
+    runs (all a crash leaves) resume it in a new server without re-reading it. Without the flag nothing is written
+    until the slot is needed or the server stops."""
+    crashed = tmp_path / "after-crash"
+    with running_server(**config(smollm2_path, tmp_path / "plain")) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        conversation(client, 2, "Talk about the sea.")
+        assert not list((tmp_path / "plain").glob("*.pmsession"))
+    with running_server(**config(smollm2_path, tmp_path / "live"), save_every_turn=True) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        a, a_mem = conversation(client, 3, "Talk about the sea.")
+        assert a_mem["tokens_evicted"] > 0
+        deadline = time.monotonic() + 30  # the write follows the reply: wait until the file holds the last one
+
+        def written() -> bool:
+            files = list((tmp_path / "live").glob("*.pmsession"))
+            return len(files) == 1 and read_header(files[0])["messages"] == a  # through the last reply
+
+        while not written():
+            assert time.monotonic() < deadline, "the live session was not written after the turn"
+            time.sleep(0.05)
+        shutil.copytree(tmp_path / "live", crashed)  # what a crash right now would leave
+    with running_server(**config(smollm2_path, crashed)) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        mem = turn(client, a, "And what is the secret password?")
+        assert mem["restored_from_disk"] and mem["reused_cache"] and mem["prefilled_tokens"] < 30
+        assert mem["tokens_evicted"] >= a_mem["tokens_evicted"]
 
 
 def test_damaged_session_file_is_recomputed_not_fatal(smollm2_path, tmp_path):

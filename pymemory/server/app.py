@@ -56,6 +56,7 @@ class ServerConfig:
     queue_timeout: float = 60.0
     api_key: str | None = None
     sessions_dir: str | None = None
+    save_every_turn: bool = False     # with sessions_dir: also write each live conversation after every turn
     default_max_tokens: int = 1024
     pin_system_prompt: bool = True
     chat_template: str | None = None
@@ -73,6 +74,8 @@ class ServerState:
 
         if config.policy not in POLICIES:
             raise InvalidArgumentError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
+        if config.save_every_turn and not config.sessions_dir:
+            raise InvalidArgumentError("--save-every-turn needs --sessions-dir (where the sessions are written)")
         if config.parallel < 1 or config.max_queue < 0:
             raise InvalidArgumentError("--parallel must be >= 1 and --max-queue >= 0")
         self.config = config
@@ -173,7 +176,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
                 "pymemory": {"description": info["description"], "policy": config.policy,
                              "capacity": state.capacity, "n_sink": config.n_sink, "window": config.window,
                              "parallel": config.parallel, "pin_system_prompt": config.pin_system_prompt,
-                             "sessions_dir": config.sessions_dir}}
+                             "sessions_dir": config.sessions_dir, "save_every_turn": config.save_every_turn}}
 
     @app.get("/health")
     async def health():
@@ -271,8 +274,20 @@ def create_app(config: ServerConfig, state: ServerState | None = None):
                                 lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece),
                                 config.pin_system_prompt)
             finally:
-                loop.call_soon_threadsafe(state.manager.release, assignment.slot)
                 loop.call_soon_threadsafe(queue.put_nowait, done)
+                if config.save_every_turn:
+                    # After the reply has gone out, still holding the slot: a crash loses at most the turn in flight.
+                    state.executor.submit(persist_then_release, assignment.slot)
+                else:
+                    loop.call_soon_threadsafe(state.manager.release, assignment.slot)
+
+        def persist_then_release(slot) -> None:
+            try:
+                if slot.session_id and slot.fed_text:
+                    state.store.write_live(slot.session_id, slot.explicit, slot.kind, slot.fed_text, slot.messages,
+                                           slot.engine)
+            finally:
+                loop.call_soon_threadsafe(state.manager.release, slot)
 
         future = loop.run_in_executor(state.executor, work)
         rid, created = new_id(req.kind), now()

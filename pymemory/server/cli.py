@@ -20,7 +20,7 @@ def run_serve(args: argparse.Namespace) -> int:
         evict_chunk=args.evict_chunk, reindex=args.reindex, h2o_recent=args.h2o_recent, namm_path=args.namm_path,
         namm_mode=args.namm_mode, quorum=args.quorum, max_cells=args.max_cells,
         parallel=args.parallel, max_queue=args.max_queue, queue_timeout=args.queue_timeout, api_key=args.api_key,
-        sessions_dir=args.sessions_dir, default_max_tokens=args.max_tokens,
+        sessions_dir=args.sessions_dir, save_every_turn=args.save_every_turn, default_max_tokens=args.max_tokens,
         pin_system_prompt=args.pin_system_prompt, chat_template=args.chat_template, n_threads=args.threads,
         n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
     )
@@ -51,6 +51,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--sessions-dir", default=None,
                    help="save idle conversations here and resume them (also after a restart)")
+    s.add_argument("--save-every-turn", action="store_true",
+                   help="with --sessions-dir: also write each conversation after every reply, so that a crashed "
+                        "server resumes it (costs one session write per turn, after the reply)")
     s.add_argument("--model-alias", default=None, help="model id clients use (default: the GGUF file name)")
     s.add_argument("--max-tokens", type=int, default=1024, help="reply length when a request sets none")
     s.add_argument("--no-pin-system-prompt", dest="pin_system_prompt", action="store_false",

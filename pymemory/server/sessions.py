@@ -111,6 +111,12 @@ class SessionStore:
         finally:
             stored.ready.set()
 
+    def write_live(self, session_id: str, explicit: bool, kind: str, fed_text: str, messages: list, engine) -> None:
+        """Writes a conversation that stays in its slot (--save-every-turn): not indexed here, since it is live, but
+        a server restarted after a crash finds it in scan()."""
+        self.save(StoredSession(session_id, explicit, kind, fed_text, self.path_for(session_id), list(messages)),
+                  engine)
+
     def load(self, stored: StoredSession, engine) -> tuple[str, list]:
         """Restores the session into the engine; returns the text its cache holds and its chat messages.
         Raises SessionFileError."""
