@@ -44,7 +44,8 @@ QUANTS = ("f16", "q8_0", "q4_0")
 def summarise(results, refs: dict[str, float]) -> dict:
     text = [r for r in results if ":text:" in r.sample_id]
     retrieval = [r for r in results if ":text:" not in r.sample_id]
-    out = {"peak_cells": max(r.peak_cells for r in results), "forced_evictions": sum(r.forced_evictions for r in results)}
+    out = {"peak_cells": max(r.peak_cells for r in results), "forced_evictions": sum(r.forced_evictions for r in results),
+           "nll_per_sample": {r.sample_id: float(r.nll) for r in results}}
     if text:
         nll = float(np.mean([r.nll for r in text]))
         out.update(text_ppl=math.exp(nll), text_nll=nll, text_gap=nll - float(np.mean([refs[r.sample_id] for r in text])))
@@ -62,7 +63,8 @@ def run_policies(executor, spec: MemorySpec, samples, policies: dict[str, Job], 
         results = executor.map(spec, [replace(template, sample=s) for s in samples])
         out[name] = summarise(results, refs)
         out[name]["seconds"] = round(time.perf_counter() - started, 1)
-        print(f"  {name:<22} {json.dumps({k: round(v, 4) for k, v in out[name].items()})}", flush=True)
+        print(f"  {name:<22} {json.dumps({k: round(v, 4) for k, v in out[name].items() if k != 'nll_per_sample'})}",
+              flush=True)
     return out
 
 
@@ -71,6 +73,18 @@ def closed(entry: dict, sink: dict, key: str) -> float | None:
     if key not in entry or sink.get(key, 0) <= 0:
         return None
     return 1.0 - entry[key] / sink[key]
+
+
+def paired_difference(entry: dict, sink: dict, text: bool, resamples: int = 4000) -> tuple[float, float, float] | None:
+    """Mean per-sample NLL difference policy - sink over the text (or retrieval) samples, with a 95 % bootstrap
+    interval over samples (paired: each sample is scored by both). Negative = better than sink."""
+    a, b = entry.get("nll_per_sample", {}), sink.get("nll_per_sample", {})
+    ids = sorted(k for k in a if k in b and (":text:" in k) == text)
+    if len(ids) < 2:
+        return None
+    d = np.array([a[k] - b[k] for k in ids])
+    means = d[np.random.default_rng(0).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def markdown(report: dict) -> str:
@@ -82,18 +96,27 @@ def markdown(report: dict) -> str:
              f"({', '.join(report['heldout_parts'])}), seed {report['test_seed']} (the run never saw them). Text: "
              f"perplexity of the last {report['scored_tokens']} tokens; retrieval: mean NLL of the answer tokens "
              "and mean per-token probability. 'closed' = fraction of sink's gap to the full cache that the policy "
-             "closes (1 = full cache, 0 = sink, negative = worse than sink).", ""]
+             "closes (1 = full cache, 0 = sink, negative = worse than sink). 'vs sink' = mean per-sample NLL "
+             "difference to sink (nats; negative = better) with its 95 % paired bootstrap interval: an interval "
+             "that contains 0 is no measured difference.", ""]
     for label, table in report["tables"].items():
-        lines += [f"## {label}", "", "| policy | peak cells | text PPL | text gap (nats) | text closed | answer NLL | "
-                  "answer gap | answer closed | answer p |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {label}", "", "| policy | peak cells | text PPL | text gap (nats) | text closed | text vs sink "
+                  "[95 % CI] | answer NLL | answer gap | answer closed | answer vs sink [95 % CI] | answer p |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         sink = table.get("sink", {})
         for name, e in table.items():
             def f(key, fmt="{:.4f}"):
                 return fmt.format(e[key]) if e.get(key) is not None else "-"
             c_text, c_ans = closed(e, sink, "text_gap"), closed(e, sink, "answer_gap")
+
+            def vs_sink(text: bool) -> str:
+                d = None if e is sink else paired_difference(e, sink, text)
+                return "-" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+
             lines.append(f"| {name} | {e['peak_cells']} | {f('text_ppl', '{:.3f}')} | {f('text_gap')} | "
-                         f"{'-' if c_text is None else f'{c_text:+.3f}'} | {f('answer_nll', '{:.3f}')} | "
-                         f"{f('answer_gap', '{:.3f}')} | {'-' if c_ans is None else f'{c_ans:+.3f}'} | "
+                         f"{'-' if c_text is None else f'{c_text:+.3f}'} | {vs_sink(True)} | "
+                         f"{f('answer_nll', '{:.3f}')} | {f('answer_gap', '{:.3f}')} | "
+                         f"{'-' if c_ans is None else f'{c_ans:+.3f}'} | {vs_sink(False)} | "
                          f"{f('answer_prob', '{:.3f}')} |")
         lines.append("")
     r = report["reproduction"]
