@@ -91,3 +91,18 @@ def test_bench_writes_ratios(tmp_path, smollm2_path):
                  "--rounds", "1", "--json", str(recompute)]) == 0
     assert json.loads(recompute.read_text())["recompute"][0]["speedup"] > 1.0
     assert "llama-cpp-python" in (tmp_path / "b.md").read_text()
+
+
+def test_bench_long_run_soak_records_and_checkpoints(smollm2_model):
+    """The soak behind `bench --long-run N --long-run-chunk K`: prose and sampled tokens alternate, the cache stays
+    within its cells, and the report is handed out at every checkpoint before the end."""
+    from pymemory.evaluation import bench
+
+    seen = []
+    result = bench.long_run(smollm2_model, parse_policy("sink", 4, 60), 700, [200, 400], 1, text_chunk=31,
+                            on_checkpoint=seen.append)
+    assert result["done"] and result["tokens"] == 700
+    assert [r["tokens"] for r in result["records"]] == [224, 416, 700]  # first feed at or past each mark
+    assert result["sampled_tokens"] == 22 and result["peak_cells"] == 64
+    assert [s["done"] for s in seen] == [False, False] and len(seen[1]["records"]) == 2
+    assert all(r["cells_used"] <= 64 for r in result["records"])

@@ -30,6 +30,11 @@ if run long-run; then       # issue 2: peak RSS over 100,000 tokens vs the first
   pymemory bench --model smollm2-135m-instruct --n-sink 4 --window 252 --long-run 100000 \
     --json $out/long_run_smollm2.json --md $out/long_run_smollm2.md
 fi
+if run soak-1m; then        # issue 11: 1,000,000 tokens through one process at flat RSS (prose fed 63 at a time
+  # between sampled tokens: the same feed/evict/K-shift/sample paths at prefill speed; about 2 hours on 2 cores)
+  pymemory bench --model smollm2-135m-instruct --n-sink 4 --window 252 --long-run 1000000 --long-run-chunk 63 \
+    --json $out/soak_1m_smollm2.json --md $out/soak_1m_smollm2.md
+fi
 if run passkey; then        # issues 4/5: accuracy vs needle distance and cache size; what h2o keeps of the key
   pymemory eval passkey --model smollm2-135m-instruct --policy sink --policy h2o --policy h2o,h2o_recent=32 \
     --caches 256,512,1024 --distances 100,200,400,800,1600 --samples 5 --json $out/passkey_smollm2.json \

@@ -194,19 +194,28 @@ def run_bench(args) -> int:
     if args.long_run:
         spec = parse_policy(args.long_run_policy, args.n_sink, args.window)
         marks = sorted({10_000, args.long_run // 2, *range(100_000, args.long_run, 100_000)})
-        result = bench.long_run(model, spec, args.long_run, marks, threads, args.long_run_chunk)
+
+        def long_run_section(result: dict) -> str:
+            first, last = result["records"][0], result["records"][-1]
+            table = report.markdown_table(
+                ["tokens", "RSS MiB", "peak RSS MiB", "cells used", "max pos", "seconds"],
+                [[r["tokens"], r["rss_mib"], r["peak_rss_mib"], r["cells_used"], r["max_pos"], r["seconds"]]
+                 for r in result["records"]])
+            status = "" if result["done"] else "**In progress** (report rewritten at every checkpoint). "
+            return (f"## Memory over {args.long_run:,} tokens ({spec.label})\n\n{status}{table}\n\nPeak RSS at "
+                    f"{last['tokens']:,} tokens vs after {first['tokens']:,}: "
+                    f"{last['peak_rss_mib'] - first['peak_rss_mib']:+.1f} MiB; {result['tokens_per_s']} tokens/s; "
+                    f"peak cells {result['peak_cells']}; "
+                    + (f"{result['sampled_tokens']:,} tokens sampled, the rest fed as prose {args.long_run_chunk} "
+                       "at a time." if args.long_run_chunk else "every token sampled."))
+
+        def checkpoint(result: dict) -> None:  # a run killed after hours still leaves its measurements
+            data["long_run"] = result
+            _write_reports(args, data, meta, f"pymemory bench: {data['model']}", long_run_section(result))
+
+        result = bench.long_run(model, spec, args.long_run, marks, threads, args.long_run_chunk, checkpoint)
         data["long_run"] = result
-        first = result["records"][0]
-        last = result["records"][-1]
-        table = report.markdown_table(
-            ["tokens", "RSS MiB", "peak RSS MiB", "cells used", "max pos", "seconds"],
-            [[r["tokens"], r["rss_mib"], r["peak_rss_mib"], r["cells_used"], r["max_pos"], r["seconds"]]
-             for r in result["records"]])
-        sections.append(f"## Memory over {args.long_run:,} tokens ({spec.label})\n\n{table}\n\nPeak RSS at the end vs "
-                        f"after {first['tokens']:,} tokens: {last['peak_rss_mib'] - first['peak_rss_mib']:+.1f} MiB; "
-                        f"{result['tokens_per_s']} tokens/s; peak cells {result['peak_cells']}; "
-                        + (f"{result['sampled_tokens']:,} tokens sampled, the rest fed as prose "
-                           f"{args.long_run_chunk} at a time." if args.long_run_chunk else "every token sampled."))
+        sections.append(long_run_section(result))
     suites = [] if args.long_run else args.suite.split(",")
 
     if "speed" in suites:
