@@ -18,7 +18,7 @@ namespace pm {
 namespace {
 
 constexpr char kMagic[7] = {'P', 'M', 'E', 'N', 'G', 'S', 'T'};
-constexpr uint8_t kVersion = 2;  // 2: the attention policy's per-token state (h2o, tova, namm)
+constexpr uint8_t kVersion = 3;  // 2: the attention policy's per-token state; 3: the SWA cache's cells (iSWA)
 
 struct Fingerprint {
     std::string policy;
@@ -117,14 +117,7 @@ Fingerprint fingerprint_of(const EngineParams & p, const ModelInfo & info, uint3
     return f;
 }
 
-void refuse_unsaveable(const EngineParams & p, const AttentionPolicy * policy, const ModelInfo & info) {
-    if (policy && info.n_swa > 0) {
-        // Restoring an iSWA cache places only the SWA cache's in-window cells, in an order the saved mirror does not
-        // record, so the SWA cell mirror could not be rebuilt.
-        fail(ErrorKind::unsupported, "saving or loading a session of policy '" + policy_kind_name(p.policy.kind) +
-                                         "' is not supported on sliding-window models (" + info.architecture +
-                                         ") yet; use policy 'sink'");
-    }
+void refuse_unsaveable(const EngineParams & p, const AttentionPolicy * policy) {
     if (policy && !policy->can_save_state()) {
         fail(ErrorKind::unsupported, "saving or loading a session is not supported for policy '" +
                                          policy_kind_name(p.policy.kind) +
@@ -149,7 +142,7 @@ std::vector<int32_t> cells_of(const std::vector<Pos> & positions, const std::vec
 }  // namespace
 
 std::string Engine::save_state() const {
-    refuse_unsaveable(params_, attention_.get(), model_->info());
+    refuse_unsaveable(params_, attention_.get());
     ByteWriter out;
     out.bytes().append(kMagic, sizeof(kMagic));
     out.put(kVersion);
@@ -170,7 +163,7 @@ std::string Engine::save_state() const {
 }
 
 void Engine::load_state(const std::string & bytes) {
-    refuse_unsaveable(params_, attention_.get(), model_->info());
+    refuse_unsaveable(params_, attention_.get());
     if (bytes.size() < sizeof(kMagic) + 1 || !std::equal(kMagic, kMagic + sizeof(kMagic), bytes.begin())) {
         fail(ErrorKind::invalid_argument, "not a pymemory engine state (the magic 'PMENGST' is missing)");
     }

@@ -20,6 +20,16 @@ bool KvCellMirror::visible(Pos cell, Pos query) const {
     return cell >= 0 && cell <= query && (n_swa_ == 0 || query - cell < n_swa_);
 }
 
+std::vector<Pos> KvCellMirror::saved_positions() const {
+    Pos pos_max = -1;
+    for (Pos p : pos_) pos_max = std::max(pos_max, p);
+    std::vector<Pos> out;
+    for (Pos p : pos_) {
+        if (p >= 0 && (n_swa_ == 0 || (pos_max + 1) - p < n_swa_)) out.push_back(p);
+    }
+    return out;
+}
+
 std::vector<int32_t> KvCellMirror::place(const Pos * positions, int32_t n) {
     const uint32_t size = uint32_t(pos_.size());
     const uint32_t n_tokens = uint32_t(n);

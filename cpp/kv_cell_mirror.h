@@ -41,6 +41,9 @@ public:
     void remove(Pos p0, Pos p1);             // seq_rm: empties cells holding [p0, p1); negative bounds are open
     void shift(Pos p0, Pos p1, Pos delta);   // seq_add: positions in [p0, p1) += delta; cells that go negative empty
     void clear();
+    // What a saved session holds of this cache, in cell order: every held position, except (SWA cache) those the
+    // next position no longer sees, which llama.cpp leaves out of a restore (measured on Gemma-3, tests/test_iswa.py).
+    std::vector<Pos> saved_positions() const;
 
     // Checks one batch's attention of a layer of this cache (the view's cell_pos, token_pos and token_cell come from
     // this mirror and the batch) against the mirror: a token attends to the cell it was placed in and to no empty

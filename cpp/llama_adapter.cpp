@@ -428,9 +428,12 @@ void LlamaContext::memory_shift(Pos p0, Pos p1, Pos delta) {
 }
 
 // ---- session state ---------------------------------------------------------------------------------------------
-// Blob: "PMKV" | u32 n_ctx | u32 n_cells | i32 pos[n_cells] (cell order) | u64 n_bytes | llama_state_seq data.
+// Blob: "PMKV" | u32 n_ctx | i32 pos[] (base cache, cell order) | i32 swa_pos[] (an iSWA model's SWA cache, cell
+// order; empty without its mirror) | u64 n_bytes | llama_state_seq data.
 // llama.cpp writes sequence 0's cells in cell order and, on restore, places them with the same find_slot +
-// apply_ubatch as a decode (llama-kv-cache.cpp, state_read_meta), which is what KvCellMirror::place replays.
+// apply_ubatch as a decode (llama-kv-cache.cpp, state_read_meta), which is what KvCellMirror::place replays; an iSWA
+// cache does that for its base cache, then for its SWA cache (llama-kv-cache-iswa.cpp). The next batch's mirror
+// check verifies both.
 
 namespace {
 constexpr char kStateMagic[4] = {'P', 'M', 'K', 'V'};
@@ -440,11 +443,9 @@ std::string LlamaContext::state_save() const {
     ByteWriter out;
     out.bytes().append(kStateMagic, sizeof(kStateMagic));
     out.put(uint32_t(cells_.size()));
-    std::vector<Pos> in_cell_order;
-    for (Pos p : cells_.positions()) {
-        if (p >= 0) in_cell_order.push_back(p);
-    }
+    const std::vector<Pos> in_cell_order = cells_.saved_positions();
     out.put_vector(in_cell_order);
+    out.put_vector(mirror_swa_ ? swa_cells_.saved_positions() : std::vector<Pos>());
     const size_t n_bytes = in_cell_order.empty() ? 0 : llama_state_seq_get_size(ctx_, 0);
     out.put(uint64_t(n_bytes));
     std::string & bytes = out.bytes();
@@ -474,6 +475,11 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
                                               "; load it with the same window and n_sink");
     }
     const std::vector<Pos> in_cell_order = in.get_vector<Pos>();
+    const std::vector<Pos> swa_in_cell_order = in.get_vector<Pos>();
+    if (mirror_swa_ && swa_in_cell_order.empty() && !in_cell_order.empty()) {
+        fail(ErrorKind::invalid_argument, "the saved KV state has no sliding-window cache cells; it was saved by an "
+                                          "engine without the SWA cell mirror (another policy)");
+    }
     std::vector<Pos> a = in_cell_order, b = positions;
     std::sort(a.begin(), a.end());
     std::sort(b.begin(), b.end());
@@ -497,10 +503,21 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
              with_llama_errors("llama.cpp refused the saved KV state (a different model or KV type, or a damaged "
                                "session file)"));
     }
-    if (cells_.place(in_cell_order.data(), int32_t(in_cell_order.size())).size() != in_cell_order.size() ||
-        memory_pos_min() != a.front() || memory_pos_max() != a.back()) {
+    const bool placed = cells_.place(in_cell_order.data(), int32_t(in_cell_order.size())).size() == in_cell_order.size();
+    const bool swa_placed = !mirror_swa_ || swa_cells_.place(swa_in_cell_order.data(), int32_t(swa_in_cell_order.size()))
+                                                    .size() == swa_in_cell_order.size();
+    // An iSWA cache reports its SWA cache's smallest position (llama-kv-cache-iswa.cpp, seq_pos_min).
+    const Pos expected_min = mirror_swa_ && !swa_in_cell_order.empty()
+                                 ? *std::min_element(swa_in_cell_order.begin(), swa_in_cell_order.end())
+                                 : a.front();
+    const Pos pos_min = memory_pos_min(), pos_max = memory_pos_max();
+    if (!placed || !swa_placed || pos_min != expected_min || pos_max != a.back()) {
         memory_clear();
-        fail(ErrorKind::runtime, "the restored KV cells do not match the saved positions; the cache was cleared");
+        fail(ErrorKind::runtime, "the restored KV cells do not match the saved positions (llama.cpp holds " +
+                                     std::to_string(pos_min) + ".." + std::to_string(pos_max) + ", the session " +
+                                     std::to_string(expected_min) + ".." + std::to_string(a.back()) +
+                                     (placed && swa_placed ? "" : "; the cell mirror could not place them") +
+                                     "); the cache was cleared");
     }
 }
 

@@ -142,6 +142,12 @@ if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (c
     --policy namm,namm_path=smollm2 --threads 1 --seed 0 \
     --json $out/ruler_smollm2.json --md $out/ruler_smollm2.md --plot $out/ruler_smollm2.png
 fi
+if run ruler-qwen; then  # issue 13: the same on Qwen2.5-Coder-0.5B with its own trained NAMM; ~45 minutes on 1 core
+  pymemory eval ruler --model qwen2.5-coder-0.5b-instruct --context "${RULER_CONTEXT:-1024}" \
+    --samples "${RULER_SAMPLES:-1}" --ratios 0.75,0.5,0.25,0.125 --policy full --policy sink --policy h2o \
+    --policy tova --policy namm,namm_path=qwen2.5 --threads 1 --seed 0 \
+    --json $out/ruler_qwen.json --md $out/ruler_qwen.md --plot $out/ruler_qwen.png
+fi
 if run chat-defaults; then  # issue 11: degenerate chat replies per sampler setting (chooses pymemory.CHAT_SAMPLING)
   python tools/chat_defaults.py --chats 50 --turns 4 --max-tokens 80 --out $out/chat_defaults_smollm2
 fi
