@@ -135,6 +135,20 @@ if run namm-warm-eval; then  # the warm-started run's NAMM beside its warm start
     --out $out/namm_warm_smollm2 --text 8 --retrieval 8 --transfer-model qwen2.5-coder-0.5b-instruct \
     --transfer-samples 4 --workers 2 --also "NAMM evolved from zero (runs/smollm2)=pymemory/data/namm/smollm2.gguf"
 fi
+if run train-namm-qwen; then  # issue 10: the shipped Qwen2.5 NAMM: imitation warm start + 3 generations (resumable)
+  pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-warm \
+    --data austen,passkey,kv --sample-tokens 512 --cache-fraction 0.25 --namm-delay 32 --scored-tokens 256 \
+    --mode budget --population 8 --sigma0 0.03 --covariance diagonal --text-samples 2 --retrieval-samples 1 \
+    --heldout-every 3 --heldout-text 6 --heldout-retrieval 6 --calibration-samples 2 --generations "${GENERATIONS:-3}" \
+    --warm-start imitation --warm-start-samples 9 --warm-start-horizon 256 --warm-start-steps 600 \
+    --workers 2 --threads 1 --seed 0
+  python tools/ship_namm.py --run runs/qwen-warm --name qwen2.5
+fi
+if run namm-qwen-eval; then  # the Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
+  python tools/eval_trained_namm.py --run runs/qwen-warm --namm pymemory/data/namm/qwen2.5.gguf \
+    --out $out/namm_trained_qwen --text 16 --retrieval 8 --transfer-model smollm2-135m-instruct \
+    --transfer-samples 8 --workers 2 --also "SmolLM2 NAMM, zero-shot=pymemory/data/namm/smollm2.gguf"
+fi
 if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (cache 75/50/25/12.5 % of the context)
   # for full cache, sink, h2o, tova and the shipped NAMM; 1,024 tokens, 1 sample per task: ~25 minutes on 1 core
   pymemory eval ruler --model smollm2-135m-instruct --context "${RULER_CONTEXT:-1024}" --samples "${RULER_SAMPLES:-1}" \
