@@ -273,18 +273,23 @@ def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
 
 # ---- the shipped NAMM ------------------------------------------------------------------------------------------
 
-def test_shipped_smollm2_namm_loads_by_name_with_its_trained_settings(smollm2_path):
+@pytest.mark.parametrize("name, model_fixture, model_asset", [
+    ("smollm2", "smollm2_path", "smollm2-135m-instruct"),
+    ("qwen2.5", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
+])
+def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, model_fixture, model_asset):
     from pymemory import StreamingLLM
     from pymemory.namm import load_gguf
     from pymemory.namm.packaged import packaged_namms
 
     shipped = packaged_namms()
-    assert "smollm2" in shipped
-    record = json.loads(shipped["smollm2"].with_suffix(".json").read_text())
-    assert record["config"]["model"] == "smollm2-135m-instruct" and "command" in record
-    vector, _ = load_gguf(shipped["smollm2"])
+    assert name in shipped
+    record = json.loads(shipped[name].with_suffix(".json").read_text())
+    assert record["config"]["model"] == model_asset and "command" in record
+    vector, _ = load_gguf(shipped[name])
     assert np.abs(vector.theta).max() > 0  # trained, not the all-zero start
-    with StreamingLLM(smollm2_path, policy="namm", namm_path="smollm2", n_sink=4, window=124, n_threads=1) as llm:
+    model_path = request.getfixturevalue(model_fixture)
+    with StreamingLLM(model_path, policy="namm", namm_path=name, n_sink=4, window=124, n_threads=1) as llm:
         text = "".join(llm.generate("Once upon a time", max_tokens=200, ignore_eos=True, temperature=0.0))
         assert text
         invocations = llm.policy_stats["invocations"]
