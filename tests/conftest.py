@@ -59,3 +59,11 @@ def mrope_model_path(tmp_path_factory, smollm2_path) -> str:
 
     target = tmp_path_factory.mktemp("mrope") / "smollm2-as-qwen2vl.gguf"
     return os.fspath(to_mrope_model(Path(smollm2_path), target))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """PYMEMORY_MEASUREMENTS=path.json: write what the tests measured (helpers/measurements.py)."""
+    from helpers.measurements import write_report
+
+    write_report()
+

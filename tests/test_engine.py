@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers.measurements import record
 
 import pymemory
 from pymemory import StreamingLLM
@@ -62,7 +63,9 @@ def test_one_copy_of_llama_cpp_in_the_process(smollm2_model):
 
 # ---- exactness of re-indexing ----------------------------------------------------------------------------------
 
-def test_reindexed_positions_match_absolute_positions_within_llama_cpp_position_noise(smollm2_model, english_text):
+@pytest.mark.parametrize("type_k", ["f32", "f16"])
+def test_reindexed_positions_match_absolute_positions_within_llama_cpp_position_noise(smollm2_model, english_text,
+                                                                                      type_k):
     """Re-indexing after eviction (llama_memory_seq_rm + seq_add, keys re-rotated) is exact up to float noise.
 
     With no sinks the rolling window has the same relative positions whether it is re-indexed (positions
@@ -71,15 +74,16 @@ def test_reindexed_positions_match_absolute_positions_within_llama_cpp_position_
     different logits for the same tokens decoded at another absolute offset (no shift at all; mean KL ~5e-3, a few
     percent top-1 flips), because activations are re-quantised to 8 bits between layers and any rounding difference
     can flip a quantisation step. That offset noise, measured here on the same model and text, sets the tolerance.
-    The keys are kept in f32 for this check: with the default f16 cache every re-rotation also re-rounds the keys
-    (measured on this setup: mean KL 1.8e-2 instead of 1.0e-2, not growing over the 40 re-rotations; docs/results.md).
+    With f32 keys that is the whole difference. With the default f16 cache every re-rotation also re-rounds the keys
+    (measured on this setup: mean KL 1.8e-2 instead of 1.0e-2, not growing over the 40 re-rotations; docs/results.md),
+    so its bound is looser.
     """
     tokens = smollm2_model.tokenize(english_text, True, False)[:420]
     window = 96
 
     def stream(reindex: bool):
         engine = _core.Engine(smollm2_model, policy="window", n_sink=0, window=window, evict_chunk=8,
-                              reindex=reindex, flash_attention="off", type_k="f32")
+                              reindex=reindex, flash_attention="off", type_k=type_k)
         logits = []
         for i, token in enumerate(tokens):
             engine.feed([token])
@@ -93,11 +97,20 @@ def test_reindexed_positions_match_absolute_positions_within_llama_cpp_position_
     kl_shift = np.array([softmax_kl(x, y) for x, y in zip(a, b)])
     kl_offset = _offset_noise_kl(smollm2_model, tokens[:window + 64], offset=3000)
     agreement = float(np.mean(a.argmax(1) == b.argmax(1)))
-    print(f"re-indexed vs absolute: mean KL {kl_shift.mean():.2e}, max {kl_shift.max():.2e}, "
+    third = len(kl_shift) // 3
+    print(f"re-indexed vs absolute ({type_k} keys): mean KL {kl_shift.mean():.2e}, max {kl_shift.max():.2e}, "
           f"top-1 agreement {agreement:.3f}; pure offset noise: mean KL {kl_offset.mean():.2e}")
-    # Measured: shift 1.0e-2 vs offset noise 4.5e-3..6.1e-3 (different cell layouts add summation-order noise).
-    assert agreement >= 0.9
-    assert kl_shift.mean() <= 4 * kl_offset.mean()
+    record(f"shift_{type_k}_keys_mean_kl", float(kl_shift.mean()),
+           f"re-indexed vs absolute rolling window, {len(kl_shift)} steps, {type_k} keys: mean KL")
+    record(f"shift_{type_k}_keys_kl_first_last_third", [float(kl_shift[:third].mean()), float(kl_shift[-third:].mean())],
+           f"the same, first and last third of the stream (growth over the re-rotations?)")
+    record(f"shift_{type_k}_keys_top1_agreement", agreement, f"the same, top-1 agreement ({type_k} keys)")
+    record("offset_noise_mean_kl", float(kl_offset.mean()),
+           "llama.cpp's own noise: the same tokens decoded at positions 0.. and >= 3000, f32 keys, mean KL")
+    # Measured: shift 1.0e-2 (f32 keys), 1.8e-2 (f16) vs offset noise 4.5e-3..6.1e-3 (different cell layouts add
+    # summation-order noise).
+    assert agreement >= (0.9 if type_k == "f32" else 0.85)
+    assert kl_shift.mean() <= (4 if type_k == "f32" else 8) * kl_offset.mean()
 
 
 def _offset_noise_kl(model, tokens: list[int], offset: int) -> np.ndarray:
@@ -135,6 +148,8 @@ def test_literal_fresh_decode_comparison_is_reported(smollm2_model, english_text
     fresh.feed(kept)
     kl = softmax_kl(engine.last_logits(), fresh.last_logits())
     print(f"sink stream vs fresh decode of the 128 retained tokens: KL {kl:.3f}")
+    record("fresh_decode_kl", float(kl), "sink 4+124 after 700 tokens vs a fresh decode of its 128 retained tokens: "
+                                         "KL of the next-token distributions")
     assert np.isfinite(kl) and 0 < kl < 0.3  # docs/results.md: 0.030; not the same computation, but close
     assert np.argmax(engine.last_logits()) == np.argmax(fresh.last_logits())
 

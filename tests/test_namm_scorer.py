@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from helpers.measurements import record
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
@@ -82,6 +83,9 @@ def test_f32_gguf_in_cpp_equals_the_checkpoint_in_the_reference(policies, seed, 
         sizes.append(attn.shape[2])
     assert evicted > 0 and sizes[-1] > sizes[0]  # the policy evicts, and the cache grows across invocations
     print(f"f32, {n_kv_heads} heads: max |score difference| {worst:.1e} over 5 invocations, retained sets identical")
+    record(f"scorer_f32_max_abs_score_diff_{n_kv_heads}_heads", worst,
+           f"C++ f32 scorer vs the PyTorch reference, {n_kv_heads} KV heads, 5 invocations: max |score difference| "
+           "(retained sets identical)")
 
 
 def test_intermediate_hooks_match_the_reference(policies):
@@ -169,6 +173,8 @@ DOCUMENTED_AGREEMENT = {"f16": 1.0, "q8_0": 0.998, "q4_0": 0.991}
 def test_f16_and_q8_0_keep_decisions_agree_as_documented(policies, trajectories, weight_type):
     agreements = [keep_agreement(trajectories[s], policies[s].models[weight_type]) for s in SEEDS]
     print(f"{weight_type}: keep-decision agreement with the reference {rounded(agreements)}")
+    record(f"scorer_{weight_type}_keep_agreement", rounded(agreements),
+           f"{weight_type} GGUF: fraction of keep decisions equal to the reference's, seeds {list(SEEDS)}")
     assert min(agreements) >= DOCUMENTED_AGREEMENT[weight_type]
 
 
@@ -180,6 +186,10 @@ def test_q4_0_agreement_is_reported_and_far_above_an_unrelated_policy(policies, 
     unrelated = [keep_agreement(trajectories[s], policies[SEEDS[(i + 1) % 3]].models["f32"])
                  for i, s in enumerate(SEEDS)]
     print(f"q4_0: keep-decision agreement {rounded(q4)}; an unrelated policy: {rounded(unrelated)}")
+    record("scorer_q4_0_keep_agreement", rounded(q4),
+           f"q4_0 GGUF: fraction of keep decisions equal to the reference's, seeds {list(SEEDS)}")
+    record("scorer_unrelated_keep_agreement", rounded(unrelated),
+           "another seed's f32 weights on the same inputs (what a broken path would look like)")
     assert max(unrelated) < 0.95 and min(q4) >= DOCUMENTED_AGREEMENT["q4_0"]
 
 

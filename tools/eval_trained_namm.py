@@ -167,6 +167,9 @@ def main() -> int:
     p.add_argument("--transfer-samples", type=int, default=4, help="text and retrieval samples each for transfer")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-reproduce", action="store_true", help="skip re-scoring the trainer's held-out set")
+    p.add_argument("--quants", default=",".join(QUANTS),
+                   help="weight types converted from ckpt.pt and scored at the training fraction ('' for none)")
+    p.add_argument("--skip-warm-start", action="store_true", help="do not score the run's warm start alone")
     p.add_argument("--also", action="append", default=[], metavar="NAME=GGUF",
                    help="another NAMM GGUF to score beside the trained one (e.g. an earlier shipped NAMM)")
     args = p.parse_args()
@@ -218,8 +221,11 @@ def main() -> int:
             if not path or not Path(path).exists():
                 p.error(f"--also needs NAME=GGUF with an existing file (got {item!r})")
             others[name] = os.path.abspath(path)
+        quants = [q for q in args.quants.split(",") if q]
+        if any(q not in QUANTS for q in quants):
+            p.error(f"--quants takes a comma-separated subset of {','.join(QUANTS)} (got {args.quants!r})")
         quant_files = {}
-        for q in QUANTS:
+        for q in quants:
             quant_files[q] = write_template(replace(vector, source=f"{vector.source} ({q})"),
                                             os.path.join(tmp, f"namm-{q}.gguf"), spec_for(config.model, 128), q)
         full_spec = spec_for(config.model, config.capacity)
@@ -233,13 +239,13 @@ def main() -> int:
             print(label, flush=True)
             policies = {"sink": Job("sink", samples[0]), "h2o": Job("h2o", samples[0]),
                         "tova": Job("tova", samples[0]), "random NAMM": Job("namm", samples[0], random_theta)}
-            if warm_theta is not None:
+            if warm_theta is not None and not args.skip_warm_start:
                 policies["warm start only (no evolution)"] = Job("namm", samples[0], warm_theta)
             policies.update({name: Job("namm_file", samples[0], namm_file=path) for name, path in others.items()})
             policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file)
             if fraction == config.cache_fraction:
                 policies.update({f"trained NAMM ({q})": Job("namm_file", samples[0], namm_file=quant_files[q])
-                                 for q in QUANTS})
+                                 for q in quants})
             table = {"full cache": full_entry}
             table.update(run_policies(executor, spec_for(config.model, capacity), samples, policies, refs))
             report["tables"][label] = table

@@ -35,6 +35,11 @@ if run soak-1m; then        # issue 11: 1,000,000 tokens through one process at 
   pymemory bench --model smollm2-135m-instruct --n-sink 4 --window 252 --long-run 1000000 --long-run-chunk 63 \
     --json $out/soak_1m_smollm2.json --md $out/soak_1m_smollm2.md
 fi
+if run fidelity; then       # issue 11: the fidelity numbers only the tests measure (re-indexing KL, scorer agreement)
+  PYMEMORY_MEASUREMENTS=$out/fidelity.json python -m pytest -q -p no:cacheprovider tests/test_engine.py \
+    tests/test_namm_scorer.py tests/test_namm_policy.py \
+    -k "reindexed or fresh_decode or f32_gguf or keep_decisions or q4_0_agreement or equal_the_reference_on_captured"
+fi
 if run passkey; then        # issues 4/5: accuracy vs needle distance and cache size; what h2o keeps of the key
   pymemory eval passkey --model smollm2-135m-instruct --policy sink --policy h2o --policy h2o,h2o_recent=32 \
     --caches 256,512,1024 --distances 100,200,400,800,1600 --samples 5 --json $out/passkey_smollm2.json \
@@ -146,8 +151,9 @@ if run train-namm-qwen; then  # issue 10: the shipped Qwen2.5 NAMM: imitation wa
 fi
 if run namm-qwen-eval; then  # the Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
   python tools/eval_trained_namm.py --run runs/qwen-warm --namm pymemory/data/namm/qwen2.5.gguf \
-    --out $out/namm_trained_qwen --text 16 --retrieval 8 --transfer-model smollm2-135m-instruct \
-    --transfer-samples 8 --workers 2 --also "SmolLM2 NAMM, zero-shot=pymemory/data/namm/smollm2.gguf"
+    --out $out/namm_trained_qwen --text 12 --retrieval 6 --transfer-model smollm2-135m-instruct \
+    --transfer-samples 6 --workers 2 --quants "" --skip-warm-start \
+    --also "SmolLM2 NAMM, zero-shot=pymemory/data/namm/smollm2.gguf"
 fi
 if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (cache 75/50/25/12.5 % of the context)
   # for full cache, sink, h2o, tova and the shipped NAMM; 1,024 tokens, 1 sample per task: ~25 minutes on 1 core
