@@ -25,9 +25,10 @@ def llm(path, **kw):
     return StreamingLLM(path, n_sink=4, window=124, pin_system_prompt=True, n_threads=1, **kw)
 
 
-def test_saved_chat_resumes_without_rereading(smollm2_path, tmp_path):
+@pytest.mark.parametrize("memory", [{}, {"policy": "namm", "namm_path": "smollm2"}], ids=["sink", "namm"])
+def test_saved_chat_resumes_without_rereading(smollm2_path, tmp_path, memory):
     session = tmp_path / "chat.pmsession"
-    with llm(smollm2_path) as a:
+    with llm(smollm2_path, **memory) as a:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell me about the sea."}]
         "".join(a.chat(messages, max_tokens=40, **RAW))
         for text in ("And the sky?", "And the mountains?", "And rivers?"):
@@ -35,7 +36,7 @@ def test_saved_chat_resumes_without_rereading(smollm2_path, tmp_path):
         assert a.stats.tokens_evicted > 0
         save_chat(a, session)
         saved_stats, saved_messages = a.stats, list(a.messages)
-    with llm(smollm2_path) as b:
+    with llm(smollm2_path, **memory) as b:
         assert load_chat(b, session) == len(saved_messages)
         assert b.messages == saved_messages and b.stats == saved_stats
         seen = b.stats.tokens_seen
