@@ -213,17 +213,29 @@ private:
         record.tokens_seen = tokens_seen;
         record.cells_before = n;
 
-        namm::LayerInput input;
-        input.n_heads = n_head_kv_;
-        input.n_tokens = n;
-        for (int32_t g = 0; g < n_head_kv_; ++g) {  // shared cells: every head sees the same tokens
-            input.positions.insert(input.positions.end(), cache.state.positions.begin(), cache.state.positions.end());
+        // Every scored layer's (KV head, token) rows go through the scorer as one batch of n_layer x H "heads": the
+        // network is shared by all layers and heads and scores each head on its own, so one graph per invocation
+        // does what one per layer did, with 1/n_layer of the graph overhead and more work per thread.
+        namm::LayerInput all;
+        all.n_heads = n_layer_ * n_head_kv_;
+        all.n_tokens = n;
+        all.ema.reserve(size_t(all.n_heads) * size_t(n) * namm::kBins);
+        for (int32_t h = 0; h < all.n_heads; ++h) {  // shared cells: every head sees the same tokens
+            all.positions.insert(all.positions.end(), cache.state.positions.begin(), cache.state.positions.end());
         }
         for (int32_t l = 0; l < n_layer_; ++l) {  // scored-layer slots
-            input.ema = tap_.ema(l, cache.cells);                         // [head][token][17], chronological
-            const namm::LayerScores scored = model_->score_layer(input);  // [head][token] + selection
+            const std::vector<float> ema = tap_.ema(l, cache.cells);  // [head][token][17], chronological
+            all.ema.insert(all.ema.end(), ema.begin(), ema.end());
+        }
+        const std::vector<float> all_scores = model_->scores(all);   // [layer][head][token]
+        const size_t per_layer = size_t(n_head_kv_) * size_t(n);
+        for (int32_t l = 0; l < n_layer_; ++l) {
+            const namm::LayerScores scored = namm::select_tokens(
+                std::vector<float>(all_scores.begin() + ptrdiff_t(l * per_layer),
+                                   all_scores.begin() + ptrdiff_t((l + 1) * per_layer)),
+                n_head_kv_, n, model_->hparams().threshold);
             record.layer_kept.push_back(scored.n_keep);
-            if (!windows_[size_t(l)].empty()) captures_.push_back(capture(l, cache, input, scored, tokens_seen));
+            if (!windows_[size_t(l)].empty()) captures_.push_back(capture(l, cache, all, scored, tokens_seen));
             for (int32_t g = 0; g < n_head_kv_; ++g) {
                 for (int32_t i = 0; i < n; ++i) {
                     const size_t k = size_t(g) * size_t(n) + size_t(i);
@@ -264,7 +276,8 @@ private:
         return evict;
     }
 
-    InvocationCapture capture(int32_t slot, const CacheView & cache, const namm::LayerInput & input,
+    // `all`: the invocation's batched input (every slot's heads, namm_policy.cpp invoke()).
+    InvocationCapture capture(int32_t slot, const CacheView & cache, const namm::LayerInput & all,
                               const namm::LayerScores & scored, int64_t tokens_seen) {
         std::vector<float> & window = windows_[size_t(slot)];
         InvocationCapture c;
@@ -272,7 +285,7 @@ private:
         c.tokens_seen = tokens_seen;
         c.n_heads = n_head_kv_;
         c.n_rows = delay_;
-        c.n_tokens = input.n_tokens;
+        c.n_tokens = all.n_tokens;
         c.positions.assign(cache.state.positions.begin(), cache.state.positions.end());
         c.attention.resize(size_t(n_head_kv_) * size_t(delay_) * size_t(c.n_tokens));
         for (int32_t g = 0; g < n_head_kv_; ++g) {
@@ -283,7 +296,9 @@ private:
             }
         }
         std::fill(window.begin(), window.end(), 0.0f);
-        c.ema = input.ema;
+        const size_t per_slot = size_t(n_head_kv_) * size_t(c.n_tokens) * namm::kBins;
+        c.ema.assign(all.ema.begin() + ptrdiff_t(size_t(slot) * per_slot),
+                     all.ema.begin() + ptrdiff_t(size_t(slot + 1) * per_slot));
         c.scores = scored.scores;
         c.keep = scored.keep;
         return c;
