@@ -118,7 +118,7 @@ public:
             for (int32_t t = 0; t < v.n_tokens; ++t) last_cell_scores_[size_t(v.token_cell[t])] = kNoScore;
         }
         std::vector<float> & window = windows_[size_t(slot)];
-        tap_.observe(namm::TapBatch{slot, v.tensor, v.n_tokens, batch_begin_, v.token_cell},
+        tap_.observe(namm::TapBatch{slot, v.tensor, v.n_tokens, batch_begin_, v.token_cell, v.probs, v.head_stride},
                      window.empty() ? nullptr : &captured_rows_);
         if (window.empty()) return;
         // Keep this window's GQA-averaged rows, [head][row][cell], for the capture at the next invocation. A cell

@@ -53,17 +53,24 @@ def test_cell_mirror_tracks_llama_cpp_through_irregular_batches_and_evictions(sm
 
 
 @pytest.mark.model
-def test_device_reductions_keep_what_host_reductions_keep(smollm2_model, english_text):
+@pytest.mark.parametrize("policy", ["h2o", "namm"])
+def test_device_reductions_keep_what_host_reductions_keep(smollm2_model, english_text, policy):
     """The GPU code path (ggml graphs over the attention tensor, no host matrix) run on the CPU backend evicts the
-    same tokens as the host loops."""
+    same tokens as the host loops (h2o's cell sums; NAMM's row copies between STFT frames). Batches of 37 tokens
+    and then single tokens reach both kinds of NAMM batch: ones that complete a frame and ones that do not."""
+    from pymemory.namm.packaged import resolve_namm
+
+    extra = {"h2o_recent": 40} if policy == "h2o" else {"namm_path": resolve_namm("smollm2")}
     tokens = smollm2_model.tokenize(english_text, True, False)[:900]
     kept = {}
     for device in (False, True):
-        engine = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=124, h2o_recent=40,
-                              device_reductions=device)
-        for start in range(0, len(tokens), 37):
-            engine.feed(tokens[start:start + 37])
+        engine = _core.Engine(smollm2_model, policy=policy, n_sink=4, window=124, device_reductions=device, **extra)
+        for start in range(0, 700, 37):
+            engine.feed(tokens[start:min(start + 37, 700)])
+        for token in tokens[700:]:
+            engine.feed([token])
         kept[device] = engine.cached_positions()
+        assert engine.policy_stats()["forced_evictions"] == 0
     assert kept[True] == kept[False] and kept[True][-1] == len(tokens) - 1 and len(kept[True]) <= 128
 
 

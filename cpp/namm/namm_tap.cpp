@@ -95,6 +95,12 @@ void FeatureTap::observe(const TapBatch & b, std::vector<float> * captured_rows)
         batch_folds_ = n_folds > 0;
     }
 
+    if (n_folds == 0 && b.host_probs != nullptr && captured_rows == nullptr &&
+        ggml_backend_buffer_is_host(state_buffer_)) {
+        copy_rows_on_host(b, n_kv, filled);
+        return;
+    }
+
     // The cells that receive this batch's tokens, as runs of consecutive cells (llama.cpp fills free cells in
     // order, so a batch is usually one run): their frames start empty.
     std::vector<int32_t> new_cells(b.token_cells, b.token_cells + n);
@@ -174,6 +180,34 @@ void FeatureTap::observe(const TapBatch & b, std::vector<float> * captured_rows)
     if (captured_rows) {
         captured_rows->resize(size_t(H * n * n_kv));
         ggml_backend_tensor_get(A, captured_rows->data(), 0, captured_rows->size() * sizeof(float));
+    }
+}
+
+void FeatureTap::copy_rows_on_host(const TapBatch & b, int64_t n_kv, int64_t filled) {
+    // The graph's computation, element for element: zero the new cells' frames, then write each row's GQA mean
+    // (the group's heads summed in order, times 1 / group) into sample 16 + slot.
+    const int64_t C = params_.n_cells, H = params_.n_head_kv, group = params_.n_head / H, n = b.n_tokens;
+    float * frames = static_cast<float *>(frames_[size_t(b.layer)]->data);  // [H][32][C]
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t c = b.token_cells[t];
+        for (int64_t h = 0; h < H; ++h) {
+            for (int64_t s = 0; s < kFft; ++s) frames[(h * kFft + s) * C + c] = 0.0f;
+        }
+    }
+    const float inv_group = 1.0f / float(group);
+    for (int64_t r = 0; r < n; ++r) {
+        for (int64_t h = 0; h < H; ++h) {
+            float * dst = frames + (h * kFft + kHop + filled + r) * C;
+            const float * first = b.host_probs + size_t(h * group) * b.head_stride + size_t(r * n_kv);
+            std::copy_n(first, n_kv, dst);
+            for (int64_t j = 1; j < group; ++j) {
+                const float * member = b.host_probs + size_t(h * group + j) * b.head_stride + size_t(r * n_kv);
+                for (int64_t c = 0; c < n_kv; ++c) dst[c] += member[c];
+            }
+            if (group > 1) {
+                for (int64_t c = 0; c < n_kv; ++c) dst[c] *= inv_group;
+            }
+        }
     }
 }
 

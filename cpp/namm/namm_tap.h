@@ -45,6 +45,10 @@ struct TapBatch {
     int32_t n_tokens = 0;                  // real rows (the tensor may be padded)
     int64_t stream_begin = 0;              // stream index of the first row
     const int32_t * token_cells = nullptr; // [n_tokens] cell of each new token
+    // The same attention when it is in host memory (nullptr otherwise): a batch that completes no STFT frame (15 of
+    // 16 decode steps) then only copies rows, done by a host loop instead of a graph.
+    const float * host_probs = nullptr;
+    size_t head_stride = 0;                // floats between heads in host_probs
 };
 
 class FeatureTap {
@@ -77,6 +81,8 @@ public:
 private:
     void allocate_state(const ggml_tensor * probs);
     void clear_device_state();
+    // observe() for a batch that completes no frame, on host memory: new cells' frames zeroed, rows copied in.
+    void copy_rows_on_host(const TapBatch & b, int64_t n_kv, int64_t filled);
     void write_cells(const std::vector<int32_t> & cells, const std::vector<float> & values);
 
     FeatureTapParams params_;
