@@ -304,3 +304,44 @@ def test_unknown_namm_name_says_what_is_shipped(smollm2_path):
 
     with pytest.raises(ModelNotFoundError, match="no-such-namm.*shipped NAMM"):
         StreamingLLM(smollm2_path, policy="namm", namm_path="no-such-namm", window=1020)
+
+
+def test_killed_run_leaves_no_worker_processes(tmp_path):
+    """A training run killed with SIGKILL cannot shut its worker pool down; the workers notice and exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from pymemory.namm.training.evaluator import ProcessPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPool(2)\n"
+        "    pids = {pool.pool.submit(os.getpid).result() for _ in range(8)}\n"
+        "    print(' '.join(map(str, pids)), flush=True)\n"
+        "    time.sleep(600)\n")
+    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in run.stdout.readline().split()]
+        assert pids and all(p != run.pid for p in pids)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+
+        def alive(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init to reap it counts as gone
+                return f.read().split(")")[-1].split()[0] != "Z"
+
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), "worker processes outlived their killed run"
+    finally:
+        if run.poll() is None:
+            run.kill()

@@ -187,12 +187,26 @@ class InProcessExecutor(Executor):
         return out
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: a run killed with SIGKILL or SIGTERM gives its workers no chance to be shut down, and a
+    worker blocked on the task queue would otherwise stay (holding a loaded model) forever."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class ProcessPool(Executor):
-    """Local worker processes (spawned: a forked llama.cpp thread pool is not safe)."""
+    """Local worker processes (spawned: a forked llama.cpp thread pool is not safe); they exit with their parent."""
 
     def __init__(self, workers: int):
         self.description = f"{workers} local worker processes"
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                        initializer=_exit_with_parent, initargs=(os.getpid(),))
 
     def map(self, spec, jobs, on_done=None):
         return _gather([self.pool.submit(run_job, spec, job) for job in jobs], on_done)
