@@ -129,9 +129,8 @@ def test_h2o_on_gemma_keeps_other_tokens_than_sink(gemma_model, gemma_tokens):
 
 @pytest.mark.model
 @pytest.mark.parametrize("policy, window, n_tokens", [
-    ("h2o", 252, 700),    # cache smaller than the SWA window
-    ("h2o", 700, 1300),   # larger: the SWA cache has reused cells and purged, so its cells differ from the base's
-    ("namm", 252, 700),
+    ("h2o", 700, 1300),   # cache larger than the SWA window: the SWA cache has reused cells and purged
+    ("namm", 252, 700),   # smaller: tokens leave the window while cached
 ])
 def test_attention_policy_sessions_on_gemma(gemma_model, gemma_tokens, policy, window, n_tokens):
     """A session of an attention-scored policy on an iSWA model saves both caches' cell layouts: the restored
