@@ -23,6 +23,10 @@ if run attention; then      # issue 4: h2o / namm overhead vs sink at 1K and 4K,
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024,4096 --rounds 3 \
     --tokens 512 --json $out/bench_attention_smollm2.json --md $out/bench_attention_smollm2.md
 fi
+if run attention-shipped; then  # issue 13: the same with the shipped NAMM (every 32 tokens, budget mode)
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 3 --tokens 512 \
+    --namm smollm2 --json $out/bench_attention_shipped_namm.json --md $out/bench_attention_shipped_namm.md
+fi
 if run namm-scorer; then    # issue 3: scorer time per invocation, 512 to 32K cached tokens, per weight type
   python tools/bench_namm_scorer.py --out $out/namm_scorer
 fi

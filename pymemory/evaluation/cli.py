@@ -283,7 +283,13 @@ def run_bench(args) -> int:
 
     namm_path = None
     if "attention" in suites or "memory" in suites:
-        namm_path = args.namm or bench.random_namm_gguf(tempfile.mkdtemp(prefix="pymemory-bench-"))
+        if args.namm:  # a NAMM GGUF or a shipped NAMM's name (its invocation interval and mode come with it)
+            from ..namm.packaged import resolve_namm
+
+            namm_path = resolve_namm(args.namm)
+        else:
+            namm_path = bench.random_namm_gguf(tempfile.mkdtemp(prefix="pymemory-bench-"))
+        data["namm"] = args.namm or "random weights"
 
     if "memory" in suites:
         rows = []
@@ -332,8 +338,10 @@ def run_bench(args) -> int:
                              f"{timing[name]['median'] / timing['sink']['median']:.3f}", prefill[name],
                              f"{prefill[name] / prefill['sink']:.3f}", round(policy_ms[name]["observe"], 2),
                              round(policy_ms[name]["decide"], 2)])
-        sections.append("## Attention-scored policies vs sink (decode includes NAMM invocations; random NAMM "
-                        "weights)\n\nPrefill streams 2 x cache tokens. The last two columns split the policy's own "
+        which = f"NAMM {args.namm}, its own invocation interval" if args.namm else \
+            "random NAMM weights, invoked every 512 tokens"
+        sections.append(f"## Attention-scored policies vs sink (decode includes NAMM invocations; {which})"
+                        "\n\nPrefill streams 2 x cache tokens. The last two columns split the policy's own "
                         "time per decoded token (last round): reading attention inside llama_decode (GQA means and "
                         "spectrogram folds for namm, per-cell sums for h2o) and deciding (NAMM invocations: "
                         "features, BAM, selection).\n\n" + report.markdown_table(
@@ -416,7 +424,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--attention-caches", type=_ints, default=[1024, 4096])
     b.add_argument("--tokens", type=int, default=64, help="decode steps timed per measurement")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
-    b.add_argument("--namm", default=None, help="NAMM GGUF for the attention suite (default: random weights)")
+    b.add_argument("--namm", default=None,
+                   help="NAMM GGUF or shipped name for the attention and memory suites (default: random weights)")
     b.add_argument("--long-run", type=int, default=0, metavar="N",
                    help="instead: stream N tokens through one policy and record RSS at 10,000, every 100,000 and N")
     b.add_argument("--long-run-chunk", type=int, default=0, metavar="K",
