@@ -61,13 +61,13 @@ def test_device_reductions_keep_what_host_reductions_keep(smollm2_model, english
     from pymemory.namm.packaged import resolve_namm
 
     extra = {"h2o_recent": 40} if policy == "h2o" else {"namm_path": resolve_namm("smollm2")}
-    tokens = smollm2_model.tokenize(english_text, True, False)[:800]
+    tokens = smollm2_model.tokenize(english_text, True, False)[:500]
     kept = {}
     for device in (False, True):
         engine = _core.Engine(smollm2_model, policy=policy, n_sink=4, window=124, device_reductions=device, **extra)
-        for start in range(0, 700, 37):
-            engine.feed(tokens[start:min(start + 37, 700)])
-        for token in tokens[700:]:  # single tokens: row copies, a frame fold every 16th, an invocation every 32nd
+        for start in range(0, 400, 37):
+            engine.feed(tokens[start:min(start + 37, 400)])
+        for token in tokens[400:]:  # single tokens: row copies, a frame fold every 16th, an invocation every 32nd
             engine.feed([token])
         kept[device] = engine.cached_positions()
         assert engine.policy_stats()["forced_evictions"] == 0
