@@ -181,3 +181,11 @@ def test_server_session_continues_in_pymemory_chat(smollm2_path, tmp_path):
         reply = "".join(llm.chat("What is the secret password?", max_tokens=24, temperature=0, repeat_penalty=1.0))
         assert llm.stats.tokens_seen - seen - 24 < 30
         assert "tulip" in reply.lower()
+
+
+def test_save_every_turn_needs_a_sessions_dir(smollm2_path):
+    from pymemory import InvalidArgumentError
+    from pymemory.server.app import ServerConfig, ServerState
+
+    with pytest.raises(InvalidArgumentError, match="--save-every-turn needs --sessions-dir"):
+        ServerState(ServerConfig(model=smollm2_path, save_every_turn=True))
