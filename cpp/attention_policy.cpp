@@ -75,12 +75,20 @@ std::vector<int32_t> CellScorePolicy::make_room(const CacheView & cache, int32_t
     return out;
 }
 
+std::vector<double> values_by_token(const std::vector<double> & per_cell, const CacheView & cache) {
+    std::vector<double> out;
+    out.reserve(cache.cells.size());
+    for (int32_t cell : cache.cells) out.push_back(per_cell[size_t(cell)]);
+    return out;
+}
+
+void restore_by_token(const std::vector<double> & per_token, const CacheView & cache, std::vector<double> & per_cell) {
+    for (size_t i = 0; i < per_token.size(); ++i) per_cell[size_t(cache.cells[i])] = per_token[i];
+}
+
 std::string CellScorePolicy::save_state(const CacheView & cache) const {
     ByteWriter out;
-    std::vector<double> scores;
-    scores.reserve(cache.cells.size());
-    for (int32_t cell : cache.cells) scores.push_back(scores_[size_t(cell)]);
-    out.put_vector(scores);
+    out.put_vector(values_by_token(scores_, cache));
     out.put(forced_evictions_);
     return std::move(out.bytes());
 }
@@ -95,7 +103,7 @@ void CellScorePolicy::load_state(const CacheView & cache, const std::string & by
                                               std::to_string(cache.cells.size()) + " (damaged session file)");
     }
     reset();
-    for (size_t i = 0; i < scores.size(); ++i) scores_[size_t(cache.cells[i])] = scores[i];
+    restore_by_token(scores, cache, scores_);
     forced_evictions_ = forced;
 }
 

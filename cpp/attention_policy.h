@@ -52,6 +52,11 @@ struct CacheView {
     int32_t capacity = 0;
 };
 
+// Sessions: a per-cell array read in the cache's token order (what a saved state holds), and written back into the
+// cells the same tokens occupy after a restore.
+std::vector<double> values_by_token(const std::vector<double> & per_cell, const CacheView & cache);
+void restore_by_token(const std::vector<double> & per_token, const CacheView & cache, std::vector<double> & per_cell);
+
 // One invocation's record, in the spirit of the original NAMM's mem_stats.
 struct InvocationRecord {
     int64_t tokens_seen = 0;               // stream length when the policy ran

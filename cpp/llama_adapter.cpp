@@ -476,10 +476,6 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
     }
     const std::vector<Pos> in_cell_order = in.get_vector<Pos>();
     const std::vector<Pos> swa_in_cell_order = in.get_vector<Pos>();
-    if (mirror_swa_ && swa_in_cell_order.empty() && !in_cell_order.empty()) {
-        fail(ErrorKind::invalid_argument, "the saved KV state has no sliding-window cache cells; it was saved by an "
-                                          "engine without the SWA cell mirror (another policy)");
-    }
     std::vector<Pos> a = in_cell_order, b = positions;
     std::sort(a.begin(), a.end());
     std::sort(b.begin(), b.end());

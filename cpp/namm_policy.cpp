@@ -150,10 +150,7 @@ public:
         out.put(n_layer_);
         out.put(n_head_kv_);
         out.put_vector(tap_.save_cells(cache.cells));
-        std::vector<double> scores;
-        scores.reserve(cache.cells.size());
-        for (int32_t cell : cache.cells) scores.push_back(last_cell_scores_[size_t(cell)]);
-        out.put_vector(scores);
+        out.put_vector(values_by_token(last_cell_scores_, cache));
         out.put(forced_evictions_);
         return std::move(out.bytes());
     }
@@ -177,7 +174,7 @@ public:
         }
         reset();
         tap_.load_cells(cache.cells, features);
-        for (size_t i = 0; i < scores.size(); ++i) last_cell_scores_[size_t(cache.cells[i])] = scores[i];
+        restore_by_token(scores, cache, last_cell_scores_);
         forced_evictions_ = forced;
     }
 

@@ -42,7 +42,7 @@ void FeatureTap::allocate_state(const ggml_tensor * probs) {
                                      compute_.name() + " (a smaller cache needs less)");
     }
     clear_device_state();
-    if (!pending_cells_.empty()) write_cells(pending_cells_, pending_values_);
+    if (!pending_cells_.empty()) transfer_cells(pending_cells_, nullptr, pending_values_.data());
     pending_cells_.clear();
     pending_values_.clear();
 }
@@ -226,10 +226,6 @@ std::vector<float> FeatureTap::ema(int32_t layer, const std::vector<int32_t> & c
     return out;
 }
 
-}  // namespace pm::namm
-
-namespace pm::namm {
-
 std::vector<float> FeatureTap::save_cells(const std::vector<int32_t> & cells) const {
     const int64_t L = params_.n_layer, C = params_.n_cells, H = params_.n_head_kv, n = int64_t(cells.size());
     std::vector<float> out(size_t(L * n * H * kSavedPerHead), 0.0f);
@@ -249,20 +245,7 @@ std::vector<float> FeatureTap::save_cells(const std::vector<int32_t> & cells) co
         }
         return out;
     }
-    std::vector<float> frames(size_t(C * kFft * H)), ema(size_t(C * kBins * H));  // [H][32][C], [H][17][C]
-    for (int64_t l = 0; l < L; ++l) {
-        ggml_backend_tensor_get(frames_[size_t(l)], frames.data(), 0, frames.size() * sizeof(float));
-        ggml_backend_tensor_get(ema_[size_t(l)], ema.data(), 0, ema.size() * sizeof(float));
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t c = cells[size_t(i)];
-            const bool stale = !batch_folds_ && ema_keep_[size_t(c)] == 0.0f;
-            for (int64_t h = 0; h < H; ++h) {
-                float * dst = out.data() + size_t(((l * n + i) * H + h) * kSavedPerHead);
-                for (int64_t t = 0; t < kFft; ++t) dst[t] = frames[size_t((h * kFft + t) * C + c)];
-                for (int64_t f = 0; f < kBins; ++f) dst[kFft + f] = stale ? 0.0f : ema[size_t((h * kBins + f) * C + c)];
-            }
-        }
-    }
+    transfer_cells(cells, out.data(), nullptr);
     return out;
 }
 
@@ -284,25 +267,36 @@ void FeatureTap::load_cells(const std::vector<int32_t> & cells, const std::vecto
         pending_values_ = values;
         return;
     }
-    write_cells(cells, values);
+    transfer_cells(cells, nullptr, values.data());
 }
 
-void FeatureTap::write_cells(const std::vector<int32_t> & cells, const std::vector<float> & values) {
+void FeatureTap::transfer_cells(const std::vector<int32_t> & cells, float * to_saved, const float * from_saved) const {
     const int64_t L = params_.n_layer, C = params_.n_cells, H = params_.n_head_kv, n = int64_t(cells.size());
-    std::vector<float> frames(size_t(C * kFft * H)), ema(size_t(C * kBins * H));
+    std::vector<float> frames(size_t(C * kFft * H)), ema(size_t(C * kBins * H));  // [H][32][C], [H][17][C]
     for (int64_t l = 0; l < L; ++l) {
         ggml_backend_tensor_get(frames_[size_t(l)], frames.data(), 0, frames.size() * sizeof(float));
         ggml_backend_tensor_get(ema_[size_t(l)], ema.data(), 0, ema.size() * sizeof(float));
         for (int64_t i = 0; i < n; ++i) {
             const int64_t c = cells[size_t(i)];
+            const bool stale = !batch_folds_ && ema_keep_[size_t(c)] == 0.0f;
             for (int64_t h = 0; h < H; ++h) {
-                const float * src = values.data() + size_t(((l * n + i) * H + h) * kSavedPerHead);
-                for (int64_t t = 0; t < kFft; ++t) frames[size_t((h * kFft + t) * C + c)] = src[t];
-                for (int64_t f = 0; f < kBins; ++f) ema[size_t((h * kBins + f) * C + c)] = src[kFft + f];
+                const size_t at = size_t(((l * n + i) * H + h) * kSavedPerHead);
+                for (int64_t t = 0; t < kFft; ++t) {
+                    float & sample = frames[size_t((h * kFft + t) * C + c)];
+                    if (to_saved) to_saved[at + size_t(t)] = sample;
+                    else sample = from_saved[at + size_t(t)];
+                }
+                for (int64_t f = 0; f < kBins; ++f) {
+                    float & bin = ema[size_t((h * kBins + f) * C + c)];
+                    if (to_saved) to_saved[at + size_t(kFft + f)] = stale ? 0.0f : bin;
+                    else bin = from_saved[at + size_t(kFft + f)];
+                }
             }
         }
-        ggml_backend_tensor_set(frames_[size_t(l)], frames.data(), 0, frames.size() * sizeof(float));
-        ggml_backend_tensor_set(ema_[size_t(l)], ema.data(), 0, ema.size() * sizeof(float));
+        if (from_saved) {
+            ggml_backend_tensor_set(frames_[size_t(l)], frames.data(), 0, frames.size() * sizeof(float));
+            ggml_backend_tensor_set(ema_[size_t(l)], ema.data(), 0, ema.size() * sizeof(float));
+        }
     }
 }
 

@@ -83,7 +83,9 @@ private:
     void clear_device_state();
     // observe() for a batch that completes no frame, on host memory: new cells' frames zeroed, rows copied in.
     void copy_rows_on_host(const TapBatch & b, int64_t n_kv, int64_t filled);
-    void write_cells(const std::vector<int32_t> & cells, const std::vector<float> & values);
+    // Moves the given cells' frames and E between the state and the saved layout of save_cells(): into `to_saved`
+    // (E of tokens whose batch has not folded as 0), or from `from_saved` into the state.
+    void transfer_cells(const std::vector<int32_t> & cells, float * to_saved, const float * from_saved) const;
 
     FeatureTapParams params_;
     StftTables tables_;
