@@ -146,6 +146,17 @@ void register_namm(py::module_ & m) {
         .def_property_readonly("device", &namm::NammModel::device_name)
         .def("set_threads", &namm::NammModel::set_threads, py::arg("n_threads"))
         .def(
+            "set_bam_attention",
+            [](namm::NammModel & self, const std::string & kind) {
+                using K = namm::NammModel::BamAttention;
+                if (kind != "automatic" && kind != "flash" && kind != "matmul") {
+                    fail(ErrorKind::invalid_argument, "bam attention must be 'automatic', 'flash' or 'matmul' (got '" + kind + "')");
+                }
+                self.set_bam_attention(kind == "flash" ? K::flash : kind == "matmul" ? K::matmul : K::automatic);
+            },
+            py::arg("kind"))
+        .def_property_readonly("bam_uses_flash_attention", &namm::NammModel::bam_uses_flash_attention)
+        .def(
             "step",
             [](const namm::NammModel & self, namm::LayerState & state, const FloatArray & attn, const Int64Array & new_pos) {
                 check_invocation_shapes(self, state, attn, new_pos);

@@ -94,7 +94,8 @@ public:
             const int32_t slot = slot_of_layer_[size_t(l)];
             if (slot < 0) {
                 fail(ErrorKind::invalid_argument, "layer " + std::to_string(l) +
-                                                      " is a sliding-window layer, which NAMM does not score");
+                                                      " is not scored (a sliding-window layer, or left out by "
+                                                      "namm_layers)");
             }
             windows_[size_t(slot)].assign(size_t(n_head_kv_) * size_t(delay_) * n_cells_, 0.0f);
         }
@@ -110,6 +111,7 @@ public:
 
     void observe(const AttentionView & v) override {
         // Sliding-window layers of iSWA models are not scored (they see only the last n_swa positions).
+        // Nor are layers left out by namm_layers.
         if (v.sliding || v.layer < 0 || v.layer >= int32_t(slot_of_layer_.size())) return;
         const int32_t slot = slot_of_layer_[size_t(v.layer)];
         if (slot < 0) return;
@@ -361,11 +363,21 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     // iSWA models (Gemma 2/3): only the global layers are scored; their cache holds every token, while a
     // sliding-window layer sees the last n_swa positions only. The shared-cell votes and mean scores are over the
     // (global layer, KV head) pairs.
-    std::vector<int32_t> scored;
+    std::vector<int32_t> global;
     for (int32_t l = 0; l < model.n_layer; ++l) {
-        if (model.swa_layers.size() != size_t(model.n_layer) || model.swa_layers[size_t(l)] == 0) scored.push_back(l);
+        if (model.swa_layers.size() != size_t(model.n_layer) || model.swa_layers[size_t(l)] == 0) global.push_back(l);
     }
-    if (scored.empty()) fail(ErrorKind::unsupported, "policy 'namm' needs at least one global attention layer");
+    if (global.empty()) fail(ErrorKind::unsupported, "policy 'namm' needs at least one global attention layer");
+    const int32_t n_global = int32_t(global.size());
+    if (a.namm_layers < 0 || a.namm_layers > n_global) {
+        fail(ErrorKind::invalid_argument, "namm_layers must be between 1 and the model's " + std::to_string(n_global) +
+                                              " scored attention layers, or 0 for all (got " +
+                                              std::to_string(a.namm_layers) + ")");
+    }
+    // A subset spread evenly over the depth: layer i of k sits at the middle of its 1/k of the model.
+    std::vector<int32_t> scored;
+    const int32_t k = a.namm_layers > 0 ? a.namm_layers : n_global;
+    for (int32_t i = 0; i < k; ++i) scored.push_back(global[size_t((2 * int64_t(i) + 1) * n_global / (2 * int64_t(k)))]);
     return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, std::move(scored), model.n_layer, model.n_head,
                                         model.n_head_kv, n_cells, n_threads);
 }

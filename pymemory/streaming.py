@@ -177,7 +177,9 @@ class StreamingLLM:
         namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =
             all of them, so nothing any head keeps is removed) or "budget" (hold the cache at ``max_cells``).
             Default: the mode the NAMM file was trained with (a trained NAMM says), else quorum 1.0.
-        quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (512).
+        quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (the file's).
+        namm_layers: how many attention layers NAMM scores, spread evenly over the depth (default: all). Each
+            scored layer costs tap and scorer time; docs/namm.md has the measured trade-off.
         verbose: show llama.cpp's informational log.
     """
 
@@ -207,6 +209,7 @@ class StreamingLLM:
         quorum: float | None = None,
         max_cells: int | None = None,
         namm_delay: int | None = None,
+        namm_layers: int | None = None,
         verbose: bool = False,
     ) -> None:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
@@ -288,6 +291,7 @@ class StreamingLLM:
             quorum=quorum or 0.0,
             max_cells=0 if max_cells is None else _check_int("max_cells", max_cells, 1),
             namm_delay=0 if namm_delay is None else _check_int("namm_delay", namm_delay, 16),
+            namm_layers=0 if namm_layers is None else _check_int("namm_layers", namm_layers, 1),
         )
         self.messages: list[dict[str, str]] = []  # the running conversation of chat()
         self._chat_fed_text = ""  # rendered conversation text that has gone into the cache

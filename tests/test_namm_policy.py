@@ -7,7 +7,7 @@ import pytest
 from helpers.measurements import record
 
 from conftest import STREAM_TOKENS
-from pymemory import StreamingLLM
+from pymemory import InvalidArgumentError, StreamingLLM
 from pymemory._loader import _core
 
 torch = pytest.importorskip("torch")
@@ -124,6 +124,33 @@ def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode)
           max(r["cells_before"] for r in records), "mean after",
           round(sum(r["cells_after"] for r in records) / len(records), 1), "peak", engine.stats()["peak_cells"],
           "forced", stats["forced_evictions"])
+
+
+@pytest.mark.model
+def test_namm_layers_scores_an_even_subset_with_unchanged_per_layer_features(smollm2_model, english_text, namm_gguf):
+    """namm_layers=3 scores layers 5, 15 and 25 of 30 and votes with those alone; a scored layer's features and
+    scores are its own, so up to the first invocation they equal those of the engine that scores all layers."""
+    path, _ = namm_gguf
+    tokens = smollm2_model.tokenize(english_text, True, False)[:300]
+    engines = {k: _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=path,
+                               namm_mode="budget", namm_delay=64, namm_layers=k) for k in (0, 3)}
+    for engine in engines.values():
+        engine.capture_namm_layers([15])
+        engine.feed(tokens)
+    subset, full = engines[3].policy_stats(), engines[0].policy_stats()
+    assert len(subset["invocations"]) == len(full["invocations"]) == 300 // 64
+    assert all(len(r["layer_kept"]) == 3 for r in subset["invocations"])
+    assert all(len(r["layer_kept"]) == 30 for r in full["invocations"])
+    first = [e.namm_captures()[0] for e in (engines[3], engines[0])]
+    assert first[0]["layer"] == first[1]["layer"] == 15
+    np.testing.assert_allclose(first[0]["ema"], first[1]["ema"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(first[0]["scores"], first[1]["scores"], atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="not scored"):
+        engines[3].capture_namm_layers([0])
+    for bad in (-1, 31):
+        with pytest.raises(InvalidArgumentError, match="namm_layers"):
+            _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=path, namm_delay=64,
+                         namm_layers=bad)
 
 
 @pytest.mark.model

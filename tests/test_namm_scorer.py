@@ -234,12 +234,33 @@ def test_one_fold_frame_is_the_reference_streaming_update(policies):
 # ---- long caches: BAM in query blocks --------------------------------------------------------------------------
 
 def test_bam_in_several_query_blocks_matches_the_reference(policies):
-    """2 heads x 6144 tokens split BAM's queries into 3 blocks (a 128 MiB budget per block)."""
+    """2 heads x 6144 tokens split BAM's queries into blocks (24 for flash attention, 3 for the matmul form)."""
     policy = policies[2]
     rng = np.random.default_rng(13)
     X = rng.normal(0, 1, (2, 6144, 25)).astype(np.float32)
     np.testing.assert_allclose(policy.models["f32"].scores_from_features(X),
                                policy.reference.scores_from_features(X), atol=2e-5)
+
+
+@pytest.mark.parametrize("n_heads, n_tokens", [(1, 1), (5, 700), (2, 1100), (90, 300)])
+def test_bam_flash_attention_equals_the_matmul_form(policies, n_heads, n_tokens):
+    """The CPU computes BAM's attention with ggml's flash attention (fused, masked tiles skipped); it must give the
+    scores of the matmul + softmax form and of the reference, for one token, several query blocks and many heads."""
+    policy = policies[3]
+    model = policy.models["f32"]
+    X = np.random.default_rng(n_tokens).normal(0, 1, (n_heads, n_tokens, 25)).astype(np.float32)
+    assert model.bam_attention == "flash"  # what the CPU backend chooses by itself
+    try:
+        fused = model.scores_from_features(X)
+        model.bam_attention = "matmul"
+        assert model.bam_attention == "matmul"
+        matmul = model.scores_from_features(X)
+    finally:
+        model.bam_attention = "automatic"
+    np.testing.assert_allclose(fused, matmul, atol=2e-6, rtol=1e-6)
+    np.testing.assert_allclose(fused, policy.reference.scores_from_features(X), atol=2e-5)
+    with pytest.raises(InvalidArgumentError, match="automatic"):
+        model.bam_attention = "fast"
 
 
 def test_32k_cached_tokens_are_scored(policies):

@@ -171,6 +171,9 @@ def main() -> int:
     p.add_argument("--quants", default=",".join(QUANTS),
                    help="weight types converted from ckpt.pt and scored at the training fraction ('' for none)")
     p.add_argument("--skip-warm-start", action="store_true", help="do not score the run's warm start alone")
+    p.add_argument("--layer-subsets", default="",
+                   help="comma-separated layer counts: also the trained NAMM scoring only that many layers "
+                        "(namm_layers; what a cheaper deployment loses)")
     p.add_argument("--also", action="append", default=[], metavar="NAME=GGUF",
                    help="another NAMM GGUF to score beside the trained one (e.g. an earlier shipped NAMM)")
     args = p.parse_args()
@@ -222,6 +225,7 @@ def main() -> int:
             if not path or not Path(path).exists():
                 p.error(f"--also needs NAME=GGUF with an existing file (got {item!r})")
             others[name] = os.path.abspath(path)
+        layer_subsets = [int(k) for k in args.layer_subsets.split(",") if k]
         quants = [q for q in args.quants.split(",") if q]
         if any(q not in QUANTS for q in quants):
             p.error(f"--quants takes a comma-separated subset of {','.join(QUANTS)} (got {args.quants!r})")
@@ -244,6 +248,9 @@ def main() -> int:
                 policies["warm start only (no evolution)"] = Job("namm", samples[0], warm_theta)
             policies.update({name: Job("namm_file", samples[0], namm_file=path) for name, path in others.items()})
             policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file)
+            for k in layer_subsets:
+                policies[f"trained NAMM, {k} layers scored"] = Job("namm_file", samples[0], namm_file=namm_file,
+                                                                    namm_layers=k)
             if fraction == config.cache_fraction:
                 policies.update({f"trained NAMM ({q})": Job("namm_file", samples[0], namm_file=quant_files[q])
                                  for q in quants})

@@ -23,9 +23,23 @@ if run attention; then      # issue 4: h2o / namm overhead vs sink at 1K and 4K,
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024,4096 --rounds 3 \
     --tokens 512 --json $out/bench_attention_smollm2.json --md $out/bench_attention_smollm2.md
 fi
-if run attention-shipped; then  # issue 13: the same with the shipped NAMM (every 32 tokens, budget mode)
+if run attention-shipped; then  # issue 13: the same with the shipped NAMM (every 32 tokens, budget mode), scoring
+  # all 30 layers (as trained), 10 or 5 of them (namm_layers), and 5 layers every 128 tokens
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 3 --tokens 512 \
-    --namm smollm2 --json $out/bench_attention_shipped_namm.json --md $out/bench_attention_shipped_namm.md
+    --namm smollm2 --namm-variant none --namm-variant namm_layers=10 --namm-variant namm_layers=5 \
+    --namm-variant namm_layers=5,namm_delay=128 \
+    --json $out/bench_attention_shipped_namm.json --md $out/bench_attention_shipped_namm.md
+fi
+if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 tokens over 30 layers is ~100 ms per
+  # token here, so only the cheaper deployments (fewer layers, longer intervals)
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 4096 --rounds 3 --tokens 512 \
+    --namm smollm2 --namm-variant namm_layers=5,namm_delay=256 --namm-variant namm_layers=10,namm_delay=512 \
+    --json $out/bench_attention_shipped_namm_4k.json --md $out/bench_attention_shipped_namm_4k.md
+fi
+if run namm-layers; then    # issue 13: what scoring fewer layers costs in quality (shipped SmolLM2 NAMM, held out)
+  python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2.gguf \
+    --out $out/namm_layers_smollm2 --text 12 --retrieval 6 --workers 2 --quants '' --skip-warm-start --no-reproduce \
+    --layer-subsets 10,5
 fi
 if run namm-scorer; then    # issue 3: scorer time per invocation, 512 to 32K cached tokens, per weight type
   python tools/bench_namm_scorer.py --out $out/namm_scorer

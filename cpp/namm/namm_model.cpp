@@ -30,6 +30,8 @@ double ms_since(Clock::time_point t0) {
 // queries (BAM) into chunks that fit, so memory stays O(n · chunk) whatever n is.
 constexpr int64_t kGraphBudgetBytes = int64_t(128) << 20;
 constexpr int64_t kBamQueryBlock = 128;
+constexpr int64_t kBamFlashQueryBlock = 256;
+constexpr int64_t kFlashMaskBytesPerEntry = 6;  // a block's mask: f32 then its f16 copy
 
 [[noreturn]] void bad_file(const std::string & path, const std::string & what) {
     fail(ErrorKind::bad_model_file, "'" + path + "' is not a valid NAMM GGUF: " + what +
@@ -310,6 +312,7 @@ void NammModel::load_file(const std::string & path) {
     }
     dft_ = ggml_new_tensor_2d(weights_ctx_, GGML_TYPE_F32, kFft, 2 * kBins);
     allocator_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    use_flash_ = backend_has_flash_attention();
     weights_buffer_ = ggml_backend_alloc_ctx_tensors(weights_ctx_, backend_);
     if (!weights_buffer_) fail(ErrorKind::runtime, "could not allocate the NAMM weights on the backend");
     for (size_t i = 0; i < tensors.size(); ++i) {
@@ -526,11 +529,13 @@ std::vector<float> NammModel::run_bam(const LayerInput * tokens, const float * x
             }
         }
     }
-    // Queries go in small blocks: block b sees only the keys up to its own (the reversed-causal triangle), and its
-    // [keys, block, H] scores stay in cache between the two matmuls. Measured on 2 cores, 3 heads, 4096 tokens:
-    // blocks of 128 take 61 ms, of 512 78 ms, of 2730 (what the memory budget alone allowed) 215 ms.
+    // Queries go in blocks: block b sees only the keys up to its own (the reversed-causal triangle), so memory stays
+    // O(n · block). The matmul form keeps each block's [keys, block, H] scores in memory between its two matmuls;
+    // ggml's flash attention never materialises them (tiles of 64 x 64 in cache, fully masked tiles skipped).
+    const bool flash = use_flash_;
+    const int64_t budget_block = kGraphBudgetBytes / (flash ? kFlashMaskBytesPerEntry : int64_t(sizeof(float)) * H) / n;
     const int64_t block = std::min<int64_t>(
-        {n, kBamQueryBlock, std::max<int64_t>(32, kGraphBudgetBytes / int64_t(sizeof(float)) / (n * H))});
+        {n, flash ? kBamFlashQueryBlock : kBamQueryBlock, std::max<int64_t>(32, budget_block)});
     const int64_t n_blocks = (n + block - 1) / block;
 
     Graph g(size_t(64 + 32 * n_blocks));
@@ -543,28 +548,37 @@ std::vector<float> NammModel::run_bam(const LayerInput * tokens, const float * x
     } else {
         x = g.input(kFeatures, n, H);                                                    // [25, n, H]
     }
+    ggml_tensor * zero = flash ? g.input(1, 1) : nullptr;                                // [1, 1] mask seed
     // Q, K, V: one linear layer on the features zero-padded to 32 (the weight's padding columns are zero).
     ggml_tensor * xp = ggml_pad(ctx, x, kFeaturesPadded - kFeatures, 0, 0, 0);           // [32, n, H]
     ggml_tensor * qkv = ggml_add(ctx, ggml_mul_mat(ctx, w_qkv_, xp), b_qkv_);            // [96, n, H]
     auto part = [&](int32_t index) {                                                     // [32, n, H] view
         return ggml_view_3d(ctx, qkv, kHidden, n, H, qkv->nb[1], qkv->nb[2], size_t(index * kHidden) * sizeof(float));
     };
-    ggml_tensor * q = ggml_cont(ctx, part(0));                                           // [32, n, H]
-    ggml_tensor * k = ggml_cont(ctx, part(1));                                           // [32, n, H]
-    ggml_tensor * vt = ggml_cont(ctx, ggml_transpose(ctx, part(2)));                     // [n, 32, H]
+    ggml_tensor * q = flash ? part(0) : ggml_cont(ctx, part(0));                         // [32, n, H]
+    ggml_tensor * k = flash ? part(1) : ggml_cont(ctx, part(1));                         // [32, n, H]
+    ggml_tensor * v = flash ? part(2) : ggml_cont(ctx, ggml_transpose(ctx, part(2)));    // [32, n, H] / [n, 32, H]
     const float scale = 1.0f / std::sqrt(float(kHidden));
     std::vector<std::pair<int64_t, ggml_tensor *>> block_scores;
     for (int64_t b0 = 0; b0 < n; b0 += block) {
         const int64_t nb = std::min(block, n - b0);
         const int64_t n_keys = b0 + nb;  // reversed order: query b0 + i sees keys 0 .. b0 + i
         ggml_tensor * kb = ggml_view_3d(ctx, k, kHidden, n_keys, H, k->nb[1], k->nb[2], 0);          // [32, keys, H]
-        ggml_tensor * qb = ggml_cont(ctx, ggml_view_3d(ctx, q, kHidden, nb, H, q->nb[1], q->nb[2],
-                                                       size_t(b0) * q->nb[1]));                       // [32, nb, H]
-        ggml_tensor * s = ggml_mul_mat(ctx, kb, qb);                                                  // [keys, nb, H]
-        s = ggml_diag_mask_inf_inplace(ctx, s, int(b0));
-        s = ggml_soft_max_ext_inplace(ctx, s, nullptr, scale, 0.0f);
-        ggml_tensor * vb = ggml_view_3d(ctx, vt, n_keys, kHidden, H, vt->nb[1], vt->nb[2], 0);       // [keys, 32, H]
-        ggml_tensor * o = ggml_mul_mat(ctx, vb, s);                                                   // [32, nb, H]
+        ggml_tensor * qb = ggml_view_3d(ctx, q, kHidden, nb, H, q->nb[1], q->nb[2], size_t(b0) * q->nb[1]);
+        ggml_tensor * o = nullptr;                                                                    // [32, nb, H]
+        if (flash) {
+            ggml_tensor * vb = ggml_view_3d(ctx, v, kHidden, n_keys, H, v->nb[1], v->nb[2], 0);       // [32, keys, H]
+            ggml_tensor * mask = ggml_diag_mask_inf_inplace(ctx, ggml_repeat_4d(ctx, zero, n_keys, nb, 1, 1), int(b0));
+            mask = ggml_cast(ctx, mask, GGML_TYPE_F16);                                               // [keys, nb]
+            ggml_tensor * fa = ggml_flash_attn_ext(ctx, qb, kb, vb, mask, scale, 0.0f, 0.0f);        // [32, H, nb]
+            o = ggml_cont(ctx, ggml_permute(ctx, fa, 0, 2, 1, 3));
+        } else {
+            ggml_tensor * s = ggml_mul_mat(ctx, kb, ggml_cont(ctx, qb));                              // [keys, nb, H]
+            s = ggml_diag_mask_inf_inplace(ctx, s, int(b0));
+            s = ggml_soft_max_ext_inplace(ctx, s, nullptr, scale, 0.0f);
+            ggml_tensor * vb = ggml_view_3d(ctx, v, n_keys, kHidden, H, v->nb[1], v->nb[2], 0);       // [keys, 32, H]
+            o = ggml_mul_mat(ctx, vb, s);
+        }
         // Output projection, gate and residual (spec §3.3-3.4): hidden = x ⊙ (1 + g) + r, then the final linear.
         ggml_tensor * y = ggml_add(ctx, ggml_mul_mat(ctx, w_o_, o), b_o_);                           // [50, nb, H]
         ggml_tensor * res = ggml_view_3d(ctx, y, kFeatures, nb, H, y->nb[1], y->nb[2], 0);            // [25, nb, H]
@@ -576,6 +590,10 @@ std::vector<float> NammModel::run_bam(const LayerInput * tokens, const float * x
         block_scores.emplace_back(b0, score);
     }
     g.allocate(allocator_);
+    if (zero) {
+        const float zero_value = 0.0f;
+        ggml_backend_tensor_set(zero, &zero_value, 0, sizeof(float));
+    }
     if (tokens) {
         ggml_backend_tensor_set(ema, ema_rev.data(), 0, ema_rev.size() * sizeof(float));
         ggml_backend_tensor_set(rec, rec_rev.data(), 0, rec_rev.size() * sizeof(float));
@@ -593,6 +611,35 @@ std::vector<float> NammModel::run_bam(const LayerInput * tokens, const float * x
         }
     }
     return scores;
+}
+
+bool NammModel::backend_has_flash_attention() const {
+    // Asks the backend about the op BAM would build: f32 Q, K and V of width 32, an f16 mask.
+    ggml_init_params params{4 * ggml_tensor_overhead() + 1024, nullptr, true};
+    ggml_context * ctx = ggml_init(params);
+    ggml_tensor * q = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kHidden, 64, 2);
+    ggml_tensor * k = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kHidden, 64, 2);
+    ggml_tensor * v = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, kHidden, 64, 2);
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, 64, 64);
+    ggml_tensor * fa = ggml_flash_attn_ext(ctx, q, k, v, mask, 1.0f, 0.0f, 0.0f);
+    const bool supported = ggml_backend_supports_op(backend_, fa);
+    ggml_free(ctx);
+    return supported;
+}
+
+void NammModel::set_bam_attention(BamAttention kind) {
+    const std::lock_guard<std::mutex> lock(compute_mutex_);
+    const bool available = backend_has_flash_attention();
+    if (kind == BamAttention::flash && !available) {
+        fail(ErrorKind::unsupported, "the NAMM scorer's backend (" + std::string(ggml_backend_name(backend_)) +
+                                         ") has no flash attention on f32 tensors; use 'matmul' or 'automatic'");
+    }
+    use_flash_ = kind == BamAttention::flash || (kind == BamAttention::automatic && available);
+}
+
+bool NammModel::bam_uses_flash_attention() const {
+    const std::lock_guard<std::mutex> lock(compute_mutex_);
+    return use_flash_;
 }
 
 std::vector<float> NammModel::scores(const LayerInput & tokens, ScorerTimings * timings) const {

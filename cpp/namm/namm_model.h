@@ -101,6 +101,13 @@ public:
     // failure leaves the old parameters in place. Throws pm::Error (invalid_argument).
     void set_parameters(const std::vector<std::pair<std::string, std::vector<float>>> & tensors);
 
+    // How BAM computes its attention: ggml's flash attention (fused, tiled, masked tiles skipped) where the backend
+    // runs it on f32 K/V, as the CPU does; else, or when asked, matmul + softmax (the reference form the tests compare
+    // the fused one with). Throws unsupported when `flash` is asked of a backend without it.
+    enum class BamAttention { automatic, flash, matmul };
+    void set_bam_attention(BamAttention kind);
+    bool bam_uses_flash_attention() const;
+
     // Steps 2 and 3: scores() then select_tokens() with this model's threshold.
     LayerScores score_layer(const LayerInput & tokens, ScorerTimings * timings = nullptr) const;
 
@@ -110,13 +117,15 @@ private:
     std::vector<float> recency(const LayerInput & tokens, bool reversed) const;
     ggml_tensor * build_features(ggml_context * ctx, ggml_tensor * ema, ggml_tensor * recency) const;
     std::vector<float> run_bam(const LayerInput * tokens, const float * x, int32_t n_heads, int32_t n_tokens) const;
+    bool backend_has_flash_attention() const;
 
     NammHparams hparams_;
     ggml_backend * backend_ = nullptr;
     bool owns_backend_ = false;
     ggml_backend_buffer * weights_buffer_ = nullptr;
     ggml_context * weights_ctx_ = nullptr;
-    mutable std::mutex compute_mutex_;  // guards the backend and allocator_
+    mutable std::mutex compute_mutex_;  // guards the backend, allocator_ and use_flash_
+    bool use_flash_ = false;
     // Backend memory for the graphs' intermediate tensors, kept between calls: a graph that fits reuses it.
     ggml_gallocr * allocator_ = nullptr;
     // Weights in ggml layout (ne0 = input features).

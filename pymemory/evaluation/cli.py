@@ -201,7 +201,7 @@ def run_bench(args) -> int:
                 ["tokens", "RSS MiB", "peak RSS MiB", "cells used", "max pos", "seconds"],
                 [[r["tokens"], r["rss_mib"], r["peak_rss_mib"], r["cells_used"], r["max_pos"], r["seconds"]]
                  for r in result["records"]])
-            status = "" if result["done"] else "**In progress** (report rewritten at every checkpoint). "
+            status = "" if result["done"] else "**In progress** (report rewritten at every checkpoint).\n\n"
             return (f"## Memory over {args.long_run:,} tokens ({spec.label})\n\n{status}{table}\n\nPeak RSS at "
                     f"{last['tokens']:,} tokens vs after {first['tokens']:,}: "
                     f"{last['peak_rss_mib'] - first['peak_rss_mib']:+.1f} MiB; {result['tokens_per_s']} tokens/s; "
@@ -321,9 +321,12 @@ def run_bench(args) -> int:
             specs = {
                 "sink": PolicySpec("sink", args.n_sink, window, {"flash_attention": "off"}),
                 "h2o": PolicySpec("h2o", args.n_sink, window, {"reindex": True}),
-                "namm": PolicySpec("namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget",
-                                                                  "reindex": True}),
             }
+            for variant in [("" if v == "none" else v) for v in args.namm_variant] or [""]:  # the NAMM as its file says, or with engine options
+                options = parse_policy("namm," + variant if variant else "namm", args.n_sink, window).options
+                specs["namm" + (f" {variant}" if variant else "")] = PolicySpec(
+                    "namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget", "reindex": True,
+                                                  **options})
             runs = {name: bench.DecodeRun(model, spec, threads, prompt) for name, spec in specs.items()}
             n_decode = max(args.tokens, 512)  # a NAMM invocation falls inside every timed window
             timing = bench.interleaved({name: (lambda r=r: r.tokens_per_s(n_decode)) for name, r in runs.items()},
@@ -426,6 +429,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     b.add_argument("--namm", default=None,
                    help="NAMM GGUF or shipped name for the attention and memory suites (default: random weights)")
+    b.add_argument("--namm-variant", action="append", default=[], metavar="KEY=VALUE[,...]",
+                   help="attention suite: time NAMM with these engine options, e.g. namm_layers=10,namm_delay=128 "
+                        "(repeatable, one row each; 'none' = as the file says; default: one row as the file says)")
     b.add_argument("--long-run", type=int, default=0, metavar="N",
                    help="instead: stream N tokens through one policy and record RSS at 10,000, every 100,000 and N")
     b.add_argument("--long-run-chunk", type=int, default=0, metavar="K",

@@ -77,6 +77,16 @@ class NammModel:
         return hparams
 
     @property
+    def bam_attention(self) -> str:
+        """How BAM computes attention: "flash" (ggml's fused kernel, chosen where the backend has it) or "matmul"
+        (matmul + softmax, the reference form). Set "automatic", "flash" or "matmul" to choose."""
+        return "flash" if self._model.bam_uses_flash_attention else "matmul"
+
+    @bam_attention.setter
+    def bam_attention(self, kind: str) -> None:
+        self._model.set_bam_attention(kind)
+
+    @property
     def device(self) -> str:
         return self._model.device
 

@@ -48,6 +48,7 @@ class Job:
     theta: tuple[float, ...] | None = None  # namm only; None = all zeros
     tag: int = 0  # the caller's index (candidate number), returned as is
     namm_file: str = ""  # namm_file only: a NAMM GGUF used as is (any weight type, its own settings)
+    namm_layers: int = 0  # namm and namm_file: attention layers scored (0 = all; the engine's namm_layers)
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,20 @@ class _Worker:
                           np.asarray(spec.feat_var, np.float32), "pymemory train-namm template")
         self.template = write_template(zero, os.path.join(self._tmp.name, "template.gguf"), spec)
 
-    def engine(self, memory: str, namm_file: str = ""):
-        key = f"{memory}:{namm_file}"
+    def engine(self, memory: str, namm_file: str = "", namm_layers: int = 0):
+        key = f"{memory}:{namm_file}:{namm_layers}"
         if key not in self.engines:
             s = self.spec
             common = dict(n_threads=s.threads)
             if memory == "namm_file":
                 kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=namm_file,
-                              namm_delay=s.namm_delay)
+                              namm_delay=s.namm_delay, namm_layers=namm_layers)
             elif memory == "full":
                 kwargs = dict(policy="none", n_sink=0, window=s.sample_tokens + 16)
             elif memory == "namm":
                 kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=self.template,
-                              namm_mode=s.mode, quorum=s.quorum, max_cells=s.max_cells, namm_delay=s.namm_delay)
+                              namm_mode=s.mode, quorum=s.quorum, max_cells=s.max_cells, namm_delay=s.namm_delay,
+                              namm_layers=namm_layers)
             elif memory in ("sink", "h2o", "tova"):
                 kwargs = dict(policy=memory, n_sink=s.n_sink, window=s.capacity - s.n_sink)
             else:
@@ -100,7 +102,7 @@ class _Worker:
         return self.engines[key]
 
     def run(self, job: Job) -> JobResult:
-        engine = self.engine(job.memory, job.namm_file)
+        engine = self.engine(job.memory, job.namm_file, job.namm_layers)
         if job.memory == "namm":
             theta = np.zeros(4172, np.float32) if job.theta is None else np.asarray(job.theta, np.float32)
             engine.set_namm_parameters(namm_tensors(theta, self.spec))
