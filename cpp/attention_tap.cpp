@@ -65,8 +65,9 @@ bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
     const char * name = ggml_get_name(tensor);
     const size_t prefix_len = std::strlen(kAttentionTensorPrefix);
     if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return !ask;  // observe nothing else
-    if (ask) return true;  // we want to observe this node once it is computed
-    return self->observe(tensor, name, std::atoi(name + prefix_len));
+    const int32_t layer = std::atoi(name + prefix_len);
+    if (ask) return self->observes(layer);  // observe this node once it is computed, if it is a layer we read
+    return self->observe(tensor, name, layer);
 }
 
 bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t layer) {

@@ -92,6 +92,13 @@ public:
     // Why the tap cancelled the last decode, or "".
     const std::string & error() const { return error_; }
 
+    // The layers whose attention the scheduler hands over (1 per observed layer); empty = all. Each observed layer
+    // splits llama.cpp's graph compute at its attention node, so a policy that scores few layers asks for few.
+    void set_observed_layers(std::vector<uint8_t> observed) { observed_ = std::move(observed); }
+    bool observes(int32_t layer) const {
+        return observed_.empty() || (layer >= 0 && size_t(layer) < observed_.size() && observed_[size_t(layer)]);
+    }
+
     // Per-cell totals to compute for every layer (AttentionView::cell_totals), where the attention lives.
     void set_totals(AttentionTotals rows) { totals_ = rows; }
     // Treats attention as device-resident even when it is in host memory (probs stays null, totals come from a
@@ -112,6 +119,7 @@ private:
     std::unique_ptr<DeviceCompute> device_;  // reductions of device-resident attention
     std::vector<float> cell_totals_;
     std::vector<uint8_t> sliding_;           // per layer: 1 = sliding-window layer
+    std::vector<uint8_t> observed_;          // per layer: 1 = observed; empty = all
     const Pos * cell_pos_ = nullptr;         // the batch being decoded: base cache
     std::vector<Pos> token_pos_;
     std::vector<int32_t> token_cell_;

@@ -169,11 +169,23 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
     if (attention_) {
         const ModelInfo & info = model_->info();
-        std::vector<int32_t> scored;
-        for (int32_t l = 0; l < info.n_layer; ++l) {
-            if (info.swa_layers.size() != size_t(info.n_layer) || info.swa_layers[size_t(l)] == 0) scored.push_back(l);
+        const bool iswa = info.swa_layers.size() == size_t(info.n_layer);
+        if (attention_->scored_layers().empty()) {  // the policy did not choose: every global layer
+            std::vector<int32_t> scored;
+            for (int32_t l = 0; l < info.n_layer; ++l) {
+                if (!iswa || info.swa_layers[size_t(l)] == 0) scored.push_back(l);
+            }
+            attention_->set_scored_layers(std::move(scored));
         }
-        attention_->set_scored_layers(std::move(scored));
+        // The tap reads the scored layers, and an iSWA model's sliding layers (their cache's mirror is checked on
+        // the first of them in every batch).
+        std::vector<uint8_t> observed(size_t(info.n_layer), 0);
+        for (int32_t l : attention_->scored_layers()) observed[size_t(l)] = 1;
+        for (int32_t l = 0; l < info.n_layer; ++l) {
+            if (iswa && info.swa_layers[size_t(l)] != 0) observed[size_t(l)] = 1;
+        }
+        n_observed_layers_ = int32_t(std::count(observed.begin(), observed.end(), uint8_t(1)));
+        ctx_->set_observed_layers(std::move(observed));
         ctx_->set_attention_totals(!attention_->needs_cell_totals()     ? AttentionTotals::none
                                    : attention_->cell_totals_last_row() ? AttentionTotals::last_row
                                                                         : AttentionTotals::all_rows);
@@ -299,10 +311,10 @@ void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
         tap_layers_seen_ = 0;
     }
     ctx_->decode(tokens, positions.data(), n, logits_all);
-    if (attention_ && tap_layers_seen_ != model_->info().n_layer) {
+    if (attention_ && tap_layers_seen_ != n_observed_layers_) {
         // Attention-scored eviction without attention would silently degrade to noise: refuse.
         fail(ErrorKind::runtime, "the attention tap saw " + std::to_string(tap_layers_seen_) + " of " +
-                                     std::to_string(model_->info().n_layer) +
+                                     std::to_string(n_observed_layers_) +
                                      " layers (llama.cpp no longer names its attention tensor 'kq_soft_max-<layer>', "
                                      "or flash attention was forced on); policy '" +
                                      policy_kind_name(params_.policy.kind) + "' cannot run with this llama.cpp");

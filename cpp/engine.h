@@ -116,6 +116,7 @@ private:
     int32_t n_batch_ = 0;
     std::vector<int32_t> cache_cells_;            // cell of each cached token (for attention policies)
     int32_t tap_layers_seen_ = 0;                 // attention tensors observed during the last decode
+    int32_t n_observed_layers_ = 0;               // ... and how many it should have been
 
     CacheState cache_;                  // positions (chronological) + pinned count
     std::vector<Token> cached_tokens_;  // parallel to cache_.positions

@@ -169,6 +169,10 @@ public:
     void set_attention_totals(AttentionTotals rows) {
         if (tap_) tap_->set_totals(rows);
     }
+    // Only these layers' attention reaches on_attention (1 per layer; empty = all). No-op without a tap.
+    void set_observed_layers(std::vector<uint8_t> observed) {
+        if (tap_) tap_->set_observed_layers(std::move(observed));
+    }
     // Treats tapped attention as if it lived on a device even when it is in host memory: AttentionView::probs stays
     // null, totals come from a ggml graph, the mirror check uses them (what a GPU run does; for tests).
     void set_device_reductions(bool enabled) {

@@ -329,6 +329,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
         fail(ErrorKind::invalid_argument, "policy 'namm' needs namm_path (a NAMM GGUF from pymemory convert-namm)");
     }
     auto scorer = namm::NammModel::load(a.namm_path, device, n_threads);
+    if (a.namm_delay < 0) fail(ErrorKind::invalid_argument, "namm_delay must be > 0, or 0 for the file's value");
     const int32_t delay = a.namm_delay > 0 ? a.namm_delay : scorer->hparams().delay;
     if (delay % namm::kHop != 0) {
         fail(ErrorKind::invalid_argument, "namm_delay must be a multiple of " + std::to_string(namm::kHop) +
