@@ -31,6 +31,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="namm quorum: fraction of (layer, head) pairs that must drop a token (default: the file's, "
                    "else 1.0 = all)")
     g.add_argument("--max-cells", type=int, default=None, help="namm budget: cells kept after each invocation")
+    g.add_argument("--namm-delay", type=int, default=None,
+                   help="namm: tokens between invocations, a multiple of 16 (default: the file's)")
+    g.add_argument("--namm-layers", type=int, default=None,
+                   help="namm: score this many layers, spread over the depth (default all; fewer cost less)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -73,6 +77,8 @@ def open_model(args: argparse.Namespace, **extra: object) -> StreamingLLM:
         namm_mode=args.namm_mode,
         quorum=args.quorum,
         max_cells=args.max_cells,
+        namm_delay=args.namm_delay,
+        namm_layers=args.namm_layers,
         **extra,
     )
 

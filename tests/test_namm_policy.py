@@ -171,6 +171,17 @@ def test_streaming_llm_and_cli_run_namm(smollm2_path, namm_gguf, capsys, monkeyp
                  "--max-tokens", "20", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "[cache" in err
+    # --namm-layers / --namm-delay reach the engine
+    from pymemory.commands import add_model_arguments, open_model
+
+    parser = __import__("argparse").ArgumentParser()
+    add_model_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(["--model", smollm2_path, "--policy", "namm", "--namm", path, "--window", "252",
+                              "--namm-layers", "3", "--namm-delay", "64"])
+    with open_model(args) as llm:
+        "".join(llm.generate("Tell me a story.", max_tokens=70, ignore_eos=True))
+        assert llm.policy_stats["scored_layers"] == [5, 15, 25] and len(llm.policy_stats["invocations"]) >= 1
 
 
 @pytest.mark.model

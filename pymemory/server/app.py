@@ -51,6 +51,8 @@ class ServerConfig:
     namm_mode: str | None = None
     quorum: float | None = None
     max_cells: int | None = None
+    namm_delay: int | None = None
+    namm_layers: int | None = None
     parallel: int = 1
     max_queue: int = 16
     queue_timeout: float = 60.0
@@ -90,7 +92,7 @@ class ServerState:
                            evict_chunk=config.evict_chunk, reindex=config.reindex, n_threads=config.n_threads or 0)
         if config.h2o_recent is not None:
             engine_args["h2o_recent"] = config.h2o_recent
-        for name in ("namm_path", "namm_mode", "quorum", "max_cells"):
+        for name in ("namm_path", "namm_mode", "quorum", "max_cells", "namm_delay", "namm_layers"):
             if getattr(config, name) is not None:
                 engine_args[name] = getattr(config, name)
         if config.namm_path is not None:  # a shipped NAMM's name (--namm-path smollm2) or a GGUF path
