@@ -169,21 +169,12 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
     if (attention_) {
         const ModelInfo & info = model_->info();
-        const bool iswa = info.swa_layers.size() == size_t(info.n_layer);
-        if (attention_->scored_layers().empty()) {  // the policy did not choose: every global layer
-            std::vector<int32_t> scored;
-            for (int32_t l = 0; l < info.n_layer; ++l) {
-                if (!iswa || info.swa_layers[size_t(l)] == 0) scored.push_back(l);
-            }
-            attention_->set_scored_layers(std::move(scored));
-        }
+        if (attention_->scored_layers().empty()) attention_->set_scored_layers(info.global_layers());
         // The tap reads the scored layers, and an iSWA model's sliding layers (their cache's mirror is checked on
         // the first of them in every batch).
         std::vector<uint8_t> observed(size_t(info.n_layer), 0);
+        for (int32_t l = 0; l < info.n_layer; ++l) observed[size_t(l)] = info.is_sliding(l);
         for (int32_t l : attention_->scored_layers()) observed[size_t(l)] = 1;
-        for (int32_t l = 0; l < info.n_layer; ++l) {
-            if (iswa && info.swa_layers[size_t(l)] != 0) observed[size_t(l)] = 1;
-        }
         n_observed_layers_ = int32_t(std::count(observed.begin(), observed.end(), uint8_t(1)));
         ctx_->set_observed_layers(std::move(observed));
         ctx_->set_attention_totals(!attention_->needs_cell_totals()     ? AttentionTotals::none

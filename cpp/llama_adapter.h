@@ -63,6 +63,17 @@ struct ModelInfo {
     // From the GGUF's <arch>.attention.sliding_window_pattern, else llama.cpp's built-in pattern of the architecture
     // (known here: gemma2, gemma3); empty when the model has no SWA layers or the pattern is unknown.
     std::vector<uint8_t> swa_layers;
+    bool is_sliding(int32_t layer) const {
+        return swa_layers.size() == size_t(n_layer) && layer >= 0 && layer < n_layer && swa_layers[size_t(layer)] != 0;
+    }
+    // The layers whose cache holds every token: all of them, or an iSWA model's global layers.
+    std::vector<int32_t> global_layers() const {
+        std::vector<int32_t> out;
+        for (int32_t l = 0; l < n_layer; ++l) {
+            if (!is_sliding(l)) out.push_back(l);
+        }
+        return out;
+    }
     bool is_recurrent = false;
     bool is_hybrid = false;
     bool uses_mrope = false;   // multi-axis RoPE (Qwen2-VL family): positions cannot be shifted

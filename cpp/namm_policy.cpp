@@ -364,10 +364,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     // iSWA models (Gemma 2/3): only the global layers are scored; their cache holds every token, while a
     // sliding-window layer sees the last n_swa positions only. The shared-cell votes and mean scores are over the
     // (global layer, KV head) pairs.
-    std::vector<int32_t> global;
-    for (int32_t l = 0; l < model.n_layer; ++l) {
-        if (model.swa_layers.size() != size_t(model.n_layer) || model.swa_layers[size_t(l)] == 0) global.push_back(l);
-    }
+    const std::vector<int32_t> global = model.global_layers();
     if (global.empty()) fail(ErrorKind::unsupported, "policy 'namm' needs at least one global attention layer");
     const int32_t n_global = int32_t(global.size());
     if (a.namm_layers < 0 || a.namm_layers > n_global) {

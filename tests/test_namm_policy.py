@@ -2,6 +2,8 @@
 long runs at bounded memory."""
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 from helpers.measurements import record
@@ -174,7 +176,7 @@ def test_streaming_llm_and_cli_run_namm(smollm2_path, namm_gguf, capsys, monkeyp
     # --namm-layers / --namm-delay reach the engine
     from pymemory.commands import add_model_arguments, open_model
 
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(["--model", smollm2_path, "--policy", "namm", "--namm", path, "--window", "252",

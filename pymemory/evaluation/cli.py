@@ -322,9 +322,10 @@ def run_bench(args) -> int:
                 "sink": PolicySpec("sink", args.n_sink, window, {"flash_attention": "off"}),
                 "h2o": PolicySpec("h2o", args.n_sink, window, {"reindex": True}),
             }
-            for variant in [("" if v == "none" else v) for v in args.namm_variant] or [""]:  # the NAMM as its file says, or with engine options
-                options = parse_policy("namm," + variant if variant else "namm", args.n_sink, window).options
-                specs["namm" + (f" {variant}" if variant else "")] = PolicySpec(
+            for variant in args.namm_variant or ["none"]:  # the NAMM as its file says ("none"), or with options
+                named = variant != "none"
+                options = parse_policy(f"namm,{variant}" if named else "namm", args.n_sink, window).options
+                specs[f"namm {variant}" if named else "namm"] = PolicySpec(
                     "namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget", "reindex": True,
                                                   **options})
             runs = {name: bench.DecodeRun(model, spec, threads, prompt) for name, spec in specs.items()}
