@@ -345,3 +345,32 @@ def test_killed_run_leaves_no_worker_processes(tmp_path):
     finally:
         if run.poll() is None:
             run.kill()
+
+
+def test_retrieval_hindsight_is_the_attention_of_the_question():
+    """A retrieval sample's fitness scores only its answer: its warm-start target is the attention each token gets
+    from the question's queries, not from the haystack read in between, and it has no example once the question
+    has begun."""
+    from pymemory.namm.training.warm_start import _answer_examples
+
+    H, delay, total, question_start = 2, 4, 16, 12
+    needle = 6
+    invocations = []
+    for end in range(delay, total + 1, delay):
+        positions = np.arange(end)
+        attention = np.zeros((H, delay, end), np.float32)  # [H, R, n]
+        for r, query in enumerate(range(end - delay, end)):
+            if query >= question_start:
+                attention[:, r, needle] = 0.9  # the question looks at the needle
+                attention[:, r, 0] = 0.1
+            else:
+                attention[:, r, :query + 1] = 1.0 / (query + 1)  # the haystack spreads its attention
+        invocations.append({"positions": positions, "attention": attention,
+                            "ema": np.zeros((H, end, 17), np.float32)})
+    examples = _answer_examples(invocations, question_start, n_sink=1)
+    assert [e.positions[-1] for e in examples] == [7, 11]  # after the needle exists, before the question
+    for e in examples:
+        assert e.target.shape == (H, e.positions.size) and e.first == 1
+        assert (e.target.argmax(axis=1) == needle).all()
+        others = np.delete(e.target[:, 1:], needle - 1, axis=1)
+        assert np.allclose(others, np.log(0.01))  # haystack tokens no question looked at sit at the floor

@@ -30,6 +30,7 @@ class Sample:
     kind: str  # "text" | "passkey" | "kv"
     prompt: tuple[int, ...]
     target: tuple[int, ...]
+    question: int = 0  # retrieval: the prompt's last `question` tokens ask for the answer (0 for text)
 
     @property
     def n_tokens(self) -> int:
@@ -112,7 +113,7 @@ class SampleFactory:
         where, hay = self.corpus.passage(split, n_hay, rng)
         depth = self._needle_depth(rng, n_hay)
         prompt = self.corpus.bos + hay[:depth] + needle + hay[depth:] + question
-        return Sample(f"{tag}:passkey:{key}@{depth}:{where}", "passkey", tuple(prompt), tuple(target))
+        return Sample(f"{tag}:passkey:{key}@{depth}:{where}", "passkey", tuple(prompt), tuple(target), len(question))
 
     def kv(self, split: str, rng: random.Random, tag: str) -> Sample:
         """A list of 'The code of NAME is NNNNN.' lines; the question asks for a line that left the recent window."""
@@ -142,7 +143,7 @@ class SampleFactory:
         prompt = self.corpus.bos + head + [t for line in lines for t in line] + question
         target = self._tok(f" {values[pick]}")
         return Sample(f"{tag}:kv:{names[pick]}={values[pick]}#{pick}/{len(lines)}", "kv", tuple(prompt),
-                      tuple(target))
+                      tuple(target), len(question))
 
     def draw(self, kind: str, split: str, rng: random.Random, tag: str) -> Sample:
         return {"text": self.text, "passkey": self.passkey, "kv": self.kv}[kind](split, rng, tag)

@@ -63,8 +63,11 @@ def capture_examples(model, samples: Sequence[Sample], namm_delay: int, horizon:
                 {"positions": np.asarray(capture["positions"], np.int64),
                  "attention": np.asarray(capture["attention"], np.float32),  # [H, R, n]
                  "ema": np.asarray(capture["ema"], np.float32)})  # [H, n, 17]
-    for per_layer in per_sample:
+    for sample, per_layer in zip(samples, per_sample):
         for invocations in per_layer:
+            if sample.question:
+                examples += _answer_examples(invocations, len(sample.prompt) - sample.question, n_sink)
+                continue
             for k in range(len(invocations) - ahead):
                 examples.append(_example(invocations[k], invocations[k + 1:k + 1 + ahead], n_sink))
     if not examples:
@@ -88,6 +91,37 @@ def _example(now: dict, future: Sequence[dict], n_sink: int) -> ImitationExample
     relative = received / rows * n  # 1 = a uniform share of each future query's attention
     target = np.log(np.clip(relative, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
     return ImitationExample(positions, now["ema"], target, min(n_sink, n - 1))
+
+
+def _answer_examples(invocations: Sequence[dict], question_start: int, n_sink: int) -> list[ImitationExample]:
+    """A retrieval sample's fitness scores only its answer, so its hindsight is the attention each token receives
+    from the question and answer queries (positions >= question_start), not from the haystack read in between.
+    One example per invocation before the question in which some non-sink token gets more than a uniform share."""
+    total = invocations[-1]["positions"].size  # nothing was evicted: positions 0 .. total-1, in order
+    H = invocations[-1]["ema"].shape[0]
+    received = np.zeros((H, total), np.float64)
+    rows = 0
+    for inv in invocations:
+        attention, positions = inv["attention"], inv["positions"]  # [H, R, n], [n]
+        asking = positions[-attention.shape[1]:] >= question_start  # [R] the window's queries that ask
+        if asking.any():
+            received[:, positions] += attention[:, asking, :].sum(axis=1)
+            rows += int(asking.sum())
+    if rows == 0:
+        return []
+    relative = received / rows * total
+    examples = []
+    for inv in invocations:
+        positions = inv["positions"]
+        if positions[-1] >= question_start:
+            break
+        first = min(n_sink, positions.size - 1)
+        share = relative[:, positions]
+        if share[:, first:].max() <= 1.0:
+            continue
+        target = np.log(np.clip(share, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
+        examples.append(ImitationExample(positions, inv["ema"], target, first))
+    return examples
 
 
 def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, feat_var: np.ndarray,

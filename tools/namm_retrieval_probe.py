@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Why no eviction policy keeps the pass key, and what the warm start's target changes (JSON + markdown).
+
+    .venv/bin/python tools/namm_retrieval_probe.py --out docs/results/namm_retrieval_probe
+
+1. **Signals.** Passkey samples (training split) stream through the all-zero NAMM with nothing evicted, the
+   engine capturing every layer. At every invocation after the needle and before the question, the needle's digit
+   tokens are ranked among the cached tokens older than one interval (sinks excluded) by each signal a
+   query-agnostic policy has: attention received so far summed over the model (h2o's score), the shipped NAMM's mean
+   score, the spectrogram's DC term (recent attention), and the best single (layer, KV head). A rank of 0.5 means
+   the needle looks like any haystack token; keeping 25 % of a 512-token sample needs about the top 20 %.
+2. **Targets.** The imitation warm start fitted to two hindsight targets on the same captured samples: future
+   attention for every sample (`future`), or, for retrieval samples, the attention of the question's queries
+   (`question`, what the trainer now uses), each evaluated on held-out text and passkey samples at 25 % and 50 %
+   of the sample length beside the full cache, sink, h2o and tova.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.fspath(ROOT))
+
+from eval_trained_namm import paired_difference, run_policies, summarise  # noqa: E402
+
+from pymemory._loader import _core  # noqa: E402
+from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.namm.reference import NammReference  # noqa: E402
+from pymemory.namm.training.calibration import feature_statistics, zero_namm_captures  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, generation_samples, heldout_samples  # noqa: E402
+from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor  # noqa: E402
+from pymemory.namm.training.warm_start import capture_examples, fit_imitation  # noqa: E402
+
+SAMPLE_TOKENS, SCORED, DELAY, N_SINK = 512, 256, 32, 4
+
+
+def needle_positions(model, corpus, sample) -> tuple[np.ndarray, np.ndarray]:
+    """(all needle positions, its digit positions) of a passkey sample."""
+    key = sample.id.split(":passkey:")[1].split("@")[0]
+    depth = int(sample.id.split("@")[1].split(":")[0])
+    needle = model.tokenize(f" The pass key is {key}. Remember it. {key} is the pass key.", False, False)
+    start = len(corpus.bos) + depth
+    if list(sample.prompt[start:start + len(needle)]) != needle:
+        raise RuntimeError(f"needle not found where {sample.id} says")
+    digits = [i for i, t in enumerate(needle) if model.detokenize([t], False).decode(errors="replace").strip().isdigit()]
+    return np.arange(start, start + len(needle)), start + np.asarray(digits)
+
+
+def signals(model, corpus, factory, namm: NammReference, n_samples: int, seed: int) -> dict:
+    n_layer = int(model.info["n_layer"])
+    rng = random.Random(f"probe/{seed}")
+    ranks: dict[str, list[float]] = {"h2o (attention so far, all layers)": [], "shipped NAMM mean score": [],
+                                     "spectrogram DC (recent attention)": []}
+    per_head: dict[tuple[int, int], list[float]] = {}
+    question_share = []
+    for s in range(n_samples):
+        sample = factory.passkey("train", rng, f"probe{s}")
+        whole, digits = needle_positions(model, corpus, sample)
+        question_start = len(sample.prompt) - sample.question
+        invocations = [[] for _ in range(n_layer)]
+        for _, captures in zero_namm_captures(model, [sample], DELAY):
+            for c in captures:
+                invocations[int(c["layer"])].append({k: np.asarray(c[k]) for k in ("positions", "attention", "ema")})
+        received = [None] * n_layer  # per layer [H, n]: attention received so far (nothing is evicted)
+        asked, rows = 0.0, 0
+        for k in range(len(invocations[0])):
+            positions = invocations[0][k]["positions"]
+            old = (np.arange(positions.size) >= N_SINK) & (positions < positions[-1] - DELAY)
+            is_digit = np.isin(positions, digits) & old
+            judged = positions[-1] >= whole[-1] + 2 * DELAY and positions[-1] < question_start
+            totals = {name: np.zeros(positions.size) for name in ranks}
+            for layer in range(n_layer):
+                inv = invocations[layer][k]
+                got = inv["attention"].sum(axis=1)  # [H, n]
+                if received[layer] is not None:
+                    got[:, :received[layer].shape[1]] += received[layer]
+                received[layer] = got
+                R = inv["attention"].shape[1]
+                asking = positions[-R:] >= question_start
+                if asking.any():  # where the question's attention goes (sinks excluded)
+                    a = inv["attention"][:, asking, :].sum(axis=(0, 1))
+                    asked += float(a[np.isin(positions, whole)].sum()) / max(float(a[N_SINK:].sum()), 1e-12)
+                    rows += 1
+                if not judged:
+                    continue
+                X = namm.features_from_ema(np.tile(positions, (inv["ema"].shape[0], 1)), inv["ema"])
+                totals["h2o (attention so far, all layers)"] += got.sum(axis=0)
+                totals["shipped NAMM mean score"] += namm.scores_from_features(X).mean(axis=0)
+                totals["spectrogram DC (recent attention)"] += inv["ema"][:, :, 0].mean(axis=0)
+                for h in range(got.shape[0]):
+                    per_head.setdefault((layer, h), []).append(_rank(got[h], old, is_digit))
+            if judged:
+                for name, score in totals.items():
+                    ranks[name].append(_rank(score, old, is_digit))
+        question_share.append(asked / max(rows, 1))
+    best = sorted(per_head.items(), key=lambda kv: -np.mean(kv[1]))[:3]
+    return {"samples": n_samples, "invocations_judged": len(next(iter(ranks.values()))),
+            "digit_rank": {name: float(np.mean(v)) for name, v in ranks.items()},
+            "best_heads": [{"layer": l, "kv_head": h, "digit_rank": float(np.mean(v)), "lowest": float(np.min(v))}
+                           for (l, h), v in best],
+            "question_attention_on_needle": float(np.mean(question_share))}
+
+
+def _rank(score: np.ndarray, old: np.ndarray, is_digit: np.ndarray) -> float:
+    """Mean over the needle's digits of the share of older tokens that score below it (1 = top)."""
+    return float((score[old][None, :] < score[is_digit][:, None]).mean())
+
+
+def targets(args, model, factory) -> dict:
+    calibration = generation_samples(factory, args.seed + 1_000_003, 0, 2, 0, [])
+    mean, var = feature_statistics(model, calibration, DELAY, args.threads)
+    train = generation_samples(factory, args.seed + 2_000_003, 0, args.fit_text, args.fit_retrieval, ["passkey"])
+    fits, thetas = {}, {}
+    for name, samples in (("question", train), ("future", [dataclasses.replace(s, question=0) for s in train])):
+        examples = capture_examples(model, samples, DELAY, 256, N_SINK, args.threads)
+        theta, report = fit_imitation(examples, mean, var, steps=600, seed=args.seed)
+        thetas[name] = tuple(map(float, theta))
+        fits[name] = {k: report[k] for k in ("examples", "explained", "rank_correlation_median", "seconds")}
+        print(f"fit {name}: {fits[name]}", flush=True)
+    test = heldout_samples(factory, args.seed + 1, args.test_text, args.test_retrieval, ["passkey"])
+    executor = make_executor(args.workers, "", 1)
+    try:
+        full_spec = MemorySpec(args.model, SAMPLE_TOKENS, SAMPLE_TOKENS, N_SINK, DELAY, "budget", 1.0,
+                               SAMPLE_TOKENS - DELAY, tuple(map(float, mean)), tuple(map(float, var)), 1)
+        full = executor.map(full_spec, [Job("full", s) for s in test])
+        refs = {r.sample_id: r.nll for r in full}
+        tables = {"full cache": summarise(full, refs)}
+        for fraction in (0.25, 0.5):
+            capacity = int(SAMPLE_TOKENS * fraction)
+            spec = dataclasses.replace(full_spec, capacity=capacity, max_cells=capacity - DELAY)
+            policies = {m: Job(m, test[0]) for m in ("sink", "h2o", "tova")}
+            policies.update({f"warm start, {n} target": Job("namm", test[0], thetas[n]) for n in thetas})
+            print(f"{capacity} cells", flush=True)
+            tables[f"{fraction:.0%}"] = run_policies(executor, spec, test, policies, refs)
+    finally:
+        executor.close()
+    return {"fits": fits, "test_text": args.test_text, "test_retrieval": args.test_retrieval, "tables": tables}
+
+
+def markdown(report: dict) -> str:
+    s = report["signals"]
+    lines = ["# Can a query-agnostic policy find the pass key? (" + report["model"] + ")", "",
+             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
+             f"## Signals: the needle's digits ranked among older cached tokens ({s['samples']} passkey samples, "
+             f"{s['invocations_judged']} invocations between the needle and the question; 1 = top, 0.5 = like any "
+             "haystack token)", "", "| signal | mean rank of the digits |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in s["digit_rank"].items()]
+    lines += [f"| best single head: layer {h['layer']}, KV head {h['kv_head']} (attention so far) | {h['digit_rank']:.3f} "
+              f"(lowest {h['lowest']:.3f}) |" for h in s["best_heads"]]
+    lines += ["", f"Share of the question's attention (sinks excluded) on the needle's tokens: "
+              f"{s['question_attention_on_needle']:.3f}.", "",
+              f"## Warm-start targets (held out: {report['targets']['test_text']} texts, "
+              f"{report['targets']['test_retrieval']} passkeys)", "",
+              "| fit | examples | variance explained | median Spearman |", "|---|---|---|---|"]
+    lines += [f"| {n} | {f['examples']} | {f['explained']:.3f} | {f['rank_correlation_median']:.3f} |"
+              for n, f in report["targets"]["fits"].items()]
+    tables = report["targets"]["tables"]
+    full = tables["full cache"]
+    lines += ["", "| cache | policy | text NLL | vs sink [95 % CI] | answer NLL | vs sink [95 % CI] | answer p |",
+              "|---|---|---|---|---|---|---|",
+              f"| 512 | full cache | {full['text_nll']:.4f} | | {full['answer_nll']:.3f} | | {full['answer_prob']:.3f} |"]
+    for fraction in ("25%", "50%"):
+        sink = tables[fraction]["sink"]
+        for name, e in tables[fraction].items():
+            cells = []
+            for text in (True, False):
+                d = paired_difference(e, sink, text) if name != "sink" else None
+                cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–")
+            lines.append(f"| {e['peak_cells']} | {name} | {e['text_nll']:.4f} | {cells[0]} | {e['answer_nll']:.3f} | "
+                         f"{cells[1]} | {e['answer_prob']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--namm", default="smollm2", help="shipped NAMM whose scores are ranked")
+    parser.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    parser.add_argument("--probe-samples", type=int, default=8)
+    parser.add_argument("--fit-text", type=int, default=10)
+    parser.add_argument("--fit-retrieval", type=int, default=6)
+    parser.add_argument("--test-text", type=int, default=6)
+    parser.add_argument("--test-retrieval", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    _core.set_log_verbosity(0)
+    from pymemory.namm.packaged import resolve_namm
+
+    report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "model": args.model, "sample_tokens": SAMPLE_TOKENS, "namm_delay": DELAY}
+    model = _core.Model.load(os.fspath(resolve_model(args.model)))
+    corpus = Corpus(model, ["austen"], SAMPLE_TOKENS)
+    factory = SampleFactory(corpus, SAMPLE_TOKENS, SCORED, SAMPLE_TOKENS // 4)
+    namm = NammReference.from_gguf(resolve_namm(args.namm))
+    report["signals"] = signals(model, corpus, factory, namm, args.probe_samples, args.seed)
+    print(json.dumps(report["signals"]), flush=True)
+    report["targets"] = targets(args, model, factory)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
