@@ -102,6 +102,7 @@ py::dict policy_stats_to_dict(const AttentionPolicy * policy) {
             rec["tokens_seen"] = r.tokens_seen;
             rec["cells_before"] = r.cells_before;
             rec["cells_after"] = r.cells_after;
+            rec["scored"] = r.scored;
             rec["layer_kept"] = r.layer_kept;
             rec["union_size"] = r.union_size;
             rec["intersection_size"] = r.intersection_size;
@@ -485,8 +486,9 @@ void register_engine(py::module_ & m) {
                  const auto lock = lock_engine(self);
                  return policy_stats_to_dict(self.attention_policy());
              },
-             "Attention-scored policies: one record per invocation (cells before/after, per-layer kept counts, "
-             "union/intersection of the per-head keep sets) and forced evictions; empty for the others.")
+             "Attention-scored policies: one record per invocation (cells before/after, whether the NAMM scorer "
+             "ran: budget mode skips it when nothing could be evicted, per-layer kept counts, union/intersection "
+             "of the per-head keep sets) and forced evictions; empty for the others.")
         .def_property_readonly("prefill_chunk",
                                [](const Engine & self) { return locked(self, [&] { return self.resolved_prefill_chunk(); }); })
         .def_property_readonly("policy", [](const Engine & self) { return policy_kind_name(self.params().policy.kind); })

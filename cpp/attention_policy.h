@@ -62,6 +62,7 @@ void restore_by_token(const std::vector<double> & per_token, const CacheView & c
 // One invocation's record, in the spirit of the original NAMM's mem_stats.
 struct InvocationRecord {
     int64_t tokens_seen = 0;               // stream length when the policy ran
+    bool scored = true;                    // false: nothing could be evicted, so no token was scored
     int32_t cells_before = 0;
     int32_t cells_after = 0;
     std::vector<int32_t> layer_kept;       // per layer: tokens that layer's own selection would keep (K_l)

@@ -211,6 +211,16 @@ private:
         InvocationRecord record;
         record.tokens_seen = tokens_seen;
         record.cells_before = n;
+        record.cells_after = n;
+        // Budget mode evicts only above max_cells, and max_cells + delay <= capacity: at or below it nothing can
+        // be evicted now nor forced before the next invocation, so the scores would go unused. Skipping the scorer
+        // leaves every decision as it was and makes a cache that is not yet full cost no more than the tap.
+        // Captures (diagnostics) want the scores, so they keep it on.
+        if (rule_.mode == "budget" && n <= rule_.max_cells && !capturing()) {
+            record.scored = false;
+            invocations_.push_back(std::move(record));
+            return {};
+        }
 
         // Every scored layer's (KV head, token) rows go through the scorer as one batch of n_layer x H "heads": the
         // network is shared by all layers and heads and scores each head on its own, so one graph per invocation
@@ -273,6 +283,10 @@ private:
         }
         invocations_.push_back(std::move(record));
         return evict;
+    }
+
+    bool capturing() const {
+        return std::any_of(windows_.begin(), windows_.end(), [](const std::vector<float> & w) { return !w.empty(); });
     }
 
     // `all`: the invocation's batched input (every slot's heads, namm_policy.cpp invoke()).

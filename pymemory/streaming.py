@@ -379,13 +379,15 @@ class StreamingLLM:
             stats = self._live_engine().policy_stats()
         records = stats["invocations"]
         if records:
-            n_layers = len(records[0]["layer_kept"])
+            # Budget-mode invocations that could not evict skip the scorer and have no per-layer counts.
+            scored = [r for r in records if r["layer_kept"]]
+            n_layers = len(scored[0]["layer_kept"]) if scored else 0
             # layer_kept follows scored_layers: every layer, or a sliding-window model's global layers only
             layer_ids = stats.get("scored_layers") or list(range(n_layers))
             stats["mem_stats"] = {
                 "overall/mean_cells_after": sum(r["cells_after"] for r in records) / len(records),
                 **{
-                    f"layer_id_{layer_ids[i]}/mean_kept": sum(r["layer_kept"][i] for r in records) / len(records)
+                    f"layer_id_{layer_ids[i]}/mean_kept": sum(r["layer_kept"][i] for r in scored) / len(scored)
                     for i in range(n_layers)
                 },
             }

@@ -99,7 +99,10 @@ def test_namm_on_gemma_scores_the_global_layers(gemma_model, gemma_tokens):
     invocations = stats["invocations"]
     delay = invocations[0]["tokens_seen"]
     assert len(invocations) == n // delay
-    assert all(len(r["layer_kept"]) == len(GLOBAL_LAYERS) for r in invocations)
+    # The scorer runs once the cache is above its budget (224 = 256 - delay); below it nothing could be evicted.
+    assert all(len(r["layer_kept"]) == (len(GLOBAL_LAYERS) if r["scored"] else 0) for r in invocations)
+    assert [r["scored"] for r in invocations] == [r["cells_before"] > 256 - delay for r in invocations]
+    assert not invocations[0]["scored"] and invocations[-1]["scored"]
     assert all(r["cells_after"] <= 256 - delay for r in invocations)     # budget: room for the next `delay`
     assert sum(r["cells_before"] - r["cells_after"] for r in invocations) == s["tokens_evicted"]
     assert stats["forced_evictions"] == 0

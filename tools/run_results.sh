@@ -167,6 +167,10 @@ if run train-namm-qwen; then  # issue 10: the shipped Qwen2.5 NAMM: imitation wa
     --workers 2 --threads 1 --seed 0
   python tools/ship_namm.py --run runs/qwen-warm --name qwen2.5
 fi
+if run namm-retrieval-probe; then  # issue 10: which attention signals single out a pass key, and the warm start's
+  # question target against its future target on held-out text and passkeys (about 25 minutes)
+  python tools/namm_retrieval_probe.py --out $out/namm_retrieval_probe
+fi
 if run namm-qwen-eval; then  # the Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
   python tools/eval_trained_namm.py --run runs/qwen-warm --namm pymemory/data/namm/qwen2.5.gguf \
     --out $out/namm_trained_qwen --text 12 --retrieval 6 --transfer-model smollm2-135m-instruct \
