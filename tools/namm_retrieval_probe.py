@@ -38,27 +38,27 @@ from eval_trained_namm import paired_difference, run_policies, summarise  # noqa
 from pymemory._loader import _core  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.namm.reference import NammReference  # noqa: E402
-from pymemory.namm.training.calibration import feature_statistics, zero_namm_captures  # noqa: E402
+from pymemory.namm.training.calibration import feature_statistics  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, generation_samples, heldout_samples  # noqa: E402
 from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor  # noqa: E402
-from pymemory.namm.training.warm_start import capture_examples, fit_imitation  # noqa: E402
+from pymemory.namm.training.warm_start import capture_invocations, examples_from, fit_imitation  # noqa: E402
 
 SAMPLE_TOKENS, SCORED, DELAY, N_SINK = 512, 256, 32, 4
 
 
-def needle_positions(model, corpus, sample) -> tuple[np.ndarray, np.ndarray]:
+def needle_positions(model, factory, sample) -> tuple[np.ndarray, np.ndarray]:
     """(all needle positions, its digit positions) of a passkey sample."""
     key = sample.id.split(":passkey:")[1].split("@")[0]
     depth = int(sample.id.split("@")[1].split(":")[0])
-    needle = model.tokenize(f" The pass key is {key}. Remember it. {key} is the pass key.", False, False)
-    start = len(corpus.bos) + depth
+    needle = factory.passkey_needle(key)
+    start = len(factory.corpus.bos) + depth
     if list(sample.prompt[start:start + len(needle)]) != needle:
         raise RuntimeError(f"needle not found where {sample.id} says")
     digits = [i for i, t in enumerate(needle) if model.detokenize([t], False).decode(errors="replace").strip().isdigit()]
     return np.arange(start, start + len(needle)), start + np.asarray(digits)
 
 
-def signals(model, corpus, factory, namm: NammReference, n_samples: int, seed: int) -> dict:
+def signals(model, factory, namm: NammReference, n_samples: int, seed: int) -> dict:
     n_layer = int(model.info["n_layer"])
     rng = random.Random(f"probe/{seed}")
     ranks: dict[str, list[float]] = {"h2o (attention so far, all layers)": [], "shipped NAMM mean score": [],
@@ -67,12 +67,9 @@ def signals(model, corpus, factory, namm: NammReference, n_samples: int, seed: i
     question_share = []
     for s in range(n_samples):
         sample = factory.passkey("train", rng, f"probe{s}")
-        whole, digits = needle_positions(model, corpus, sample)
+        whole, digits = needle_positions(model, factory, sample)
         question_start = len(sample.prompt) - sample.question
-        invocations = [[] for _ in range(n_layer)]
-        for _, captures in zero_namm_captures(model, [sample], DELAY):
-            for c in captures:
-                invocations[int(c["layer"])].append({k: np.asarray(c[k]) for k in ("positions", "attention", "ema")})
+        invocations = capture_invocations(model, [sample], DELAY)[0]  # [layer][invocation]
         received = [None] * n_layer  # per layer [H, n]: attention received so far (nothing is evicted)
         asked, rows = 0.0, 0
         for k in range(len(invocations[0])):
@@ -123,8 +120,9 @@ def targets(args, model, factory) -> dict:
     mean, var = feature_statistics(model, calibration, DELAY, args.threads)
     train = generation_samples(factory, args.seed + 2_000_003, 0, args.fit_text, args.fit_retrieval, ["passkey"])
     fits, thetas = {}, {}
+    captured = capture_invocations(model, train, DELAY, args.threads)  # both fits read the same captures
     for name, samples in (("question", train), ("future", [dataclasses.replace(s, question=0) for s in train])):
-        examples = capture_examples(model, samples, DELAY, 256, N_SINK, args.threads)
+        examples = examples_from(samples, captured, DELAY, 256, N_SINK)
         theta, report = fit_imitation(examples, mean, var, steps=600, seed=args.seed)
         thetas[name] = tuple(map(float, theta))
         fits[name] = {k: report[k] for k in ("examples", "explained", "rank_correlation_median", "seconds")}
@@ -210,7 +208,7 @@ def main() -> int:
     corpus = Corpus(model, ["austen"], SAMPLE_TOKENS)
     factory = SampleFactory(corpus, SAMPLE_TOKENS, SCORED, SAMPLE_TOKENS // 4)
     namm = NammReference.from_gguf(resolve_namm(args.namm))
-    report["signals"] = signals(model, corpus, factory, namm, args.probe_samples, args.seed)
+    report["signals"] = signals(model, factory, namm, args.probe_samples, args.seed)
     print(json.dumps(report["signals"]), flush=True)
     report["targets"] = targets(args, model, factory)
     out = Path(args.out)

@@ -104,9 +104,13 @@ class SampleFactory:
         latest = max(1, n_haystack - self.capacity - 32)
         return rng.randrange(min(16, latest), latest + 1)
 
+    def passkey_needle(self, key: int | str) -> list[int]:
+        """The tokens of the sentence that hides pass key `key` in a passkey sample."""
+        return self._tok(f" The pass key is {key}. Remember it. {key} is the pass key.")
+
     def passkey(self, split: str, rng: random.Random, tag: str) -> Sample:
         key = rng.randint(10000, 99999)
-        needle = self._tok(f" The pass key is {key}. Remember it. {key} is the pass key.")
+        needle = self.passkey_needle(key)
         question = self._tok(" What is the pass key? The pass key is")
         target = self._tok(f" {key}")
         n_hay = self.sample_tokens - len(self.corpus.bos) - len(needle) - len(question) - len(target)

@@ -45,35 +45,61 @@ class ImitationExample:
     first: int  # tokens before this index (sinks) are not fitted: the policy never evicts them
 
 
-def capture_examples(model, samples: Sequence[Sample], namm_delay: int, horizon: int, n_sink: int,
-                     n_threads: int = 0) -> list[ImitationExample]:
-    """Runs `samples` with the all-zero NAMM (no eviction) and turns every invocation that has at least `horizon`
-    tokens after it into one example per layer."""
+def capture_invocations(model, samples: Sequence[Sample], namm_delay: int,
+                        n_threads: int = 0) -> list[list[list[dict]]]:
+    """Runs `samples` with the all-zero NAMM (no eviction), capturing every layer: [sample][layer][invocation] dicts
+    of positions int64 [n], attention float32 [H, R, n] (the window's rows) and ema float32 [H, n, 17]."""
     from .calibration import zero_namm_captures
 
-    if horizon < namm_delay or horizon % namm_delay:
-        raise ValueError(f"horizon must be a positive multiple of namm_delay {namm_delay} (got {horizon})")
     n_layer = int(model.info["n_layer"])
-    ahead = horizon // namm_delay  # future windows per example
-    examples: list[ImitationExample] = []
-    per_sample: list[list[list[dict]]] = [[[] for _ in range(n_layer)] for _ in samples]  # [sample][layer][invocation]
+    per_sample: list[list[list[dict]]] = [[[] for _ in range(n_layer)] for _ in samples]
     for index, captures in zero_namm_captures(model, samples, namm_delay, n_threads):
         for capture in captures:
             per_sample[index][int(capture["layer"])].append(
                 {"positions": np.asarray(capture["positions"], np.int64),
-                 "attention": np.asarray(capture["attention"], np.float32),  # [H, R, n]
-                 "ema": np.asarray(capture["ema"], np.float32)})  # [H, n, 17]
-    for sample, per_layer in zip(samples, per_sample):
-        for invocations in per_layer:
+                 "attention": np.asarray(capture["attention"], np.float32),
+                 "ema": np.asarray(capture["ema"], np.float32)})
+    return per_sample
+
+
+def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]], namm_delay: int, horizon: int,
+                  n_sink: int) -> list[ImitationExample]:
+    """Text samples: every invocation with at least `horizon` tokens after it, one example per layer, targeted at
+    the attention of those tokens. Retrieval samples: every invocation before the question, targeted at the
+    question's attention (_answer_examples)."""
+    ahead = _windows_ahead(namm_delay, horizon)
+    examples: list[ImitationExample] = []
+    for sample, per_layer in zip(samples, invocations):
+        for layer in per_layer:
             if sample.question:
-                examples += _answer_examples(invocations, len(sample.prompt) - sample.question, n_sink)
+                examples += _answer_examples(layer, len(sample.prompt) - sample.question, n_sink)
                 continue
-            for k in range(len(invocations) - ahead):
-                examples.append(_example(invocations[k], invocations[k + 1:k + 1 + ahead], n_sink))
+            for k in range(len(layer) - ahead):
+                examples.append(_example(layer[k], layer[k + 1:k + 1 + ahead], n_sink))
     if not examples:
         raise ValueError(f"no invocation had {horizon} tokens after it: use samples longer than "
                          f"{horizon + namm_delay} tokens or a shorter horizon")
     return examples
+
+
+def capture_examples(model, samples: Sequence[Sample], namm_delay: int, horizon: int, n_sink: int,
+                     n_threads: int = 0) -> list[ImitationExample]:
+    """capture_invocations, then examples_from."""
+    _windows_ahead(namm_delay, horizon)  # a bad horizon fails before any work
+    return examples_from(samples, capture_invocations(model, samples, namm_delay, n_threads), namm_delay, horizon,
+                         n_sink)
+
+
+def _windows_ahead(namm_delay: int, horizon: int) -> int:
+    """Invocation windows a text example's target counts."""
+    if horizon < namm_delay or horizon % namm_delay:
+        raise ValueError(f"horizon must be a positive multiple of namm_delay {namm_delay} (got {horizon})")
+    return horizon // namm_delay
+
+
+def _log_share(received: np.ndarray, rows: int, n: int) -> np.ndarray:
+    """Attention received from `rows` queries over n tokens -> log of its multiple of a uniform share, clipped."""
+    return np.log(np.clip(received / rows * n, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
 
 
 def _example(now: dict, future: Sequence[dict], n_sink: int) -> ImitationExample:
@@ -88,9 +114,7 @@ def _example(now: dict, future: Sequence[dict], n_sink: int) -> ImitationExample
             raise RuntimeError("a token disappeared between invocations during the warm start's capture")
         received += later["attention"][:, :, columns].sum(axis=1)
         rows += later["attention"].shape[1]
-    relative = received / rows * n  # 1 = a uniform share of each future query's attention
-    target = np.log(np.clip(relative, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
-    return ImitationExample(positions, now["ema"], target, min(n_sink, n - 1))
+    return ImitationExample(positions, now["ema"], _log_share(received, rows, n), min(n_sink, n - 1))
 
 
 def _answer_examples(invocations: Sequence[dict], question_start: int, n_sink: int) -> list[ImitationExample]:
@@ -98,8 +122,7 @@ def _answer_examples(invocations: Sequence[dict], question_start: int, n_sink: i
     from the question and answer queries (positions >= question_start), not from the haystack read in between.
     One example per invocation before the question in which some non-sink token gets more than a uniform share."""
     total = invocations[-1]["positions"].size  # nothing was evicted: positions 0 .. total-1, in order
-    H = invocations[-1]["ema"].shape[0]
-    received = np.zeros((H, total), np.float64)
+    received = np.zeros((invocations[-1]["ema"].shape[0], total), np.float64)  # [H, total]
     rows = 0
     for inv in invocations:
         attention, positions = inv["attention"], inv["positions"]  # [H, R, n], [n]
@@ -109,18 +132,16 @@ def _answer_examples(invocations: Sequence[dict], question_start: int, n_sink: i
             rows += int(asking.sum())
     if rows == 0:
         return []
-    relative = received / rows * total
+    target = _log_share(received, rows, total)  # [H, total]
     examples = []
     for inv in invocations:
         positions = inv["positions"]
         if positions[-1] >= question_start:
             break
         first = min(n_sink, positions.size - 1)
-        share = relative[:, positions]
-        if share[:, first:].max() <= 1.0:
+        if target[:, positions[first:]].max() <= 0.0:  # no non-sink token above a uniform share
             continue
-        target = np.log(np.clip(share, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
-        examples.append(ImitationExample(positions, inv["ema"], target, first))
+        examples.append(ImitationExample(positions, inv["ema"], target[:, positions], first))
     return examples
 
 
