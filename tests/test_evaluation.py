@@ -93,6 +93,39 @@ def test_bench_writes_ratios(tmp_path, smollm2_path):
     assert "llama-cpp-python" in (tmp_path / "b.md").read_text()
 
 
+def test_paired_rounds_reverse_the_order_and_ratios_pair_rounds():
+    from pymemory.evaluation import bench
+
+    calls, speeds = [], {"a": iter([10.0, 20.0, 30.0]), "b": iter([5.0, 40.0, 15.0]), "c": iter([1.0, 1.0, 1.0])}
+    timing = bench.paired_rounds({name: (lambda name=name: calls.append(name) or next(speeds[name]))
+                                  for name in "abc"}, rounds=3)
+    assert calls == list("abc") + list("cba") + list("abc")
+    assert timing["a"] == {"median": 20.0, "samples": [10.0, 20.0, 30.0]}
+    # per-round ratios a/b: 2.0, 0.5, 2.0; a ratio of medians would say 20 / 15 = 1.33
+    ratio = bench.round_ratios(timing, "a", "b")
+    assert ratio["samples"] == [2.0, 0.5, 2.0] and ratio["median"] == 2.0 and ratio["quartiles"] == [1.25, 2.0]
+
+
+def test_bench_attention_suite_times_each_policy_against_both_sinks(tmp_path, smollm2_path):
+    out = tmp_path / "attention.json"
+    assert main(["bench", "--model", smollm2_path, "--suite", "attention", "--attention-caches", "256",
+                 "--tokens", "32", "--rounds", "2", "--prefill-rounds", "1", "--namm", "smollm2",
+                 "--namm-variant", "namm_layers=5", "--json", str(out), "--md", str(tmp_path / "a.md")]) == 0
+    entry = json.loads(out.read_text())["attention"][0]
+    names = ["sink", "sink, flash attention auto", "h2o", "namm namm_layers=5"]
+    assert list(entry["decode"]) == names and len(entry["decode"]["h2o"]["samples"]) == 2
+    assert len(entry["prefill"]["h2o"]["samples"]) == 1
+    for kind in ("decode", "prefill"):
+        for name in names:
+            for ratio in entry["ratios"][kind][name].values():
+                low, high = ratio["quartiles"]
+                assert 0.2 < low <= ratio["median"] <= high < 5
+    ms = entry["policy_ms_per_token"]  # only the attention-scored policies read attention and decide
+    assert ms["sink"] == {"observe": 0.0, "decide": 0.0} and ms["h2o"]["observe"] > 0
+    assert ms["namm namm_layers=5"]["observe"] > 0 and ms["namm namm_layers=5"]["decide"] > 0
+    assert "vs sink FA auto" in (tmp_path / "a.md").read_text()
+
+
 def test_bench_long_run_soak_records_and_checkpoints(smollm2_model):
     """The soak behind `bench --long-run N --long-run-chunk K`: prose and sampled tokens alternate, the cache stays
     within its cells, and the report is handed out at every checkpoint before the end."""

@@ -25,15 +25,17 @@ if run attention; then      # issue 4: h2o / namm overhead vs sink at 1K and 4K,
 fi
 if run attention-shipped; then  # issue 13: the same with the shipped NAMM (every 32 tokens, budget mode), scoring
   # all 30 layers (as trained), 10 or 5 of them (namm_layers), and 5 layers every 128 tokens
-  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 3 --tokens 512 \
-    --namm smollm2 --namm-variant none --namm-variant namm_layers=10 --namm-variant namm_layers=5 \
+  # paired rounds: every engine continues its stream 128 tokens per round (a multiple of 32 and 128)
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 10 --tokens 128 \
+    --prefill-rounds 5 --namm smollm2 --namm-variant none --namm-variant namm_layers=10 --namm-variant namm_layers=5 \
     --namm-variant namm_layers=5,namm_delay=128 \
     --json $out/bench_attention_shipped_namm.json --md $out/bench_attention_shipped_namm.md
 fi
 if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 tokens over 30 layers is ~100 ms per
   # token here, so only the cheaper deployments (fewer layers, longer intervals)
-  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 4096 --rounds 3 --tokens 512 \
-    --namm smollm2 --namm-variant namm_layers=5,namm_delay=256 --namm-variant namm_layers=10,namm_delay=512 \
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 4096 --rounds 6 --tokens 512 \
+    --prefill-rounds 3 --namm smollm2 --namm-variant namm_layers=5,namm_delay=256 \
+    --namm-variant namm_layers=10,namm_delay=512 \
     --json $out/bench_attention_shipped_namm_4k.json --md $out/bench_attention_shipped_namm_4k.md
 fi
 if run namm-layers; then    # issue 13: what scoring fewer layers costs in quality (shipped SmolLM2 NAMM, held out)

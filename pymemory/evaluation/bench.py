@@ -56,6 +56,24 @@ class DecodeRun:
         self.policy_ms_per_token = {k: 1000 * (after[k] - before[k]) / n_tokens for k in after}
         return n_tokens / seconds
 
+    def continue_tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+        """Decode speed over the next n tokens of one continuing stream (filled once, never reset): rounds of
+        several runs then alternate at a fine grain, and the policy's time accumulates over all of them."""
+        if not getattr(self, "_filled", False):
+            self.engine.reset()
+            self.engine.feed(self.prompt)
+            for _ in range(warmup):
+                self.engine.feed([self.engine.sample(self.sampler)])
+            self._filled, self._timed_tokens, self._first = True, 0, self.policy_seconds()
+        start = time.perf_counter()
+        for _ in range(n_tokens):
+            self.engine.feed([self.engine.sample(self.sampler)])
+        seconds = time.perf_counter() - start
+        self._timed_tokens += n_tokens
+        now = self.policy_seconds()
+        self.policy_ms_per_token = {k: 1000 * (now[k] - self._first[k]) / self._timed_tokens for k in now}
+        return n_tokens / seconds
+
     def policy_seconds(self) -> dict:
         stats = self.engine.policy_stats()
         return {k: stats.get(f"{k}_seconds", 0.0) for k in ("observe", "decide")}
@@ -126,6 +144,27 @@ def interleaved(measurements: dict[str, Callable[[], float]], rounds: int) -> di
         for name, measure in measurements.items():
             samples[name].append(measure())
     return {name: {"median": statistics.median(v), "samples": [round(x, 2) for x in v]} for name, v in samples.items()}
+
+
+def paired_rounds(measurements: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict]:
+    """Every measurement once per round, the order reversed every other round, so that a machine whose speed
+    drifts during a round favours no one over a pair of rounds; median and all samples per name (compare two
+    names with round_ratios)."""
+    names = list(measurements)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            samples[name].append(measurements[name]())
+    return {name: {"median": statistics.median(v), "samples": [round(x, 2) for x in v]} for name, v in samples.items()}
+
+
+def round_ratios(timing: dict[str, dict], name: str, reference: str) -> dict:
+    """name's speed over reference's, round by round: the median and quartiles of those ratios. Speeds of one
+    round were taken seconds apart, so a shared machine's slow and fast minutes move both alike."""
+    ratios = [a / b for a, b in zip(timing[name]["samples"], timing[reference]["samples"])]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": statistics.median(ratios), "quartiles": [low, high],
+            "samples": [round(x, 4) for x in ratios]}
 
 
 def prefill_tokens_per_s(model, spec: PolicySpec, tokens: list[int], n_threads: int) -> float:

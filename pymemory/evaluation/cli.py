@@ -316,10 +316,12 @@ def run_bench(args) -> int:
     if "attention" in suites:
         rows = []
         data["attention"] = []
+        sink, sink_default = "sink", "sink, flash attention auto"
         for capacity in args.attention_caches:
             window = capacity - args.n_sink
-            specs = {
-                "sink": PolicySpec("sink", args.n_sink, window, {"flash_attention": "off"}),
+            specs = {  # the attention-scored policies read probabilities, so their like-for-like sink has FA off
+                sink: PolicySpec("sink", args.n_sink, window, {"flash_attention": "off"}),
+                sink_default: PolicySpec("sink", args.n_sink, window),
                 "h2o": PolicySpec("h2o", args.n_sink, window, {"reindex": True}),
             }
             for variant in args.namm_variant or ["none"]:  # the NAMM as its file says ("none"), or with options
@@ -329,33 +331,48 @@ def run_bench(args) -> int:
                     "namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget", "reindex": True,
                                                   **options})
             runs = {name: bench.DecodeRun(model, spec, threads, prompt) for name, spec in specs.items()}
-            n_decode = max(args.tokens, 512)  # a NAMM invocation falls inside every timed window
-            timing = bench.interleaved({name: (lambda r=r: r.tokens_per_s(n_decode)) for name, r in runs.items()},
-                                       args.rounds)
-            prefill = {name: bench.prefill_tokens_per_s(model, spec, prompt[:2 * capacity], threads)
-                       for name, spec in specs.items()}
+            # Every engine fills its cache once and then continues its stream, args.tokens per round (a multiple
+            # of every NAMM interval timed, so each round holds the same share of invocations).
+            decode = bench.paired_rounds({name: (lambda r=r: r.continue_tokens_per_s(args.tokens))
+                                          for name, r in runs.items()}, args.rounds)
+            prefill = bench.paired_rounds({name: (lambda spec=spec: bench.prefill_tokens_per_s(
+                model, spec, prompt[:2 * capacity], threads)) for name, spec in specs.items()},
+                args.prefill_rounds or args.rounds)
             policy_ms = {name: runs[name].policy_ms_per_token for name in specs}
-            data["attention"].append({"capacity": capacity, "decode": timing, "prefill_tok_s": prefill,
-                                      "policy_ms_per_token": policy_ms})
+            ratios = {kind: {name: {ref: bench.round_ratios(timing, name, ref) for ref in (sink, sink_default)}
+                             for name in specs} for kind, timing in (("decode", decode), ("prefill", prefill))}
+            data["attention"].append({"capacity": capacity, "decode": decode, "prefill": prefill, "ratios": ratios,
+                                      "policy_ms_per_token": policy_ms, "decode_tokens_per_round": args.tokens})
             for name in specs:
-                rows.append([capacity, name, timing[name]["median"],
-                             f"{timing[name]['median'] / timing['sink']['median']:.3f}", prefill[name],
-                             f"{prefill[name] / prefill['sink']:.3f}", round(policy_ms[name]["observe"], 2),
-                             round(policy_ms[name]["decide"], 2)])
+                rows.append([capacity, name, decode[name]["median"], _ratio_cell(ratios["decode"][name][sink]),
+                             f"{ratios['decode'][name][sink_default]['median']:.3f}", prefill[name]["median"],
+                             _ratio_cell(ratios["prefill"][name][sink]),
+                             f"{ratios['prefill'][name][sink_default]['median']:.3f}",
+                             round(policy_ms[name]["observe"], 2), round(policy_ms[name]["decide"], 2)])
         which = f"NAMM {args.namm}, its own invocation interval" if args.namm else \
             "random NAMM weights, invoked every 512 tokens"
-        sections.append(f"## Attention-scored policies vs sink (decode includes NAMM invocations; {which})"
-                        "\n\nPrefill streams 2 x cache tokens. The last two columns split the policy's own "
-                        "time per decoded token (last round): reading attention inside llama_decode (GQA means and "
-                        "spectrogram folds for namm, per-cell sums for h2o) and deciding (NAMM invocations: "
-                        "features, BAM, selection).\n\n" + report.markdown_table(
-                            ["cache", "policy", "decode tok/s", "vs sink", "prefill tok/s", "vs sink",
-                             "tap ms/token", "decide ms/token"], rows))
+        sections.append(
+            f"## Attention-scored policies vs sink (decode includes NAMM invocations; {which})\n\n"
+            f"{args.rounds} rounds; in each, every engine decodes the next {args.tokens} tokens of its own stream "
+            "(cache full, evicting), the order reversed every other round. 'vs sink' is the median over rounds of "
+            "the speed ratio to sink measured in the same round [quartiles]: sink with flash attention off (as the "
+            "attention-scored policies must run), and sink as it runs by default (flash attention auto). Prefill "
+            f"streams 2 x cache tokens into a fresh engine ({args.prefill_rounds or args.rounds} rounds). The last "
+            "two columns split the policy's own time per decoded token over all rounds: reading attention inside "
+            "llama_decode (GQA means and spectrogram folds for namm, per-cell sums for h2o) and deciding (NAMM "
+            "invocations: features, BAM, selection).\n\n" + report.markdown_table(
+                ["cache", "policy", "decode tok/s", "vs sink [quartiles]", "vs sink FA auto", "prefill tok/s",
+                 "vs sink [quartiles]", "vs sink FA auto", "tap ms/token", "decide ms/token"], rows))
 
     body = "\n\n".join(sections)
     print(body)
     _write_reports(args, data, meta, f"pymemory bench: {data['model']}", body)
     return 0
+
+
+def _ratio_cell(ratio: dict) -> str:
+    low, high = ratio["quartiles"]
+    return f"{ratio['median']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 # ---- wiring -------------------------------------------------------------------------------------------------------
@@ -428,6 +445,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--attention-caches", type=_ints, default=[1024, 4096])
     b.add_argument("--tokens", type=int, default=64, help="decode steps timed per measurement")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
+    b.add_argument("--prefill-rounds", type=int, default=0,
+                   help="attention suite: rounds of the prefill measurement (default: --rounds)")
     b.add_argument("--namm", default=None,
                    help="NAMM GGUF or shipped name for the attention and memory suites (default: random weights)")
     b.add_argument("--namm-variant", action="append", default=[], metavar="KEY=VALUE[,...]",
