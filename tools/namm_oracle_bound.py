@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""How much of sink's gap could any attention-scored eviction close? A hindsight oracle on the NAMM test set.
+
+    .venv/bin/python tools/namm_oracle_bound.py --namm smollm2 --out docs/results/namm_oracle_bound
+
+A NAMM, h2o or tova must guess, when it evicts, which cached tokens the model will read later. The oracle is told:
+every token's attention from all later queries (summed over layers and KV heads), measured once with the full
+cache on the same sample (the engine's capture API, the numbers the NAMM reads). At every invocation it evicts the
+tokens that will receive the least of it, under the trained NAMM's schedule and budget rule (every `delay` tokens
+the cache is cut to capacity - delay cells, so peak cells = capacity; the first n_sink tokens stay). It knows the
+question of a retrieval sample before the question arrives, so it bounds what any policy that scores tokens by
+attention, query-aware or not, could keep.
+
+Eviction runs on llama.cpp through llama-cpp-python's C API on the same GGUF (positions absolute, cells removed
+with llama_memory_seq_rm; the engine's policies cannot take external scores). The same harness also runs sink
+(evict the oldest) and the full cache, which are checked against the engine's own sink and full cache on the same
+samples, run here side by side with h2o, tova and the shipped NAMM (the evaluation of eval_trained_namm.py).
+Samples: the shipped NAMM's held-out split and test seed (its JSON's training config, seed + 1).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.fspath(ROOT))
+
+from pymemory._loader import _core  # noqa: E402
+from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.namm.packaged import resolve_namm  # noqa: E402
+from pymemory.namm.training.config import TrainConfig  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
+from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor  # noqa: E402
+from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
+
+
+def attention_received(invocations: list[list[dict]], n_tokens: int) -> np.ndarray:
+    """[query, key] attention summed over layers and KV heads, from one sample's full-cache captures."""
+    received = np.zeros((n_tokens, n_tokens), np.float64)
+    for layer in invocations:
+        for capture in layer:
+            positions = capture["positions"]  # the cached tokens' positions: every token so far (nothing evicted)
+            rows = capture["attention"].sum(axis=0)  # [R, n]
+            first_query = positions[-1] - rows.shape[0] + 1  # the window's rows are its newest tokens
+            received[first_query:first_query + rows.shape[0], positions] += rows
+    return received
+
+
+class LlamaHarness:
+    """One llama.cpp context driven token by token: decode batches at given positions, remove given positions."""
+
+    def __init__(self, model_path: str, n_ctx: int, n_threads: int):
+        import llama_cpp
+
+        self.lc = llama_cpp
+        self.llm = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads,
+                                   n_threads_batch=n_threads, verbose=False, flash_attn=False)
+        self.ctx = self.llm.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab = self.llm.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def clear(self) -> None:
+        self.lc.llama_memory_clear(self.memory, True)
+
+    def decode(self, tokens: list[int], first_pos: int, scored: list[int]) -> dict[int, np.ndarray]:
+        """Decodes tokens at positions first_pos...; log-probabilities of the next token after each index in
+        `scored` (indices into tokens)."""
+        b = self.batch
+        b.n_tokens = len(tokens)
+        wanted = set(scored)
+        for i, token in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = token, first_pos + i, 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i in wanted
+        if self.lc.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed in the oracle harness")
+        out = {}
+        for i in scored:
+            logits = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+            logits = logits.astype(np.float64)
+            out[i] = logits - (logits.max() + math.log(np.exp(logits - logits.max()).sum()))
+        return out
+
+    def remove(self, position: int) -> None:
+        self.lc.llama_memory_seq_rm(self.memory, 0, position, position + 1)
+
+
+def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity: int, delay: int, n_sink: int,
+               keep_score) -> tuple[float, int]:
+    """Mean NLL of tokens[n_prompt:] when every `delay` tokens the cache is cut to capacity - delay cells by
+    evicting the lowest keep_score(boundary, positions) (None: keep everything). Returns (NLL, peak cells)."""
+    harness.clear()
+    cached: list[int] = []
+    nll, peak = [], 0
+    for begin in range(0, len(tokens), delay):
+        chunk = tokens[begin:begin + delay]
+        scored = [i for i in range(len(chunk)) if n_prompt <= begin + i + 1 < len(tokens)]
+        logprobs = harness.decode(chunk, begin, scored)
+        nll += [-logprobs[i][tokens[begin + i + 1]] for i in scored]
+        cached += range(begin, begin + len(chunk))
+        peak = max(peak, len(cached))
+        if keep_score is not None and len(cached) > capacity - delay:
+            candidates = np.asarray(cached[n_sink:])
+            scores = keep_score(begin + len(chunk), candidates)
+            n_evict = len(cached) - (capacity - delay)
+            evict = candidates[np.argsort(scores, kind="stable")[:n_evict]]
+            for position in evict:
+                harness.remove(int(position))
+            gone = set(int(p) for p in evict)
+            cached = [p for p in cached if p not in gone]
+    if n_prompt == 0 or not nll:
+        raise ValueError("a sample needs a prompt and scored tokens")
+    return float(np.mean(nll)), peak
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--namm", default="smollm2", help="a shipped NAMM name: its JSON gives the model and test split")
+    p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    p.add_argument("--text", type=int, default=8)
+    p.add_argument("--retrieval", type=int, default=8)
+    p.add_argument("--fractions", default="0.25,0.5")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    namm_file = resolve_namm(args.namm)
+    shipped = json.loads(Path(namm_file).with_suffix(".json").read_text())
+    config = TrainConfig.from_dict(shipped["config"])
+    _core.set_log_verbosity(0)
+    model_path = os.fspath(resolve_model(config.model))
+    model = _core.Model.load(model_path)
+    corpus = Corpus(model, config.text_sources(), config.sample_tokens)
+    factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
+    samples = heldout_samples(factory, config.seed + 1, args.text, args.retrieval, config.retrieval_sources())
+    delay, n_sink = config.namm_delay, config.n_sink
+
+    print(f"capturing attention of {len(samples)} samples with the full cache", flush=True)
+    received = [attention_received(per_layer, s.n_tokens)
+                for s, per_layer in zip(samples, capture_invocations(model, samples, delay, args.threads))]
+    del model
+
+    harness = LlamaHarness(model_path, config.sample_tokens + 64, args.threads)
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+
+    def record(table: str, policy: str, sample, nll: float, peak: int) -> None:
+        entry = rows.setdefault(table, {}).setdefault(policy, {"nll": {}, "peak_cells": 0})
+        entry["nll"][sample.id] = nll
+        entry["peak_cells"] = max(entry["peak_cells"], peak)
+
+    for index, sample in enumerate(samples):
+        tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)
+        future = np.cumsum(received[index][::-1], axis=0)[::-1]  # future[q, k]: attention to k from queries >= q
+        record("full", "full cache (harness)", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay, n_sink,
+                                                                    None))
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            capacity = int(round(config.sample_tokens * fraction))
+            table = f"{capacity}"
+            record(table, "sink (harness)", sample,
+                   *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink, lambda now, cand: cand))
+            record(table, "oracle: future attention", sample, *run_sample(
+                harness, tokens, n_prompt, capacity, delay, n_sink,
+                lambda now, cand: future[now, cand] if now < len(tokens) else cand))
+        print(f"  {sample.id}: " + ", ".join(f"{t}/{k} {v['nll'][sample.id]:.3f}" for t, e in rows.items()
+                                             for k, v in e.items()), flush=True)
+
+    print("engine policies on the same samples", flush=True)
+    executor = make_executor(args.workers, "", 1)
+    mean, var = tuple(shipped["feature_mean"]), tuple(shipped["feature_var"])
+    try:
+        def spec_for(capacity: int) -> MemorySpec:
+            return MemorySpec(config.model, capacity, config.sample_tokens, n_sink, delay, config.mode,
+                              config.quorum, capacity - delay, mean, var, 1)
+
+        for r in executor.map(spec_for(config.capacity), [Job("full", s) for s in samples]):
+            rows["full"].setdefault("full cache (engine)", {"nll": {}, "peak_cells": config.sample_tokens})[
+                "nll"][r.sample_id] = r.nll
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            capacity = int(round(config.sample_tokens * fraction))
+            for name, job in (("sink", Job("sink", samples[0])), ("h2o", Job("h2o", samples[0])),
+                              ("tova", Job("tova", samples[0])),
+                              (f"NAMM {args.namm}", Job("namm_file", samples[0], namm_file=namm_file))):
+                results = executor.map(spec_for(capacity), [Job(job.memory, s, namm_file=job.namm_file)
+                                                            for s in samples])
+                for r in results:
+                    e = rows[f"{capacity}"].setdefault(name, {"nll": {}, "peak_cells": 0})
+                    e["nll"][r.sample_id] = r.nll
+                    e["peak_cells"] = max(e["peak_cells"], r.peak_cells)
+    finally:
+        executor.close()
+
+    text_ids = [s.id for s in samples if s.kind == "text"]
+    answer_ids = [s.id for s in samples if s.kind != "text"]
+    full = rows["full"]["full cache (engine)"]["nll"]
+
+    def summary(entry: dict, reference: dict) -> dict:
+        out = {"peak_cells": entry["peak_cells"]}
+        for kind, ids in (("text", text_ids), ("answer", answer_ids)):
+            if ids:
+                nll = float(np.mean([entry["nll"][i] for i in ids]))
+                out[f"{kind}_nll"] = nll
+                out[f"{kind}_gap"] = nll - float(np.mean([full[i] for i in ids]))
+                if kind == "answer":
+                    out["answer_prob"] = float(np.mean([math.exp(-entry["nll"][i]) for i in ids]))
+        return out
+
+    tables = {name: {policy: summary(e, full) for policy, e in entry.items()} for name, entry in rows.items()}
+    for name, table in tables.items():
+        sink = table.get("sink")
+        for e in table.values():
+            for kind in ("text", "answer"):
+                if sink and sink.get(f"{kind}_gap", 0) > 0 and f"{kind}_gap" in e:
+                    e[f"{kind}_closed"] = 1 - e[f"{kind}_gap"] / sink[f"{kind}_gap"]
+    report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "model": config.model, "namm": args.namm, "sample_tokens": config.sample_tokens, "delay": delay,
+              "n_sink": n_sink, "n_text": len(text_ids), "n_retrieval": len(answer_ids), "test_seed": config.seed + 1,
+              "tables": tables, "nll_per_sample": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Hindsight oracle: what attention-scored eviction could close ({report['model']})", "",
+             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
+             f"The NAMM `{report['namm']}`'s test set ({report['n_text']} text + {report['n_retrieval']} retrieval "
+             f"samples of {report['sample_tokens']} tokens, seed {report['test_seed']}). Every policy evicts every "
+             f"{report['delay']} tokens down to capacity - {report['delay']} cells (peak cells = capacity) and keeps "
+             f"the first {report['n_sink']}. 'oracle' evicts the tokens that the full cache's later queries attend "
+             "least (summed over layers and KV heads; it has seen the question). Rows marked (harness) run on "
+             "llama.cpp through llama-cpp-python with absolute positions; the others are pymemory's engine. "
+             "'closed' = share of the engine's sink gap to the full cache that a policy closes.", "",
+             "| peak cells | policy | text NLL | text gap | text closed | answer NLL | answer closed | answer p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, table in report["tables"].items():
+        for policy, e in table.items():
+            def f(key, fmt="{:.4f}"):
+                return fmt.format(e[key]) if key in e else "-"
+            lines.append(f"| {name if name != 'full' else report['sample_tokens']} | {policy} | {f('text_nll')} | "
+                         f"{f('text_gap')} | {f('text_closed', '{:+.3f}')} | {f('answer_nll', '{:.3f}')} | "
+                         f"{f('answer_closed', '{:+.3f}')} | {f('answer_prob', '{:.3f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
