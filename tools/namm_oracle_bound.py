@@ -173,6 +173,11 @@ def main() -> int:
             record(table, "oracle: future attention", sample, *run_sample(
                 harness, tokens, n_prompt, capacity, delay, n_sink,
                 lambda now, cand: future[now, cand] if now < len(tokens) else cand))
+            if sample.question:  # what the answer needs: the question's (and answer's) attention only
+                asked = len(sample.prompt) - sample.question
+                record(table, "oracle: the question's attention", sample, *run_sample(
+                    harness, tokens, n_prompt, capacity, delay, n_sink,
+                    lambda now, cand: future[max(now, asked), cand] if now < len(tokens) else cand))
         print(f"  {sample.id}: " + ", ".join(f"{t}/{k} {v['nll'][sample.id]:.3f}" for t, e in rows.items()
                                              for k, v in e.items()), flush=True)
 
@@ -246,7 +251,8 @@ def markdown(report: dict) -> str:
              f"samples of {report['sample_tokens']} tokens, seed {report['test_seed']}). Every policy evicts every "
              f"{report['delay']} tokens down to capacity - {report['delay']} cells (peak cells = capacity) and keeps "
              f"the first {report['n_sink']}. 'oracle' evicts the tokens that the full cache's later queries attend "
-             "least (summed over layers and KV heads; it has seen the question). Rows marked (harness) run on "
+             "least (summed over layers and KV heads; it has seen the question); 'the question's attention' counts "
+             "only the queries from the question on (retrieval samples). Rows marked (harness) run on "
              "llama.cpp through llama-cpp-python with absolute positions; the others are pymemory's engine. "
              "'closed' = share of the engine's sink gap to the full cache that a policy closes.", "",
              "| peak cells | policy | text NLL | text gap | text closed | answer NLL | answer closed | answer p |",
