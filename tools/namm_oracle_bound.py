@@ -7,7 +7,7 @@ A NAMM, h2o or tova must guess, when it evicts, which cached tokens the model wi
 every token's attention from all later queries (summed over layers and KV heads), measured once with the full
 cache on the same sample (the engine's capture API, the numbers the NAMM reads). At every invocation it evicts the
 tokens that will receive the least of it, under the trained NAMM's schedule and budget rule (every `delay` tokens
-the cache is cut to capacity - delay cells, so peak cells = capacity; the first n_sink tokens stay). It knows the
+the cache is cut to capacity - delay cells, so peak cells = capacity; the first n_sink tokens and the newest stay). It knows the
 question of a retrieval sample before the question arrives, so it bounds what any policy that scores tokens by
 attention, query-aware or not, could keep.
 
@@ -112,7 +112,8 @@ def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity
         cached += range(begin, begin + len(chunk))
         peak = max(peak, len(cached))
         if keep_score is not None and len(cached) > capacity - delay:
-            candidates = np.asarray(cached[n_sink:])
+            # The newest token stays (the NAMM's rule too): llama.cpp continues a sequence after its last position.
+            candidates = np.asarray(cached[n_sink:-1])
             scores = keep_score(begin + len(chunk), candidates)
             n_evict = len(cached) - (capacity - delay)
             evict = candidates[np.argsort(scores, kind="stable")[:n_evict]]
