@@ -16,17 +16,28 @@ def _tool():
     return module
 
 
-def test_attention_received_puts_each_window_row_at_its_query_and_sums_layers_and_heads():
+def test_attention_received_puts_each_window_row_at_its_query_and_pair():
     tool = _tool()
     rng = np.random.default_rng(0)
     first = rng.random((2, 2, 3), dtype=np.float32)  # [H, R, n]: queries 1, 2 over tokens 0..2
     second = rng.random((2, 1, 4), dtype=np.float32)  # query 3 over tokens 0..3
-    layer = [{"positions": np.arange(3), "attention": first}, {"positions": np.arange(4), "attention": second}]
-    received = tool.attention_received([layer, layer], 5)  # two layers with the same captures
-    expected = np.zeros((5, 5))
-    expected[1:3, :3] = 2 * first.sum(axis=0)
-    expected[3, :4] = 2 * second.sum(axis=0)[0]
+    layer0 = [{"positions": np.arange(3), "attention": first}, {"positions": np.arange(4), "attention": second}]
+    layer1 = [{"positions": np.arange(3), "attention": 2 * first}, {"positions": np.arange(4), "attention": second}]
+    received = tool.attention_received([layer0, layer1], 5)
+    assert received.shape == (4, 5, 5)  # (layer, KV head) pairs, layer-major
+    expected = np.zeros((4, 5, 5), np.float32)
+    for pair, (scale, head) in enumerate([(1, 0), (1, 1), (2, 0), (2, 1)]):
+        expected[pair, 1:3, :3] = scale * first[head]
+        expected[pair, 3, :4] = second[head, 0]
     np.testing.assert_allclose(received, expected, rtol=1e-6)
+
+
+def test_mean_log_share_averages_clipped_log_shares_over_pairs():
+    tool = _tool()
+    received = np.array([[2.0, 0.0, 1000.0], [2.0, 4.0, 1000.0]])  # [pairs, tokens]: 2 queries over 4 cached tokens
+    # shares = received / 2 rows * 4 tokens: [4, 0 -> 0.01, 2000 -> 50] and [4, 8, 50]
+    np.testing.assert_allclose(tool.mean_log_share(received, 2, 4),
+                               [np.log(4), (np.log(0.01) + np.log(8)) / 2, np.log(50)])
 
 
 def test_harness_matches_the_engine_and_holds_its_budget(smollm2_path, smollm2_model):

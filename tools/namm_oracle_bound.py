@@ -42,19 +42,27 @@ from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.config import TrainConfig  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
 from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor  # noqa: E402
-from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
+from pymemory.namm.training.warm_start import LOG_CEIL, LOG_FLOOR, capture_invocations  # noqa: E402
 
 
 def attention_received(invocations: list[list[dict]], n_tokens: int) -> np.ndarray:
-    """[query, key] attention summed over layers and KV heads, from one sample's full-cache captures."""
-    received = np.zeros((n_tokens, n_tokens), np.float64)
-    for layer in invocations:
+    """[layer·KV head, query, key] attention from one sample's full-cache captures (layer-major pairs)."""
+    n_head = invocations[0][0]["attention"].shape[0]
+    received = np.zeros((len(invocations) * n_head, n_tokens, n_tokens), np.float32)
+    for layer_index, layer in enumerate(invocations):
         for capture in layer:
             positions = capture["positions"]  # the cached tokens' positions: every token so far (nothing evicted)
-            rows = capture["attention"].sum(axis=0)  # [R, n]
-            first_query = positions[-1] - rows.shape[0] + 1  # the window's rows are its newest tokens
-            received[first_query:first_query + rows.shape[0], positions] += rows
+            rows = capture["attention"]  # [H, R, n]
+            first_query = positions[-1] - rows.shape[1] + 1  # the window's rows are its newest tokens
+            pairs = slice(layer_index * n_head, (layer_index + 1) * n_head)
+            received[pairs, first_query:first_query + rows.shape[1], positions] = rows
     return received
+
+
+def mean_log_share(received: np.ndarray, rows: int, n_cached: int) -> np.ndarray:
+    """The NAMM's aggregation of a per-pair target: the warm start's log share of each pair's attention
+    (received [pairs, n] from `rows` queries over n_cached tokens), averaged over the pairs."""
+    return np.log(np.clip(received / rows * n_cached, LOG_FLOOR, LOG_CEIL)).mean(axis=0)
 
 
 class LlamaHarness:
@@ -133,6 +141,8 @@ def main() -> int:
     p.add_argument("--text", type=int, default=8)
     p.add_argument("--retrieval", type=int, default=8)
     p.add_argument("--fractions", default="0.25,0.5")
+    p.add_argument("--horizon", type=int, default=256, help="queries ahead for the windowed oracles (the warm "
+                   "start's --warm-start-horizon)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -163,7 +173,14 @@ def main() -> int:
 
     for index, sample in enumerate(samples):
         tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)
-        future = np.cumsum(received[index][::-1], axis=0)[::-1]  # future[q, k]: attention to k from queries >= q
+        # ahead[p, q, k]: attention of pair p to token k from queries >= q (row N: none); future: summed over pairs
+        ahead = np.zeros((received[index].shape[0], len(tokens) + 1, len(tokens)), np.float32)
+        ahead[:, :-1] = np.cumsum(received[index][:, ::-1], axis=1)[:, ::-1]
+        future = ahead.sum(axis=0, dtype=np.float64)
+
+        def next_queries(now: int) -> tuple[np.ndarray, int]:
+            end = min(now + args.horizon, len(tokens))
+            return ahead[:, now] - ahead[:, end], end - now
         record("full", "full cache (harness)", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay, n_sink,
                                                                     None))
         for fraction in (float(f) for f in args.fractions.split(",")):
@@ -174,6 +191,13 @@ def main() -> int:
             record(table, "oracle: future attention", sample, *run_sample(
                 harness, tokens, n_prompt, capacity, delay, n_sink,
                 lambda now, cand: future[now, cand] if now < len(tokens) else cand))
+            record(table, f"oracle: next {args.horizon} queries", sample, *run_sample(
+                harness, tokens, n_prompt, capacity, delay, n_sink,
+                lambda now, cand: next_queries(now)[0][:, cand].sum(axis=0) if now < len(tokens) else cand))
+            record(table, f"oracle: next {args.horizon} queries, mean log share over pairs", sample, *run_sample(
+                harness, tokens, n_prompt, capacity, delay, n_sink,
+                lambda now, cand: mean_log_share(next_queries(now)[0][:, cand], next_queries(now)[1], now)
+                if now < len(tokens) else cand))
             if sample.question:  # what the answer needs: the question's (and answer's) attention only
                 asked = len(sample.prompt) - sample.question
                 record(table, "oracle: the question's attention", sample, *run_sample(
@@ -253,7 +277,10 @@ def markdown(report: dict) -> str:
              f"{report['delay']} tokens down to capacity - {report['delay']} cells (peak cells = capacity) and keeps "
              f"the first {report['n_sink']}. 'oracle' evicts the tokens that the full cache's later queries attend "
              "least (summed over layers and KV heads; it has seen the question); 'the question's attention' counts "
-             "only the queries from the question on (retrieval samples). Rows marked (harness) run on "
+             "only the queries from the question on (retrieval samples); 'next N queries' counts the N queries "
+             "after the invocation, summed over (layer, KV head) pairs or, as the NAMM's budget rule aggregates its "
+             "warm start's target, as the mean over pairs of the log of each pair's share (clipped to "
+             "[0.01, 50] uniform shares). Rows marked (harness) run on "
              "llama.cpp through llama-cpp-python with absolute positions; the others are pymemory's engine. "
              "'closed' = share of the engine's sink gap to the full cache that a policy closes.", "",
              "| peak cells | policy | text NLL | text gap | text closed | answer NLL | answer closed | answer p |",
