@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +64,15 @@ def test_harness_matches_the_engine_and_holds_its_budget(smollm2_path, smollm2_m
     # Evicting the newest instead (the scores reversed) is a different cache: the harness follows the scores.
     newest_first, _ = tool.run_sample(harness, tokens, 96, 64, 32, 4, lambda now, candidates: -candidates)
     assert abs(newest_first - oldest_first) > 0.05
+
+
+def test_summarise_scores_each_policy_on_the_samples_it_ran():
+    tool = _tool()
+    full = {"t": 3.0, "a": 1.0}
+    rows = {"full": {"full cache (engine)": {"nll": full, "peak_cells": 512}},
+            "128": {"sink": {"nll": {"t": 3.2, "a": 3.0}, "peak_cells": 128},
+                    "question oracle": {"nll": {"a": 2.0}, "peak_cells": 128}}}
+    tables = tool.summarise(rows, ["t"], ["a"])
+    assert tables["128"]["sink"]["text_gap"] == pytest.approx(0.2)
+    oracle = tables["128"]["question oracle"]
+    assert "text_nll" not in oracle and oracle["answer_closed"] == pytest.approx(0.5)

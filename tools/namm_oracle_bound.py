@@ -134,6 +134,31 @@ def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity
     return float(np.mean(nll)), peak
 
 
+def summarise(rows: dict, text_ids: list[str], answer_ids: list[str]) -> dict:
+    """Per table and policy: mean NLL, gap to the engine's full cache and the share of the engine's sink gap closed,
+    for text and answers, over the samples the policy ran (a question-only oracle runs on retrieval only)."""
+    full = rows["full"]["full cache (engine)"]["nll"]
+    tables = {}
+    for name, entry in rows.items():
+        table = tables[name] = {}
+        for policy, e in entry.items():
+            out = table[policy] = {"peak_cells": e["peak_cells"]}
+            for kind, ids in (("text", text_ids), ("answer", answer_ids)):
+                ids = [i for i in ids if i in e["nll"]]
+                if not ids:
+                    continue
+                out[f"{kind}_nll"] = float(np.mean([e["nll"][i] for i in ids]))
+                out[f"{kind}_gap"] = out[f"{kind}_nll"] - float(np.mean([full[i] for i in ids]))
+                if kind == "answer":
+                    out["answer_prob"] = float(np.mean([math.exp(-e["nll"][i]) for i in ids]))
+        sink = table.get("sink", {})
+        for out in table.values():
+            for kind in ("text", "answer"):
+                if sink.get(f"{kind}_gap", 0) > 0 and f"{kind}_gap" in out:
+                    out[f"{kind}_closed"] = 1 - out[f"{kind}_gap"] / sink[f"{kind}_gap"]
+    return tables
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--namm", default="smollm2", help="a shipped NAMM name: its JSON gives the model and test split")
@@ -230,29 +255,11 @@ def main() -> int:
                     e["peak_cells"] = max(e["peak_cells"], r.peak_cells)
     finally:
         executor.close()
+    Path(args.out).with_suffix(".raw.json").write_text(json.dumps(rows))
 
     text_ids = [s.id for s in samples if s.kind == "text"]
     answer_ids = [s.id for s in samples if s.kind != "text"]
-    full = rows["full"]["full cache (engine)"]["nll"]
-
-    def summary(entry: dict, reference: dict) -> dict:
-        out = {"peak_cells": entry["peak_cells"]}
-        for kind, ids in (("text", text_ids), ("answer", answer_ids)):
-            if ids:
-                nll = float(np.mean([entry["nll"][i] for i in ids]))
-                out[f"{kind}_nll"] = nll
-                out[f"{kind}_gap"] = nll - float(np.mean([full[i] for i in ids]))
-                if kind == "answer":
-                    out["answer_prob"] = float(np.mean([math.exp(-entry["nll"][i]) for i in ids]))
-        return out
-
-    tables = {name: {policy: summary(e, full) for policy, e in entry.items()} for name, entry in rows.items()}
-    for name, table in tables.items():
-        sink = table.get("sink")
-        for e in table.values():
-            for kind in ("text", "answer"):
-                if sink and sink.get(f"{kind}_gap", 0) > 0 and f"{kind}_gap" in e:
-                    e[f"{kind}_closed"] = 1 - e[f"{kind}_gap"] / sink[f"{kind}_gap"]
+    tables = summarise(rows, text_ids, answer_ids)
     report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -173,6 +173,14 @@ if run namm-retrieval-probe; then  # issue 10: which attention signals single ou
   # question target against its future target on held-out text and passkeys (about 25 minutes)
   python tools/namm_retrieval_probe.py --out $out/namm_retrieval_probe
 fi
+if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
+  # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
+  python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
+fi
+if run namm-quant-check; then  # issue 10: each shipped NAMM in f32/f16/q8_0/q4_0 on its trainer's held-out set
+  python tools/namm_quant_check.py --namm smollm2 --out $out/namm_quant_smollm2
+  python tools/namm_quant_check.py --namm qwen2.5 --out $out/namm_quant_qwen
+fi
 if run namm-qwen-eval; then  # the Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
   python tools/eval_trained_namm.py --run runs/qwen-warm --namm pymemory/data/namm/qwen2.5.gguf \
     --out $out/namm_trained_qwen --text 12 --retrieval 6 --transfer-model smollm2-135m-instruct \

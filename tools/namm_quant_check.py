@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Does a shipped NAMM keep its trainer's held-out score in every weight type? (JSON + markdown)
+
+    .venv/bin/python tools/namm_quant_check.py --namm qwen2.5 --out docs/results/namm_quant_qwen
+
+The shipped GGUF (f32) is read back and written again as f16, q8_0 and q4_0 (pymemory's converter, the same
+path `convert-namm --type` takes from a checkpoint). Each runs through the engine on the trainer's own held-out
+set (the shipped JSON's training config: held-out split, training seed, its held-out sample counts) and is scored
+with the trainer's loss (gap to the full cache as a share of sink's, with the normalisers the run logged), so
+the f32 row must reproduce the logged loss of the shipped generation, and every other row says what its weight
+type costs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.fspath(ROOT))
+
+from pymemory._loader import _core  # noqa: E402
+from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.namm.checkpoint import load_gguf  # noqa: E402
+from pymemory.namm.packaged import resolve_namm  # noqa: E402
+from pymemory.namm.training.config import TrainConfig  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
+from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
+from pymemory.namm.training.trainer import _gaps, _loss  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--namm", required=True, help="a shipped NAMM's name (its JSON holds the run's config and log)")
+    p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    p.add_argument("--quants", default="f16,q8_0,q4_0")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+
+    namm_file = resolve_namm(args.namm)
+    shipped = json.loads(Path(namm_file).with_suffix(".json").read_text())
+    config = TrainConfig.from_dict(shipped["config"])
+    vector, _ = load_gguf(namm_file)
+    _core.set_log_verbosity(0)
+    model = _core.Model.load(os.fspath(resolve_model(config.model)))
+    corpus = Corpus(model, config.text_sources(), config.sample_tokens)
+    factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
+    samples = heldout_samples(factory, config.seed, config.heldout_text, config.heldout_retrieval,
+                              config.retrieval_sources())
+    del model
+    spec = MemorySpec(config.model, config.capacity, config.sample_tokens, config.n_sink, config.namm_delay,
+                      config.mode, config.quorum, config.capacity - config.namm_delay,
+                      tuple(map(float, vector.feat_mean)), tuple(map(float, vector.feat_var)), 1)
+    normalisers = {k: max(v, 0.01) for k, v in shipped["heldout_baselines"]["sink"].items() if k != "loss"}
+    logged = next(h["loss"] for h in shipped["heldout"] if h["generation"] == shipped["generation"])
+
+    tmp = tempfile.mkdtemp(prefix="namm-quant-")
+    files = {"f32 (shipped file)": namm_file}
+    for q in (q for q in args.quants.split(",") if q):
+        files[q] = write_template(replace(vector, source=f"{vector.source} ({q})"), os.path.join(tmp, f"{q}.gguf"),
+                                  spec, q)
+    executor = make_executor(args.workers, "", 1)
+    rows = {}
+    try:
+        refs = {r.sample_id: r.nll for r in executor.map(spec, [Job("full", s) for s in samples])}
+        for name, path in files.items():
+            results = executor.map(spec, [Job("namm_file", s, namm_file=path) for s in samples])
+            gaps = _gaps(results, refs)
+            rows[name] = {"loss": _loss(gaps, normalisers), "gaps": gaps, "file_bytes": os.path.getsize(path),
+                          "nll_per_sample": {r.sample_id: r.nll for r in results},
+                          "forced_evictions": sum(r.forced_evictions for r in results)}
+            print(f"  {name}: loss {rows[name]['loss']:.4f}", flush=True)
+    finally:
+        executor.close()
+    f32 = rows["f32 (shipped file)"]["loss"]
+    for row in rows.values():
+        row["vs_f32"] = row["loss"] / f32 - 1
+    report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "namm": args.namm, "model": config.model, "generation": shipped["generation"], "logged_loss": logged,
+              "n_samples": len(samples), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# NAMM `{report['namm']}` in every weight type ({report['model']})", "",
+             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
+             f"The trainer's held-out set ({report['n_samples']} samples) scored with the trainer's loss (1 = sink, "
+             f"0 = full cache). The run logged {report['logged_loss']:.4f} for generation {report['generation']}, "
+             "the shipped one.", "",
+             "| weights | file bytes | loss | vs f32 | text gap (nats) | retrieval gap (nats) | forced evictions |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in report["rows"].items():
+        gaps = row["gaps"]
+        lines.append(f"| {name} | {row['file_bytes']} | {row['loss']:.4f} | {row['vs_f32']:+.2%} | "
+                     f"{gaps.get('text', float('nan')):.4f} | {gaps.get('retrieval', float('nan')):.4f} | "
+                     f"{row['forced_evictions']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
