@@ -97,8 +97,8 @@ def test_paired_rounds_reverse_the_order_and_ratios_pair_rounds():
     from pymemory.evaluation import bench
 
     calls, speeds = [], {"a": iter([10.0, 20.0, 30.0]), "b": iter([5.0, 40.0, 15.0]), "c": iter([1.0, 1.0, 1.0])}
-    timing = bench.paired_rounds({name: (lambda name=name: calls.append(name) or next(speeds[name]))
-                                  for name in "abc"}, rounds=3)
+    timing = bench.interleaved({name: (lambda name=name: calls.append(name) or next(speeds[name]))
+                                for name in "abc"}, rounds=3, alternate_order=True)
     assert calls == list("abc") + list("cba") + list("abc")
     assert timing["a"] == {"median": 20.0, "samples": [10.0, 20.0, 30.0]}
     # per-round ratios a/b: 2.0, 0.5, 2.0; a ratio of medians would say 20 / 15 = 1.33

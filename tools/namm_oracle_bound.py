@@ -20,14 +20,9 @@ Samples: the shipped NAMM's held-out split and test seed (its JSON's training co
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime as dt
 import json
 import math
 import os
-import platform
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 
 from pymemory._loader import _core  # noqa: E402
+from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.config import TrainConfig  # noqa: E402
@@ -206,6 +202,10 @@ def main() -> int:
         def next_queries(now: int) -> tuple[np.ndarray, int]:
             end = min(now + args.horizon, len(tokens))
             return ahead[:, now] - ahead[:, end], end - now
+
+        def aggregated_share(now: int, cand: np.ndarray) -> np.ndarray:
+            received, rows = next_queries(now)
+            return mean_log_share(received[:, cand], rows, now)
         record("full", "full cache (harness)", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay, n_sink,
                                                                     None))
         for fraction in (float(f) for f in args.fractions.split(",")):
@@ -221,8 +221,7 @@ def main() -> int:
                 lambda now, cand: next_queries(now)[0][:, cand].sum(axis=0) if now < len(tokens) else cand))
             record(table, f"oracle: next {args.horizon} queries, mean log share over pairs", sample, *run_sample(
                 harness, tokens, n_prompt, capacity, delay, n_sink,
-                lambda now, cand: mean_log_share(next_queries(now)[0][:, cand], next_queries(now)[1], now)
-                if now < len(tokens) else cand))
+                lambda now, cand: aggregated_share(now, cand) if now < len(tokens) else cand))
             if sample.question:  # what the answer needs: the question's (and answer's) attention only
                 asked = len(sample.prompt) - sample.question
                 record(table, "oracle: the question's attention", sample, *run_sample(
@@ -260,19 +259,11 @@ def main() -> int:
     text_ids = [s.id for s in samples if s.kind == "text"]
     answer_ids = [s.id for s in samples if s.kind != "text"]
     tables = summarise(rows, text_ids, answer_ids)
-    report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "model": config.model, "namm": args.namm, "sample_tokens": config.sample_tokens, "delay": delay,
               "n_sink": n_sink, "n_text": len(text_ids), "n_retrieval": len(answer_ids), "test_seed": config.seed + 1,
               "tables": tables, "nll_per_sample": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report_files(args.out, report, markdown(report))
     return 0
 
 

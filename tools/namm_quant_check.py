@@ -13,23 +13,19 @@ type costs.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 
 from pymemory._loader import _core  # noqa: E402
+from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.namm.checkpoint import load_gguf  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
@@ -85,18 +81,10 @@ def main() -> int:
     f32 = rows["f32 (shipped file)"]["loss"]
     for row in rows.values():
         row["vs_f32"] = row["loss"] / f32 - 1
-    report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "namm": args.namm, "model": config.model, "generation": shipped["generation"], "logged_loss": logged,
               "n_samples": len(samples), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report_files(args.out, report, markdown(report))
     return 0
 
 

@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import os
-import platform
 import random
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +32,7 @@ sys.path.insert(0, os.fspath(ROOT))
 from eval_trained_namm import paired_difference, run_policies, summarise  # noqa: E402
 
 from pymemory._loader import _core  # noqa: E402
+from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.namm.reference import NammReference  # noqa: E402
 from pymemory.namm.training.calibration import feature_statistics  # noqa: E402
@@ -198,11 +195,7 @@ def main() -> int:
     _core.set_log_verbosity(0)
     from pymemory.namm.packaged import resolve_namm
 
-    report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "model": args.model, "sample_tokens": SAMPLE_TOKENS, "namm_delay": DELAY}
     model = _core.Model.load(os.fspath(resolve_model(args.model)))
     corpus = Corpus(model, ["austen"], SAMPLE_TOKENS)
@@ -211,11 +204,7 @@ def main() -> int:
     report["signals"] = signals(model, factory, namm, args.probe_samples, args.seed)
     print(json.dumps(report["signals"]), flush=True)
     report["targets"] = targets(args, model, factory)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report_files(args.out, report, markdown(report))
     return 0
 
 

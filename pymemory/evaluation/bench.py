@@ -41,11 +41,14 @@ class DecodeRun:
         self.prompt = prompt[: spec.capacity]
         self.sampler = _core.Sampler(model, _core.SamplingParams(temperature=0.0))
 
-    def tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+    def _fill(self, warmup: int) -> None:
         self.engine.reset()
         self.engine.feed(self.prompt)
         for _ in range(warmup):
             self.engine.feed([self.engine.sample(self.sampler)])
+
+    def tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
+        self._fill(warmup)
         before = self.policy_seconds()
         start = time.perf_counter()
         for _ in range(n_tokens):
@@ -60,10 +63,7 @@ class DecodeRun:
         """Decode speed over the next n tokens of one continuing stream (filled once, never reset): rounds of
         several runs then alternate at a fine grain, and the policy's time accumulates over all of them."""
         if not getattr(self, "_filled", False):
-            self.engine.reset()
-            self.engine.feed(self.prompt)
-            for _ in range(warmup):
-                self.engine.feed([self.engine.sample(self.sampler)])
+            self._fill(warmup)
             self._filled, self._timed_tokens, self._first = True, 0, self.policy_seconds()
         start = time.perf_counter()
         for _ in range(n_tokens):
@@ -137,23 +137,15 @@ class LlamaCppPythonRun:
         return n_tokens / (time.perf_counter() - start)
 
 
-def interleaved(measurements: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict]:
-    """Runs every measurement once per round, in the same order each round; median and all samples per name."""
-    samples: dict[str, list[float]] = {name: [] for name in measurements}
-    for _ in range(rounds):
-        for name, measure in measurements.items():
-            samples[name].append(measure())
-    return {name: {"median": statistics.median(v), "samples": [round(x, 2) for x in v]} for name, v in samples.items()}
-
-
-def paired_rounds(measurements: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict]:
-    """Every measurement once per round, the order reversed every other round, so that a machine whose speed
-    drifts during a round favours no one over a pair of rounds; median and all samples per name (compare two
-    names with round_ratios)."""
+def interleaved(measurements: dict[str, Callable[[], float]], rounds: int,
+                alternate_order: bool = False) -> dict[str, dict]:
+    """Runs every measurement once per round; median and all samples per name. With alternate_order the order is
+    reversed every other round, so that a machine whose speed drifts during a round favours no one over a pair
+    of rounds (compare two names with round_ratios)."""
     names = list(measurements)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
-        for name in (names if round_index % 2 == 0 else names[::-1]):
+        for name in (names[::-1] if alternate_order and round_index % 2 else names):
             samples[name].append(measurements[name]())
     return {name: {"median": statistics.median(v), "samples": [round(x, 2) for x in v]} for name, v in samples.items()}
 

@@ -333,11 +333,11 @@ def run_bench(args) -> int:
             runs = {name: bench.DecodeRun(model, spec, threads, prompt) for name, spec in specs.items()}
             # Every engine fills its cache once and then continues its stream, args.tokens per round (a multiple
             # of every NAMM interval timed, so each round holds the same share of invocations).
-            decode = bench.paired_rounds({name: (lambda r=r: r.continue_tokens_per_s(args.tokens))
-                                          for name, r in runs.items()}, args.rounds)
-            prefill = bench.paired_rounds({name: (lambda spec=spec: bench.prefill_tokens_per_s(
+            decode = bench.interleaved({name: (lambda r=r: r.continue_tokens_per_s(args.tokens))
+                                         for name, r in runs.items()}, args.rounds, alternate_order=True)
+            prefill = bench.interleaved({name: (lambda spec=spec: bench.prefill_tokens_per_s(
                 model, spec, prompt[:2 * capacity], threads)) for name, spec in specs.items()},
-                args.prefill_rounds or args.rounds)
+                args.prefill_rounds or args.rounds, alternate_order=True)
             policy_ms = {name: runs[name].policy_ms_per_token for name in specs}
             ratios = {kind: {name: {ref: bench.round_ratios(timing, name, ref) for ref in (sink, sink_default)}
                              for name in specs} for kind, timing in (("decode", decode), ("prefill", prefill))}

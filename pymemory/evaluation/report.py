@@ -61,6 +61,24 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict:
     }
 
 
+def tool_metadata(script: str, argv: Sequence[str]) -> dict:
+    """The header of a tools/ script's report: its command line, date, commit and machine."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[2]
+    return {"command": shlex.join([os.path.relpath(script, root)] + list(argv)),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+
+
+def write_report_files(out: str | os.PathLike, data: dict, markdown: str) -> None:
+    """OUT.json and OUT.md of a tools/ script (OUT without extension); the markdown also goes to stdout."""
+    out = Path(out)
+    write_json(out.with_suffix(".json"), data)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
