@@ -14,13 +14,9 @@ applied zero-shot to another model.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +30,7 @@ sys.path.insert(0, os.fspath(ROOT))
 
 from pymemory._loader import _core  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.evaluation.report import tool_metadata  # noqa: E402
 from pymemory.namm import load_checkpoint  # noqa: E402
 from pymemory.namm.training.config import TrainConfig  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
@@ -187,12 +184,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="namm-eval-")
     _core.set_log_verbosity(0)
     executor = make_executor(args.workers, "", 1)
-    report = {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
-                         f"{os.getloadavg()[0]:.2f}",
+    report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "model": config.model, "sample_tokens": config.sample_tokens, "scored_tokens": config.scored_tokens,
               "n_text": args.text, "n_retrieval": args.retrieval, "test_seed": config.seed + 1,
               "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT), "tables": {}}

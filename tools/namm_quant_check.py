@@ -66,9 +66,16 @@ def main() -> int:
         files[q] = write_template(replace(vector, source=f"{vector.source} ({q})"), os.path.join(tmp, f"{q}.gguf"),
                                   spec, q)
     executor = make_executor(args.workers, "", 1)
-    rows = {}
+    rows, baselines = {}, {}
     try:
         refs = {r.sample_id: r.nll for r in executor.map(spec, [Job("full", s) for s in samples])}
+        # The baselines again on this machine: llama.cpp is built for the CPU it runs on, so logits (and the
+        # decisions they drive) shift between CPU families at one commit; sink's row shows that shift alone.
+        for name in ("sink", "h2o"):
+            gaps = _gaps(executor.map(spec, [Job(name, s) for s in samples]), refs)
+            baselines[name] = {"loss": _loss(gaps, normalisers), "gaps": gaps,
+                               "logged_loss": shipped["heldout_baselines"][name]["loss"]}
+            print(f"  {name}: loss {baselines[name]['loss']:.4f}", flush=True)
         for name, path in files.items():
             results = executor.map(spec, [Job("namm_file", s, namm_file=path) for s in samples])
             gaps = _gaps(results, refs)
@@ -83,7 +90,8 @@ def main() -> int:
         row["vs_f32"] = row["loss"] / f32 - 1
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "namm": args.namm, "model": config.model, "generation": shipped["generation"], "logged_loss": logged,
-              "n_samples": len(samples), "rows": rows}
+              "n_samples": len(samples), "rows": rows,
+              "baselines": baselines}
     write_report_files(args.out, report, markdown(report))
     return 0
 
@@ -101,6 +109,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {row['file_bytes']} | {row['loss']:.4f} | {row['vs_f32']:+.2%} | "
                      f"{gaps.get('text', float('nan')):.4f} | {gaps.get('retrieval', float('nan')):.4f} | "
                      f"{row['forced_evictions']} |")
+    if report.get("baselines"):
+        lines += ["", "The logged scores came from the machine the run trained on; the baselines again here "
+                  f"({report['machine']}):", "", "| policy | loss here | logged |", "|---|---|---|"]
+        lines += [f"| {name} | {b['loss']:.4f} | {b['logged_loss']:.4f} |" for name, b in report["baselines"].items()]
     return "\n".join(lines) + "\n"
 
 

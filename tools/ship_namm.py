@@ -51,6 +51,7 @@ def main() -> int:
         "name": args.name,
         "command": command_line(config),
         "commit": commit,
+        "machine": log.get("machine"),
         "config": config,
         "source": vector.source,
         "generation": log["best_generation"],

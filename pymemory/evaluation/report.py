@@ -16,14 +16,7 @@ import numpy as np
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         import llama_cpp
 
@@ -68,7 +61,24 @@ def tool_metadata(script: str, argv: Sequence[str]) -> dict:
     root = Path(__file__).resolve().parents[2]
     return {"command": shlex.join([os.path.relpath(script, root)] + list(argv)),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+            "machine": machine_summary()}
+
+
+def machine_summary() -> str:
+    """One line naming the CPU model: llama.cpp is built for the machine it runs on (GGML_NATIVE), so the same
+    commit gives slightly different logits on another CPU family, and a report must say which one it ran on."""
+    cpu = cpu_model()
+    return f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_report_files(out: str | os.PathLike, data: dict, markdown: str) -> None:

@@ -11,7 +11,6 @@ import os
 import pickle
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +18,7 @@ from ...errors import InvalidArgumentError
 from .config import TrainConfig, prepare_out_dir
 from .data import Corpus, SampleFactory, generation_samples, heldout_samples
 from .evaluator import Job, MemorySpec, make_executor
+from ...evaluation.report import machine_summary
 from .outputs import plot_curve, write_checkpoint, write_json
 
 STATE_FILE = "state.pkl"
@@ -284,6 +284,7 @@ class Trainer:
         times = [r["time"] for r in records]
         log = {
             "config": c.to_dict(),
+            "machine": machine_summary(),  # held-out scores reproduce exactly on this CPU family only
             "capacity": c.capacity, "max_cells": c.max_cells,
             "generation": s["generation"],
             "feature_mean": [float(v) for v in s["feat_mean"]], "feature_var": [float(v) for v in s["feat_var"]],
