@@ -347,30 +347,65 @@ def test_killed_run_leaves_no_worker_processes(tmp_path):
             run.kill()
 
 
-def test_retrieval_hindsight_is_the_attention_of_the_question():
-    """A retrieval sample's fitness scores only its answer: its warm-start target is the attention each token gets
-    from the question's queries, not from the haystack read in between, and it has no example once the question
-    has begun."""
-    from pymemory.namm.training.warm_start import _answer_examples
-
-    H, delay, total, question_start = 2, 4, 16, 12
-    needle = 6
+def _question_invocations(H: int, delay: int, total: int, question_start: int, needle: int,
+                          question_looks_at: int) -> list[dict]:
+    """One layer's captured invocations of a retrieval sample: the haystack spreads its attention evenly, the
+    question's queries put 0.9 on token `question_looks_at` and 0.1 on the first token."""
     invocations = []
     for end in range(delay, total + 1, delay):
         positions = np.arange(end)
         attention = np.zeros((H, delay, end), np.float32)  # [H, R, n]
         for r, query in enumerate(range(end - delay, end)):
             if query >= question_start:
-                attention[:, r, needle] = 0.9  # the question looks at the needle
-                attention[:, r, 0] = 0.1
+                attention[:, r, question_looks_at] = 0.9
+                attention[:, r, 0] += 0.1
             else:
-                attention[:, r, :query + 1] = 1.0 / (query + 1)  # the haystack spreads its attention
+                attention[:, r, :query + 1] = 1.0 / (query + 1)
         invocations.append({"positions": positions, "attention": attention,
-                            "ema": np.zeros((H, end, 17), np.float32)})
-    examples = _answer_examples(invocations, question_start, n_sink=1)
+                            "ema": np.full((H, end, 17), float(needle), np.float32)})
+    return invocations
+
+
+def test_retrieval_hindsight_is_the_attention_of_the_question():
+    """A retrieval sample's fitness scores only its answer: its warm-start target is the attention each token gets
+    from the question's queries, not from the haystack read in between, and it has no example once the question
+    has begun."""
+    from pymemory.namm.training.data import Sample
+    from pymemory.namm.training.warm_start import examples_from
+
+    H, delay, total, question_start, needle = 2, 4, 16, 12, 6
+    sample = Sample("r", "passkey", tuple(range(total)), (1,), total - question_start)
+    invocations = [[_question_invocations(H, delay, total, question_start, needle, needle)]]  # [sample][layer][k]
+    examples = examples_from([sample], invocations, delay, delay, n_sink=1)
     assert [e.positions[-1] for e in examples] == [7, 11]  # after the needle exists, before the question
     for e in examples:
-        assert e.target.shape == (H, e.positions.size) and e.first == 1
+        assert e.target.shape == (H, e.positions.size) and e.first == 1 and not e.pooled
         assert (e.target.argmax(axis=1) == needle).all()
         others = np.delete(e.target[:, 1:], needle - 1, axis=1)
         assert np.allclose(others, np.log(0.01))  # haystack tokens no question looked at sit at the floor
+
+
+def test_pooled_hindsight_is_the_whole_models_attention():
+    """The pooled target has one row per invocation for every layer's heads together: the attention a token gets
+    from all of them as a multiple of a uniform share. Here layer 0's question looks at the needle and layer 1's
+    at another token, so each gets half of layer 0's share; a per-head fit would see two disagreeing layers."""
+    from pymemory.namm.training.data import Sample
+    from pymemory.namm.training.warm_start import examples_from, fit_imitation
+
+    H, delay, total, question_start, needle, other = 2, 4, 16, 12, 6, 9
+    sample = Sample("r", "passkey", tuple(range(total)), (1,), total - question_start)
+    layers = [_question_invocations(H, delay, total, question_start, needle, needle),
+              _question_invocations(H, delay, total, question_start, needle, other)]
+    examples = examples_from([sample], [layers], delay, delay, n_sink=1, target="pooled")
+    assert [e.positions[-1] for e in examples] == [7, 11]  # one example per invocation, not per layer
+    for e in examples:
+        n = e.positions.size
+        assert e.pooled and e.ema.shape == (2 * H, n, 17) and e.target.shape == (1, n)
+        # 0.9 of one layer's question queries out of both layers' = 0.45 of all; as a multiple of 1/total.
+        assert e.target[0, needle] == pytest.approx(np.log(0.45 * total), rel=1e-5)
+        if other < n:
+            assert e.target[0, other] == pytest.approx(e.target[0, needle])
+    with pytest.raises(ValueError, match="target"):
+        examples_from([sample], [layers], delay, delay, n_sink=1, target="mean")
+    theta, report = fit_imitation(examples, np.zeros(17), np.ones(17), steps=3)
+    assert theta.shape == (4172,) and np.isfinite(theta).all() and report["examples"] == 2

@@ -85,6 +85,28 @@ def paired_difference(entry: dict, sink: dict, text: bool, resamples: int = 4000
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def paired_table(tables: dict, sample_tokens: int) -> list[str]:
+    """Markdown rows: the full cache, then per cache size each policy's text and answer NLL with its paired
+    difference to sink there. `tables` = {"full cache": summary, label: {policy: summary}}."""
+    full = tables["full cache"]
+    lines = ["| cache | policy | text NLL | vs sink [95 % CI] | answer NLL | vs sink [95 % CI] | answer p |",
+             "|---|---|---|---|---|---|---|",
+             f"| {sample_tokens} | full cache | {full['text_nll']:.4f} | | {full['answer_nll']:.3f} | | "
+             f"{full['answer_prob']:.3f} |"]
+    for label, table in tables.items():
+        if label == "full cache":
+            continue
+        sink = table["sink"]
+        for name, e in table.items():
+            cells = []
+            for text in (True, False):
+                d = paired_difference(e, sink, text) if name != "sink" else None
+                cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–")
+            lines.append(f"| {e['peak_cells']} | {name} | {e['text_nll']:.4f} | {cells[0]} | {e['answer_nll']:.3f} | "
+                         f"{cells[1]} | {e['answer_prob']:.3f} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Trained NAMM: held-out evaluation ({report['model']})", "",
              f"`{report['command']}`", "",

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 
-from eval_trained_namm import paired_difference, run_policies, summarise  # noqa: E402
+from eval_trained_namm import paired_table, run_policies, summarise  # noqa: E402
 
 from pymemory._loader import _core  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
@@ -161,20 +161,7 @@ def markdown(report: dict) -> str:
               "| fit | examples | variance explained | median Spearman |", "|---|---|---|---|"]
     lines += [f"| {n} | {f['examples']} | {f['explained']:.3f} | {f['rank_correlation_median']:.3f} |"
               for n, f in report["targets"]["fits"].items()]
-    tables = report["targets"]["tables"]
-    full = tables["full cache"]
-    lines += ["", "| cache | policy | text NLL | vs sink [95 % CI] | answer NLL | vs sink [95 % CI] | answer p |",
-              "|---|---|---|---|---|---|---|",
-              f"| 512 | full cache | {full['text_nll']:.4f} | | {full['answer_nll']:.3f} | | {full['answer_prob']:.3f} |"]
-    for fraction in ("25%", "50%"):
-        sink = tables[fraction]["sink"]
-        for name, e in tables[fraction].items():
-            cells = []
-            for text in (True, False):
-                d = paired_difference(e, sink, text) if name != "sink" else None
-                cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–")
-            lines.append(f"| {e['peak_cells']} | {name} | {e['text_nll']:.4f} | {cells[0]} | {e['answer_nll']:.3f} | "
-                         f"{cells[1]} | {e['answer_prob']:.3f} |")
+    lines += [""] + paired_table(report["targets"]["tables"], report["sample_tokens"])
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ RETRIEVAL_SOURCES = ("passkey", "kv")
 COVARIANCES = ("diagonal", "full")
 MODES = ("budget", "quorum")
 WARM_STARTS = ("imitation", "none")
+WARM_START_TARGETS = ("per_head", "pooled")  # warm_start.TARGETS
 CONFIG_FILE = "config.json"
 
 
@@ -44,6 +45,9 @@ class TrainConfig:
     warm_start_samples: int = 9  # training-split samples captured for the fit (two thirds text)
     warm_start_horizon: int = 256  # tokens of future queries whose attention a token's target counts
     warm_start_steps: int = 600  # Adam steps
+    # What the fit predicts: each (layer, KV head)'s future attention ("per_head"), or the whole model's, from the
+    # mean score over all of them ("pooled"), which is what budget mode ranks by (warm_start.py).
+    warm_start_target: str = "per_head"
     # Evolution (pycma).
     population: int = 32
     sigma0: float = 0.065
@@ -119,6 +123,9 @@ class TrainConfig:
                     f"--warm-start-horizon must be a multiple of --namm-delay ({self.namm_delay}) and leave at least "
                     f"one invocation before it in a sample: at most {self.sample_tokens - 2 * self.namm_delay} "
                     f"(got {self.warm_start_horizon})")
+            if self.warm_start_target not in WARM_START_TARGETS:
+                raise InvalidArgumentError(f"--warm-start-target must be one of {WARM_START_TARGETS} "
+                                           f"(got {self.warm_start_target!r})")
             for name in ("warm_start_samples", "warm_start_steps"):
                 if getattr(self, name) < 1:
                     raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1 (or --warm-start none)")

@@ -122,7 +122,8 @@ class Trainer:
         samples = generation_samples(self.factory, c.seed + 2_000_003, 0, c.warm_start_samples - n_retrieval,
                                      n_retrieval, self.retrieval_kinds)
         t0 = time.perf_counter()
-        examples = capture_examples(self.model, samples, c.namm_delay, c.warm_start_horizon, c.n_sink, self.threads)
+        examples = capture_examples(self.model, samples, c.namm_delay, c.warm_start_horizon, c.n_sink, self.threads,
+                                    c.warm_start_target)
         capture_seconds = time.perf_counter() - t0
         theta, report = fit_imitation(examples, feat_mean, feat_var, steps=c.warm_start_steps, seed=c.seed)
         report.update(samples=[smp.id for smp in samples], capture_seconds=capture_seconds)

@@ -12,7 +12,8 @@ the token got so far, and its age). So:
    window (the engine's capture API, the same numbers the NAMM scores);
 2. target[head, token] = log of the mean attention the token receives from the next `horizon` queries, relative
    to a uniform share (`n_tokens ×`), clipped; each (invocation, layer, head) is centred, since only the ranking
-   within it matters;
+   within it matters. The `pooled` target is one per (invocation, token): the attention it receives from every
+   layer and head together, compared with the mean of its scores over all of them (what budget mode ranks by);
 3. minimise the mean squared error between the centred NAMM scores (the torch reference, differentiable) and
    the centred targets with Adam;
 4. shift the output bias so every score on the fitted data is positive: no (layer, head) then votes to drop a
@@ -35,14 +36,22 @@ LOG_CEIL = 50.0  # and above 50 shares as 50 (sinks would dominate the squared e
 POSITIVE_MARGIN = 0.5  # the smallest fitted score after the bias shift
 
 
+TARGETS = ("per_head", "pooled")
+
+
 @dataclass
 class ImitationExample:
-    """One (invocation, layer): the NAMM's inputs and the hindsight target, for every KV head."""
+    """One invocation's NAMM inputs and hindsight target: for one layer (`per_head`: every KV head its own target)
+    or for the whole model (`pooled`: every layer's KV heads stacked, one target for their mean score)."""
 
     positions: np.ndarray  # int64 [n] chronological positions of the cached tokens
-    ema: np.ndarray  # float32 [H, n, 17] un-normalised spectrogram EMA
-    target: np.ndarray  # float32 [H, n] log relative future attention, clipped
+    ema: np.ndarray  # float32 [P, n, 17] un-normalised spectrogram EMA of P (layer, KV head) pairs
+    target: np.ndarray  # float32 [P, n] per pair, or [1, n] pooled: log relative future attention, clipped
     first: int  # tokens before this index (sinks) are not fitted: the policy never evicts them
+
+    @property
+    def pooled(self) -> bool:
+        return self.target.shape[0] == 1 and self.ema.shape[0] > 1
 
 
 def capture_invocations(model, samples: Sequence[Sample], namm_delay: int,
@@ -63,19 +72,55 @@ def capture_invocations(model, samples: Sequence[Sample], namm_delay: int,
 
 
 def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]], namm_delay: int, horizon: int,
-                  n_sink: int) -> list[ImitationExample]:
-    """Text samples: every invocation with at least `horizon` tokens after it, one example per layer, targeted at
-    the attention of those tokens. Retrieval samples: every invocation before the question, targeted at the
-    question's attention (_answer_examples)."""
+                  n_sink: int, target: str = "per_head") -> list[ImitationExample]:
+    """Text samples: every invocation with at least `horizon` tokens after it, targeted at the attention of those
+    tokens. Retrieval samples: every invocation before the question, targeted at the question's attention
+    (_question_received). `per_head`: one example per layer, each KV head fitted to its own attention; `pooled`: one
+    example per invocation, the mean score over every (layer, KV head) fitted to the attention the token receives
+    from the whole model, which is what budget mode ranks by (the mean score) and what the hindsight oracle found
+    worth most (results.md, "What any attention-scored eviction could close")."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS} (got {target!r})")
     ahead = _windows_ahead(namm_delay, horizon)
     examples: list[ImitationExample] = []
     for sample, per_layer in zip(samples, invocations):
-        for layer in per_layer:
-            if sample.question:
-                examples += _answer_examples(layer, len(sample.prompt) - sample.question, n_sink)
+        if sample.question:
+            question_start = len(sample.prompt) - sample.question
+            totals = [_question_received(layer, question_start) for layer in per_layer]  # per layer ([H, all], rows)
+            if totals[0][1] == 0:
                 continue
-            for k in range(len(layer) - ahead):
-                examples.append(_example(layer[k], layer[k + 1:k + 1 + ahead], n_sink))
+            picked = [k for k, inv in enumerate(per_layer[0]) if inv["positions"][-1] < question_start]
+            hindsight = [[(total[:, inv["positions"]], rows) for inv in layer] for layer, (total, rows)
+                         in zip(per_layer, totals)]
+            uniform = totals[0][0].shape[1]  # the question's queries spread over every token read
+        else:
+            picked = list(range(len(per_layer[0]) - ahead))
+            hindsight = [[_received_ahead(layer[k], layer[k + 1:k + 1 + ahead]) if k in picked else None
+                          for k in range(len(layer))] for layer in per_layer]
+            uniform = 0
+        def frame(k: int) -> tuple[np.ndarray, int, int]:
+            positions = per_layer[0][k]["positions"]
+            return positions, uniform or positions.size, min(n_sink, positions.size - 1)
+
+        if target == "per_head":
+            for layer, layer_hindsight in zip(per_layer, hindsight):
+                for k in picked:
+                    positions, n, first = frame(k)
+                    received, rows = layer_hindsight[k]
+                    example = ImitationExample(positions, layer[k]["ema"], _log_share(received, rows, n), first)
+                    # An invocation where no non-sink token stands out to the question teaches nothing.
+                    if not sample.question or example.target[:, first:].max() > 0.0:
+                        examples.append(example)
+            continue
+        for k in picked:
+            positions, n, first = frame(k)
+            received = sum(h[k][0].sum(axis=0) for h in hindsight)  # [n] over every layer and head
+            rows = sum(h[k][1] * h[k][0].shape[0] for h in hindsight)
+            pooled = _log_share(received, rows, n)[None, :]  # [1, n]
+            if sample.question and pooled[:, first:].max() <= 0.0:
+                continue
+            ema = np.concatenate([layer[k]["ema"] for layer in per_layer])  # [L*H, n, 17]
+            examples.append(ImitationExample(positions, ema, pooled, first))
     if not examples:
         raise ValueError(f"no invocation had {horizon} tokens after it: use samples longer than "
                          f"{horizon + namm_delay} tokens or a shorter horizon")
@@ -83,11 +128,11 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
 
 
 def capture_examples(model, samples: Sequence[Sample], namm_delay: int, horizon: int, n_sink: int,
-                     n_threads: int = 0) -> list[ImitationExample]:
+                     n_threads: int = 0, target: str = "per_head") -> list[ImitationExample]:
     """capture_invocations, then examples_from."""
     _windows_ahead(namm_delay, horizon)  # a bad horizon fails before any work
     return examples_from(samples, capture_invocations(model, samples, namm_delay, n_threads), namm_delay, horizon,
-                         n_sink)
+                         n_sink, target)
 
 
 def _windows_ahead(namm_delay: int, horizon: int) -> int:
@@ -102,10 +147,11 @@ def _log_share(received: np.ndarray, rows: int, n: int) -> np.ndarray:
     return np.log(np.clip(received / rows * n, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
 
 
-def _example(now: dict, future: Sequence[dict], n_sink: int) -> ImitationExample:
+def _received_ahead(now: dict, future: Sequence[dict]) -> tuple[np.ndarray, int]:
+    """Attention [H, n] that the tokens cached at `now` receive from the queries of the `future` windows, and the
+    number of those queries."""
     positions = now["positions"]
-    n = positions.size
-    received = np.zeros((now["ema"].shape[0], n), np.float64)  # [H, n]
+    received = np.zeros((now["ema"].shape[0], positions.size), np.float64)  # [H, n]
     rows = 0
     for later in future:
         # Nothing was evicted, so every token cached now is still cached later: find its column there.
@@ -114,13 +160,13 @@ def _example(now: dict, future: Sequence[dict], n_sink: int) -> ImitationExample
             raise RuntimeError("a token disappeared between invocations during the warm start's capture")
         received += later["attention"][:, :, columns].sum(axis=1)
         rows += later["attention"].shape[1]
-    return ImitationExample(positions, now["ema"], _log_share(received, rows, n), min(n_sink, n - 1))
+    return received, rows
 
 
-def _answer_examples(invocations: Sequence[dict], question_start: int, n_sink: int) -> list[ImitationExample]:
+def _question_received(invocations: Sequence[dict], question_start: int) -> tuple[np.ndarray, int]:
     """A retrieval sample's fitness scores only its answer, so its hindsight is the attention each token receives
-    from the question and answer queries (positions >= question_start), not from the haystack read in between.
-    One example per invocation before the question in which some non-sink token gets more than a uniform share."""
+    from the question and answer queries (positions >= question_start), not from the haystack read in between:
+    [H, total] by position, and the number of those queries."""
     total = invocations[-1]["positions"].size  # nothing was evicted: positions 0 .. total-1, in order
     received = np.zeros((invocations[-1]["ema"].shape[0], total), np.float64)  # [H, total]
     rows = 0
@@ -130,19 +176,7 @@ def _answer_examples(invocations: Sequence[dict], question_start: int, n_sink: i
         if asking.any():
             received[:, positions] += attention[:, asking, :].sum(axis=1)
             rows += int(asking.sum())
-    if rows == 0:
-        return []
-    target = _log_share(received, rows, total)  # [H, total]
-    examples = []
-    for inv in invocations:
-        positions = inv["positions"]
-        if positions[-1] >= question_start:
-            break
-        first = min(n_sink, positions.size - 1)
-        if target[:, positions[first:]].max() <= 0.0:  # no non-sink token above a uniform share
-            continue
-        examples.append(ImitationExample(positions, inv["ema"], target[:, positions], first))
-    return examples
+    return received, rows
 
 
 def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, feat_var: np.ndarray,
@@ -178,10 +212,12 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
         total = 0.0
         for i in indices:
             X, target, first = inputs[i]
-            scores = reference.scores_tensor(X)[:, first:]  # [H, n - first]
+            scores = _predicted(reference.scores_tensor(X), target)[:, first:]  # [P or 1, n - first]
             total = total + ((scores - scores.mean(dim=-1, keepdim=True) - target) ** 2).mean()
         return total / len(indices)
 
+    if any(ex.pooled for ex in examples):
+        batch = max(2, batch // 16)  # a pooled example holds every layer's heads: ~16-30 per-layer examples' work
     optimiser = torch.optim.Adam([theta], lr=lr)
     order = np.random.default_rng(seed)
     history = []
@@ -198,7 +234,7 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
         variance = float(np.mean([float((t ** 2).mean()) for _, t, _ in inputs]))  # the loss of predicting 0
         final = float(loss_of(range(len(inputs))))
         lowest = min(float(reference.scores_tensor(X).min()) for X, _, _ in inputs)
-        correlations = [_rank_correlation(reference.scores_tensor(X)[:, f:].numpy(), t.numpy())
+        correlations = [_rank_correlation(_predicted(reference.scores_tensor(X), t)[:, f:].numpy(), t.numpy())
                         for X, t, f in inputs[::max(1, len(inputs) // 200)]]
     fitted = theta.detach().numpy().astype(np.float32).copy()
     b_out = PARAM_LAYOUT["b_out"][0]
@@ -209,6 +245,12 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
               "rank_correlation_median": float(np.median(correlations)), "bias_shift": POSITIVE_MARGIN - lowest,
               "seconds": time.perf_counter() - t0}
     return fitted, report
+
+
+def _predicted(scores, target):
+    """What a target is compared with: each pair's scores [P, n], or for a pooled target [1, n] their mean over the
+    pairs, as budget mode aggregates them."""
+    return scores.mean(dim=0, keepdim=True) if target.shape[0] == 1 and scores.shape[0] > 1 else scores
 
 
 def _rank_correlation(scores: np.ndarray, target: np.ndarray) -> float:

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Which hindsight target should the imitation warm start fit? Per head or pooled, side by side (JSON + markdown).
+
+    .venv/bin/python tools/namm_warm_targets.py --out docs/results/namm_warm_targets
+
+Budget mode evicts the tokens with the lowest *mean* NAMM score over every (layer, KV head). The `per_head` fit
+teaches each head's score to predict that head's future attention; the `pooled` fit teaches the mean score to
+predict the attention the token receives from the whole model, the ranking the hindsight oracle found worth most.
+Both are fitted on the same captured training-split samples (the trainer's warm-start recipe: horizon 256, the
+question's attention for retrieval samples, 600 Adam steps), then tested on held-out samples (seed + 1) at 25 %
+and 50 % of the sample length beside the full cache, sink, h2o, tova and the shipped NAMM, with paired
+differences to sink and their 95 % bootstrap intervals. Each fit is also written as a NAMM GGUF next to the report.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.fspath(ROOT))
+
+from eval_trained_namm import paired_table, run_policies, summarise  # noqa: E402
+
+from pymemory._loader import _core  # noqa: E402
+from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
+from pymemory.namm.checkpoint import NammVector  # noqa: E402
+from pymemory.namm.packaged import resolve_namm  # noqa: E402
+from pymemory.namm.training.calibration import feature_statistics  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, generation_samples, heldout_samples  # noqa: E402
+from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
+from pymemory.namm.training.warm_start import TARGETS, capture_invocations, examples_from, fit_imitation  # noqa: E402
+
+SAMPLE_TOKENS, SCORED, DELAY, N_SINK, HORIZON = 512, 256, 32, 4, 256
+RETRIEVAL = ["passkey", "kv"]
+
+
+def fit_targets(args, model, factory) -> tuple[dict, dict, tuple]:
+    """(fit reports, θ per target, feature statistics) from one capture of the fit samples."""
+    calibration = generation_samples(factory, args.seed + 1_000_003, 0, 2, 0, [])
+    mean, var = feature_statistics(model, calibration, DELAY, args.threads)
+    train = generation_samples(factory, args.seed + 2_000_003, 0, args.fit_text, args.fit_retrieval, RETRIEVAL)
+    captured = capture_invocations(model, train, DELAY, args.threads)
+    fits, thetas = {}, {}
+    for target in TARGETS:
+        examples = examples_from(train, captured, DELAY, HORIZON, N_SINK, target)
+        theta, report = fit_imitation(examples, mean, var, steps=args.steps, seed=args.seed)
+        thetas[target] = theta
+        fits[target] = {k: report[k] for k in ("examples", "explained", "rank_correlation_median", "seconds")}
+        print(f"fit {target}: {fits[target]}", flush=True)
+    return fits, thetas, (mean, var)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--namm", default="smollm2", help="shipped NAMM run beside the fits")
+    parser.add_argument("--out", required=True, help="output path without extension (.json, .md and fits' GGUFs)")
+    parser.add_argument("--fit-text", type=int, default=12)
+    parser.add_argument("--fit-retrieval", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--test-text", type=int, default=16)
+    parser.add_argument("--test-retrieval", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    _core.set_log_verbosity(0)
+    report = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "sample_tokens": SAMPLE_TOKENS,
+              "namm_delay": DELAY, "horizon": HORIZON, "test_text": args.test_text,
+              "test_retrieval": args.test_retrieval}
+    model = _core.Model.load(os.fspath(resolve_model(args.model)))
+    corpus = Corpus(model, ["austen"], SAMPLE_TOKENS)
+    factory = SampleFactory(corpus, SAMPLE_TOKENS, SCORED, SAMPLE_TOKENS // 4)
+    report["fits"], thetas, (mean, var) = fit_targets(args, model, factory)
+    test = heldout_samples(factory, args.seed + 1, args.test_text, args.test_retrieval, RETRIEVAL)
+    del model
+    full_spec = MemorySpec(args.model, SAMPLE_TOKENS, SAMPLE_TOKENS, N_SINK, DELAY, "budget", 1.0,
+                           SAMPLE_TOKENS - DELAY, tuple(map(float, mean)), tuple(map(float, var)), 1)
+    files = {}
+    for target, theta in thetas.items():
+        vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}")
+        files[target] = write_template(vector, f"{args.out}_{target}.gguf", full_spec)
+    executor = make_executor(args.workers, "", 1)
+    try:
+        full = executor.map(full_spec, [Job("full", s) for s in test])
+        refs = {r.sample_id: r.nll for r in full}
+        tables = {"full cache": summarise(full, refs)}
+        for fraction in (0.25, 0.5):
+            capacity = int(SAMPLE_TOKENS * fraction)
+            spec = dataclasses.replace(full_spec, capacity=capacity, max_cells=capacity - DELAY)
+            policies = {m: Job(m, test[0]) for m in ("sink", "h2o", "tova")}
+            policies[f"shipped NAMM ({args.namm})"] = Job("namm_file", test[0], namm_file=resolve_namm(args.namm))
+            policies.update({f"warm start, {t}": Job("namm_file", test[0], namm_file=f) for t, f in files.items()})
+            print(f"{capacity} cells", flush=True)
+            tables[f"{fraction:.0%}"] = run_policies(executor, spec, test, policies, refs)
+    finally:
+        executor.close()
+    report["tables"] = tables
+    write_report_files(args.out, report, markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# The warm start's target: per head or pooled ({report['model']})", "",
+             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
+             "| fit | examples | variance explained | median Spearman | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {f['examples']} | {f['explained']:.3f} | {f['rank_correlation_median']:.3f} | "
+              f"{f['seconds']:.0f} |" for n, f in report["fits"].items()]
+    lines += ["", f"Held-out test: {report['test_text']} texts and {report['test_retrieval']} retrievals (passkey, "
+              f"key-value lines) of {report['sample_tokens']} tokens, seed 1; every {report['namm_delay']} tokens in "
+              "budget mode. 'vs sink' = mean per-sample NLL difference (nats, negative = better) with its 95 % "
+              "paired bootstrap interval.", ""]
+    lines += paired_table(report["tables"], report["sample_tokens"])
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
