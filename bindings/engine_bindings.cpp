@@ -282,6 +282,29 @@ void register_engine(py::module_ & m) {
     m.def("lowest_scoring", &lowest_scoring, py::arg("scores"), py::arg("first"), py::arg("end"), py::arg("count"),
           "Indices of the `count` lowest scores in [first, end), older first on ties, sorted.");
 
+    m.def(
+        "sum_attention_by_cell",
+        [](const py::array_t<float, py::array::c_style | py::array::forcecast> & attention, bool last_row,
+           int32_t n_threads) {
+            if (attention.ndim() != 3) fail(ErrorKind::invalid_argument, "attention must be [heads, rows, cells]");
+            if (n_threads < 1) fail(ErrorKind::invalid_argument, "n_threads must be >= 1");
+            AttentionView v;
+            v.n_head = int32_t(attention.shape(0));
+            v.n_tokens = int32_t(attention.shape(1));
+            v.n_kv = int32_t(attention.shape(2));
+            v.head_stride = size_t(v.n_tokens) * size_t(v.n_kv);
+            v.probs = attention.data();
+            std::vector<float> totals;
+            {
+                py::gil_scoped_release unlocked;
+                sum_attention_by_cell(v, last_row ? AttentionTotals::last_row : AttentionTotals::all_rows, totals,
+                                      n_threads);
+            }
+            return to_numpy(std::move(totals));
+        },
+        py::arg("attention"), py::arg("last_row") = false, py::arg("n_threads") = 1,
+        "The tap's host reduction: attention [heads, rows, cells] summed per cell over heads and rows (or the last).");
+
     // H2O / TOVA selection on synthetic attention (no model): the tests feed attention matrices of their own and check
     // which tokens go. observe() reduces the matrix exactly as the tap's host loop does (sum_attention_by_cell).
     py::class_<CellScorePolicy>(m, "CellScorePolicy",

@@ -4,6 +4,7 @@
 
 #include "ggml_compute.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -22,14 +23,27 @@ constexpr const char * kAttentionTensorPrefix = "kq_soft_max-";
 
 }  // namespace
 
-void sum_attention_by_cell(const AttentionView & v, AttentionTotals rows, std::vector<float> & out) {
+void sum_attention_by_cell(const AttentionView & v, AttentionTotals rows, std::vector<float> & out, int32_t n_threads) {
     out.assign(size_t(v.n_kv), 0.0f);
     if (rows == AttentionTotals::none || v.n_tokens < 1) return;
     const int32_t t0 = rows == AttentionTotals::last_row ? v.n_tokens - 1 : 0;
-    for (int32_t h = 0; h < v.n_head; ++h) {
-        for (int32_t t = t0; t < v.n_tokens; ++t) {
-            const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
-            for (int32_t c = 0; c < v.n_kv; ++c) out[size_t(c)] += row[c];
+    // Each thread adds a range of cells over every head and row: a prompt batch's matrix (heads x 512 rows x
+    // n_kv) is read once, at the bandwidth of all the cores llama.cpp itself computes with.
+    const size_t work = size_t(v.n_head) * size_t(v.n_tokens - t0) * size_t(v.n_kv);
+    const int32_t threads = work >= (size_t(1) << 20) ? std::max<int32_t>(1, n_threads) : 1;
+    const int32_t chunk = ((v.n_kv + threads - 1) / threads + 15) / 16 * 16;
+    float * totals = out.data();
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+#endif
+    for (int32_t part = 0; part < threads; ++part) {
+        const int32_t c0 = part * chunk;
+        const int32_t c1 = std::min(v.n_kv, c0 + chunk);
+        for (int32_t h = 0; h < v.n_head; ++h) {
+            for (int32_t t = t0; t < v.n_tokens; ++t) {
+                const float * row = v.probs + size_t(h) * v.head_stride + size_t(t) * size_t(v.n_kv);
+                for (int32_t c = c0; c < c1; ++c) totals[c] += row[c];
+            }
         }
     }
 }
@@ -37,7 +51,8 @@ void sum_attention_by_cell(const AttentionView & v, AttentionTotals rows, std::v
 AttentionTap::AttentionTap(AttentionCallback on_attention, AttentionCheck check_layer0, int32_t n_threads)
     : on_attention_(std::move(on_attention)),
       check_layer0_(std::move(check_layer0)),
-      device_(std::make_unique<DeviceCompute>(n_threads)) {}
+      device_(std::make_unique<DeviceCompute>(n_threads)),
+      n_threads_(n_threads > 0 ? n_threads : 1) {}
 
 AttentionTap::~AttentionTap() = default;
 
@@ -58,7 +73,10 @@ void AttentionTap::begin_batch(const Pos * cell_pos, const Pos * token_pos, cons
     error_.clear();
 }
 
-void AttentionTap::set_threads(int32_t n_threads) { device_->set_threads(n_threads); }
+void AttentionTap::set_threads(int32_t n_threads) {
+    device_->set_threads(n_threads);
+    n_threads_ = n_threads > 0 ? n_threads : 1;
+}
 
 bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_data) {
     auto * self = static_cast<AttentionTap *>(user_data);
@@ -144,7 +162,7 @@ bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t laye
 
 void AttentionTap::compute_cell_totals(AttentionView & v, AttentionTotals rows) {
     if (v.probs) {
-        sum_attention_by_cell(v, rows, cell_totals_);
+        sum_attention_by_cell(v, rows, cell_totals_, n_threads_);
     } else {
         cell_totals_.assign(size_t(v.n_kv), 0.0f);
         // The rows to add: all of the batch's, or only the last (the newest token's query).

@@ -68,7 +68,9 @@ using AttentionCheck = std::function<std::string(const AttentionView &)>;
 
 // The host reduction behind AttentionView::cell_totals: out[c] = sum over heads (and the chosen rows) of
 // view.probs. Pure (no llama.cpp): the tap runs it on host attention, tests run it on synthetic matrices.
-void sum_attention_by_cell(const AttentionView & view, AttentionTotals rows, std::vector<float> & out);
+// n_threads > 1 splits large matrices' cells over OpenMP threads (where the build has OpenMP).
+void sum_attention_by_cell(const AttentionView & view, AttentionTotals rows, std::vector<float> & out,
+                           int32_t n_threads = 1);
 
 class AttentionTap {
 public:
@@ -117,6 +119,7 @@ private:
     AttentionTotals totals_ = AttentionTotals::none;
     bool device_reductions_ = false;
     std::unique_ptr<DeviceCompute> device_;  // reductions of device-resident attention
+    int32_t n_threads_ = 1;                  // host reductions' threads (the context's decode threads)
     std::vector<float> cell_totals_;
     std::vector<uint8_t> sliding_;           // per layer: 1 = sliding-window layer
     std::vector<uint8_t> observed_;          // per layer: 1 = observed; empty = all

@@ -20,6 +20,23 @@ def test_lowest_scoring_orders_by_score_then_age_and_clamps():
     assert _core.lowest_scoring(scores, 4, 6, 10) == [4, 5]  # no more than the range holds
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 37), (9, 512, 1031), (2, 600, 2048)])
+def test_host_reduction_sums_every_cell_with_any_thread_count(shape):
+    """The tap's host loop (a prompt batch's matrix split over threads by cells) adds exactly what numpy adds,
+    over all rows or the last one, with one thread or several, including matrices too small to split and cell
+    counts that do not divide evenly."""
+    attention = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    for last_row in (False, True):
+        rows = attention[:, -1:] if last_row else attention
+        expected = rows.sum(axis=(0, 1), dtype=np.float64)
+        one = _core.sum_attention_by_cell(attention, last_row, 1)
+        np.testing.assert_allclose(one, expected, rtol=1e-5)
+        for threads in (2, 3):
+            np.testing.assert_array_equal(_core.sum_attention_by_cell(attention, last_row, threads), one)
+    with pytest.raises(InvalidArgumentError, match="heads, rows, cells"):
+        _core.sum_attention_by_cell(attention[0])
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("device_reductions", [False, True])
 def test_cell_mirror_tracks_llama_cpp_through_irregular_batches_and_evictions(smollm2_model, english_text,
