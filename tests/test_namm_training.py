@@ -176,7 +176,7 @@ def test_imitation_warm_start_predicts_future_attention(tmp_path, smollm2_path):
     summary = train_namm(config, progress=False)
     log = _log(tmp_path / "run")
     report = log["warm_start"]
-    assert report["examples"] > 100 and len(report["samples"]) == 2
+    assert report["examples"] >= 10 and len(report["samples"]) == 2  # pooled: one example per invocation
     assert report["explained"] > 0.2, report
     assert report["rank_correlation_median"] > 0.3, report
     start = log["heldout"][0]
@@ -189,8 +189,8 @@ def test_imitation_warm_start_predicts_future_attention(tmp_path, smollm2_path):
     if best["generation"] == 0:
         np.testing.assert_allclose(shipped.theta, trainer.state["warm_start_theta"], rtol=1e-6)
     # The targets are hindsight: the same tokens, scored with the attention that came after them.
-    examples = capture_examples(trainer.model, trainer.heldout[:1], 32, 96, 4, 1)
-    assert all(e.target.shape == e.ema.shape[:2] for e in examples)
+    examples = capture_examples(trainer.model, trainer.heldout[:1], 32, 96, 4, 1)  # per head
+    assert all(e.target.shape == e.ema.shape[:2] and not e.pooled for e in examples)
     theta, _ = fit_imitation(examples, trainer.state["feat_mean"], trainer.state["feat_var"], steps=1)
     assert theta.shape == (4172,) and np.isfinite(theta).all()
 

@@ -45,9 +45,10 @@ class TrainConfig:
     warm_start_samples: int = 9  # training-split samples captured for the fit (two thirds text)
     warm_start_horizon: int = 256  # tokens of future queries whose attention a token's target counts
     warm_start_steps: int = 600  # Adam steps
-    # What the fit predicts: each (layer, KV head)'s future attention ("per_head"), or the whole model's, from the
-    # mean score over all of them ("pooled"), which is what budget mode ranks by (warm_start.py).
-    warm_start_target: str = "per_head"
+    # What the fit predicts: the whole model's future attention from the mean score over every (layer, KV head)
+    # ("pooled"), which is what budget mode ranks by, or each pair's own ("per_head"); pooled measured better on
+    # held-out text (docs/results/namm_warm_targets.md, warm_start.py).
+    warm_start_target: str = "pooled"
     # Evolution (pycma).
     population: int = 32
     sigma0: float = 0.065
@@ -161,7 +162,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        d = {"warm_start": "none", **d}  # runs saved before the warm start existed started from θ = 0
+        # Runs saved before the warm start existed started from θ = 0; before its pooled target, fitted per head.
+        d = {"warm_start": "none", "warm_start_target": "per_head", **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
