@@ -150,8 +150,8 @@ if run train-namm-smollm2-warm; then  # issue 10 experiment: imitation warm star
     --data austen,passkey,kv --sample-tokens 512 --cache-fraction 0.25 --namm-delay 32 --scored-tokens 256 \
     --mode budget --population 8 --sigma0 0.03 --covariance diagonal --text-samples 2 --retrieval-samples 1 \
     --heldout-every 5 --heldout-text 6 --heldout-retrieval 6 --calibration-samples 2 --generations "${GENERATIONS:-25}" \
-    --warm-start imitation --warm-start-samples 9 --warm-start-horizon 256 --warm-start-steps 600 \
-    --workers 2 --threads 1 --seed 0
+    --warm-start imitation --warm-start-target per_head --warm-start-samples 9 --warm-start-horizon 256 \
+    --warm-start-steps 600 --workers 2 --threads 1 --seed 0
   cp runs/smollm2-warm/log.json $out/namm_training_smollm2_warm.json
   cp runs/smollm2-warm/curve.png $out/namm_training_smollm2_warm.png
 fi
@@ -165,13 +165,25 @@ if run train-namm-qwen; then  # issue 10: the shipped Qwen2.5 NAMM: imitation wa
     --data austen,passkey,kv --sample-tokens 512 --cache-fraction 0.25 --namm-delay 32 --scored-tokens 256 \
     --mode budget --population 8 --sigma0 0.03 --covariance diagonal --text-samples 2 --retrieval-samples 1 \
     --heldout-every 3 --heldout-text 6 --heldout-retrieval 6 --calibration-samples 2 --generations "${GENERATIONS:-3}" \
-    --warm-start imitation --warm-start-samples 9 --warm-start-horizon 256 --warm-start-steps 600 \
-    --workers 2 --threads 1 --seed 0
+    --warm-start imitation --warm-start-target per_head --warm-start-samples 9 --warm-start-horizon 256 \
+    --warm-start-steps 600 --workers 2 --threads 1 --seed 0
   python tools/ship_namm.py --run runs/qwen-warm --name qwen2.5
 fi
 if run namm-retrieval-probe; then  # issue 10: which attention signals single out a pass key, and the warm start's
   # question target against its future target on held-out text and passkeys (about 25 minutes)
   python tools/namm_retrieval_probe.py --out $out/namm_retrieval_probe
+fi
+if run namm-warm-targets; then  # issue 10: the warm start's per-head and pooled targets fitted on one capture, side
+  # by side on 16 held-out texts and 8 retrievals at 25 % and 50 % (about 35 minutes)
+  python tools/namm_warm_targets.py --out $out/namm_warm_targets
+fi
+if run train-namm-smollm2-pooled; then  # issue 10: the pooled warm start, then CMA-ES around it (resumable)
+  pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2-pooled \
+    --data austen,passkey,kv --sample-tokens 512 --scored-tokens 256 --cache-fraction 0.25 --n-sink 4 --namm-delay 32 \
+    --mode budget --quorum 1.0 --warm-start imitation --warm-start-target pooled --warm-start-samples 18 \
+    --warm-start-horizon 256 --warm-start-steps 600 --population 8 --sigma0 0.03 --covariance diagonal \
+    --generations "${GENERATIONS:-6}" --text-samples 2 --retrieval-samples 1 --heldout-every 3 --heldout-text 12 \
+    --heldout-retrieval 6 --calibration-samples 2 --seed 0 --workers 2 --threads 1
 fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)

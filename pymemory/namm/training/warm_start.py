@@ -98,6 +98,7 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
             hindsight = [[_received_ahead(layer[k], layer[k + 1:k + 1 + ahead]) if k in picked else None
                           for k in range(len(layer))] for layer in per_layer]
             uniform = 0
+
         def frame(k: int) -> tuple[np.ndarray, int, int]:
             positions = per_layer[0][k]["positions"]
             return positions, uniform or positions.size, min(n_sink, positions.size - 1)
