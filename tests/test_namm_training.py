@@ -47,6 +47,7 @@ def tiny(tmp_path: Path, **changes) -> TrainConfig:
     (dict(warm_start="imitation", warm_start_horizon=48), "--warm-start-horizon"),
     (dict(warm_start="imitation", warm_start_horizon=224), "--warm-start-horizon"),
     (dict(warm_start="imitation", warm_start_horizon=96, warm_start_steps=0), "--warm-start-steps"),
+    (dict(warm_start="imitation", warm_start_horizon=96, warm_start_target="mean"), "--warm-start-target"),
 ])
 def test_bad_settings_are_refused(tmp_path, changes, message):
     with pytest.raises(InvalidArgumentError, match=message):
@@ -70,6 +71,23 @@ def test_a_run_directory_with_other_settings_is_not_resumed(tmp_path):
     assert prepare_out_dir(replace(config, generations=9, workers=2))[1] is True  # compute settings may change
     with pytest.raises(InvalidArgumentError, match="population"):
         prepare_out_dir(replace(config, population=6))
+
+
+def test_runs_saved_before_the_pooled_target_resume_as_per_head(tmp_path):
+    """A run directory written before --warm-start-target existed was fitted per head: it resumes with per_head
+    and refuses the new default (pooled) instead of continuing another experiment."""
+    from pymemory.namm.training.config import CONFIG_FILE, prepare_out_dir
+
+    config = tiny(tmp_path, warm_start="imitation", warm_start_horizon=96)
+    assert config.warm_start_target == "pooled"
+    prepare_out_dir(replace(config, warm_start_target="per_head"))
+    saved_path = tmp_path / "run" / CONFIG_FILE
+    saved = json.loads(saved_path.read_text())
+    del saved["warm_start_target"]
+    saved_path.write_text(json.dumps(saved))
+    assert prepare_out_dir(replace(config, warm_start_target="per_head"))[1] is True
+    with pytest.raises(InvalidArgumentError, match="warm_start_target"):
+        prepare_out_dir(config)
 
 
 def test_data_too_short_for_the_samples_is_refused(tmp_path, smollm2_path):
