@@ -293,6 +293,7 @@ def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
 
 @pytest.mark.parametrize("name, model_fixture, model_asset", [
     ("smollm2", "smollm2_path", "smollm2-135m-instruct"),
+    ("smollm2-evolved", "smollm2_path", "smollm2-135m-instruct"),
     ("qwen2.5", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
 ])
 def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, model_fixture, model_asset):
@@ -303,7 +304,7 @@ def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, mod
     shipped = packaged_namms()
     assert name in shipped
     record = json.loads(shipped[name].with_suffix(".json").read_text())
-    assert record["config"]["model"] == model_asset and "command" in record
+    assert record["config"]["model"] == model_asset and "command" in record and record["name"] == name
     vector, _ = load_gguf(shipped[name])
     assert np.abs(vector.theta).max() > 0  # trained, not the all-zero start
     model_path = request.getfixturevalue(model_fixture)

@@ -39,7 +39,7 @@ if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 to
     --json $out/bench_attention_shipped_namm_4k.json --md $out/bench_attention_shipped_namm_4k.md
 fi
 if run namm-layers; then    # issue 13: what scoring fewer layers costs in quality (shipped SmolLM2 NAMM, held out)
-  python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2.gguf \
+  python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2-evolved.gguf \
     --out $out/namm_layers_smollm2 --text 12 --retrieval 6 --workers 2 --quants '' --skip-warm-start --no-reproduce \
     --layer-subsets 10,5
 fi
@@ -137,10 +137,10 @@ if run train-namm-smollm2; then  # issue 10: the shipped SmolLM2 NAMM (resumable
     --mode budget --population 8 --sigma0 0.065 --covariance diagonal --text-samples 1 --retrieval-samples 1 \
     --heldout-every 5 --heldout-text 6 --heldout-retrieval 6 --calibration-samples 2 --generations "${GENERATIONS:-300}" \
     --workers 2 --threads 1 --seed 0
-  python tools/ship_namm.py --run runs/smollm2 --name smollm2
+  python tools/ship_namm.py --run runs/smollm2 --name smollm2-evolved  # shipped as smollm2 until the pooled one
 fi
-if run namm-trained-eval; then  # issue 10: the shipped NAMM vs every policy on held-out data; transfer to Qwen (needs runs/smollm2 from train-namm-smollm2)
-  python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2.gguf \
+if run namm-trained-eval; then  # issue 10: the first shipped NAMM (now smollm2-evolved) vs every policy on held-out data; transfer to Qwen (needs runs/smollm2 from train-namm-smollm2)
+  python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2-evolved.gguf \
     --out $out/namm_trained_smollm2 --text 8 --retrieval 8 --transfer-model qwen2.5-coder-0.5b-instruct \
     --transfer-samples 4 --workers 2
 fi
@@ -158,7 +158,7 @@ fi
 if run namm-warm-eval; then  # the warm-started run's NAMM beside its warm start, the shipped NAMM and every policy
   python tools/eval_trained_namm.py --run runs/smollm2-warm --namm runs/smollm2-warm/namm.gguf \
     --out $out/namm_warm_smollm2 --text 8 --retrieval 8 --transfer-model qwen2.5-coder-0.5b-instruct \
-    --transfer-samples 4 --workers 2 --also "NAMM evolved from zero (runs/smollm2)=pymemory/data/namm/smollm2.gguf"
+    --transfer-samples 4 --workers 2 --also "NAMM evolved from zero (runs/smollm2)=pymemory/data/namm/smollm2-evolved.gguf"
 fi
 if run train-namm-qwen; then  # issue 10: the shipped Qwen2.5 NAMM: imitation warm start + 3 generations (resumable)
   pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-warm \
@@ -184,6 +184,14 @@ if run train-namm-smollm2-pooled; then  # issue 10: the pooled warm start, then 
     --warm-start-horizon 256 --warm-start-steps 600 --population 8 --sigma0 0.03 --covariance diagonal \
     --generations "${GENERATIONS:-6}" --text-samples 2 --retrieval-samples 1 --heldout-every 3 --heldout-text 12 \
     --heldout-retrieval 6 --calibration-samples 2 --seed 0 --workers 2 --threads 1
+  python tools/ship_namm.py --run runs/smollm2-pooled --name smollm2  # the shipped SmolLM2 NAMM: generation 0 won
+fi
+if run namm-pooled-eval; then  # issue 10: the shipped SmolLM2 NAMM (pooled warm start) vs every policy on 16 + 8
+  # held-out samples at 25 % and 50 %, beside the first shipped NAMM; zero-shot on Qwen (about 25 minutes)
+  python tools/eval_trained_namm.py --run runs/smollm2-pooled --namm runs/smollm2-pooled/namm.gguf \
+    --out $out/namm_pooled_smollm2 --text 16 --retrieval 8 --quants '' --skip-warm-start \
+    --also "shipped NAMM (evolved from zero)=pymemory/data/namm/smollm2-evolved.gguf" \
+    --transfer-model qwen2.5-coder-0.5b-instruct --transfer-samples 4 --workers 2
 fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
@@ -191,6 +199,7 @@ if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future at
 fi
 if run namm-quant-check; then  # issue 10: each shipped NAMM in f32/f16/q8_0/q4_0 on its trainer's held-out set
   python tools/namm_quant_check.py --namm smollm2 --out $out/namm_quant_smollm2
+  python tools/namm_quant_check.py --namm smollm2-evolved --out $out/namm_quant_smollm2_evolved
   python tools/namm_quant_check.py --namm qwen2.5 --out $out/namm_quant_qwen
 fi
 if run namm-qwen-eval; then  # the Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
