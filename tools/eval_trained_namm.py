@@ -66,6 +66,58 @@ def run_policies(executor, spec: MemorySpec, samples, policies: dict[str, Job], 
     return out
 
 
+def side_by_side(executor, full_spec: MemorySpec, samples, extra: dict[str, Job],
+                 fractions=(0.25, 0.5)) -> dict:
+    """The full cache, then at each fraction of the sample length sink, h2o, tova and the `extra` policies (job
+    templates; their sample is replaced), as paired_table renders them."""
+    full = executor.map(full_spec, [Job("full", s) for s in samples])
+    refs = {r.sample_id: r.nll for r in full}
+    tables = {"full cache": summarise(full, refs)}
+    for fraction in fractions:
+        capacity = int(full_spec.sample_tokens * fraction)
+        spec = replace(full_spec, capacity=capacity, max_cells=capacity - full_spec.namm_delay)
+        policies = {m: Job(m, samples[0]) for m in ("sink", "h2o", "tova")}
+        policies.update(extra)
+        print(f"{capacity} cells", flush=True)
+        tables[f"{fraction:.0%}"] = run_policies(executor, spec, samples, policies, refs)
+    return tables
+
+
+def capture_for_fits(model, factory, args, retrieval_kinds, namm_delay: int):
+    """The trainer's warm-start inputs for a tool that fits variants side by side: feature statistics from two
+    calibration texts, then one capture of args.fit_text + args.fit_retrieval training samples (the trainer's
+    seeds). Returns (samples, captured invocations, feature mean, feature variance)."""
+    from pymemory.namm.training.calibration import feature_statistics
+    from pymemory.namm.training.data import generation_samples
+    from pymemory.namm.training.warm_start import capture_invocations
+
+    calibration = generation_samples(factory, args.seed + 1_000_003, 0, 2, 0, [])
+    mean, var = feature_statistics(model, calibration, namm_delay, args.threads)
+    train = generation_samples(factory, args.seed + 2_000_003, 0, args.fit_text, args.fit_retrieval, retrieval_kinds)
+    return train, capture_invocations(model, train, namm_delay, args.threads), mean, var
+
+
+def fit_summary(name: str, report: dict) -> dict:
+    """The part of fit_imitation's report a tool publishes (printed as it arrives)."""
+    summary = {k: report[k] for k in ("examples", "explained", "rank_correlation_median", "seconds")}
+    print(f"fit {name}: {summary}", flush=True)
+    return summary
+
+
+def add_fit_test_arguments(parser: argparse.ArgumentParser, fit_text: int, fit_retrieval: int, test_text: int,
+                           test_retrieval: int) -> None:
+    """The options of the tools that fit warm starts on captured samples and test them side by side."""
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    parser.add_argument("--fit-text", type=int, default=fit_text)
+    parser.add_argument("--fit-retrieval", type=int, default=fit_retrieval)
+    parser.add_argument("--test-text", type=int, default=test_text)
+    parser.add_argument("--test-retrieval", type=int, default=test_retrieval)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def closed(entry: dict, sink: dict, key: str) -> float | None:
     """Fraction of sink's gap to the full cache that this policy closes (1 = as good as the full cache)."""
     if key not in entry or sink.get(key, 0) <= 0:

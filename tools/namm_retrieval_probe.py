@@ -29,14 +29,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 
-from eval_trained_namm import paired_table, run_policies, summarise  # noqa: E402
+from eval_trained_namm import (add_fit_test_arguments, capture_for_fits, fit_summary, paired_table,  # noqa: E402
+                               side_by_side)
 
 from pymemory._loader import _core  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.namm.reference import NammReference  # noqa: E402
-from pymemory.namm.training.calibration import feature_statistics  # noqa: E402
-from pymemory.namm.training.data import Corpus, SampleFactory, generation_samples, heldout_samples  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
 from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor  # noqa: E402
 from pymemory.namm.training.warm_start import capture_invocations, examples_from, fit_imitation  # noqa: E402
 
@@ -113,32 +113,20 @@ def _rank(score: np.ndarray, old: np.ndarray, is_digit: np.ndarray) -> float:
 
 
 def targets(args, model, factory) -> dict:
-    calibration = generation_samples(factory, args.seed + 1_000_003, 0, 2, 0, [])
-    mean, var = feature_statistics(model, calibration, DELAY, args.threads)
-    train = generation_samples(factory, args.seed + 2_000_003, 0, args.fit_text, args.fit_retrieval, ["passkey"])
+    train, captured, mean, var = capture_for_fits(model, factory, args, ["passkey"], DELAY)  # one capture, both fits
     fits, thetas = {}, {}
-    captured = capture_invocations(model, train, DELAY, args.threads)  # both fits read the same captures
     for name, samples in (("question", train), ("future", [dataclasses.replace(s, question=0) for s in train])):
         examples = examples_from(samples, captured, DELAY, 256, N_SINK)
         theta, report = fit_imitation(examples, mean, var, steps=600, seed=args.seed)
         thetas[name] = tuple(map(float, theta))
-        fits[name] = {k: report[k] for k in ("examples", "explained", "rank_correlation_median", "seconds")}
-        print(f"fit {name}: {fits[name]}", flush=True)
+        fits[name] = fit_summary(name, report)
     test = heldout_samples(factory, args.seed + 1, args.test_text, args.test_retrieval, ["passkey"])
     executor = make_executor(args.workers, "", 1)
     try:
         full_spec = MemorySpec(args.model, SAMPLE_TOKENS, SAMPLE_TOKENS, N_SINK, DELAY, "budget", 1.0,
                                SAMPLE_TOKENS - DELAY, tuple(map(float, mean)), tuple(map(float, var)), 1)
-        full = executor.map(full_spec, [Job("full", s) for s in test])
-        refs = {r.sample_id: r.nll for r in full}
-        tables = {"full cache": summarise(full, refs)}
-        for fraction in (0.25, 0.5):
-            capacity = int(SAMPLE_TOKENS * fraction)
-            spec = dataclasses.replace(full_spec, capacity=capacity, max_cells=capacity - DELAY)
-            policies = {m: Job(m, test[0]) for m in ("sink", "h2o", "tova")}
-            policies.update({f"warm start, {n} target": Job("namm", test[0], thetas[n]) for n in thetas})
-            print(f"{capacity} cells", flush=True)
-            tables[f"{fraction:.0%}"] = run_policies(executor, spec, test, policies, refs)
+        tables = side_by_side(executor, full_spec, test,
+                              {f"warm start, {n} target": Job("namm", test[0], thetas[n]) for n in thetas})
     finally:
         executor.close()
     return {"fits": fits, "test_text": args.test_text, "test_retrieval": args.test_retrieval, "tables": tables}
@@ -167,17 +155,9 @@ def markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    add_fit_test_arguments(parser, fit_text=10, fit_retrieval=6, test_text=6, test_retrieval=12)
     parser.add_argument("--namm", default="smollm2", help="shipped NAMM whose scores are ranked")
-    parser.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     parser.add_argument("--probe-samples", type=int, default=8)
-    parser.add_argument("--fit-text", type=int, default=10)
-    parser.add_argument("--fit-retrieval", type=int, default=6)
-    parser.add_argument("--test-text", type=int, default=6)
-    parser.add_argument("--test-retrieval", type=int, default=12)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     _core.set_log_verbosity(0)
     from pymemory.namm.packaged import resolve_namm

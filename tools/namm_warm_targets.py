@@ -14,7 +14,6 @@ differences to sink and their 95 % bootstrap intervals. Each fit is also written
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -22,17 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 
-from eval_trained_namm import paired_table, run_policies, summarise  # noqa: E402
+from eval_trained_namm import (add_fit_test_arguments, capture_for_fits, fit_summary, paired_table,  # noqa: E402
+                               side_by_side)
 
 from pymemory._loader import _core  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.namm.checkpoint import NammVector  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
-from pymemory.namm.training.calibration import feature_statistics  # noqa: E402
-from pymemory.namm.training.data import Corpus, SampleFactory, generation_samples, heldout_samples  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
 from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
-from pymemory.namm.training.warm_start import TARGETS, capture_invocations, examples_from, fit_imitation  # noqa: E402
+from pymemory.namm.training.warm_start import TARGETS, examples_from, fit_imitation  # noqa: E402
 
 SAMPLE_TOKENS, SCORED, DELAY, N_SINK, HORIZON = 512, 256, 32, 4, 256
 RETRIEVAL = ["passkey", "kv"]
@@ -40,33 +39,20 @@ RETRIEVAL = ["passkey", "kv"]
 
 def fit_targets(args, model, factory) -> tuple[dict, dict, tuple]:
     """(fit reports, θ per target, feature statistics) from one capture of the fit samples."""
-    calibration = generation_samples(factory, args.seed + 1_000_003, 0, 2, 0, [])
-    mean, var = feature_statistics(model, calibration, DELAY, args.threads)
-    train = generation_samples(factory, args.seed + 2_000_003, 0, args.fit_text, args.fit_retrieval, RETRIEVAL)
-    captured = capture_invocations(model, train, DELAY, args.threads)
+    train, captured, mean, var = capture_for_fits(model, factory, args, RETRIEVAL, DELAY)
     fits, thetas = {}, {}
     for target in TARGETS:
         examples = examples_from(train, captured, DELAY, HORIZON, N_SINK, target)
-        theta, report = fit_imitation(examples, mean, var, steps=args.steps, seed=args.seed)
-        thetas[target] = theta
-        fits[target] = {k: report[k] for k in ("examples", "explained", "rank_correlation_median", "seconds")}
-        print(f"fit {target}: {fits[target]}", flush=True)
+        thetas[target], report = fit_imitation(examples, mean, var, steps=args.steps, seed=args.seed)
+        fits[target] = fit_summary(target, report)
     return fits, thetas, (mean, var)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    add_fit_test_arguments(parser, fit_text=12, fit_retrieval=6, test_text=16, test_retrieval=8)
     parser.add_argument("--namm", default="smollm2", help="shipped NAMM run beside the fits")
-    parser.add_argument("--out", required=True, help="output path without extension (.json, .md and fits' GGUFs)")
-    parser.add_argument("--fit-text", type=int, default=12)
-    parser.add_argument("--fit-retrieval", type=int, default=6)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--test-text", type=int, default=16)
-    parser.add_argument("--test-retrieval", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     _core.set_log_verbosity(0)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "sample_tokens": SAMPLE_TOKENS,
@@ -86,17 +72,9 @@ def main() -> int:
         files[target] = write_template(vector, f"{args.out}_{target}.gguf", full_spec)
     executor = make_executor(args.workers, "", 1)
     try:
-        full = executor.map(full_spec, [Job("full", s) for s in test])
-        refs = {r.sample_id: r.nll for r in full}
-        tables = {"full cache": summarise(full, refs)}
-        for fraction in (0.25, 0.5):
-            capacity = int(SAMPLE_TOKENS * fraction)
-            spec = dataclasses.replace(full_spec, capacity=capacity, max_cells=capacity - DELAY)
-            policies = {m: Job(m, test[0]) for m in ("sink", "h2o", "tova")}
-            policies[f"shipped NAMM ({args.namm})"] = Job("namm_file", test[0], namm_file=resolve_namm(args.namm))
-            policies.update({f"warm start, {t}": Job("namm_file", test[0], namm_file=f) for t, f in files.items()})
-            print(f"{capacity} cells", flush=True)
-            tables[f"{fraction:.0%}"] = run_policies(executor, spec, test, policies, refs)
+        extra = {f"shipped NAMM ({args.namm})": Job("namm_file", test[0], namm_file=resolve_namm(args.namm))}
+        extra.update({f"warm start, {t}": Job("namm_file", test[0], namm_file=f) for t, f in files.items()})
+        tables = side_by_side(executor, full_spec, test, extra)
     finally:
         executor.close()
     report["tables"] = tables

@@ -67,8 +67,7 @@ def tool_metadata(script: str, argv: Sequence[str]) -> dict:
 def machine_summary() -> str:
     """One line naming the CPU model: llama.cpp is built for the machine it runs on (GGML_NATIVE), so the same
     commit gives slightly different logits on another CPU family, and a report must say which one it ran on."""
-    cpu = cpu_model()
-    return f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
 
 
 def cpu_model() -> str:

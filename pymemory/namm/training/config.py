@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ...errors import InvalidArgumentError
+from .warm_start import TARGETS as WARM_START_TARGETS
 
 DATA_SOURCES = ("austen", "shakespeare", "paul-graham-essays", "passkey", "kv")
 TEXT_SOURCES = ("austen", "shakespeare", "paul-graham-essays")
@@ -18,7 +19,6 @@ RETRIEVAL_SOURCES = ("passkey", "kv")
 COVARIANCES = ("diagonal", "full")
 MODES = ("budget", "quorum")
 WARM_STARTS = ("imitation", "none")
-WARM_START_TARGETS = ("per_head", "pooled")  # warm_start.TARGETS
 CONFIG_FILE = "config.json"
 
 

@@ -15,10 +15,10 @@ from dataclasses import replace
 import numpy as np
 
 from ...errors import InvalidArgumentError
+from ...evaluation.report import machine_summary
 from .config import TrainConfig, prepare_out_dir
 from .data import Corpus, SampleFactory, generation_samples, heldout_samples
 from .evaluator import Job, MemorySpec, make_executor
-from ...evaluation.report import machine_summary
 from .outputs import plot_curve, write_checkpoint, write_json
 
 STATE_FILE = "state.pkl"

@@ -202,7 +202,7 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
             H = ex.ema.shape[0]
             X = reference.features_from_ema(np.tile(ex.positions, (H, 1)), ex.ema)
             target = torch.from_numpy(ex.target[:, ex.first:])
-            inputs.append((X, target - target.mean(dim=-1, keepdim=True), ex.first))
+            inputs.append((X, target - target.mean(dim=-1, keepdim=True), ex.first, ex.pooled))
 
     def network() -> None:
         reference.params = NammParams(
@@ -212,12 +212,12 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
     def loss_of(indices) -> torch.Tensor:
         total = 0.0
         for i in indices:
-            X, target, first = inputs[i]
-            scores = _predicted(reference.scores_tensor(X), target)[:, first:]  # [P or 1, n - first]
+            X, target, first, pooled = inputs[i]
+            scores = _predicted(reference.scores_tensor(X), pooled)[:, first:]  # [P or 1, n - first]
             total = total + ((scores - scores.mean(dim=-1, keepdim=True) - target) ** 2).mean()
         return total / len(indices)
 
-    if any(ex.pooled for ex in examples):
+    if any(pooled for _, _, _, pooled in inputs):
         batch = max(2, batch // 16)  # a pooled example holds every layer's heads: ~16-30 per-layer examples' work
     optimiser = torch.optim.Adam([theta], lr=lr)
     order = np.random.default_rng(seed)
@@ -232,11 +232,11 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
         history.append(float(loss.detach()))
     network()
     with torch.no_grad():
-        variance = float(np.mean([float((t ** 2).mean()) for _, t, _ in inputs]))  # the loss of predicting 0
+        variance = float(np.mean([float((t ** 2).mean()) for _, t, _, _ in inputs]))  # the loss of predicting 0
         final = float(loss_of(range(len(inputs))))
-        lowest = min(float(reference.scores_tensor(X).min()) for X, _, _ in inputs)
-        correlations = [_rank_correlation(_predicted(reference.scores_tensor(X), t)[:, f:].numpy(), t.numpy())
-                        for X, t, f in inputs[::max(1, len(inputs) // 200)]]
+        lowest = min(float(reference.scores_tensor(X).min()) for X, _, _, _ in inputs)
+        correlations = [_rank_correlation(_predicted(reference.scores_tensor(X), pooled)[:, f:].numpy(), t.numpy())
+                        for X, t, f, pooled in inputs[::max(1, len(inputs) // 200)]]
     fitted = theta.detach().numpy().astype(np.float32).copy()
     b_out = PARAM_LAYOUT["b_out"][0]
     fitted[b_out] += POSITIVE_MARGIN - lowest  # every fitted score >= POSITIVE_MARGIN: no drop votes by sign
@@ -248,10 +248,10 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
     return fitted, report
 
 
-def _predicted(scores, target):
+def _predicted(scores, pooled: bool):
     """What a target is compared with: each pair's scores [P, n], or for a pooled target [1, n] their mean over the
     pairs, as budget mode aggregates them."""
-    return scores.mean(dim=0, keepdim=True) if target.shape[0] == 1 and scores.shape[0] > 1 else scores
+    return scores.mean(dim=0, keepdim=True) if pooled else scores
 
 
 def _rank_correlation(scores: np.ndarray, target: np.ndarray) -> float:
