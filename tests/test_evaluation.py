@@ -123,6 +123,10 @@ def test_bench_attention_suite_times_each_policy_against_both_sinks(tmp_path, sm
     ms = entry["policy_ms_per_token"]  # only the attention-scored policies read attention and decide
     assert ms["sink"] == {"observe": 0.0, "decide": 0.0} and ms["h2o"]["observe"] > 0
     assert ms["namm namm_layers=5"]["observe"] > 0 and ms["namm namm_layers=5"]["decide"] > 0
+    prefill_ms = entry["prefill_policy_ms_per_token"]  # the same split per prefilled token
+    assert prefill_ms["sink"] == {"observe": 0.0, "decide": 0.0} and prefill_ms["h2o"]["observe"] > 0
+    assert prefill_ms["namm namm_layers=5"]["decide"] > 0
+    assert "prefill tap ms/token" in (tmp_path / "a.md").read_text()
     assert "vs sink FA auto" in (tmp_path / "a.md").read_text()
 
 

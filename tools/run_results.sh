@@ -208,6 +208,20 @@ if run namm-qwen-eval; then  # the Qwen NAMM vs every policy on its held-out tes
     --transfer-samples 6 --workers 2 --quants "" --skip-warm-start \
     --also "SmolLM2 NAMM, zero-shot=pymemory/data/namm/smollm2.gguf"
 fi
+if run train-namm-qwen-pooled; then  # issue 10: the pooled warm start on Qwen2.5, one CMA-ES generation around it
+  pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-pooled \
+    --data austen,passkey,kv --sample-tokens 512 --scored-tokens 256 --cache-fraction 0.25 --n-sink 4 --namm-delay 32 \
+    --mode budget --quorum 1.0 --warm-start imitation --warm-start-target pooled --warm-start-samples 18 \
+    --warm-start-horizon 256 --warm-start-steps 600 --population 8 --sigma0 0.03 --covariance diagonal \
+    --generations "${GENERATIONS:-1}" --text-samples 2 --retrieval-samples 1 --heldout-every 1 --heldout-text 12 \
+    --heldout-retrieval 6 --calibration-samples 2 --seed 0 --workers 2 --threads 1
+fi
+if run namm-qwen-pooled-eval; then  # the pooled Qwen NAMM vs every policy and the per-head one on 8 + 4 held-out
+  # samples at 25 % and 50 %
+  python tools/eval_trained_namm.py --run runs/qwen-pooled --namm runs/qwen-pooled/namm.gguf \
+    --out $out/namm_pooled_qwen --text 8 --retrieval 4 --quants '' --skip-warm-start --workers 2 \
+    --also "per-head Qwen NAMM (qwen-warm, generation 3)=pymemory/data/namm/qwen2.5.gguf"
+fi
 if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (cache 75/50/25/12.5 % of the context)
   # for full cache, sink, h2o, tova and the shipped NAMM; 1,024 tokens, 1 sample per task: ~25 minutes on 1 core
   pymemory eval ruler --model smollm2-135m-instruct --context "${RULER_CONTEXT:-1024}" --samples "${RULER_SAMPLES:-1}" \

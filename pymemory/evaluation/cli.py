@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -335,20 +336,26 @@ def run_bench(args) -> int:
             # of every NAMM interval timed, so each round holds the same share of invocations).
             decode = bench.interleaved({name: (lambda r=r: r.continue_tokens_per_s(args.tokens))
                                          for name, r in runs.items()}, args.rounds, alternate_order=True)
-            prefill = bench.interleaved({name: (lambda spec=spec: bench.prefill_tokens_per_s(
-                model, spec, prompt[:2 * capacity], threads)) for name, spec in specs.items()},
+            prefill_policy_ms: dict[str, list[dict]] = {name: [] for name in specs}
+            prefill = bench.interleaved({name: (lambda name=name, spec=spec: bench.prefill_tokens_per_s(
+                model, spec, prompt[:2 * capacity], threads, prefill_policy_ms[name])) for name, spec in specs.items()},
                 args.prefill_rounds or args.rounds, alternate_order=True)
             policy_ms = {name: runs[name].policy_ms_per_token for name in specs}
+            prefill_ms = {name: {k: statistics.median(r[k] for r in rounds) for k in ("observe", "decide")}
+                          for name, rounds in prefill_policy_ms.items()}
             ratios = {kind: {name: {ref: bench.round_ratios(timing, name, ref) for ref in (sink, sink_default)}
                              for name in specs} for kind, timing in (("decode", decode), ("prefill", prefill))}
             data["attention"].append({"capacity": capacity, "decode": decode, "prefill": prefill, "ratios": ratios,
-                                      "policy_ms_per_token": policy_ms, "decode_tokens_per_round": args.tokens})
+                                      "policy_ms_per_token": policy_ms, "prefill_policy_ms_per_token": prefill_ms,
+                                      "decode_tokens_per_round": args.tokens})
             for name in specs:
                 rows.append([capacity, name, decode[name]["median"], _ratio_cell(ratios["decode"][name][sink]),
                              f"{ratios['decode'][name][sink_default]['median']:.3f}", prefill[name]["median"],
                              _ratio_cell(ratios["prefill"][name][sink]),
                              f"{ratios['prefill'][name][sink_default]['median']:.3f}",
-                             round(policy_ms[name]["observe"], 2), round(policy_ms[name]["decide"], 2)])
+                             round(policy_ms[name]["observe"], 2), round(policy_ms[name]["decide"], 2),
+                             f"{1000 / prefill[name]['median']:.2f}", round(prefill_ms[name]["observe"], 2),
+                             round(prefill_ms[name]["decide"], 2)])
         which = f"NAMM {args.namm}, its own invocation interval" if args.namm else \
             "random NAMM weights, invoked every 512 tokens"
         sections.append(
@@ -358,11 +365,13 @@ def run_bench(args) -> int:
             "the speed ratio to sink measured in the same round [quartiles]: sink with flash attention off (as the "
             "attention-scored policies must run), and sink as it runs by default (flash attention auto). Prefill "
             f"streams 2 x cache tokens into a fresh engine ({args.prefill_rounds or args.rounds} rounds). The last "
-            "two columns split the policy's own time per decoded token over all rounds: reading attention inside "
+            "columns split the policy's own time per decoded token over all rounds: reading attention inside "
             "llama_decode (GQA means and spectrogram folds for namm, per-cell sums for h2o) and deciding (NAMM "
-            "invocations: features, BAM, selection).\n\n" + report.markdown_table(
+            "invocations: features, BAM, selection); then the same per prefilled token (medians over the prefill "
+            "rounds) beside the whole prefill's time per token.\n\n" + report.markdown_table(
                 ["cache", "policy", "decode tok/s", "vs sink [quartiles]", "vs sink FA auto", "prefill tok/s",
-                 "vs sink [quartiles]", "vs sink FA auto", "tap ms/token", "decide ms/token"], rows))
+                 "vs sink [quartiles]", "vs sink FA auto", "tap ms/token", "decide ms/token",
+                 "prefill ms/token", "prefill tap ms/token", "prefill decide ms/token"], rows))
 
     body = "\n\n".join(sections)
     print(body)
