@@ -12,7 +12,6 @@ import statistics
 import time
 from typing import Callable
 
-import numpy as np
 
 from .._loader import _core
 from .policies import PolicySpec
