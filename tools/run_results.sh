@@ -160,14 +160,15 @@ if run namm-warm-eval; then  # the warm-started run's NAMM beside its warm start
     --out $out/namm_warm_smollm2 --text 8 --retrieval 8 --transfer-model qwen2.5-coder-0.5b-instruct \
     --transfer-samples 4 --workers 2 --also "NAMM evolved from zero (runs/smollm2)=pymemory/data/namm/smollm2-evolved.gguf"
 fi
-if run train-namm-qwen; then  # issue 10: the shipped Qwen2.5 NAMM: imitation warm start + 3 generations (resumable)
+if run train-namm-qwen; then  # issue 10: the first Qwen2.5 NAMM (per-head warm start + 3 generations; resumable),
+  # shipped as qwen2.5 until the pooled one (train-namm-qwen-pooled), now qwen2.5-per-head
   pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-warm \
     --data austen,passkey,kv --sample-tokens 512 --cache-fraction 0.25 --namm-delay 32 --scored-tokens 256 \
     --mode budget --population 8 --sigma0 0.03 --covariance diagonal --text-samples 2 --retrieval-samples 1 \
     --heldout-every 3 --heldout-text 6 --heldout-retrieval 6 --calibration-samples 2 --generations "${GENERATIONS:-3}" \
     --warm-start imitation --warm-start-target per_head --warm-start-samples 9 --warm-start-horizon 256 \
     --warm-start-steps 600 --workers 2 --threads 1 --seed 0
-  python tools/ship_namm.py --run runs/qwen-warm --name qwen2.5
+  python tools/ship_namm.py --run runs/qwen-warm --name qwen2.5-per-head
 fi
 if run namm-retrieval-probe; then  # issue 10: which attention signals single out a pass key, and the warm start's
   # question target against its future target on held-out text and passkeys (about 25 minutes)
@@ -201,9 +202,10 @@ if run namm-quant-check; then  # issue 10: each shipped NAMM in f32/f16/q8_0/q4_
   python tools/namm_quant_check.py --namm smollm2 --out $out/namm_quant_smollm2
   python tools/namm_quant_check.py --namm smollm2-evolved --out $out/namm_quant_smollm2_evolved
   python tools/namm_quant_check.py --namm qwen2.5 --out $out/namm_quant_qwen
+  python tools/namm_quant_check.py --namm qwen2.5-per-head --out $out/namm_quant_qwen_per_head
 fi
-if run namm-qwen-eval; then  # the Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
-  python tools/eval_trained_namm.py --run runs/qwen-warm --namm pymemory/data/namm/qwen2.5.gguf \
+if run namm-qwen-eval; then  # the per-head Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
+  python tools/eval_trained_namm.py --run runs/qwen-warm --namm pymemory/data/namm/qwen2.5-per-head.gguf \
     --out $out/namm_trained_qwen --text 12 --retrieval 6 --transfer-model smollm2-135m-instruct \
     --transfer-samples 6 --workers 2 --quants "" --skip-warm-start \
     --also "SmolLM2 NAMM, zero-shot=pymemory/data/namm/smollm2.gguf"
@@ -215,12 +217,13 @@ if run train-namm-qwen-pooled; then  # issue 10: the pooled warm start on Qwen2.
     --warm-start-horizon 256 --warm-start-steps 600 --population 8 --sigma0 0.03 --covariance diagonal \
     --generations "${GENERATIONS:-1}" --text-samples 2 --retrieval-samples 1 --heldout-every 1 --heldout-text 12 \
     --heldout-retrieval 6 --calibration-samples 2 --seed 0 --workers 2 --threads 1
+  python tools/ship_namm.py --run runs/qwen-pooled --name qwen2.5  # the shipped Qwen2.5 NAMM: generation 1 won
 fi
 if run namm-qwen-pooled-eval; then  # the pooled Qwen NAMM vs every policy and the per-head one on 8 + 4 held-out
   # samples at 25 % and 50 %
   python tools/eval_trained_namm.py --run runs/qwen-pooled --namm runs/qwen-pooled/namm.gguf \
     --out $out/namm_pooled_qwen --text 8 --retrieval 4 --quants '' --skip-warm-start --workers 2 \
-    --also "per-head Qwen NAMM (qwen-warm, generation 3)=pymemory/data/namm/qwen2.5.gguf"
+    --also "per-head Qwen NAMM (qwen-warm, generation 3)=pymemory/data/namm/qwen2.5-per-head.gguf"
 fi
 if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (cache 75/50/25/12.5 % of the context)
   # for full cache, sink, h2o, tova and the shipped NAMM; 1,024 tokens, 1 sample per task: ~25 minutes on 1 core
@@ -229,10 +232,11 @@ if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (c
     --policy namm,namm_path=smollm2 --threads 1 --seed 0 \
     --json $out/ruler_smollm2.json --md $out/ruler_smollm2.md --plot $out/ruler_smollm2.png
 fi
-if run ruler-qwen; then  # issue 13: the same on Qwen2.5-Coder-0.5B with its own trained NAMM; ~45 minutes on 1 core
+if run ruler-qwen; then  # issue 13: the same on Qwen2.5-Coder-0.5B with its first trained NAMM (the report predates
+  # the pooled one); ~45 minutes on 1 core
   pymemory eval ruler --model qwen2.5-coder-0.5b-instruct --context "${RULER_CONTEXT:-1024}" \
     --samples "${RULER_SAMPLES:-1}" --ratios 0.75,0.5,0.25,0.125 --policy full --policy sink --policy h2o \
-    --policy tova --policy namm,namm_path=qwen2.5 --threads 1 --seed 0 \
+    --policy tova --policy namm,namm_path=qwen2.5-per-head --threads 1 --seed 0 \
     --json $out/ruler_qwen.json --md $out/ruler_qwen.md --plot $out/ruler_qwen.png
 fi
 if run chat-defaults; then  # issue 11: degenerate chat replies per sampler setting (chooses pymemory.CHAT_SAMPLING)
