@@ -88,12 +88,12 @@ def capture_for_fits(model, factory, args, retrieval_kinds, namm_delay: int):
     calibration texts, then one capture of args.fit_text + args.fit_retrieval training samples (the trainer's
     seeds). Returns (samples, captured invocations, feature mean, feature variance)."""
     from pymemory.namm.training.calibration import feature_statistics
-    from pymemory.namm.training.data import generation_samples
+    from pymemory.namm.training.data import CALIBRATION_SEED_OFFSET, WARM_START_SEED_OFFSET, generation_samples
     from pymemory.namm.training.warm_start import capture_invocations
 
-    calibration = generation_samples(factory, args.seed + 1_000_003, 0, 2, 0, [])
+    calibration = generation_samples(factory, args.seed + CALIBRATION_SEED_OFFSET, 0, 2, 0, [])
     mean, var = feature_statistics(model, calibration, namm_delay, args.threads)
-    train = generation_samples(factory, args.seed + 2_000_003, 0, args.fit_text, args.fit_retrieval, retrieval_kinds)
+    train = generation_samples(factory, args.seed + WARM_START_SEED_OFFSET, 0, args.fit_text, args.fit_retrieval, retrieval_kinds)
     return train, capture_invocations(model, train, namm_delay, args.threads), mean, var
 
 

@@ -12,9 +12,10 @@ import statistics
 import time
 from typing import Callable
 
-
 from .._loader import _core
 from .policies import PolicySpec
+
+POLICY_PARTS = ("observe", "decide")  # the keys of policy_seconds
 
 
 def filler_tokens(model, n: int) -> list[int]:
@@ -48,12 +49,12 @@ class DecodeRun:
 
     def tokens_per_s(self, n_tokens: int, warmup: int = 4) -> float:
         self._fill(warmup)
-        before = self.policy_seconds()
+        before = policy_seconds(self.engine)
         start = time.perf_counter()
         for _ in range(n_tokens):
             self.engine.feed([self.engine.sample(self.sampler)])
         seconds = time.perf_counter() - start
-        after = self.policy_seconds()
+        after = policy_seconds(self.engine)
         # Where an attention-scored policy's time went in the timed steps (ms per token), for the report.
         self.policy_ms_per_token = {k: 1000 * (after[k] - before[k]) / n_tokens for k in after}
         return n_tokens / seconds
@@ -63,19 +64,21 @@ class DecodeRun:
         several runs then alternate at a fine grain, and the policy's time accumulates over all of them."""
         if not getattr(self, "_filled", False):
             self._fill(warmup)
-            self._filled, self._timed_tokens, self._first = True, 0, self.policy_seconds()
+            self._filled, self._timed_tokens, self._first = True, 0, policy_seconds(self.engine)
         start = time.perf_counter()
         for _ in range(n_tokens):
             self.engine.feed([self.engine.sample(self.sampler)])
         seconds = time.perf_counter() - start
         self._timed_tokens += n_tokens
-        now = self.policy_seconds()
+        now = policy_seconds(self.engine)
         self.policy_ms_per_token = {k: 1000 * (now[k] - self._first[k]) / self._timed_tokens for k in now}
         return n_tokens / seconds
 
-    def policy_seconds(self) -> dict:
-        stats = self.engine.policy_stats()
-        return {k: stats.get(f"{k}_seconds", 0.0) for k in ("observe", "decide")}
+
+def policy_seconds(engine) -> dict:
+    """An attention-scored policy's own time so far: reading attention ("observe") and deciding ("decide")."""
+    stats = engine.policy_stats()
+    return {k: stats.get(f"{k}_seconds", 0.0) for k in POLICY_PARTS}
 
 
 class LlamaCppPythonRun:
@@ -167,8 +170,7 @@ def prefill_tokens_per_s(model, spec: PolicySpec, tokens: list[int], n_threads: 
     engine.feed(tokens)
     seconds = time.perf_counter() - start
     if policy_ms is not None:
-        stats = engine.policy_stats()
-        policy_ms.append({k: 1000 * stats.get(f"{k}_seconds", 0.0) / len(tokens) for k in ("observe", "decide")})
+        policy_ms.append({k: 1000 * s / len(tokens) for k, s in policy_seconds(engine).items()})
     return len(tokens) / seconds
 
 

@@ -340,7 +340,7 @@ def run_bench(args) -> int:
                 model, spec, prompt[:2 * capacity], threads, prefill_policy_ms[name])) for name, spec in specs.items()},
                 args.prefill_rounds or args.rounds, alternate_order=True)
             policy_ms = {name: runs[name].policy_ms_per_token for name in specs}
-            prefill_ms = {name: {k: statistics.median(r[k] for r in rounds) for k in ("observe", "decide")}
+            prefill_ms = {name: {k: statistics.median(r[k] for r in rounds) for k in bench.POLICY_PARTS}
                           for name, rounds in prefill_policy_ms.items()}
             ratios = {kind: {name: {ref: bench.round_ratios(timing, name, ref) for ref in (sink, sink_default)}
                              for name in specs} for kind, timing in (("decode", decode), ("prefill", prefill))}

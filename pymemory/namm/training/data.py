@@ -21,6 +21,10 @@ from ...errors import InvalidArgumentError
 
 HELDOUT_EVERY_PART = 3  # assets with >= 3 parts: parts 2, 5, ... are held out
 HELDOUT_TAIL = 0.2  # smaller assets: the last 20 % of each part
+# Seed offsets of the trainer's own sample draws, apart from the generations' (seed + generation) and the
+# held-out set's: calibration of the feature statistics, and the imitation warm start's training samples.
+CALIBRATION_SEED_OFFSET = 1_000_003
+WARM_START_SEED_OFFSET = 2_000_003
 NAME_SYLLABLES = ("ba", "ko", "ri", "mu", "te", "sa", "lo", "ni", "va", "de", "pu", "zo", "ga", "fi", "ra", "me")
 
 
