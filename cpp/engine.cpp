@@ -302,6 +302,7 @@ void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
         tap_layers_seen_ = 0;
     }
     ctx_->decode(tokens, positions.data(), n, logits_all);
+    if (attention_) attention_->observe_seconds += ctx_->take_attention_reduce_seconds();
     if (attention_ && tap_layers_seen_ != n_observed_layers_) {
         // Attention-scored eviction without attention would silently degrade to noise: refuse.
         fail(ErrorKind::runtime, "the attention tap saw " + std::to_string(tap_layers_seen_) + " of " +
