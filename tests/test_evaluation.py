@@ -26,6 +26,32 @@ def test_policy_specs():
         parse_policy("sink:4-252", 4, 252)
 
 
+def test_report_commit_marks_uncommitted_code_changes(tmp_path):
+    """A report names the commit it ran at, and says so when the code in the tree was not that commit's (a change
+    to a report or a doc does not count)."""
+    import subprocess
+
+    from pymemory.evaluation.report import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    (tmp_path / "cpp").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "cpp" / "a.cpp").write_text("int a;\n")
+    (tmp_path / "docs" / "r.md").write_text("x\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    clean = git_commit(tmp_path)
+    assert len(clean) >= 7 and not clean.endswith("+changes")
+    (tmp_path / "docs" / "r.md").write_text("y\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "cpp" / "a.cpp").write_text("int b;\n")
+    assert git_commit(tmp_path) == clean + "+changes"
+
+
 def test_eval_ppl_window_collapses_where_sink_does_not(tmp_path, smollm2_path):
     out = tmp_path / "ppl.json"
     plot = tmp_path / "ppl.png"

@@ -36,11 +36,22 @@ def machine_info() -> dict:
     }
 
 
-def git_commit() -> str:
+# The paths whose uncommitted changes alter what a report measures (reports and docs do not).
+CODE_PATHS = ("cpp", "bindings", "pymemory", "tools", "CMakeLists.txt", "pyproject.toml")
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The short commit of this checkout (or of `root`), with "+changes" when its code differs from that commit: a
+    report must not claim a commit whose code it did not run."""
     try:
-        root = Path(__file__).resolve().parents[2]
+        root = root or Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "?"
+        commit = out.stdout.strip()
+        if not commit:
+            return "?"
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  *CODE_PATHS], capture_output=True, text=True)
+        return commit + "+changes" if changed.stdout.strip() else commit
     except OSError:
         return "?"
 
