@@ -111,8 +111,8 @@ public:
     const std::vector<int32_t> & scored_layers() const { return scored_layers_; }
     void set_scored_layers(std::vector<int32_t> layers) { scored_layers_ = std::move(layers); }
     int64_t forced_evictions() const { return forced_evictions_; }
-    // Wall time spent in the policy, measured by the engine: reading attention (inside llama_decode: the tap's
-    // per-cell reductions and the policy's own observe) and deciding.
+    // Wall time spent in the policy, measured by the engine: reading attention (inside llama_decode, the tap's
+    // whole work for the observed layers) and deciding.
     double observe_seconds = 0.0;
     double decide_seconds = 0.0;
     // Records InvocationCapture for these layers from now on (NAMM only; costs memory: rows x cells per layer).

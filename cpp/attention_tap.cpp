@@ -22,10 +22,6 @@ namespace {
 // (engine.cpp counts the tapped layers).
 constexpr const char * kAttentionTensorPrefix = "kq_soft_max-";
 
-}  // namespace
-
-namespace {
-
 // totals[c] += the sum of rows[r][c] over n_rows rows, for c in [0, n): eight rows at a time, so each total is loaded
 // and stored once per eight rows instead of once per row (the matrix itself is read once; it does not fit in any
 // cache at 4K cells). Built for AVX2 and for the baseline, chosen at load time: the wheel is built on the user's
@@ -118,7 +114,10 @@ bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
     if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return !ask;  // observe nothing else
     const int32_t layer = std::atoi(name + prefix_len);
     if (ask) return self->observes(layer);  // observe this node once it is computed, if it is a layer we read
-    return self->observe(tensor, name, layer);
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool ok = self->observe(tensor, name, layer);
+    self->observe_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return ok;
 }
 
 bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t layer) {
@@ -194,7 +193,6 @@ bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t laye
 }
 
 void AttentionTap::compute_cell_totals(AttentionView & v, AttentionTotals rows) {
-    const auto t0 = std::chrono::steady_clock::now();
     if (v.probs) {
         sum_attention_by_cell(v, rows, cell_totals_, n_threads_);
     } else {
@@ -219,7 +217,6 @@ void AttentionTap::compute_cell_totals(AttentionView & v, AttentionTotals rows) 
     }
     v.cell_totals = cell_totals_.data();
     v.totals_rows = rows;
-    reduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 }  // namespace pm

@@ -107,11 +107,11 @@ public:
     // ggml graph, the layer-0 check reads them): what a GPU run does, for tests.
     void set_device_reductions(bool enabled) { device_reductions_ = enabled; }
     void set_threads(int32_t n_threads);
-    // Seconds spent in the per-cell reductions (the part of reading attention that happens before on_attention)
-    // since the last call; the engine adds them to the policy's observe time.
-    double take_reduce_seconds() {
-        const double s = reduce_seconds_;
-        reduce_seconds_ = 0.0;
+    // Seconds spent reading observed layers' attention (views, checks, per-cell totals and on_attention) since
+    // the last call: the policy's observe time.
+    double take_observe_seconds() {
+        const double s = observe_seconds_;
+        observe_seconds_ = 0.0;
         return s;
     }
 
@@ -128,7 +128,7 @@ private:
     std::unique_ptr<DeviceCompute> device_;  // reductions of device-resident attention
     int32_t n_threads_ = 1;                  // host reductions' threads (the context's decode threads)
     std::vector<float> cell_totals_;
-    double reduce_seconds_ = 0.0;
+    double observe_seconds_ = 0.0;
     std::vector<uint8_t> sliding_;           // per layer: 1 = sliding-window layer
     std::vector<uint8_t> observed_;          // per layer: 1 = observed; empty = all
     const Pos * cell_pos_ = nullptr;         // the batch being decoded: base cache

@@ -159,9 +159,7 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
         // The tap forces flash attention off: llama.cpp only materialises attention probabilities without it.
         cparams.on_attention = [this](const AttentionView & view) {
             ++tap_layers_seen_;
-            const auto t0 = std::chrono::steady_clock::now();
-            attention_->observe(view);
-            attention_->observe_seconds += seconds_since(t0);
+            attention_->observe(view);  // timed by the tap, with its own reading of the attention
         };
     }
     ctx_ = std::make_unique<LlamaContext>(model_, cparams);
@@ -302,7 +300,7 @@ void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
         tap_layers_seen_ = 0;
     }
     ctx_->decode(tokens, positions.data(), n, logits_all);
-    if (attention_) attention_->observe_seconds += ctx_->take_attention_reduce_seconds();
+    if (attention_) attention_->observe_seconds += ctx_->take_attention_seconds();
     if (attention_ && tap_layers_seen_ != n_observed_layers_) {
         // Attention-scored eviction without attention would silently degrade to noise: refuse.
         fail(ErrorKind::runtime, "the attention tap saw " + std::to_string(tap_layers_seen_) + " of " +

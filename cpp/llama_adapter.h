@@ -189,8 +189,8 @@ public:
     void set_device_reductions(bool enabled) {
         if (tap_) tap_->set_device_reductions(enabled);
     }
-    // Seconds the tap spent in per-cell reductions since the last call (0 without a tap).
-    double take_attention_reduce_seconds() { return tap_ ? tap_->take_reduce_seconds() : 0.0; }
+    // Seconds the tap spent reading attention since the last call (0 without a tap).
+    double take_attention_seconds() { return tap_ ? tap_->take_observe_seconds() : 0.0; }
 
     const LlamaModel & model() const { return *model_; }
     llama_context * raw() const { return ctx_; }

@@ -93,7 +93,8 @@ def capture_for_fits(model, factory, args, retrieval_kinds, namm_delay: int):
 
     calibration = generation_samples(factory, args.seed + CALIBRATION_SEED_OFFSET, 0, 2, 0, [])
     mean, var = feature_statistics(model, calibration, namm_delay, args.threads)
-    train = generation_samples(factory, args.seed + WARM_START_SEED_OFFSET, 0, args.fit_text, args.fit_retrieval, retrieval_kinds)
+    train = generation_samples(factory, args.seed + WARM_START_SEED_OFFSET, 0, args.fit_text, args.fit_retrieval,
+                               retrieval_kinds)
     return train, capture_invocations(model, train, namm_delay, args.threads), mean, var
 
 

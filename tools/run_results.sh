@@ -32,7 +32,7 @@ if run attention-shipped; then  # issue 13: the same with the shipped NAMM (ever
     --json $out/bench_attention_shipped_namm.json --md $out/bench_attention_shipped_namm.md
 fi
 if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 tokens over 30 layers is ~100 ms per
-  # token here, so only the cheaper deployments (5 layers, every 256 or 512 tokens); ~30 minutes
+  # token here, so only the cheaper deployments (5 layers, every 256 or 512 tokens); ~20 minutes
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 4096 --rounds 6 --tokens 512 \
     --prefill-rounds 4 --namm smollm2 --namm-variant namm_layers=5,namm_delay=256 \
     --namm-variant namm_layers=5,namm_delay=512 \
@@ -226,14 +226,14 @@ if run namm-qwen-pooled-eval; then  # the pooled Qwen NAMM vs every policy and t
     --also "per-head Qwen NAMM (qwen-warm, generation 3)=pymemory/data/namm/qwen2.5-per-head.gguf"
 fi
 if run ruler-smollm2; then  # issue 13: RULER-style tasks at kvpress's ratios (cache 75/50/25/12.5 % of the context)
-  # for full cache, sink, h2o, tova and the shipped NAMM; 2,048 tokens, 1 sample per task: ~35 minutes on 2 cores
+  # for full cache, sink, h2o, tova and the shipped NAMM; 2,048 tokens, 1 sample per task: ~45 minutes on 2 cores
   pymemory eval ruler --model smollm2-135m-instruct --context "${RULER_CONTEXT:-2048}" --samples "${RULER_SAMPLES:-1}" \
     --ratios 0.75,0.5,0.25,0.125 --policy full --policy sink --policy h2o --policy tova \
     --policy namm,namm_path=smollm2 --threads 2 --seed 0 \
     --json $out/ruler_smollm2.json --md $out/ruler_smollm2.md --plot $out/ruler_smollm2.png
 fi
 if run ruler-qwen; then  # issue 13: the same on Qwen2.5-Coder-0.5B with its shipped NAMM; 1,024 tokens (the 4x
-  # larger model at 2,048 would take about two hours): ~30 minutes on 2 cores
+  # larger model at 2,048 would take about an hour): ~20 minutes on 2 cores
   pymemory eval ruler --model qwen2.5-coder-0.5b-instruct --context "${RULER_CONTEXT:-1024}" \
     --samples "${RULER_SAMPLES:-1}" --ratios 0.75,0.5,0.25,0.125 --policy full --policy sink --policy h2o \
     --policy tova --policy namm,namm_path=qwen2.5 --threads 2 --seed 0 \

@@ -97,7 +97,8 @@ class Trainer:
         from .calibration import feature_statistics
 
         c = self.config
-        rng_samples = generation_samples(self.factory, c.seed + CALIBRATION_SEED_OFFSET, 0, c.calibration_samples, 0, [])
+        rng_samples = generation_samples(self.factory, c.seed + CALIBRATION_SEED_OFFSET, 0, c.calibration_samples, 0,
+                                         [])
         t0 = time.perf_counter()
         mean, var = feature_statistics(self.model, rng_samples, c.namm_delay, self.threads)
         options = {"popsize": c.population, "seed": c.seed + 1, "verbose": -9, "CMA_diagonal": c.covariance ==
@@ -120,8 +121,8 @@ class Trainer:
         from .warm_start import capture_examples, fit_imitation
 
         n_retrieval = c.warm_start_samples // 3 if self.retrieval_kinds else 0
-        samples = generation_samples(self.factory, c.seed + WARM_START_SEED_OFFSET, 0, c.warm_start_samples - n_retrieval,
-                                     n_retrieval, self.retrieval_kinds)
+        samples = generation_samples(self.factory, c.seed + WARM_START_SEED_OFFSET, 0,
+                                     c.warm_start_samples - n_retrieval, n_retrieval, self.retrieval_kinds)
         t0 = time.perf_counter()
         examples = capture_examples(self.model, samples, c.namm_delay, c.warm_start_horizon, c.n_sink, self.threads,
                                     c.warm_start_target)
