@@ -38,6 +38,20 @@ if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 to
     --namm-variant namm_layers=5,namm_delay=512 \
     --json $out/bench_attention_shipped_namm_4k.json --md $out/bench_attention_shipped_namm_4k.md
 fi
+if run ppl-attention-deployments; then  # issue 13: what the cheaper NAMM deployments timed above keep in quality,
+  # streaming 20,000 tokens of one novel through the caches of the cost tables (1K and 4K), 16 tokens per decode
+  pymemory eval ppl --model smollm2-135m-instruct --text austen:prideprejudice --max-tokens 20000 --chunk 16 \
+    --policy sink:4+1020 --policy h2o:4+1020 --policy tova:4+1020 \
+    --policy namm:4+1020,namm_path=smollm2,namm_mode=budget \
+    --policy namm:4+1020,namm_path=smollm2,namm_mode=budget,namm_layers=5 \
+    --policy namm:4+1020,namm_path=smollm2,namm_mode=budget,namm_layers=5,namm_delay=128 \
+    --json $out/ppl_attention_1k.json --md $out/ppl_attention_1k.md --plot $out/ppl_attention_1k.png
+  pymemory eval ppl --model smollm2-135m-instruct --text austen:prideprejudice --max-tokens 20000 --chunk 16 \
+    --policy sink:4+4092 --policy h2o:4+4092 \
+    --policy namm:4+4092,namm_path=smollm2,namm_mode=budget,namm_layers=5,namm_delay=256 \
+    --policy namm:4+4092,namm_path=smollm2,namm_mode=budget,namm_layers=5,namm_delay=512 \
+    --json $out/ppl_attention_4k.json --md $out/ppl_attention_4k.md --plot $out/ppl_attention_4k.png
+fi
 if run namm-layers; then    # issue 13: what scoring fewer layers costs in quality (shipped SmolLM2 NAMM, held out)
   python tools/eval_trained_namm.py --run runs/smollm2 --namm pymemory/data/namm/smollm2-evolved.gguf \
     --out $out/namm_layers_smollm2 --text 12 --retrieval 6 --workers 2 --quants '' --skip-warm-start --no-reproduce \
