@@ -277,6 +277,10 @@ void register_engine(py::module_ & m) {
             return plan_to_dict(plan_removal(CacheState{positions, 0}, indices, reindex));
         },
         py::arg("positions"), py::arg("indices"), py::arg("reindex"));
+    m.def(
+        "plan_compaction",
+        [](const std::vector<Pos> & positions) { return plan_to_dict(plan_compaction(CacheState{positions, 0})); },
+        py::arg("positions"), "The shifts that close every gap between cached positions (nothing removed).");
     m.def("default_evict_chunk", &default_evict_chunk, py::arg("window"),
           "Tokens evicted at once by default: window / 16, at least 16, at most the window.");
     m.def("lowest_scoring", &lowest_scoring, py::arg("scores"), py::arg("first"), py::arg("end"), py::arg("count"),
@@ -383,15 +387,18 @@ void register_engine(py::module_ & m) {
                          int32_t prefill_chunk, const std::string & flash_attention, const std::string & type_k,
                          const std::string & type_v, int32_t h2o_recent, const std::string & namm_path,
                          const std::string & namm_mode, float quorum, int32_t max_cells, int32_t namm_delay,
-                         int32_t namm_layers, bool device_reductions) {
+                         int32_t namm_layers, bool device_reductions, std::optional<int32_t> compact_at) {
                  EngineParams p;
                  p.policy.kind = parse_policy_kind(policy);
                  p.policy.n_sink = n_sink;
                  p.policy.window = window;
                  p.policy.evict_chunk = evict_chunk.value_or(default_evict_chunk(window));
                  // Sink-style policies re-index (the paper's rule); attention-scored ones keep absolute positions
-                 // as the originals do unless asked.
+                 // as the originals do unless asked, and by default close the cache's gaps once the next position
+                 // would pass the model's training context (past it the model's output collapses).
                  p.policy.reindex = reindex.value_or(!is_attention_scored(p.policy.kind));
+                 const bool auto_compact = !reindex.has_value() && is_attention_scored(p.policy.kind) && model;
+                 p.policy.compact_at = compact_at.value_or(auto_compact ? model->info().n_ctx_train : 0);
                  p.n_threads = n_threads;
                  p.n_threads_batch = n_threads_batch;
                  p.prefill_chunk = prefill_chunk;
@@ -416,7 +423,7 @@ void register_engine(py::module_ & m) {
              py::arg("type_k") = "f16", py::arg("type_v") = "f16", py::arg("h2o_recent") = -1,
              py::arg("namm_path") = "", py::arg("namm_mode") = "", py::arg("quorum") = 0.0f,
              py::arg("max_cells") = 0, py::arg("namm_delay") = 0, py::arg("namm_layers") = 0,
-             py::arg("device_reductions") = false)
+             py::arg("device_reductions") = false, py::arg("compact_at") = py::none())
         .def_property_readonly("model", &Engine::shared_model)
         .def(
             "feed", [](Engine & self, const std::vector<Token> & tokens) { locked(self, [&] { self.feed(tokens); }); },

@@ -242,7 +242,7 @@ void Engine::apply(const EvictionPlan & plan) {
     cache_ = after;
     cached_tokens_ = std::move(kept_tokens);
     if (plan.next_pos >= 0) next_pos_ = plan.next_pos;
-    counters_.evictions += 1;
+    if (!plan.remove.empty() || plan.recompute) counters_.evictions += 1;  // a compaction alone evicts nothing
     counters_.tokens_evicted += plan.n_evicted;
 
     if (plan.recompute && !cached_tokens_.empty()) {
@@ -293,6 +293,9 @@ void Engine::make_room(int32_t n_incoming) {
 }
 
 void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
+    // Absolute positions past the model's training context make its output collapse: close the cache's gaps first.
+    const Pos limit = params_.policy.compact_at;
+    if (limit > 0 && !params_.policy.reindex && next_pos_ + n > limit) apply(plan_compaction(cache_));
     std::vector<Pos> positions(static_cast<size_t>(n));
     for (int32_t i = 0; i < n; ++i) positions[size_t(i)] = next_pos_ + i;
     if (attention_) {

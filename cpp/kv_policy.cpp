@@ -41,6 +41,7 @@ void validate(const PolicyParams & p) {
     auto bad = [](const std::string & what) { fail(ErrorKind::invalid_argument, what); };
     if (p.window < 1) bad("window must be at least 1 (got " + std::to_string(p.window) + ")");
     if (p.n_sink < 0) bad("n_sink must be >= 0 (got " + std::to_string(p.n_sink) + ")");
+    if (p.compact_at < 0) bad("compact_at must be >= 0 (got " + std::to_string(p.compact_at) + ")");
     if (p.evict_chunk < 1) bad("evict_chunk must be at least 1 (got " + std::to_string(p.evict_chunk) + ")");
     if (p.evict_chunk > p.window) {
         bad("evict_chunk (" + std::to_string(p.evict_chunk) + ") cannot exceed window (" + std::to_string(p.window) +
@@ -50,6 +51,34 @@ void validate(const PolicyParams & p) {
         bad("n_sink + window is too large (over 16M cells)");
     }
 }
+
+namespace {
+
+// The shifts that move the tokens from chronological index `first` on, except the `removed` ones (sorted), to
+// consecutive positions from `target`; returns the position after the last. Each run of kept tokens with contiguous
+// positions moves with one shift; applied from low to high positions, a range always moves into space already free.
+Pos close_gaps(const std::vector<Pos> & pos, int32_t first, Pos target, const std::vector<int32_t> & removed,
+               std::vector<PositionShift> & shifts) {
+    const int32_t n = int32_t(pos.size());
+    size_t next_removed = size_t(std::lower_bound(removed.begin(), removed.end(), first) - removed.begin());
+    const auto is_removed = [&](int32_t i) { return next_removed < removed.size() && removed[next_removed] == i; };
+    for (int32_t i = first; i < n;) {
+        if (is_removed(i)) {
+            ++next_removed;
+            ++i;
+            continue;
+        }
+        int32_t run_end = i;  // extend while kept and positions contiguous
+        while (run_end + 1 < n && !is_removed(run_end + 1) && pos[run_end + 1] == pos[run_end] + 1) ++run_end;
+        const Pos delta = target - pos[i];
+        if (delta != 0) shifts.push_back({pos[i], pos[run_end] + 1, delta});
+        target += run_end - i + 1;
+        i = run_end + 1;
+    }
+    return target;
+}
+
+}  // namespace
 
 EvictionPlan plan_removal(const CacheState & state, const std::vector<int32_t> & indices, bool reindex) {
     EvictionPlan plan;
@@ -70,29 +99,15 @@ EvictionPlan plan_removal(const CacheState & state, const std::vector<int32_t> &
     }
     plan.n_evicted = int32_t(indices.size());
     if (!reindex) return plan;
+    // Kept tokens after the first removed one move down to consecutive positions.
+    plan.next_pos = close_gaps(pos, indices.front(), pos[indices.front()], indices, plan.shift);
+    return plan;
+}
 
-    // Kept tokens after the first removed one move down to consecutive positions. Each run of kept tokens with
-    // contiguous positions moves with one shift; applied from low to high positions, a range always moves into
-    // space that is already free.
-    Pos target = pos[indices.front()];
-    size_t next_removed = 0;
-    for (int32_t i = indices.front(); i < n;) {
-        if (next_removed < indices.size() && indices[next_removed] == i) {
-            ++next_removed;
-            ++i;
-            continue;
-        }
-        int32_t run_end = i;  // extend while kept and positions contiguous
-        while (run_end + 1 < n && (next_removed >= indices.size() || indices[next_removed] != run_end + 1) &&
-               pos[run_end + 1] == pos[run_end] + 1) {
-            ++run_end;
-        }
-        const Pos delta = target - pos[i];
-        if (delta != 0) plan.shift.push_back({pos[i], pos[run_end] + 1, delta});
-        target += run_end - i + 1;
-        i = run_end + 1;
-    }
-    plan.next_pos = target;
+EvictionPlan plan_compaction(const CacheState & state) {
+    EvictionPlan plan;
+    const Pos next = close_gaps(state.positions, 0, 0, {}, plan.shift);
+    if (!plan.shift.empty()) plan.next_pos = next;
     return plan;
 }
 

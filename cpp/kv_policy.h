@@ -39,6 +39,10 @@ struct PolicyParams {
     int32_t evict_chunk = 16;  // sink/window: tokens evicted at once when full (1 = per token, as in the paper)
     bool reindex = true;       // close the gap after evicting so positions stay inside the cache (the paper's
                                // rule); false keeps absolute positions (an ablation; positions then grow forever)
+    Pos compact_at = 0;        // with reindex false: before a token would get this position, close every gap in
+                               // the cache at once (plan_compaction), so positions stay below it; 0 = never. The
+                               // engine's default for attention-scored policies is the model's training context:
+                               // past it, absolute positions make the model's output collapse (docs/results.md §4).
 };
 
 int32_t capacity(const PolicyParams & params);
@@ -69,7 +73,7 @@ struct EvictionPlan {
     bool recompute = false;  // rebuild the retained tokens' KV from scratch instead of shifting keys
     int32_t n_evicted = 0;
     Pos next_pos = -1;       // position of the next token after a re-indexing plan; -1 = unchanged (absolute)
-    bool empty() const { return remove.empty() && !recompute; }
+    bool empty() const { return remove.empty() && shift.empty() && !recompute; }
 };
 
 // Plan for making room for `n_incoming` tokens. An empty plan when they fit. For PolicyKind::none, throws
@@ -82,5 +86,9 @@ CacheState apply_plan(const CacheState & state, const EvictionPlan & plan);
 // Removes the tokens at the given chronological indices (sorted, unique) and, if `reindex`, closes the gaps so
 // positions stay contiguous from the first removed one. Shared by all policies that evict arbitrary tokens.
 EvictionPlan plan_removal(const CacheState & state, const std::vector<int32_t> & indices, bool reindex);
+
+// Removes nothing and closes every gap: the cached tokens move to positions 0, 1, ... in their order, and
+// next_pos becomes their count. An empty plan when there is no gap.
+EvictionPlan plan_compaction(const CacheState & state);
 
 }  // namespace pm

@@ -21,7 +21,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--evict-chunk", type=int, default=None,
                    help="tokens evicted at once when full (default window/16, at least 16; 1 = per token)")
     g.add_argument("--reindex", action=argparse.BooleanOptionalAction, default=None,
-                   help="compact positions after evictions (default: on for sink-style policies, off for h2o/tova/namm)")
+                   help="compact positions after evictions (default: on for sink-style policies; h2o/tova/namm keep "
+                        "absolute positions and compact only before passing the model's training context)")
     g.add_argument("--h2o-recent", type=int, default=None, help="h2o, tova: recent tokens always kept (default window/2 for h2o, 0 for tova)")
     g.add_argument("--namm", dest="namm_path", default=None, help="namm: the NAMM GGUF (see convert-namm)")
     g.add_argument("--namm-mode", choices=("quorum", "budget"), default=None,

@@ -168,9 +168,11 @@ class StreamingLLM:
         flash_attention: "auto", "on" or "off".
         type_k, type_v: KV cache element types ("f16", "f32", "q8_0", ...).
         use_extra_bufts: weight repacking; set False to work around ggml's AMX crash (llama.cpp #20824).
-        reindex: compact positions after evictions (default: True for sink-style policies, as in the paper;
-            False for h2o, tova and namm, which keep absolute positions like their originals — set True to stream
-            forever with them).
+        reindex: compact positions after evictions (default: True for sink-style policies, as in the paper).
+            h2o, tova and namm keep absolute positions like their originals by default, and close the cache's gaps
+            once the next position would pass the model's training context (past it the model's output
+            collapses: docs/results.md §4); True compacts after every eviction, False keeps absolute positions
+            forever (an ablation).
         h2o_recent: h2o's and tova's always-kept recent tokens (default window // 2 for h2o, 0 for tova).
         namm_path: the NAMM GGUF for policy "namm" (``pymemory convert-namm`` or ``pymemory train-namm``), or
             the name of a NAMM shipped with pymemory ("smollm2", "smollm2-evolved", "qwen2.5", "qwen2.5-per-head"; see

@@ -70,6 +70,46 @@ def test_cell_mirror_tracks_llama_cpp_through_irregular_batches_and_evictions(sm
 
 
 @pytest.mark.model
+def test_absolute_positions_are_compacted_before_they_pass_compact_at(smollm2_model, english_text):
+    """With reindex=False an attention-scored policy keeps absolute positions, which grow with the stream; past the
+    model's training context its output collapses (docs/results.md §4). compact_at closes every gap before a token
+    would get that position: positions stay below it, nothing is evicted for it, and the cell mirror (checked by
+    every decode) still matches llama.cpp after the shifts."""
+    tokens = smollm2_model.tokenize(english_text, True, False)[:1500]
+    rng = random.Random(7)
+    engine = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=92, evict_chunk=5, h2o_recent=20,
+                          reindex=False, compact_at=300)
+    start, max_pos = 0, 0
+    while start < len(tokens):
+        n = rng.choice([1, 2, 7, 16, 40])
+        engine.feed(tokens[start:start + n])
+        start += n
+        max_pos = max(max_pos, engine.stats()["max_pos"])
+    positions = engine.cached_positions()
+    assert max_pos < 300 and positions == sorted(positions) and len(set(positions)) == len(positions)
+    assert engine.cached_tokens()[:4] == tokens[:4] and engine.cached_tokens()[-20:] == tokens[-20:]
+    s = engine.stats()
+    assert s["tokens_evicted"] == len(tokens) - s["cells_used"]  # compactions evict nothing
+    # Without compact_at the same stream keeps absolute positions.
+    absolute = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=92, h2o_recent=20, reindex=False)
+    absolute.feed(tokens)
+    assert absolute.stats()["max_pos"] == len(tokens) - 1
+
+
+@pytest.mark.model
+def test_attention_scored_policies_compact_at_the_training_context_by_default(smollm2_model, english_text):
+    """The default (reindex unset) keeps absolute positions inside the model's training context (8,192 for SmolLM2)
+    and compacts before passing it."""
+    tokens = smollm2_model.tokenize(english_text, True, False)[:8400]
+    assert len(tokens) == 8400
+    engine = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=252)
+    engine.feed(tokens[:8000])
+    assert engine.stats()["max_pos"] == 7999  # absolute so far
+    engine.feed(tokens[8000:])
+    assert engine.stats()["max_pos"] < smollm2_model.info["n_ctx_train"] == 8192
+
+
+@pytest.mark.model
 @pytest.mark.parametrize("policy", ["h2o", "namm"])
 def test_device_reductions_keep_what_host_reductions_keep(smollm2_model, english_text, policy):
     """The GPU code path (ggml graphs over the attention tensor, no host matrix) run on the CPU backend evicts the

@@ -92,6 +92,17 @@ def test_removal_with_reindex_compacts_gaps_after_first_removed():
     assert _core.plan_removal([0, 1, 2], [0, 1, 2], True)["next_pos"] == 0  # emptied: restart at 0
 
 
+def test_compaction_closes_every_gap_and_keeps_the_order():
+    positions = [0, 1, 2, 5, 6, 9, 12]
+    p = _core.plan_compaction(positions)
+    assert p["remove"] == [] and p["n_evicted"] == 0
+    assert p["shift"] == [(5, 7, -2), (9, 10, -4), (12, 13, -6)] and p["next_pos"] == 7
+    assert _core.apply_plan(positions, p) == list(range(7))
+    assert _core.apply_plan([3, 4, 8], _core.plan_compaction([3, 4, 8])) == [0, 1, 2]  # a gap before the first
+    nothing = _core.plan_compaction([0, 1, 2])
+    assert nothing["shift"] == [] and nothing["next_pos"] == -1  # no gap: positions stay absolute
+
+
 def test_removal_rejects_bad_indices():
     with pytest.raises(InvalidArgumentError):
         _core.plan_removal([0, 1, 2], [2, 1], True)

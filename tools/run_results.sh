@@ -39,14 +39,15 @@ if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 to
     --json $out/bench_attention_shipped_namm_4k.json --md $out/bench_attention_shipped_namm_4k.md
 fi
 if run ppl-attention-deployments; then  # issue 13: what the cheaper NAMM deployments timed above keep in quality,
-  # streaming 20,000 tokens of one novel through the caches of the cost tables (1K and 4K), 16 tokens per decode
+  # streaming one novel through the caches of the cost tables (1K: 20,000 tokens; 4K: 16,000), 16 tokens per
+  # decode, past SmolLM2's 8,192-token training context (~50 minutes on 2 cores)
   pymemory eval ppl --model smollm2-135m-instruct --text austen:prideprejudice --max-tokens 20000 --chunk 16 \
     --policy sink:4+1020 --policy h2o:4+1020 --policy tova:4+1020 \
     --policy namm:4+1020,namm_path=smollm2,namm_mode=budget \
     --policy namm:4+1020,namm_path=smollm2,namm_mode=budget,namm_layers=5 \
     --policy namm:4+1020,namm_path=smollm2,namm_mode=budget,namm_layers=5,namm_delay=128 \
     --json $out/ppl_attention_1k.json --md $out/ppl_attention_1k.md --plot $out/ppl_attention_1k.png
-  pymemory eval ppl --model smollm2-135m-instruct --text austen:prideprejudice --max-tokens 20000 --chunk 16 \
+  pymemory eval ppl --model smollm2-135m-instruct --text austen:prideprejudice --max-tokens 16000 --chunk 16 \
     --policy sink:4+4092 --policy h2o:4+4092 \
     --policy namm:4+4092,namm_path=smollm2,namm_mode=budget,namm_layers=5,namm_delay=256 \
     --policy namm:4+4092,namm_path=smollm2,namm_mode=budget,namm_layers=5,namm_delay=512 \
