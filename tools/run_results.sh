@@ -31,6 +31,12 @@ if run attention-shipped; then  # issue 13: the same with the shipped NAMM (ever
     --namm-variant namm_layers=5,namm_delay=128 \
     --json $out/bench_attention_shipped_namm.json --md $out/bench_attention_shipped_namm.md
 fi
+if run attention-positions; then  # issue 13: h2o and the cheap NAMM deployment as users run them (absolute
+  # positions, compacted only before the training context: no K-shift) beside h2o re-indexed like sink; ~10 minutes
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 10 --tokens 128 \
+    --prefill-rounds 5 --namm smollm2 --namm-variant namm_layers=5,namm_delay=128 \
+    --json $out/bench_attention_positions.json --md $out/bench_attention_positions.md
+fi
 if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 tokens over 30 layers is ~100 ms per
   # token here, so only the cheaper deployments (5 layers, every 256 or 512 tokens); ~20 minutes
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 4096 --rounds 6 --tokens 512 \
