@@ -94,6 +94,8 @@ def test_absolute_positions_are_compacted_before_they_pass_compact_at(smollm2_mo
     absolute = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=92, h2o_recent=20, reindex=False)
     absolute.feed(tokens)
     assert absolute.stats()["max_pos"] == len(tokens) - 1
+    with pytest.raises(InvalidArgumentError, match="compact_at must be >= 0"):
+        _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=92, compact_at=-1)
 
 
 @pytest.mark.model

@@ -138,7 +138,7 @@ def test_bench_attention_suite_times_each_policy_against_both_sinks(tmp_path, sm
                  "--tokens", "32", "--rounds", "2", "--prefill-rounds", "1", "--namm", "smollm2",
                  "--namm-variant", "namm_layers=5", "--json", str(out), "--md", str(tmp_path / "a.md")]) == 0
     entry = json.loads(out.read_text())["attention"][0]
-    names = ["sink", "sink, flash attention auto", "h2o", "namm namm_layers=5"]
+    names = ["sink", "sink, flash attention auto", "h2o", "h2o, reindex=True", "namm namm_layers=5"]
     assert list(entry["decode"]) == names and len(entry["decode"]["h2o"]["samples"]) == 2
     assert len(entry["prefill"]["h2o"]["samples"]) == 1
     for kind in ("decode", "prefill"):
