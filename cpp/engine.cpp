@@ -283,19 +283,18 @@ void Engine::evict(const std::vector<int32_t> & indices) {
 
 void Engine::make_room(int32_t n_incoming) {
     cache_.n_pinned = n_pinned();
-    if (attention_) {
-        if (int32_t(cache_.positions.size()) + n_incoming > capacity(params_.policy)) {
-            evict(attention_->make_room(cache_view(), n_incoming));
-        }
-        return;
+    if (!attention_) {
+        apply(plan_eviction(params_.policy, cache_, n_incoming));
+    } else if (int32_t(cache_.positions.size()) + n_incoming > capacity(params_.policy)) {
+        evict(attention_->make_room(cache_view(), n_incoming));
     }
-    apply(plan_eviction(params_.policy, cache_, n_incoming));
+    // Room in positions too: absolute positions past the model's training context make its output collapse, so
+    // close the cache's gaps before the incoming tokens would reach compact_at.
+    const Pos limit = params_.policy.compact_at;
+    if (limit > 0 && !params_.policy.reindex && next_pos_ + n_incoming > limit) apply(plan_compaction(cache_));
 }
 
 void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
-    // Absolute positions past the model's training context make its output collapse: close the cache's gaps first.
-    const Pos limit = params_.policy.compact_at;
-    if (limit > 0 && !params_.policy.reindex && next_pos_ + n > limit) apply(plan_compaction(cache_));
     std::vector<Pos> positions(static_cast<size_t>(n));
     for (int32_t i = 0; i < n; ++i) positions[size_t(i)] = next_pos_ + i;
     if (attention_) {

@@ -98,7 +98,7 @@ public:
 
 private:
     int32_t n_pinned() const;
-    // Makes room for n tokens under the policy (no-op if they fit).
+    // Makes room for n tokens under the policy (no-op if they fit): cells, and positions below compact_at.
     void make_room(int32_t n_incoming);
     void apply(const EvictionPlan & plan);
     // Decodes tokens at next_pos.. and appends them to the mirror; splits into llama.cpp batches.
