@@ -1,7 +1,9 @@
 """Attention-scored policies (h2o, tova; namm in test_namm_policy.py): the tap, the cell mirror, bounded caches."""
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -99,16 +101,25 @@ def test_absolute_positions_are_compacted_before_they_pass_compact_at(smollm2_mo
 
 
 @pytest.mark.model
-def test_attention_scored_policies_compact_at_the_training_context_by_default(smollm2_model, english_text):
-    """The default (reindex unset) keeps absolute positions inside the model's training context (8,192 for SmolLM2)
-    and compacts before passing it."""
-    tokens = smollm2_model.tokenize(english_text, True, False)[:8400]
-    assert len(tokens) == 8400
-    engine = _core.Engine(smollm2_model, policy="h2o", n_sink=4, window=252)
-    engine.feed(tokens[:8000])
-    assert engine.stats()["max_pos"] == 7999  # absolute so far
-    engine.feed(tokens[8000:])
-    assert engine.stats()["max_pos"] < smollm2_model.info["n_ctx_train"] == 8192
+def test_attention_scored_policies_compact_at_the_training_context_by_default(tmp_path, smollm2_path, english_text):
+    """The default (reindex unset) keeps absolute positions inside the model's training context and compacts before
+    passing it. SmolLM2 with its training context patched from 8,192 to 1,024 positions: the same weights, a
+    limit a short test reaches."""
+    from helpers.gguf_surgery import with_training_context
+
+    model = _core.Model.load(os.fspath(with_training_context(Path(smollm2_path), tmp_path / "short.gguf", 1024)))
+    assert model.info["n_ctx_train"] == 1024
+    tokens = model.tokenize(english_text, True, False)[:1300]
+    from pymemory.namm.packaged import resolve_namm
+
+    for policy, extra in (("h2o", {}), ("tova", {}), ("namm", {"namm_path": resolve_namm("smollm2")})):
+        engine = _core.Engine(model, policy=policy, n_sink=4, window=124, **extra)
+        engine.feed(tokens[:1000])
+        assert engine.stats()["max_pos"] == 999  # absolute so far
+        engine.feed(tokens[1000:])
+        s = engine.stats()
+        assert s["max_pos"] < 1024 and s["tokens_seen"] == 1300 and s["cells_used"] <= 128, (policy, s)
+        assert engine.cached_tokens()[-32:] == tokens[-32:]
 
 
 @pytest.mark.model

@@ -103,7 +103,7 @@ def test_reindexed_positions_match_absolute_positions_within_llama_cpp_position_
     record(f"shift_{type_k}_keys_mean_kl", float(kl_shift.mean()),
            f"re-indexed vs absolute rolling window, {len(kl_shift)} steps, {type_k} keys: mean KL")
     record(f"shift_{type_k}_keys_kl_first_last_third", [float(kl_shift[:third].mean()), float(kl_shift[-third:].mean())],
-           f"the same, first and last third of the stream (growth over the re-rotations?)")
+           "the same, first and last third of the stream (growth over the re-rotations?)")
     record(f"shift_{type_k}_keys_top1_agreement", agreement, f"the same, top-1 agreement ({type_k} keys)")
     record("offset_noise_mean_kl", float(kl_offset.mean()),
            "llama.cpp's own noise: the same tokens decoded at positions 0.. and >= 3000, f32 keys, mean KL")
@@ -169,14 +169,15 @@ def test_prompt_longer_than_the_cache_streams_through(smollm2_model, english_tex
 
 @pytest.mark.parametrize("policy", ["sink", "context_shift", "window", "recompute"])
 def test_every_policy_keeps_the_cache_bounded(smollm2_model, english_text, policy):
-    tokens = smollm2_model.tokenize(english_text, True, False)[:700]
+    # recompute re-decodes its window at every eviction: a shorter stream still evicts several times
+    tokens = smollm2_model.tokenize(english_text, True, False)[:280 if policy == "recompute" else 700]
     engine = _core.Engine(smollm2_model, policy=policy, n_sink=4 if policy != "window" else 0, window=124)
     for start in range(0, len(tokens), 7):
         engine.feed(tokens[start:start + 7])
         s = engine.stats()
         assert s["cells_used"] <= s["capacity"] and s["max_pos"] < s["capacity"]
     s = engine.stats()
-    assert s["evictions"] > 0 and s["tokens_seen"] == 700
+    assert s["evictions"] > 1 and s["tokens_seen"] == len(tokens)
     assert engine.cached_tokens()[-50:] == tokens[-50:]
     if policy == "recompute":
         assert s["tokens_recomputed"] > 0

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.model
 # A tiny run: 256-token samples through a 128-cell cache, NAMM every 32 tokens.
 TINY = dict(sample_tokens=256, cache_fraction=0.5, scored_tokens=64, namm_delay=32, population=4, generations=2,
             text_samples=1, retrieval_samples=1, heldout_every=1, heldout_text=1, heldout_retrieval=1,
-            calibration_samples=1, workers=0, threads=1, data=["austen", "passkey", "kv"], warm_start="none")
+            calibration_samples=1, workers=0, threads=2, data=["austen", "passkey", "kv"], warm_start="none")
 
 
 def tiny(tmp_path: Path, **changes) -> TrainConfig:

@@ -84,3 +84,23 @@ def patch_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:
         f.seek(at + 16)
         f.write(bytes(int(bool(p)) for p in pattern))
     return target
+
+
+def with_training_context(source: Path, target: Path, n_ctx_train: int) -> Path:
+    """A copy of `source` whose `<arch>.context_length` (the training context llama.cpp reports as n_ctx_train) is
+    n_ctx_train, patched in place: the weights are untouched, so the model runs as before."""
+    import shutil
+    import struct
+
+    shutil.copyfile(source, target)
+    with open(target, "r+b") as f:
+        head = f.read(64 << 20)
+        key = b".context_length"
+        at = head.find(key)
+        assert at > 0, "no context_length key"
+        at += len(key)
+        (value_type,) = struct.unpack_from("<I", head, at)
+        assert value_type == 4, "context_length is not a uint32"
+        f.seek(at + 4)
+        f.write(struct.pack("<I", n_ctx_train))
+    return target

@@ -5,7 +5,6 @@ writes the JSON and a markdown table with the command, commit, date and machine.
 does nothing."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
