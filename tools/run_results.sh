@@ -44,6 +44,15 @@ if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 to
     --namm-variant namm_layers=5,namm_delay=512 \
     --json $out/bench_attention_shipped_namm_4k.json --md $out/bench_attention_shipped_namm_4k.md
 fi
+if run attention-deployments; then  # issue 13: the cost table at 1K and 4K, at the current code, as users run them
+  # (absolute positions; h2o re-indexed beside it), with more paired rounds than the steps above: ~50 minutes
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 20 --tokens 128 \
+    --prefill-rounds 10 --namm smollm2 --namm-variant namm_layers=5,namm_delay=128 \
+    --json $out/bench_attention_deployments_1k.json --md $out/bench_attention_deployments_1k.md
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 4096 --rounds 8 --tokens 512 \
+    --prefill-rounds 4 --namm smollm2 --namm-variant namm_layers=5,namm_delay=512 \
+    --json $out/bench_attention_deployments_4k.json --md $out/bench_attention_deployments_4k.md
+fi
 if run ppl-attention-deployments; then  # issue 13: what the cheaper NAMM deployments timed above keep in quality,
   # streaming one novel through the caches of the cost tables (1K: 20,000 tokens; 4K: 16,000), 16 tokens per
   # decode, past SmolLM2's 8,192-token training context (~50 minutes on 2 cores)
