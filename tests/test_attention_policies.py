@@ -106,12 +106,11 @@ def test_attention_scored_policies_compact_at_the_training_context_by_default(tm
     passing it. SmolLM2 with its training context patched from 8,192 to 1,024 positions: the same weights, a
     limit a short test reaches."""
     from helpers.gguf_surgery import with_training_context
+    from pymemory.namm.packaged import resolve_namm
 
     model = _core.Model.load(os.fspath(with_training_context(Path(smollm2_path), tmp_path / "short.gguf", 1024)))
     assert model.info["n_ctx_train"] == 1024
     tokens = model.tokenize(english_text, True, False)[:1300]
-    from pymemory.namm.packaged import resolve_namm
-
     for policy, extra in (("h2o", {}), ("tova", {}), ("namm", {"namm_path": resolve_namm("smollm2")})):
         engine = _core.Engine(model, policy=policy, n_sink=4, window=124, **extra)
         engine.feed(tokens[:1000])

@@ -45,7 +45,7 @@ if run attention-shipped-4k; then  # the shipped NAMM at a 4K cache: every 32 to
     --json $out/bench_attention_shipped_namm_4k.json --md $out/bench_attention_shipped_namm_4k.md
 fi
 if run attention-deployments; then  # issue 13: the cost table at 1K and 4K, at the current code, as users run them
-  # (absolute positions; h2o re-indexed beside it), with more paired rounds than the steps above: ~50 minutes
+  # (absolute positions; h2o re-indexed beside it), with more paired rounds than the steps above: ~35 minutes
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 20 --tokens 128 \
     --prefill-rounds 10 --namm smollm2 --namm-variant namm_layers=5,namm_delay=128 \
     --json $out/bench_attention_deployments_1k.json --md $out/bench_attention_deployments_1k.md

@@ -66,41 +66,35 @@ def with_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:
                      {"{arch}.attention.sliding_window_pattern": [bool(p) for p in pattern]})
 
 
-def patch_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:
-    """A copy of a with_swa_pattern() file with another pattern of the same length, patched in place (writing a
-    GGUF with a 262k-token vocabulary again takes a minute on a small machine)."""
+def _patched_copy(source: Path, target: Path, key: str, value_header: str, expected: tuple, value: bytes,
+                  what: str) -> Path:
+    """A copy of `source` whose metadata value for `key` (matched by the end of its name) is overwritten in place by
+    `value`, after checking that the value's header (struct format `value_header`) is `expected`. Rewriting a GGUF
+    with a 262k-token vocabulary takes a minute on a small machine; patching the copy takes a second."""
     import shutil
     import struct
 
     shutil.copyfile(source, target)
     with open(target, "r+b") as f:
         head = f.read(64 << 20)  # the metadata section, before the tensors
-        key = b".attention.sliding_window_pattern"
-        at = head.find(key)
-        assert at > 0, "no sliding_window_pattern key"
+        at = head.find(key.encode())
+        assert at > 0, f"no {key} key"
         at += len(key)
-        value_type, item_type, count = struct.unpack_from("<IIQ", head, at)
-        assert value_type == 9 and item_type == 7 and count == len(pattern), "not a bool array of that length"
-        f.seek(at + 16)
-        f.write(bytes(int(bool(p)) for p in pattern))
+        assert struct.unpack_from(value_header, head, at) == expected, f"{key} is not {what}"
+        f.seek(at + struct.calcsize(value_header))
+        f.write(value)
     return target
+
+
+def patch_swa_pattern(source: Path, target: Path, pattern: list[bool]) -> Path:
+    """A copy of a with_swa_pattern() file with another pattern of the same length."""
+    return _patched_copy(source, target, ".attention.sliding_window_pattern", "<IIQ", (9, 7, len(pattern)),
+                         bytes(int(bool(p)) for p in pattern), "a bool array of that length")
 
 
 def with_training_context(source: Path, target: Path, n_ctx_train: int) -> Path:
     """A copy of `source` whose `<arch>.context_length` (the training context llama.cpp reports as n_ctx_train) is
-    n_ctx_train, patched in place: the weights are untouched, so the model runs as before."""
-    import shutil
+    n_ctx_train: the weights are untouched, so the model runs as before."""
     import struct
 
-    shutil.copyfile(source, target)
-    with open(target, "r+b") as f:
-        head = f.read(64 << 20)
-        key = b".context_length"
-        at = head.find(key)
-        assert at > 0, "no context_length key"
-        at += len(key)
-        (value_type,) = struct.unpack_from("<I", head, at)
-        assert value_type == 4, "context_length is not a uint32"
-        f.seek(at + 4)
-        f.write(struct.pack("<I", n_ctx_train))
-    return target
+    return _patched_copy(source, target, ".context_length", "<I", (4,), struct.pack("<I", n_ctx_train), "a uint32")
