@@ -36,7 +36,7 @@ class NammModel;
 struct AttentionPolicyParams {
     int32_t h2o_recent = -1;           // h2o, tova: most recent tokens always kept; -1 = window / 2 for h2o, 0 for tova
     std::string namm_path;             // namm: a NAMM GGUF (pymemory convert-namm)
-    std::string namm_mode;             // namm: "quorum" or "budget" (namm_policy.h); "" = the file's, else quorum
+    std::string namm_mode;             // namm: "quorum", "budget" or "budget_max" (namm_policy.h); "" = the file's, else quorum
     float quorum = 0.0f;               // namm quorum: evict a token when this fraction of (layer, head) pairs drop
                                        // it; 0 = the file's, else 1.0
     int32_t max_cells = 0;             // namm budget: cells kept after each invocation; 0 = capacity - delay

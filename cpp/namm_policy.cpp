@@ -12,19 +12,22 @@
 
 namespace pm {
 
+bool is_budget_mode(const std::string & mode) { return mode == "budget" || mode == "budget_max"; }
+
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
-                                             const std::vector<double> & mean_scores, int32_t n_pairs) {
-    if (mean_scores.size() != drop_votes.size()) {
-        fail(ErrorKind::invalid_argument, "drop_votes and mean_scores must have one entry per cached token (got " +
+                                             const std::vector<double> & scores, int32_t n_pairs) {
+    if (scores.size() != drop_votes.size()) {
+        fail(ErrorKind::invalid_argument, "drop_votes and scores must have one entry per cached token (got " +
                                               std::to_string(drop_votes.size()) + " and " +
-                                              std::to_string(mean_scores.size()) + ")");
+                                              std::to_string(scores.size()) + ")");
     }
     if (rule.n_sink < 0) fail(ErrorKind::invalid_argument, "n_sink must be >= 0 (got " + std::to_string(rule.n_sink) + ")");
     if (n_pairs < 1) fail(ErrorKind::invalid_argument, "n_pairs must be >= 1 (got " + std::to_string(n_pairs) + ")");
     if (rule.mode == "quorum" && !(rule.quorum > 0.0f && rule.quorum <= 1.0f)) {
         fail(ErrorKind::invalid_argument, "quorum must be in (0, 1] (got " + std::to_string(rule.quorum) + ")");
     }
-    if (rule.mode == "budget" && rule.max_cells < 0) {
+    const bool budget = is_budget_mode(rule.mode);
+    if (budget && rule.max_cells < 0) {
         fail(ErrorKind::invalid_argument, "max_cells must be >= 0 (got " + std::to_string(rule.max_cells) + ")");
     }
     const int32_t n = int32_t(drop_votes.size());
@@ -39,15 +42,18 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
         }
         return out;
     }
-    if (rule.mode != "budget") fail(ErrorKind::invalid_argument, "namm_mode must be 'quorum' or 'budget'");
+    if (!budget) fail(ErrorKind::invalid_argument, "namm_mode must be 'quorum', 'budget' or 'budget_max'");
     const int32_t excess = n - rule.max_cells;
     if (excess <= 0) return out;
     std::vector<int32_t> candidates;
     for (int32_t i = first; i < last; ++i) candidates.push_back(i);
-    // Most drop votes first, then lowest mean score, then older.
+    // budget: most drop votes first, then lowest mean score; budget_max: lowest highest score. Then older.
+    const bool by_votes = rule.mode == "budget";
     std::stable_sort(candidates.begin(), candidates.end(), [&](int32_t a, int32_t b) {
-        if (drop_votes[size_t(a)] != drop_votes[size_t(b)]) return drop_votes[size_t(a)] > drop_votes[size_t(b)];
-        return mean_scores[size_t(a)] < mean_scores[size_t(b)];
+        if (by_votes && drop_votes[size_t(a)] != drop_votes[size_t(b)]) {
+            return drop_votes[size_t(a)] > drop_votes[size_t(b)];
+        }
+        return scores[size_t(a)] < scores[size_t(b)];
     });
     candidates.resize(size_t(std::min<int32_t>(excess, int32_t(candidates.size()))));
     std::sort(candidates.begin(), candidates.end());
@@ -208,6 +214,7 @@ private:
         const int32_t n_pairs = n_layer_ * n_head_kv_;
         std::vector<int32_t> drop_votes(static_cast<size_t>(n), 0);
         std::vector<double> score_sum(static_cast<size_t>(n), 0.0);
+        std::vector<double> score_max(static_cast<size_t>(n), -std::numeric_limits<double>::infinity());
         InvocationRecord record;
         record.tokens_seen = tokens_seen;
         record.cells_before = n;
@@ -216,7 +223,7 @@ private:
         // be evicted now nor forced before the next invocation, so the scores would go unused. Skipping the scorer
         // leaves every decision as it was and makes a cache that is not yet full cost no more than the tap.
         // Captures (diagnostics) want the scores, so they keep it on.
-        if (rule_.mode == "budget" && n <= rule_.max_cells && !capturing()) {
+        if (is_budget_mode(rule_.mode) && n <= rule_.max_cells && !capturing()) {
             record.scored = false;
             invocations_.push_back(std::move(record));
             return {};
@@ -250,20 +257,23 @@ private:
                     const size_t k = size_t(g) * size_t(n) + size_t(i);
                     drop_votes[size_t(i)] += scored.keep[k] ? 0 : 1;
                     score_sum[size_t(i)] += scored.scores[k];
+                    score_max[size_t(i)] = std::max(score_max[size_t(i)], double(scored.scores[k]));
                 }
             }
         }
-        std::vector<double> mean_scores(static_cast<size_t>(n));
+        // The score the mode ranks tokens by: the mean over the pairs, or (budget_max) the highest.
+        std::vector<double> token_scores(static_cast<size_t>(n));
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         for (int32_t i = 0; i < n; ++i) {
-            mean_scores[size_t(i)] = score_sum[size_t(i)] / double(n_pairs);
-            last_cell_scores_[size_t(cache.cells[size_t(i)])] = mean_scores[size_t(i)];
+            token_scores[size_t(i)] =
+                rule_.mode == "budget_max" ? score_max[size_t(i)] : score_sum[size_t(i)] / double(n_pairs);
+            last_cell_scores_[size_t(cache.cells[size_t(i)])] = token_scores[size_t(i)];
             record.union_size += drop_votes[size_t(i)] < n_pairs;
             record.intersection_size += drop_votes[size_t(i)] == 0;
         }
         SharedCellDecision rule = rule_;
         rule.n_sink = std::max(rule.n_sink, cache.state.n_pinned);  // a pinned system prompt counts as sinks
-        std::vector<int32_t> evict = decide_shared_evictions(rule, drop_votes, mean_scores, n_pairs);
+        std::vector<int32_t> evict = decide_shared_evictions(rule, drop_votes, token_scores, n_pairs);
         record.cells_after = n - int32_t(evict.size());
         // Agreement of the kept set with the union / intersection of the per-(layer, head) keep sets.
         std::vector<uint8_t> kept(size_t(n), 1);
@@ -363,7 +373,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     rule.quorum = a.quorum > 0.0f ? a.quorum : scorer->hparams().deploy_quorum;
     rule.n_sink = policy.n_sink;
     rule.max_cells = a.max_cells > 0 ? a.max_cells : cap - delay;
-    if (rule.mode == "budget" && rule.max_cells + delay > cap) {
+    if (is_budget_mode(rule.mode) && rule.max_cells + delay > cap) {
         fail(ErrorKind::invalid_argument, "max_cells + namm delay (" + std::to_string(rule.max_cells) + " + " +
                                               std::to_string(delay) + ") must not exceed the capacity " +
                                               std::to_string(cap));

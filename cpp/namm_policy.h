@@ -11,7 +11,9 @@
 //     (newest kept, K_l = n - min_h #negatives, each head keeps its own top K_l).
 //   - llama.cpp's cells are shared by every layer and head, so per-(layer, head) keep sets become one cell
 //     decision: "quorum" evicts a token when at least `quorum` of the pairs drop it (1.0: all of them — never
-//     removes anything some head keeps); "budget" holds the cache at `max_cells` by keep votes (then mean score).
+//     removes anything some head keeps); "budget" holds the cache at `max_cells` by keep votes (then mean score);
+//     "budget_max" holds it there by each token's highest score over the pairs, so one head that wants a token
+//     keeps it (the union's rule at a budget: a signal that lives in a few heads is not outvoted).
 //     The first n_sink tokens and the newest are always kept. A cell kept for the cache stays in every head's
 //     state (the original would have dropped it from the heads that evicted it).
 //   - Positions stay absolute (no re-indexing) by default, as in the original.
@@ -35,15 +37,17 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
                                                   int32_t n_threads);
 
 // How per-(layer, head) keep decisions become cell evictions. `drop_votes[i]` counts the (layer, head) pairs
-// that drop token i (chronological), out of `n_pairs`; `mean_scores[i]` is its mean score. Returns the sorted
-// indices to evict. Pure; unit-tested in tests/test_namm_policy.py.
+// that drop token i (chronological), out of `n_pairs`; `scores[i]` is its score aggregated over the pairs as the
+// mode ranks (budget: the mean, budget_max: the highest; quorum reads the votes only). Returns the sorted indices
+// to evict. Pure; unit-tested in tests/test_namm_policy.py.
+bool is_budget_mode(const std::string & mode);  // "budget" or "budget_max": the cache is held at max_cells
 struct SharedCellDecision {
-    std::string mode = "quorum";  // "quorum" | "budget"
+    std::string mode = "quorum";  // "quorum" | "budget" | "budget_max"
     float quorum = 1.0f;
     int32_t max_cells = 0;
     int32_t n_sink = 4;
 };
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
-                                             const std::vector<double> & mean_scores, int32_t n_pairs);
+                                             const std::vector<double> & scores, int32_t n_pairs);
 
 }  // namespace pm

@@ -33,7 +33,7 @@ POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "tova
 # measurement: scripted chats through a small cache with an interrupted reply, counting replies that degenerate
 # into loops (tools/chat_defaults.py, docs/results.md "Chat sampler defaults"). A keyword given to chat() wins.
 CHAT_SAMPLING: dict[str, float] = {"repeat_penalty": 1.1, "repeat_last_n": 64}
-NAMM_MODES = ("quorum", "budget")
+NAMM_MODES = ("quorum", "budget", "budget_max")
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[int]]
@@ -178,7 +178,8 @@ class StreamingLLM:
             the name of a NAMM shipped with pymemory ("smollm2", "smollm2-evolved", "qwen2.5", "qwen2.5-per-head"; see
             ``pymemory.namm.packaged``).
         namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =
-            all of them, so nothing any head keeps is removed) or "budget" (hold the cache at ``max_cells``).
+            all of them, so nothing any head keeps is removed), "budget" (hold the cache at ``max_cells`` by keep
+            votes, then mean score) or "budget_max" (hold it there by each token's highest score over the pairs).
             Default: the mode the NAMM file was trained with (a trained NAMM says), else quorum 1.0.
         quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (the file's).
         namm_layers: how many attention layers NAMM scores, spread evenly over the depth (default: all). Each

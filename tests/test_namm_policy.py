@@ -27,6 +27,41 @@ def test_quorum_and_budget_decisions():
     assert decide("budget", 1.0, 6, 2, drop, scores, 9) == [4, 6]
     assert decide("budget", 1.0, 4, 2, drop, scores, 9) == [2, 3, 4, 6]  # then the 4-vote token
     assert decide("budget", 1.0, 100, 2, drop, scores, 9) == []
+    # budget_max: the scores are each token's highest over the pairs and votes do not count, so a token that
+    # one head wants (8 of 9 pairs drop token 3, its best score is 5.0) outlives tokens fewer pairs drop.
+    drop = [9, 9, 2, 8, 1, 3, 9, 9]
+    best = [0.0, 0.0, 1.0, 5.0, -1.0, 0.5, 2.0, 0.0]
+    assert decide("budget", 1.0, 5, 2, drop, best, 9) == [3, 5, 6]  # 9 votes, 8, then 3
+    assert decide("budget_max", 1.0, 5, 2, drop, best, 9) == [2, 4, 5]  # best -1.0, 0.5, then 1.0
+
+
+@pytest.mark.model
+def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf):
+    """budget_max through the engine: at every invocation the evicted tokens are exactly those whose highest score
+    over the scored (layer, KV head) pairs is lowest (sinks and the newest token stay), down to max_cells."""
+    path, _ = namm_gguf
+    tokens = smollm2_model.tokenize(english_text, True, False)[:700]
+    engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=path, namm_mode="budget_max",
+                          namm_delay=64, namm_layers=3)
+    engine.capture_namm_layers([5, 15, 25])  # the 3 layers spread over 30
+    engine.feed(tokens)
+    by_invocation: dict[int, list[dict]] = {}
+    for c in engine.namm_captures():
+        by_invocation.setdefault(c["tokens_seen"], []).append(c)
+    evicting = 0
+    for seen, layers in by_invocation.items():
+        assert sorted(c["layer"] for c in layers) == [5, 15, 25]
+        best = np.max(np.concatenate([c["scores"] for c in layers]), axis=0)  # [n] over 3 layers x 3 heads
+        n = best.size
+        expected = np.ones(n, bool)
+        if n > 256 - 64:
+            candidates = np.arange(4, n - 1)
+            order = candidates[np.argsort(best[4:n - 1], kind="stable")]
+            expected[order[:n - (256 - 64)]] = False
+            evicting += 1
+        np.testing.assert_array_equal(layers[0]["kept"].astype(bool), expected, err_msg=f"invocation at {seen}")
+    assert evicting >= 5 and engine.policy_stats()["forced_evictions"] == 0
+    assert engine.stats()["peak_cells"] <= 256
 
 
 @pytest.fixture(scope="module")

@@ -130,10 +130,10 @@ def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity
     return float(np.mean(nll)), peak
 
 
-def summarise(rows: dict, text_ids: list[str], answer_ids: list[str]) -> dict:
+def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: str = "full cache (engine)") -> dict:
     """Per table and policy: mean NLL, gap to the engine's full cache and the share of the engine's sink gap closed,
     for text and answers, over the samples the policy ran (a question-only oracle runs on retrieval only)."""
-    full = rows["full"]["full cache (engine)"]["nll"]
+    full = rows["full"][full_key]["nll"]
     tables = {}
     for name, entry in rows.items():
         table = tables[name] = {}
@@ -280,8 +280,13 @@ def markdown(report: dict) -> str:
              "warm start's target, as the mean over pairs of the log of each pair's share (clipped to "
              "[0.01, 50] uniform shares). Rows marked (harness) run on "
              "llama.cpp through llama-cpp-python with absolute positions; the others are pymemory's engine. "
-             "'closed' = share of the engine's sink gap to the full cache that a policy closes.", "",
-             "| peak cells | policy | text NLL | text gap | text closed | answer NLL | answer closed | answer p |",
+             "'closed' = share of the engine's sink gap to the full cache that a policy closes.", ""]
+    return "\n".join(lines + table_lines(report)) + "\n"
+
+
+def table_lines(report: dict) -> list[str]:
+    """The markdown table of summarise()'s tables: per cache size and policy, text and answer NLL, gap, closed."""
+    lines = ["| peak cells | policy | text NLL | text gap | text closed | answer NLL | answer closed | answer p |",
              "|---|---|---|---|---|---|---|---|"]
     for name, table in report["tables"].items():
         for policy, e in table.items():
@@ -290,7 +295,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name if name != 'full' else report['sample_tokens']} | {policy} | {f('text_nll')} | "
                          f"{f('text_gap')} | {f('text_closed', '{:+.3f}')} | {f('answer_nll', '{:.3f}')} | "
                          f"{f('answer_closed', '{:+.3f}')} | {f('answer_prob', '{:.3f}')} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

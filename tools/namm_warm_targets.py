@@ -10,11 +10,16 @@ Both are fitted on the same captured training-split samples (the trainer's warm-
 question's attention for retrieval samples, 600 Adam steps), then tested on held-out samples (seed + 1) at 25 %
 and 50 % of the sample length beside the full cache, sink, h2o, tova and the shipped NAMM, with paired
 differences to sink and their 95 % bootstrap intervals. Each fit is also written as a NAMM GGUF next to the report.
+
+`--modes budget,budget_max` deploys every fit under each shared-cell rule (namm_policy.h): budget ranks tokens by
+keep votes then the mean score over the pairs, budget_max by the highest score any pair gives them, so a signal
+that lives in a few heads (a pass key's) is not outvoted.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -53,11 +58,16 @@ def main() -> int:
     add_fit_test_arguments(parser, fit_text=12, fit_retrieval=6, test_text=16, test_retrieval=8)
     parser.add_argument("--namm", default="smollm2", help="shipped NAMM run beside the fits")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--modes", default="budget", help="comma-separated shared-cell rules each fit is deployed "
+                        "with: budget, budget_max")
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in ("budget", "budget_max") for m in modes):
+        parser.error(f"--modes takes budget and/or budget_max (got {args.modes!r})")
     _core.set_log_verbosity(0)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "sample_tokens": SAMPLE_TOKENS,
               "namm_delay": DELAY, "horizon": HORIZON, "test_text": args.test_text,
-              "test_retrieval": args.test_retrieval}
+              "test_retrieval": args.test_retrieval, "modes": modes}
     model = _core.Model.load(os.fspath(resolve_model(args.model)))
     corpus = Corpus(model, ["austen"], SAMPLE_TOKENS)
     factory = SampleFactory(corpus, SAMPLE_TOKENS, SCORED, SAMPLE_TOKENS // 4)
@@ -69,7 +79,10 @@ def main() -> int:
     files = {}
     for target, theta in thetas.items():
         vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}")
-        files[target] = write_template(vector, f"{args.out}_{target}.gguf", full_spec)
+        for mode in modes:
+            name = f"{target}, {mode}" if len(modes) > 1 else target
+            suffix = f"_{target}" if mode == "budget" else f"_{target}_{mode}"
+            files[name] = write_template(vector, f"{args.out}{suffix}.gguf", replace(full_spec, mode=mode))
     executor = make_executor(args.workers, "", 1)
     try:
         extra = {f"shipped NAMM ({args.namm})": Job("namm_file", test[0], namm_file=resolve_namm(args.namm))}
@@ -90,7 +103,7 @@ def markdown(report: dict) -> str:
               f"{f['seconds']:.0f} |" for n, f in report["fits"].items()]
     lines += ["", f"Held-out test: {report['test_text']} texts and {report['test_retrieval']} retrievals (passkey, "
               f"key-value lines) of {report['sample_tokens']} tokens, seed 1; every {report['namm_delay']} tokens in "
-              "budget mode. 'vs sink' = mean per-sample NLL difference (nats, negative = better) with its 95 % "
+              f"{' or '.join(report.get('modes', ['budget']))} mode. 'vs sink' = mean per-sample NLL difference (nats, negative = better) with its 95 % "
               "paired bootstrap interval.", ""]
     lines += paired_table(report["tables"], report["sample_tokens"])
     return "\n".join(lines) + "\n"

@@ -244,8 +244,8 @@ void NammModel::load_file(const std::string & path) {
     hp.source = meta.str("namm.source");
     if (gguf_find_key(gctx, "namm.deploy.mode") >= 0) {
         hp.deploy_mode = meta.str("namm.deploy.mode");
-        if (hp.deploy_mode != "quorum" && hp.deploy_mode != "budget") {
-            bad_file(path, "namm.deploy.mode is '" + hp.deploy_mode + "', expected 'quorum' or 'budget'");
+        if (hp.deploy_mode != "quorum" && hp.deploy_mode != "budget" && hp.deploy_mode != "budget_max") {
+            bad_file(path, "namm.deploy.mode is '" + hp.deploy_mode + "', expected 'quorum', 'budget' or 'budget_max'");
         }
     }
     if (gguf_find_key(gctx, "namm.deploy.quorum") >= 0) {

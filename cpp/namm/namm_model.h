@@ -39,7 +39,7 @@ struct NammHparams {
     std::string source;                // provenance written by the converter
     // How the engine uses this NAMM unless told otherwise: the settings it was trained with (pymemory train-namm
     // writes them; "" / 1.0 for converted checkpoints).
-    std::string deploy_mode;           // namm.deploy.mode: "quorum" or "budget"
+    std::string deploy_mode;           // namm.deploy.mode: "quorum", "budget" or "budget_max"
     float deploy_quorum = 1.0f;        // namm.deploy.quorum
 };
 

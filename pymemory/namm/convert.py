@@ -38,7 +38,7 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
                deploy: dict | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
     ``delay`` overrides the invocation period (default the released 512); ``deploy`` records how the NAMM was
-    trained to be used ({"mode": "budget" | "quorum", "quorum": float}), which the engine then takes by default.
+    trained to be used ({"mode": "budget" | "budget_max" | "quorum", "quorum": float}), which the engine then takes by default.
     Returns a summary: output, source, weight_type, bytes, tensors (name, shape, type, max_abs_error)."""
     gguf = _require_gguf()
     if weight_type not in fmt.WEIGHT_TYPES:
@@ -58,8 +58,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
         for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)
         if deploy:
-            if deploy.get("mode") not in ("budget", "quorum"):
-                raise ValueError(f"deploy mode must be 'budget' or 'quorum' (got {deploy.get('mode')!r})")
+            if deploy.get("mode") not in ("budget", "budget_max", "quorum"):
+                raise ValueError(f"deploy mode must be 'budget', 'budget_max' or 'quorum' (got {deploy.get('mode')!r})")
             writer.add_string(fmt.KEY_DEPLOY_MODE, deploy["mode"])
             writer.add_float32(fmt.KEY_DEPLOY_QUORUM, float(deploy.get("quorum", 1.0)))
         writer.add_string(fmt.KEY_SOURCE, vector.source)

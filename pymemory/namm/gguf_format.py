@@ -107,7 +107,7 @@ KEY_FORMAT_VERSION = "namm.format_version"  # u32
 KEY_SOURCE = "namm.source"  # str: file and vector the parameters came from
 KEY_SOURCE_ITERATION = "namm.source.iteration"  # i32, only when the checkpoint records it
 KEY_WEIGHT_TYPE = "namm.weight_type"  # str: type of the two matrices
-KEY_DEPLOY_MODE = "namm.deploy.mode"  # str, optional: "budget" | "quorum", the mode a trained NAMM was evolved in
+KEY_DEPLOY_MODE = "namm.deploy.mode"  # str, optional: "budget" | "budget_max" | "quorum", the mode a trained NAMM was evolved in
 KEY_DEPLOY_QUORUM = "namm.deploy.quorum"  # f32, optional: its quorum
 
 RELEASED = NammHparams()

@@ -17,7 +17,7 @@ DATA_SOURCES = ("austen", "shakespeare", "paul-graham-essays", "passkey", "kv")
 TEXT_SOURCES = ("austen", "shakespeare", "paul-graham-essays")
 RETRIEVAL_SOURCES = ("passkey", "kv")
 COVARIANCES = ("diagonal", "full")
-MODES = ("budget", "quorum")
+MODES = ("budget", "budget_max", "quorum")
 WARM_STARTS = ("imitation", "none")
 CONFIG_FILE = "config.json"
 

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Can one head's signal save a needle? Shared-cell aggregation rules for attention-scored eviction, probed.
+
+    .venv/bin/python tools/namm_aggregation_probe.py --namm smollm2 --out docs/results/namm_aggregation_probe
+
+Every shared-cell policy here (h2o, tova, the NAMM's budget mode) evicts by one number per token aggregated over
+all (layer, KV head) pairs, so a signal that lives in a few heads (docs/results.md, "Why no policy keeps the pass
+key": one KV head ranks the pass key's digits at 0.83, the model-wide sum at 0.21) is outvoted. This probe runs
+*causal* scores, the attention each token has received so far (what h2o reads), under different aggregations
+over the pairs, on the NAMM test set, through the oracle's llama.cpp harness (tools/namm_oracle_bound.py: same
+schedule and budget rule as the NAMM, attention captured once with the full cache):
+
+  - sum:            the model-wide sum (h2o's rule);
+  - top-k of pairs: each pair's attention per query since the token arrived, as a multiple of that pair's mean
+                    over the candidates, averaged over the token's k highest pairs (k = 1 is the max);
+  - quota:          each pair nominates its highest tokens in turn (round robin over the pairs) until the budget
+                    is filled, so every head keeps its own favourites.
+
+A rule that keeps the pass key must do so without losing text: both are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.fspath(ROOT))
+sys.path.insert(0, os.fspath(ROOT / "tools"))
+
+from namm_oracle_bound import LlamaHarness, attention_received, run_sample, summarise, table_lines  # noqa: E402
+from pymemory._loader import _core  # noqa: E402
+from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
+from pymemory.namm.packaged import resolve_namm  # noqa: E402
+from pymemory.namm.training.config import TrainConfig  # noqa: E402
+from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
+from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
+
+
+def relative_rate(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
+    """[pairs, cand]: attention per query since each candidate arrived, as a multiple of the pair's mean."""
+    rate = past[:, cand] / np.maximum(now - cand, 1)[None, :]
+    return rate / np.maximum(rate.mean(axis=1, keepdims=True), 1e-12)
+
+
+def top_k_of_pairs(past: np.ndarray, now: int, cand: np.ndarray, k: int) -> np.ndarray:
+    rate = relative_rate(past, now, cand)
+    return np.sort(rate, axis=0)[-k:].mean(axis=0)
+
+
+def quota_scores(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
+    """Keep order from a round robin over pairs, each taking its highest not yet taken token: the token taken
+    in round r by pair p scores -(r * pairs + p), so the lowest scores (taken last, or never) are evicted."""
+    rate = relative_rate(past, now, cand)
+    order = np.argsort(-rate, axis=1, kind="stable")  # [pairs, cand]: each pair's favourites first
+    score = np.full(len(cand), -np.inf)
+    taken = np.zeros(len(cand), bool)
+    cursor = np.zeros(order.shape[0], int)
+    rank = 0
+    while not taken.all():
+        for p in range(order.shape[0]):
+            while cursor[p] < order.shape[1] and taken[order[p, cursor[p]]]:
+                cursor[p] += 1
+            if cursor[p] < order.shape[1]:
+                token = order[p, cursor[p]]
+                taken[token] = True
+                score[token] = -rank
+                rank += 1
+    return score
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--namm", default="smollm2", help="a shipped NAMM name: its JSON gives the model and test split")
+    p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    p.add_argument("--text", type=int, default=8)
+    p.add_argument("--retrieval", type=int, default=16)
+    p.add_argument("--fractions", default="0.25,0.5")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    shipped = json.loads(Path(resolve_namm(args.namm)).with_suffix(".json").read_text())
+    config = TrainConfig.from_dict(shipped["config"])
+    _core.set_log_verbosity(0)
+    model_path = os.fspath(resolve_model(config.model))
+    model = _core.Model.load(model_path)
+    corpus = Corpus(model, config.text_sources(), config.sample_tokens)
+    factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
+    samples = heldout_samples(factory, config.seed + 1, args.text, args.retrieval, config.retrieval_sources())
+    delay, n_sink = config.namm_delay, config.n_sink
+    print(f"capturing attention of {len(samples)} samples with the full cache", flush=True)
+    captures = capture_invocations(model, samples, delay, args.threads)
+    del model
+
+    harness = LlamaHarness(model_path, config.sample_tokens + 64, args.threads)
+    rows: dict[str, dict[str, dict]] = {}
+
+    def record(table: str, policy: str, sample, nll: float, peak: int) -> None:
+        entry = rows.setdefault(table, {}).setdefault(policy, {"nll": {}, "peak_cells": 0})
+        entry["nll"][sample.id] = nll
+        entry["peak_cells"] = max(entry["peak_cells"], peak)
+
+    for sample, per_layer in zip(samples, captures):
+        tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)
+        received = attention_received(per_layer, sample.n_tokens)  # [pairs, query, key]
+        before = np.zeros((received.shape[0], len(tokens) + 1, len(tokens)), np.float32)
+        before[:, 1:] = np.cumsum(received, axis=1)  # before[p, q, k]: from the queries < q
+
+        def causal(rule):
+            return lambda now, cand: rule(before[:, now], now, cand) if now < len(tokens) else cand
+
+        rules = {"sum over pairs (h2o)": causal(lambda past, now, cand: past[:, cand].sum(axis=0)),
+                 "mean rate over pairs": causal(lambda past, now, cand: relative_rate(past, now, cand).mean(axis=0)),
+                 "top-1 of pairs (max)": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 1)),
+                 "top-3 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 3)),
+                 "top-9 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 9)),
+                 "quota per pair": causal(quota_scores)}
+        record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,
+                                                                   n_sink, None))
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            capacity = int(round(config.sample_tokens * fraction))
+            record(f"{capacity}", "sink", sample,
+                   *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink, lambda now, cand: cand))
+            for name, rule in rules.items():
+                record(f"{capacity}", name, sample, *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink,
+                                                                rule))
+        print(f"  {sample.id}: " + ", ".join(f"{t}/{k} {v['nll'][sample.id]:.3f}" for t, e in rows.items()
+                                             for k, v in e.items()), flush=True)
+
+    text_ids = [s.id for s in samples if s.kind == "text"]
+    answer_ids = [s.id for s in samples if s.kind != "text"]
+    report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
+              "model": config.model, "namm": args.namm, "sample_tokens": config.sample_tokens, "delay": delay,
+              "n_sink": n_sink, "n_text": len(text_ids), "n_retrieval": len(answer_ids), "test_seed": config.seed + 1,
+              "tables": summarise(rows, text_ids, answer_ids, "full cache"), "nll_per_sample": rows}
+    write_report_files(args.out, report, markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Shared-cell aggregation of attention-so-far: can one head save a needle? ({report['model']})", "",
+             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
+             f"The NAMM `{report['namm']}`'s test set ({report['n_text']} text + {report['n_retrieval']} retrieval "
+             f"samples of {report['sample_tokens']} tokens, seed {report['test_seed']}), on llama.cpp through "
+             f"llama-cpp-python with absolute positions. Every {report['delay']} tokens each policy cuts the cache to "
+             f"capacity - {report['delay']} cells (peak cells = capacity), keeping the first {report['n_sink']} and "
+             "the newest token, by the attention every token has received so far (causal: what h2o reads), "
+             "aggregated over the (layer, KV head) pairs as named (tools/namm_aggregation_probe.py). 'rate' = "
+             "attention per query since the token arrived, as a multiple of the pair's mean over the candidates. "
+             "'closed' = share of sink's gap to the full cache that a policy closes.", ""]
+    return "\n".join(lines + table_lines(report)) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
