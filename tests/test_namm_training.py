@@ -48,6 +48,8 @@ def tiny(tmp_path: Path, **changes) -> TrainConfig:
     (dict(warm_start="imitation", warm_start_horizon=224), "--warm-start-horizon"),
     (dict(warm_start="imitation", warm_start_horizon=96, warm_start_steps=0), "--warm-start-steps"),
     (dict(warm_start="imitation", warm_start_horizon=96, warm_start_target="mean"), "--warm-start-target"),
+    (dict(warm_start="imitation", warm_start_horizon=96, warm_start_target="max", mode="budget"),
+     "use it with --mode budget_max"),
 ])
 def test_bad_settings_are_refused(tmp_path, changes, message):
     with pytest.raises(InvalidArgumentError, match=message):
@@ -427,5 +429,35 @@ def test_pooled_hindsight_is_the_whole_models_attention():
             assert e.target[0, other] == pytest.approx(e.target[0, needle])
     with pytest.raises(ValueError, match="target"):
         examples_from([sample], [layers], delay, delay, n_sink=1, target="mean")
+    theta, report = fit_imitation(examples, np.zeros(17), np.ones(17), steps=3)
+    assert theta.shape == (4172,) and np.isfinite(theta).all() and report["examples"] == 2
+
+
+def test_max_hindsight_is_the_highest_pairs_attention():
+    """The `max` target (budget_max's ranking) is, per token, the highest of the pairs' own log shares: layer 0's
+    question puts 0.9 of its attention on the needle, so the needle's target is that layer's share (log 0.9 x
+    total), twice its pooled share, and the token only layer 1 reads gets the same; the fit runs on it."""
+    from pymemory.namm.training.data import Sample
+    from pymemory.namm.training.warm_start import _predicted, examples_from, fit_imitation
+
+    torch = pytest.importorskip("torch")
+    H, delay, total, question_start, needle, other = 2, 4, 16, 12, 6, 9
+    sample = Sample("r", "passkey", tuple(range(total)), (1,), total - question_start)
+    layers = [_question_invocations(H, delay, total, question_start, needle, needle),
+              _question_invocations(H, delay, total, question_start, needle, other)]
+    examples = examples_from([sample], [layers], delay, delay, n_sink=1, target="max")
+    assert [e.positions[-1] for e in examples] == [7, 11]
+    for e in examples:
+        n = e.positions.size
+        assert e.pooled and e.aggregate == "max" and e.ema.shape == (2 * H, n, 17) and e.target.shape == (1, n)
+        assert e.target[0, needle] == pytest.approx(np.log(0.9 * total), rel=1e-5)
+        if other < n:
+            assert e.target[0, other] == pytest.approx(e.target[0, needle])
+        assert np.allclose(np.delete(e.target[0, 1:], [i - 1 for i in (needle, other) if i < n]), np.log(0.01))
+    # What the fit compares with the target: a smooth maximum over the pairs, within T log P of the maximum.
+    scores = torch.tensor([[0.0, 2.0, -1.0], [1.0, -3.0, 0.5], [0.2, 0.1, 0.0]])
+    smooth = _predicted(scores, "max")[0]
+    assert torch.all(smooth >= scores.max(dim=0).values) and torch.all(smooth <= scores.max(dim=0).values + 0.25 * np.log(3))
+    assert torch.equal(_predicted(scores, "mean"), scores.mean(dim=0, keepdim=True))
     theta, report = fit_imitation(examples, np.zeros(17), np.ones(17), steps=3)
     assert theta.shape == (4172,) and np.isfinite(theta).all() and report["examples"] == 2

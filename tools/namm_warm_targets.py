@@ -46,7 +46,7 @@ def fit_targets(args, model, factory) -> tuple[dict, dict, tuple]:
     """(fit reports, θ per target, feature statistics) from one capture of the fit samples."""
     train, captured, mean, var = capture_for_fits(model, factory, args, RETRIEVAL, DELAY)
     fits, thetas = {}, {}
-    for target in TARGETS:
+    for target in args.targets.split(","):
         examples = examples_from(train, captured, DELAY, HORIZON, N_SINK, target)
         thetas[target], report = fit_imitation(examples, mean, var, steps=args.steps, seed=args.seed)
         fits[target] = fit_summary(target, report)
@@ -56,14 +56,17 @@ def fit_targets(args, model, factory) -> tuple[dict, dict, tuple]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_fit_test_arguments(parser, fit_text=12, fit_retrieval=6, test_text=16, test_retrieval=8)
-    parser.add_argument("--namm", default="smollm2", help="shipped NAMM run beside the fits")
+    parser.add_argument("--namm", default="smollm2", help="shipped NAMM run beside the fits ('' for none)")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--targets", default="per_head,pooled", help=f"comma-separated fits: {', '.join(TARGETS)}")
     parser.add_argument("--modes", default="budget", help="comma-separated shared-cell rules each fit is deployed "
                         "with: budget, budget_max")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in ("budget", "budget_max") for m in modes):
         parser.error(f"--modes takes budget and/or budget_max (got {args.modes!r})")
+    if not args.targets or any(t not in TARGETS for t in args.targets.split(",")):
+        parser.error(f"--targets takes a comma-separated subset of {', '.join(TARGETS)} (got {args.targets!r})")
     _core.set_log_verbosity(0)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "sample_tokens": SAMPLE_TOKENS,
               "namm_delay": DELAY, "horizon": HORIZON, "test_text": args.test_text,
@@ -85,7 +88,9 @@ def main() -> int:
             files[name] = write_template(vector, f"{args.out}{suffix}.gguf", replace(full_spec, mode=mode))
     executor = make_executor(args.workers, "", 1)
     try:
-        extra = {f"shipped NAMM ({args.namm})": Job("namm_file", test[0], namm_file=resolve_namm(args.namm))}
+        extra = {}
+        if args.namm:
+            extra[f"shipped NAMM ({args.namm})"] = Job("namm_file", test[0], namm_file=resolve_namm(args.namm))
         extra.update({f"warm start, {t}": Job("namm_file", test[0], namm_file=f) for t, f in files.items()})
         tables = side_by_side(executor, full_spec, test, extra)
     finally:

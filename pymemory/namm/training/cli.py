@@ -23,8 +23,9 @@ _HELP = {
     "warm_start_samples": "imitation: training samples captured for the fit",
     "warm_start_horizon": "imitation: tokens of future queries a token's target counts",
     "warm_start_steps": "imitation: Adam steps",
-    "warm_start_target": "imitation: per_head (each layer and KV head its own attention) or pooled (the mean "
-                         "score over all of them predicts the whole model's attention, as budget mode ranks)",
+    "warm_start_target": "imitation: per_head (each layer and KV head its own attention), pooled (the mean "
+                         "score over all of them predicts the whole model's attention, as budget mode ranks) or max "
+                         "(the highest score over them predicts the highest pair's attention, as budget_max ranks)",
     "population": "CMA-ES population (the original: 32)",
     "sigma0": "initial step size (the original: 0.065)",
     "covariance": f"CMA-ES covariance: {', '.join(COVARIANCES)} (docs/namm-training.md says why diagonal)",

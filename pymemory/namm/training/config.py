@@ -127,6 +127,10 @@ class TrainConfig:
             if self.warm_start_target not in WARM_START_TARGETS:
                 raise InvalidArgumentError(f"--warm-start-target must be one of {WARM_START_TARGETS} "
                                            f"(got {self.warm_start_target!r})")
+            if self.warm_start_target == "max" and self.mode != "budget_max":
+                raise InvalidArgumentError("--warm-start-target max fits what --mode budget_max ranks by (each "
+                                           f"token's highest score over the pairs); use it with --mode budget_max "
+                                           f"(got --mode {self.mode})")
             for name in ("warm_start_samples", "warm_start_steps"):
                 if getattr(self, name) < 1:
                     raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1 (or --warm-start none)")

@@ -36,18 +36,21 @@ LOG_CEIL = 50.0  # and above 50 shares as 50 (sinks would dominate the squared e
 POSITIVE_MARGIN = 0.5  # the smallest fitted score after the bias shift
 
 
-TARGETS = ("per_head", "pooled")
+TARGETS = ("per_head", "pooled", "max")
+MAX_TEMPERATURE = 0.25  # the smooth maximum over pairs that a `max` fit differentiates (scores are free in scale)
 
 
 @dataclass
 class ImitationExample:
     """One invocation's NAMM inputs and hindsight target: for one layer (`per_head`: every KV head its own target)
-    or for the whole model (`pooled`: every layer's KV heads stacked, one target for their mean score)."""
+    or for the whole model (every layer's KV heads stacked, one target for their scores aggregated over the pairs
+    as a budget rule ranks: `pooled`, the mean; `max`, the highest)."""
 
     positions: np.ndarray  # int64 [n] chronological positions of the cached tokens
     ema: np.ndarray  # float32 [P, n, 17] un-normalised spectrogram EMA of P (layer, KV head) pairs
-    target: np.ndarray  # float32 [P, n] per pair, or [1, n] pooled: log relative future attention, clipped
+    target: np.ndarray  # float32 [P, n] per pair, or [1, n] over the model: log relative future attention, clipped
     first: int  # tokens before this index (sinks) are not fitted: the policy never evicts them
+    aggregate: str = "mean"  # how a [1, n] target's pairs are aggregated: "mean" (budget) or "max" (budget_max)
 
     @property
     def pooled(self) -> bool:
@@ -78,7 +81,9 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
     (_question_received). `per_head`: one example per layer, each KV head fitted to its own attention; `pooled`: one
     example per invocation, the mean score over every (layer, KV head) fitted to the attention the token receives
     from the whole model, which is what budget mode ranks by (the mean score) and what the hindsight oracle found
-    worth most (results.md, "What any attention-scored eviction could close")."""
+    worth most (results.md, "What any attention-scored eviction could close"); `max`: one example per invocation,
+    the highest score over the pairs (what budget_max ranks by) fitted to the highest of the pairs' own log shares,
+    so a token one head will read stands out as it does in that head."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS} (got {target!r})")
     ahead = _windows_ahead(namm_delay, horizon)
@@ -115,12 +120,17 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
             continue
         for k in picked:
             positions, n, first = frame(k)
+            ema = np.concatenate([layer[k]["ema"] for layer in per_layer])  # [L*H, n, 17]
+            if target == "max":
+                best = np.max([_log_share(h[k][0], h[k][1], n).max(axis=0) for h in hindsight], axis=0)[None, :]
+                if not sample.question or best[:, first:].max() > 0.0:
+                    examples.append(ImitationExample(positions, ema, best, first, "max"))
+                continue
             received = sum(h[k][0].sum(axis=0) for h in hindsight)  # [n] over every layer and head
             rows = sum(h[k][1] * h[k][0].shape[0] for h in hindsight)
             pooled = _log_share(received, rows, n)[None, :]  # [1, n]
             if sample.question and pooled[:, first:].max() <= 0.0:
                 continue
-            ema = np.concatenate([layer[k]["ema"] for layer in per_layer])  # [L*H, n, 17]
             examples.append(ImitationExample(positions, ema, pooled, first))
     if not examples:
         raise ValueError(f"no invocation had {horizon} tokens after it: use samples longer than "
@@ -202,7 +212,8 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
             H = ex.ema.shape[0]
             X = reference.features_from_ema(np.tile(ex.positions, (H, 1)), ex.ema)
             target = torch.from_numpy(ex.target[:, ex.first:])
-            inputs.append((X, target - target.mean(dim=-1, keepdim=True), ex.first, ex.pooled))
+            inputs.append((X, target - target.mean(dim=-1, keepdim=True), ex.first,
+                           ex.aggregate if ex.pooled else None))
 
     def network() -> None:
         reference.params = NammParams(
@@ -217,7 +228,7 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
             total = total + ((scores - scores.mean(dim=-1, keepdim=True) - target) ** 2).mean()
         return total / len(indices)
 
-    if any(pooled for _, _, _, pooled in inputs):
+    if any(pooled is not None for _, _, _, pooled in inputs):
         batch = max(2, batch // 16)  # a pooled example holds every layer's heads: ~16-30 per-layer examples' work
     optimiser = torch.optim.Adam([theta], lr=lr)
     order = np.random.default_rng(seed)
@@ -248,10 +259,15 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
     return fitted, report
 
 
-def _predicted(scores, pooled: bool):
-    """What a target is compared with: each pair's scores [P, n], or for a pooled target [1, n] their mean over the
-    pairs, as budget mode aggregates them."""
-    return scores.mean(dim=0, keepdim=True) if pooled else scores
+def _predicted(scores, aggregate: str | None):
+    """What a target is compared with: each pair's scores [P, n] (aggregate None), or for a model-wide target
+    [1, n] their aggregate over the pairs as the budget rule ranks: the mean (budget) or, smoothly, the highest
+    (budget_max)."""
+    if aggregate is None:
+        return scores
+    if aggregate == "max":
+        return MAX_TEMPERATURE * (scores / MAX_TEMPERATURE).logsumexp(dim=0, keepdim=True)
+    return scores.mean(dim=0, keepdim=True)
 
 
 def _rank_correlation(scores: np.ndarray, target: np.ndarray) -> float:
