@@ -83,7 +83,7 @@ def main() -> int:
     for target, theta in thetas.items():
         vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}")
         for mode in modes:
-            name = f"{target}, {mode}" if len(modes) > 1 else target
+            name = target if mode == "budget" else f"{target}, {mode}"
             suffix = f"_{target}" if mode == "budget" else f"_{target}_{mode}"
             files[name] = write_template(vector, f"{args.out}{suffix}.gguf", replace(full_spec, mode=mode))
     executor = make_executor(args.workers, "", 1)
@@ -101,14 +101,15 @@ def main() -> int:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# The warm start's target: per head or pooled ({report['model']})", "",
+    lines = [f"# The warm start's target and its shared-cell rule ({report['model']})", "",
              f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
              "| fit | examples | variance explained | median Spearman | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {f['examples']} | {f['explained']:.3f} | {f['rank_correlation_median']:.3f} | "
               f"{f['seconds']:.0f} |" for n, f in report["fits"].items()]
     lines += ["", f"Held-out test: {report['test_text']} texts and {report['test_retrieval']} retrievals (passkey, "
-              f"key-value lines) of {report['sample_tokens']} tokens, seed 1; every {report['namm_delay']} tokens in "
-              f"{' or '.join(report.get('modes', ['budget']))} mode. 'vs sink' = mean per-sample NLL difference (nats, negative = better) with its 95 % "
+              f"key-value lines) of {report['sample_tokens']} tokens, seed 1; the NAMMs run every "
+              f"{report['namm_delay']} tokens, the fits in the mode their name gives (budget if none), the shipped NAMM in budget mode. 'vs sink' = "
+              "mean per-sample NLL difference (nats, negative = better) with its 95 % "
               "paired bootstrap interval.", ""]
     lines += paired_table(report["tables"], report["sample_tokens"])
     return "\n".join(lines) + "\n"

@@ -228,6 +228,16 @@ if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future at
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
   python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
 fi
+if run namm-aggregation-probe; then  # issue 10: aggregations over (layer, KV head) of the attention received so far
+  # (h2o's sum, mean/max/top-k of per-pair rates, a per-pair quota) on the NAMM test set: can one head save a needle?
+  # (about 20 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2 --out $out/namm_aggregation_probe --text 8 --retrieval 16
+fi
+if run namm-warm-max; then  # issue 10: warm starts deployed with budget_max (each token's highest score over the
+  # pairs): the per-head fit and the max fit, beside sink, h2o, tova and the shipped NAMM (about 25 minutes)
+  python tools/namm_warm_targets.py --out $out/namm_warm_max --targets per_head,max --modes budget_max \
+    --test-text 12 --test-retrieval 16
+fi
 if run namm-quant-check; then  # issue 10: each shipped NAMM in f32/f16/q8_0/q4_0 on its trainer's held-out set
   python tools/namm_quant_check.py --namm smollm2 --out $out/namm_quant_smollm2
   python tools/namm_quant_check.py --namm smollm2-evolved --out $out/namm_quant_smollm2_evolved
