@@ -10,7 +10,7 @@ key": one KV head ranks the pass key's digits at 0.83, the model-wide sum at 0.2
 over the pairs, on the NAMM test set, through the oracle's llama.cpp harness (tools/namm_oracle_bound.py: same
 schedule and budget rule as the NAMM, attention captured once with the full cache):
 
-  - sum:            the model-wide sum (h2o's rule);
+  - sum:            the model-wide sum (h2o's score; the engine's h2o also keeps a recent window, here none);
   - top-k of pairs: each pair's attention per query since the token arrived, as a multiple of that pair's mean
                     over the candidates, averaged over the token's k highest pairs (k = 1 is the max);
   - quota:          each pair nominates its highest tokens in turn (round robin over the pairs) until the budget
@@ -114,7 +114,7 @@ def main() -> int:
         def causal(rule):
             return lambda now, cand: rule(before[:, now], now, cand) if now < len(tokens) else cand
 
-        rules = {"sum over pairs (h2o)": causal(lambda past, now, cand: past[:, cand].sum(axis=0)),
+        rules = {"sum over pairs (h2o's score, no recent window)": causal(lambda past, now, cand: past[:, cand].sum(axis=0)),
                  "mean rate over pairs": causal(lambda past, now, cand: relative_rate(past, now, cand).mean(axis=0)),
                  "top-1 of pairs (max)": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 1)),
                  "top-3 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 3)),
