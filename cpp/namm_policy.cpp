@@ -370,6 +370,9 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     SharedCellDecision rule;
     rule.mode = !a.namm_mode.empty() ? a.namm_mode : !scorer->hparams().deploy_mode.empty() ? scorer->hparams().deploy_mode
                                                                                            : "quorum";
+    if (rule.mode != "quorum" && !is_budget_mode(rule.mode)) {
+        fail(ErrorKind::invalid_argument, "namm_mode must be 'quorum', 'budget' or 'budget_max' (got '" + rule.mode + "')");
+    }
     rule.quorum = a.quorum > 0.0f ? a.quorum : scorer->hparams().deploy_quorum;
     rule.n_sink = policy.n_sink;
     rule.max_cells = a.max_cells > 0 ? a.max_cells : cap - delay;

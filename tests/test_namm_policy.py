@@ -64,6 +64,14 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
     assert engine.stats()["peak_cells"] <= 256
 
 
+@pytest.mark.model
+def test_an_unknown_namm_mode_is_refused_when_the_engine_is_built(smollm2_model, namm_gguf):
+    # Not at the first invocation, 512 tokens into a stream: the raw core checks it up front too.
+    with pytest.raises(InvalidArgumentError, match="namm_mode must be 'quorum', 'budget' or 'budget_max' .got 'lru'"):
+        _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=namm_gguf[0], namm_mode="lru",
+                     namm_delay=64)
+
+
 @pytest.fixture(scope="module")
 def namm_gguf(tmp_path_factory):
     from pymemory.namm import load_checkpoint
