@@ -13,6 +13,8 @@ schedule and budget rule as the NAMM, attention captured once with the full cach
   - sum:            the model-wide sum (h2o's score; the engine's h2o also keeps a recent window, here none);
   - top-k of pairs: each pair's attention per query since the token arrived, as a multiple of that pair's mean
                     over the candidates, averaged over the token's k highest pairs (k = 1 is the max);
+  - recent top-1:   the maximum over pairs of the rate over the last 128 queries only (what a NAMM's spectrogram
+                    moving average sees, about 100 queries), to tell whether its inputs could carry the signal;
   - quota:          each pair nominates its highest tokens in turn (round robin over the pairs) until the budget
                     is filled, so every head keeps its own favourites.
 
@@ -42,9 +44,15 @@ from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  
 from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
 
 
-def relative_rate(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
-    """[pairs, cand]: attention per query since each candidate arrived, as a multiple of the pair's mean."""
-    rate = past[:, cand] / np.maximum(now - cand, 1)[None, :]
+RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs", "top-1 of pairs (max)",
+         "top-3 of pairs", "top-9 of pairs", "top-1 of pairs over the last 128 queries", "quota per pair")
+
+
+def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
+    """[pairs, cand]: attention per query since each candidate arrived (or over the last `queries` queries, when
+    `past` holds only theirs), as a multiple of the pair's mean."""
+    seen = now - cand if queries is None else np.minimum(now - cand, queries)
+    rate = past[:, cand] / np.maximum(seen, 1)[None, :]
     return rate / np.maximum(rate.mean(axis=1, keepdims=True), 1e-12)
 
 
@@ -82,7 +90,11 @@ def main() -> int:
     p.add_argument("--retrieval", type=int, default=16)
     p.add_argument("--fractions", default="0.25,0.5")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); sink always runs")
     args = p.parse_args()
+    chosen = args.rules.split(",") if args.rules else list(RULES)
+    if set(chosen) - set(RULES):
+        p.error(f"--rules: unknown {sorted(set(chosen) - set(RULES))}; the rules are {list(RULES)}")
 
     shipped = json.loads(Path(resolve_namm(args.namm)).with_suffix(".json").read_text())
     config = TrainConfig.from_dict(shipped["config"])
@@ -111,6 +123,12 @@ def main() -> int:
         before = np.zeros((received.shape[0], len(tokens) + 1, len(tokens)), np.float32)
         before[:, 1:] = np.cumsum(received, axis=1)  # before[p, q, k]: from the queries < q
 
+        def top_1_recent(now: int, cand: np.ndarray, queries: int) -> np.ndarray:
+            if now >= len(tokens):
+                return cand
+            recent = before[:, now] - before[:, max(now - queries, 0)]
+            return relative_rate(recent, now, cand, queries).max(axis=0)
+
         def causal(rule):
             return lambda now, cand: rule(before[:, now], now, cand) if now < len(tokens) else cand
 
@@ -119,7 +137,10 @@ def main() -> int:
                  "top-1 of pairs (max)": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 1)),
                  "top-3 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 3)),
                  "top-9 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 9)),
+                 "top-1 of pairs over the last 128 queries": lambda now, cand: top_1_recent(now, cand, 128),
                  "quota per pair": causal(quota_scores)}
+        assert list(rules) == list(RULES)
+        rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,
                                                                    n_sink, None))
         for fraction in (float(f) for f in args.fractions.split(",")):

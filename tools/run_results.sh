@@ -233,6 +233,11 @@ if run namm-aggregation-probe; then  # issue 10: aggregations over (layer, KV he
   # (about 20 minutes)
   python tools/namm_aggregation_probe.py --namm smollm2 --out $out/namm_aggregation_probe --text 8 --retrieval 16
 fi
+if run namm-aggregation-recent; then  # issue 10: the same probe's per-pair maximum over every query since a token
+  # arrived vs over the last 128 only (what the NAMM's spectrogram average sees) (about 12 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2 --out $out/namm_aggregation_recent --text 8 --retrieval 16 \
+    --rules "top-1 of pairs (max),top-1 of pairs over the last 128 queries"
+fi
 if run namm-warm-max; then  # issue 10: warm starts deployed with budget_max (each token's highest score over the
   # pairs): the per-head fit and the max fit, beside sink, h2o, tova and the shipped NAMM (about 25 minutes)
   python tools/namm_warm_targets.py --out $out/namm_warm_max --targets per_head,max --modes budget_max \
