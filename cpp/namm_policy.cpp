@@ -149,7 +149,7 @@ public:
     }
 
     // A session holds, per cached token: its features in every scored layer and KV head (the STFT frame being
-    // assembled and the EMA E, from the tap) and its mean score at the last invocation (make_room's fallback).
+    // assembled and the EMA E, from the tap) and its score at the last invocation (make_room's fallback).
     // The invocation records and fidelity captures are diagnostics and start empty after a restore.
     bool can_save_state() const override { return true; }
 
@@ -192,8 +192,8 @@ public:
     }
 
     std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override {
-        // The cache would overflow before the next invocation freed room: evict by the last invocation's mean
-        // scores (oldest non-sink tokens if there was none). Counted: a well-sized cache never needs this.
+        // The cache would overflow before the next invocation freed room: evict by the last invocation's scores
+        // as the mode ranks them (oldest non-sink tokens if there was none). Counted: a well-sized cache never needs this.
         const int32_t n = int32_t(cache.state.positions.size());
         const int32_t needed = n + n_incoming - cache.capacity;
         // Keyed by cell, not position: cells stay put when positions are re-indexed (reindex=True), positions don't.
@@ -338,8 +338,8 @@ private:
     std::vector<std::vector<float>> windows_;  // captured layers: [head][row][cell] this window's GQA rows
     std::vector<float> captured_rows_;
     int64_t batch_begin_ = 0;
-    // Mean score of each cell's token at the last invocation (make_room's fallback); kNoScore for cells that got a
-    // new token since, or none.
+    // Score of each cell's token at the last invocation as the mode ranks (mean over the pairs; budget_max: the
+    // highest) for make_room's fallback; kNoScore for cells that got a new token since, or none.
     static constexpr double kNoScore = std::numeric_limits<double>::quiet_NaN();
     std::vector<double> last_cell_scores_ = std::vector<double>(n_cells_, kNoScore);
 };
@@ -389,7 +389,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
                                          ", n_head_kv " + std::to_string(model.n_head_kv) + ")");
     }
     // iSWA models (Gemma 2/3): only the global layers are scored; their cache holds every token, while a
-    // sliding-window layer sees the last n_swa positions only. The shared-cell votes and mean scores are over the
+    // sliding-window layer sees the last n_swa positions only. The shared-cell votes and scores are over the
     // (global layer, KV head) pairs.
     const std::vector<int32_t> global = model.global_layers();
     if (global.empty()) fail(ErrorKind::unsupported, "policy 'namm' needs at least one global attention layer");

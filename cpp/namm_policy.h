@@ -36,11 +36,12 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
                                                   const ModelInfo & model, uint32_t n_cells, const std::string & device,
                                                   int32_t n_threads);
 
+bool is_budget_mode(const std::string & mode);  // "budget" or "budget_max": the cache is held at max_cells
+
 // How per-(layer, head) keep decisions become cell evictions. `drop_votes[i]` counts the (layer, head) pairs
 // that drop token i (chronological), out of `n_pairs`; `scores[i]` is its score aggregated over the pairs as the
 // mode ranks (budget: the mean, budget_max: the highest; quorum reads the votes only). Returns the sorted indices
 // to evict. Pure; unit-tested in tests/test_namm_policy.py.
-bool is_budget_mode(const std::string & mode);  // "budget" or "budget_max": the cache is held at max_cells
 struct SharedCellDecision {
     std::string mode = "quorum";  // "quorum" | "budget" | "budget_max"
     float quorum = 1.0f;

@@ -36,13 +36,17 @@ def test_quorum_and_budget_decisions():
 
 
 @pytest.mark.model
-def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf):
-    """budget_max through the engine: at every invocation the evicted tokens are exactly those whose highest score
-    over the scored (layer, KV head) pairs is lowest (sinks and the newest token stay), down to max_cells."""
-    path, _ = namm_gguf
+def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf, tmp_path):
+    """budget_max through the engine, taken from the NAMM file's deploy settings (no namm_mode given): at every
+    invocation the evicted tokens are exactly those whose highest score over the scored (layer, KV head) pairs is
+    lowest (sinks and the newest token stay), down to max_cells."""
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.convert import write_gguf
+
+    path = write_gguf(load_checkpoint(namm_gguf[1], trust_pickle=True), tmp_path / "max.gguf", "f32", delay=64,
+                      deploy={"mode": "budget_max", "quorum": 1.0})["output"]
     tokens = smollm2_model.tokenize(english_text, True, False)[:700]
-    engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=path, namm_mode="budget_max",
-                          namm_delay=64, namm_layers=3)
+    engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_layers=3)
     engine.capture_namm_layers([5, 15, 25])  # the 3 layers spread over 30
     engine.feed(tokens)
     by_invocation: dict[int, list[dict]] = {}
@@ -132,7 +136,7 @@ def test_engine_features_and_scores_equal_the_reference_on_captured_attention(sm
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("mode", ["quorum", "budget"])
+@pytest.mark.parametrize("mode", ["quorum", "budget", "budget_max"])
 def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode):
     path, _ = namm_gguf
     engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, namm_path=path, namm_mode=mode,
@@ -158,7 +162,7 @@ def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode)
     # The policy's own decisions, not the forced-eviction fallback (which alone keeps cells <= capacity):
     by_policy = sum(r["cells_before"] - r["cells_after"] for r in records)
     assert engine.stats()["tokens_evicted"] == by_policy + stats["forced_evictions"]  # every eviction accounted for
-    if mode == "budget":
+    if mode != "quorum":
         # Holds exactly max_cells (capacity - delay = 512) after each invocation, so the next 512 tokens always fit:
         # a well-sized budget never needs the fallback.
         assert all(r["cells_after"] == min(r["cells_before"], 512) for r in records)

@@ -435,8 +435,9 @@ def test_pooled_hindsight_is_the_whole_models_attention():
 
 def test_max_hindsight_is_the_highest_pairs_attention():
     """The `max` target (budget_max's ranking) is, per token, the highest of the pairs' own log shares: layer 0's
-    question puts 0.9 of its attention on the needle, so the needle's target is that layer's share (log 0.9 x
-    total), twice its pooled share, and the token only layer 1 reads gets the same; the fit runs on it."""
+    question puts 0.9 of its attention on the needle, so the needle's target is that share (log 0.9 x total), twice
+    its pooled share, and the token that one head of layer 1 reads gets the same (a mean over that layer's heads
+    would halve it); the fit runs on it."""
     from pymemory.namm.training.data import Sample
     from pymemory.namm.training.warm_start import _predicted, examples_from, fit_imitation
 
@@ -445,6 +446,8 @@ def test_max_hindsight_is_the_highest_pairs_attention():
     sample = Sample("r", "passkey", tuple(range(total)), (1,), total - question_start)
     layers = [_question_invocations(H, delay, total, question_start, needle, needle),
               _question_invocations(H, delay, total, question_start, needle, other)]
+    for mine, needle_reader in zip(layers[1], layers[0]):  # layer 1's head 0 reads the needle, its head 1 `other`
+        mine["attention"][0] = needle_reader["attention"][0]
     examples = examples_from([sample], [layers], delay, delay, n_sink=1, target="max")
     assert [e.positions[-1] for e in examples] == [7, 11]
     for e in examples:

@@ -131,7 +131,8 @@ def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity
 
 
 def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: str = "full cache (engine)") -> dict:
-    """Per table and policy: mean NLL, gap to the engine's full cache and the share of the engine's sink gap closed,
+    """Per table and policy: mean NLL, gap to the full cache (rows["full"][full_key]: the engine's, or the harness's)
+    and the share of the table's sink gap closed,
     for text and answers, over the samples the policy ran (a question-only oracle runs on retrieval only)."""
     full = rows["full"][full_key]["nll"]
     tables = {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Which hindsight target should the imitation warm start fit? Per head or pooled, side by side (JSON + markdown).
+"""Which hindsight target should the imitation warm start fit, under which shared-cell rule? Side by side (JSON + md).
 
     .venv/bin/python tools/namm_warm_targets.py --out docs/results/namm_warm_targets
 
@@ -13,7 +13,8 @@ differences to sink and their 95 % bootstrap intervals. Each fit is also written
 
 `--modes budget,budget_max` deploys every fit under each shared-cell rule (namm_policy.h): budget ranks tokens by
 keep votes then the mean score over the pairs, budget_max by the highest score any pair gives them, so a signal
-that lives in a few heads (a pass key's) is not outvoted.
+that lives in a few heads (a pass key's) is not outvoted. The `max` fit (budget_max only) fits the highest score over
+the pairs to the highest pair's own future attention.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def main() -> int:
         parser.error(f"--modes takes budget and/or budget_max (got {args.modes!r})")
     if not args.targets or any(t not in TARGETS for t in args.targets.split(",")):
         parser.error(f"--targets takes a comma-separated subset of {', '.join(TARGETS)} (got {args.targets!r})")
+    if "max" in args.targets.split(",") and "budget_max" not in modes:
+        parser.error("--targets max fits what budget_max ranks by: add budget_max to --modes")
     _core.set_log_verbosity(0)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "sample_tokens": SAMPLE_TOKENS,
               "namm_delay": DELAY, "horizon": HORIZON, "test_text": args.test_text,
@@ -83,6 +86,8 @@ def main() -> int:
     for target, theta in thetas.items():
         vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}")
         for mode in modes:
+            if target == "max" and mode != "budget_max":
+                continue  # fitted to the highest score over the pairs: meaningless ranked by the mean
             name = target if mode == "budget" else f"{target}, {mode}"
             suffix = f"_{target}" if mode == "budget" else f"_{target}_{mode}"
             files[name] = write_template(vector, f"{args.out}{suffix}.gguf", replace(full_spec, mode=mode))

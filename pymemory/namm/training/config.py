@@ -47,7 +47,8 @@ class TrainConfig:
     warm_start_steps: int = 600  # Adam steps
     # What the fit predicts: the whole model's future attention from the mean score over every (layer, KV head)
     # ("pooled"), which is what budget mode ranks by, or each pair's own ("per_head"); pooled measured better on
-    # held-out text (docs/results/namm_warm_targets.md, warm_start.py).
+    # held-out text (docs/results/namm_warm_targets.md, warm_start.py). "max" (budget_max only): the highest
+    # score over the pairs predicts the highest pair's attention (docs/results/namm_warm_max.md).
     warm_start_target: str = "pooled"
     # Evolution (pycma).
     population: int = 32

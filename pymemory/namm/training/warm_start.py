@@ -14,6 +14,8 @@ the token got so far, and its age). So:
    to a uniform share (`n_tokens ×`), clipped; each (invocation, layer, head) is centred, since only the ranking
    within it matters. The `pooled` target is one per (invocation, token): the attention it receives from every
    layer and head together, compared with the mean of its scores over all of them (what budget mode ranks by);
+   the `max` target (budget_max only) is the highest of the pairs' own shares, compared with a smooth maximum of
+   the scores over the pairs (what budget_max ranks by);
 3. minimise the mean squared error between the centred NAMM scores (the torch reference, differentiable) and
    the centred targets with Adam;
 4. shift the output bias so every score on the fitted data is positive: no (layer, head) then votes to drop a
@@ -246,7 +248,8 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
         variance = float(np.mean([float((t ** 2).mean()) for _, t, _, _ in inputs]))  # the loss of predicting 0
         final = float(loss_of(range(len(inputs))))
         lowest = min(float(reference.scores_tensor(X).min()) for X, _, _, _ in inputs)
-        correlations = [_rank_correlation(_predicted(reference.scores_tensor(X), pooled)[:, f:].numpy(), t.numpy())
+        # Ranked as the engine ranks: a `max` fit by the hard maximum over the pairs, not the smooth one it fitted.
+        correlations = [_rank_correlation(_ranked(reference.scores_tensor(X), pooled)[:, f:].numpy(), t.numpy())
                         for X, t, f, pooled in inputs[::max(1, len(inputs) // 200)]]
     fitted = theta.detach().numpy().astype(np.float32).copy()
     b_out = PARAM_LAYOUT["b_out"][0]
@@ -268,6 +271,11 @@ def _predicted(scores, aggregate: str | None):
     if aggregate == "max":
         return MAX_TEMPERATURE * (scores / MAX_TEMPERATURE).logsumexp(dim=0, keepdim=True)
     return scores.mean(dim=0, keepdim=True)
+
+
+def _ranked(scores, aggregate: str | None):
+    """What the engine ranks tokens by: _predicted, with the hard maximum for `max`."""
+    return scores.max(dim=0, keepdim=True).values if aggregate == "max" else _predicted(scores, aggregate)
 
 
 def _rank_correlation(scores: np.ndarray, target: np.ndarray) -> float:
