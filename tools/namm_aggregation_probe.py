@@ -23,7 +23,7 @@ A rule that keeps the pass key must do so without losing text: both are reported
 from __future__ import annotations
 
 import argparse
-import json
+from functools import partial
 import os
 import sys
 from pathlib import Path
@@ -34,13 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
-from namm_oracle_bound import LlamaHarness, attention_received, run_sample, summarise, table_lines  # noqa: E402
-from pymemory._loader import _core  # noqa: E402
-from pymemory.assets import resolve_model  # noqa: E402
+from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
+                               shipped_test_set, summarise, table_lines)
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
-from pymemory.namm.training.config import TrainConfig  # noqa: E402
-from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
 from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
 
 
@@ -96,14 +93,7 @@ def main() -> int:
     if set(chosen) - set(RULES):
         p.error(f"--rules: unknown {sorted(set(chosen) - set(RULES))}; the rules are {list(RULES)}")
 
-    shipped = json.loads(Path(resolve_namm(args.namm)).with_suffix(".json").read_text())
-    config = TrainConfig.from_dict(shipped["config"])
-    _core.set_log_verbosity(0)
-    model_path = os.fspath(resolve_model(config.model))
-    model = _core.Model.load(model_path)
-    corpus = Corpus(model, config.text_sources(), config.sample_tokens)
-    factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
-    samples = heldout_samples(factory, config.seed + 1, args.text, args.retrieval, config.retrieval_sources())
+    _, config, model_path, model, samples = shipped_test_set(resolve_namm(args.namm), args.text, args.retrieval)
     delay, n_sink = config.namm_delay, config.n_sink
     print(f"capturing attention of {len(samples)} samples with the full cache", flush=True)
     captures = capture_invocations(model, samples, delay, args.threads)
@@ -112,10 +102,7 @@ def main() -> int:
     harness = LlamaHarness(model_path, config.sample_tokens + 64, args.threads)
     rows: dict[str, dict[str, dict]] = {}
 
-    def record(table: str, policy: str, sample, nll: float, peak: int) -> None:
-        entry = rows.setdefault(table, {}).setdefault(policy, {"nll": {}, "peak_cells": 0})
-        entry["nll"][sample.id] = nll
-        entry["peak_cells"] = max(entry["peak_cells"], peak)
+    record = partial(record_result, rows)
 
     for sample, per_layer in zip(samples, captures):
         tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)

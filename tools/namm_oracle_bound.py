@@ -20,6 +20,7 @@ Samples: the shipped NAMM's held-out split and test seed (its JSON's training co
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import math
 import os
@@ -130,6 +131,27 @@ def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity
     return float(np.mean(nll)), peak
 
 
+def shipped_test_set(namm_file: str, n_text: int, n_retrieval: int):
+    """A shipped NAMM's test set (its JSON's training config, held-out split, seed + 1): (the JSON, its
+    TrainConfig, the model's path, the loaded model, the samples)."""
+    shipped = json.loads(Path(namm_file).with_suffix(".json").read_text())
+    config = TrainConfig.from_dict(shipped["config"])
+    _core.set_log_verbosity(0)
+    model_path = os.fspath(resolve_model(config.model))
+    model = _core.Model.load(model_path)
+    corpus = Corpus(model, config.text_sources(), config.sample_tokens)
+    factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
+    samples = heldout_samples(factory, config.seed + 1, n_text, n_retrieval, config.retrieval_sources())
+    return shipped, config, model_path, model, samples
+
+
+def record_result(rows: dict, table: str, policy: str, sample, nll: float, peak: int) -> None:
+    """rows[table][policy]: the sample's NLL and the policy's peak cells so far."""
+    entry = rows.setdefault(table, {}).setdefault(policy, {"nll": {}, "peak_cells": 0})
+    entry["nll"][sample.id] = nll
+    entry["peak_cells"] = max(entry["peak_cells"], peak)
+
+
 def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: str = "full cache (engine)") -> dict:
     """Per table and policy: mean NLL, gap to the full cache (rows["full"][full_key]: the engine's, or the harness's)
     and the share of the table's sink gap closed,
@@ -170,14 +192,7 @@ def main() -> int:
     args = p.parse_args()
 
     namm_file = resolve_namm(args.namm)
-    shipped = json.loads(Path(namm_file).with_suffix(".json").read_text())
-    config = TrainConfig.from_dict(shipped["config"])
-    _core.set_log_verbosity(0)
-    model_path = os.fspath(resolve_model(config.model))
-    model = _core.Model.load(model_path)
-    corpus = Corpus(model, config.text_sources(), config.sample_tokens)
-    factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
-    samples = heldout_samples(factory, config.seed + 1, args.text, args.retrieval, config.retrieval_sources())
+    shipped, config, model_path, model, samples = shipped_test_set(namm_file, args.text, args.retrieval)
     delay, n_sink = config.namm_delay, config.n_sink
 
     print(f"capturing attention of {len(samples)} samples with the full cache", flush=True)
@@ -188,10 +203,7 @@ def main() -> int:
     harness = LlamaHarness(model_path, config.sample_tokens + 64, args.threads)
     rows: dict[str, dict[str, dict[str, float]]] = {}
 
-    def record(table: str, policy: str, sample, nll: float, peak: int) -> None:
-        entry = rows.setdefault(table, {}).setdefault(policy, {"nll": {}, "peak_cells": 0})
-        entry["nll"][sample.id] = nll
-        entry["peak_cells"] = max(entry["peak_cells"], peak)
+    record = partial(record_result, rows)
 
     for index, sample in enumerate(samples):
         tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)
