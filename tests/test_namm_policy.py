@@ -89,15 +89,25 @@ def namm_gguf(tmp_path_factory):
 
 
 @pytest.mark.model
-def test_engine_features_and_scores_equal_the_reference_on_captured_attention(smollm2_model, english_text, namm_gguf):
+@pytest.mark.parametrize("ema_coefficient", [None, 0.998])
+def test_engine_features_and_scores_equal_the_reference_on_captured_attention(smollm2_model, english_text, namm_gguf,
+                                                                             tmp_path, ema_coefficient):
     """Decode real text with policy namm; for three layers, capture the GQA-averaged attention each invocation
     received, feed it to the PyTorch reference (with the reference's state set to the tokens the engine kept), and
-    compare the engine's spectrogram EMAs and BAM scores with the reference's."""
-    from pymemory.namm import NammReference
+    compare the engine's spectrogram EMAs and BAM scores with the reference's. Again with a NAMM file whose moving
+    average is longer than the released one (per-token coefficient 0.998 instead of 0.99)."""
+    from pymemory.namm import NammReference, load_checkpoint, load_gguf
+    from pymemory.namm.convert import write_gguf
     from pymemory.namm.reference import ReferenceState
 
     path, ckpt = namm_gguf
-    reference = NammReference.from_checkpoint(ckpt, trust_pickle=True)
+    if ema_coefficient is None:
+        reference = NammReference.from_checkpoint(ckpt, trust_pickle=True)
+    else:
+        path = write_gguf(load_checkpoint(ckpt, trust_pickle=True), tmp_path / "long_ema.gguf",
+                          ema_coefficient=ema_coefficient)["output"]
+        assert load_gguf(path)[1].ema_coefficient == pytest.approx(ema_coefficient)
+        reference = NammReference.from_gguf(path)
     tokens = smollm2_model.tokenize(english_text, True, False)[:1700]
     engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, namm_path=path, namm_mode="budget",
                           max_cells=500)
@@ -128,6 +138,8 @@ def test_engine_features_and_scores_equal_the_reference_on_captured_attention(sm
         ema_errors.append(ema_error)
         kept = np.nonzero(c["kept"])[0]
         states[c["layer"]] = ReferenceState(ref_positions[:, kept], ema[:, kept], history[:, kept])
+    if ema_coefficient is not None:
+        return
     record("namm_engine_vs_reference_score_diff_range", [min(score_errors), max(score_errors)],
            "NAMM in the engine on 1,700 tokens of Austen (SmolLM2, layers 0/15/29, 3 invocations): min and max over "
            "the 9 (layer, invocation) pairs of max |score difference| to the PyTorch reference fed the same attention")

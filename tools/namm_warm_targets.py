@@ -15,6 +15,10 @@ differences to sink and their 95 % bootstrap intervals. Each fit is also written
 keep votes then the mean score over the pairs, budget_max by the highest score any pair gives them, so a signal
 that lives in a few heads (a pass key's) is not outvoted. The `max` fit (budget_max only) fits the highest score over
 the pairs to the highest pair's own future attention.
+
+`--ema-coefficients 0.99,0.998` repeats the capture and every fit with NAMMs whose spectrogram moving average has
+that per-token coefficient (the released 0.99 remembers about 100 queries; 0.998 about 500), so the features can
+carry the attention a token drew when it arrived (a pass key's, results.md "One head's signal").
 """
 from __future__ import annotations
 
@@ -43,15 +47,23 @@ SAMPLE_TOKENS, SCORED, DELAY, N_SINK, HORIZON = 512, 256, 32, 4, 256
 RETRIEVAL = ["passkey", "kv"]
 
 
-def fit_targets(args, model, factory) -> tuple[dict, dict, tuple]:
-    """(fit reports, θ per target, feature statistics) from one capture of the fit samples."""
-    train, captured, mean, var = capture_for_fits(model, factory, args, RETRIEVAL, DELAY)
+def fit_targets(args, model, factory, ema: float, label: str) -> tuple[dict, dict, tuple]:
+    """(fit reports, θ per target, feature statistics) from one capture of the fit samples with EMA coefficient
+    `ema`; names are the target plus `label`."""
+    train, captured, mean, var = capture_for_fits(model, factory, args, RETRIEVAL, DELAY, ema)
     fits, thetas = {}, {}
     for target in args.targets.split(","):
         examples = examples_from(train, captured, DELAY, HORIZON, N_SINK, target)
         thetas[target], report = fit_imitation(examples, mean, var, steps=args.steps, seed=args.seed)
-        fits[target] = fit_summary(target, report)
+        fits[target + label] = fit_summary(target + label, report)
     return fits, thetas, (mean, var)
+
+
+def ema_coefficients(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v]
+    if not values or any(not 0.0 < v < 1.0 for v in values):
+        raise ValueError(f"--ema-coefficients takes comma-separated values in (0, 1) (got {text!r})")
+    return values
 
 
 def main() -> int:
@@ -60,6 +72,8 @@ def main() -> int:
     parser.add_argument("--namm", default="smollm2", help="shipped NAMM run beside the fits ('' for none)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--targets", default="per_head,pooled", help=f"comma-separated fits: {', '.join(TARGETS)}")
+    parser.add_argument("--ema-coefficients", default="0.99", help="comma-separated per-token coefficients of the "
+                        "NAMMs' spectrogram moving average (the released NAMM: 0.99); every fit is repeated for each")
     parser.add_argument("--modes", default="budget", help="comma-separated shared-cell rules each fit is deployed "
                         "with: budget, budget_max")
     args = parser.parse_args()
@@ -70,27 +84,34 @@ def main() -> int:
         parser.error(f"--targets takes a comma-separated subset of {', '.join(TARGETS)} (got {args.targets!r})")
     if "max" in args.targets.split(",") and "budget_max" not in modes:
         parser.error("--targets max fits what budget_max ranks by: add budget_max to --modes")
+    try:
+        emas = ema_coefficients(args.ema_coefficients)
+    except ValueError as exc:
+        parser.error(str(exc))
     _core.set_log_verbosity(0)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "sample_tokens": SAMPLE_TOKENS,
               "namm_delay": DELAY, "horizon": HORIZON, "test_text": args.test_text,
-              "test_retrieval": args.test_retrieval, "modes": modes}
+              "test_retrieval": args.test_retrieval, "modes": modes, "ema_coefficients": emas}
     model = _core.Model.load(os.fspath(resolve_model(args.model)))
     corpus = Corpus(model, ["austen"], SAMPLE_TOKENS)
     factory = SampleFactory(corpus, SAMPLE_TOKENS, SCORED, SAMPLE_TOKENS // 4)
-    report["fits"], thetas, (mean, var) = fit_targets(args, model, factory)
+    report["fits"], files = {}, {}
+    for ema in emas:
+        label = "" if len(emas) == 1 else f", EMA {ema:g}"
+        fits, thetas, (mean, var) = fit_targets(args, model, factory, ema, label)
+        report["fits"].update(fits)
+        full_spec = MemorySpec(args.model, SAMPLE_TOKENS, SAMPLE_TOKENS, N_SINK, DELAY, "budget", 1.0,
+                               SAMPLE_TOKENS - DELAY, tuple(map(float, mean)), tuple(map(float, var)), 1, ema)
+        for target, theta in thetas.items():
+            vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}{label}")
+            for mode in modes:
+                if target == "max" and mode != "budget_max":
+                    continue  # fitted to the highest score over the pairs: meaningless ranked by the mean
+                name = (target if mode == "budget" else f"{target}, {mode}") + label
+                suffix = (f"_{target}" if mode == "budget" else f"_{target}_{mode}") + ("" if not label else f"_ema{ema:g}")
+                files[name] = write_template(vector, f"{args.out}{suffix}.gguf", replace(full_spec, mode=mode))
     test = heldout_samples(factory, args.seed + 1, args.test_text, args.test_retrieval, RETRIEVAL)
     del model
-    full_spec = MemorySpec(args.model, SAMPLE_TOKENS, SAMPLE_TOKENS, N_SINK, DELAY, "budget", 1.0,
-                           SAMPLE_TOKENS - DELAY, tuple(map(float, mean)), tuple(map(float, var)), 1)
-    files = {}
-    for target, theta in thetas.items():
-        vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}")
-        for mode in modes:
-            if target == "max" and mode != "budget_max":
-                continue  # fitted to the highest score over the pairs: meaningless ranked by the mean
-            name = target if mode == "budget" else f"{target}, {mode}"
-            suffix = f"_{target}" if mode == "budget" else f"_{target}_{mode}"
-            files[name] = write_template(vector, f"{args.out}{suffix}.gguf", replace(full_spec, mode=mode))
     executor = make_executor(args.workers, "", 1)
     try:
         extra = {}

@@ -35,9 +35,10 @@ def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
 
 
 def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32", *, delay: int | None = None,
-               deploy: dict | None = None) -> dict:
+               deploy: dict | None = None, ema_coefficient: float | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
-    ``delay`` overrides the invocation period (default the released 512); ``deploy`` records how the NAMM was
+    ``delay`` overrides the invocation period (default the released 512), ``ema_coefficient`` the spectrogram's
+    per-token moving-average coefficient (default the released 0.99); ``deploy`` records how the NAMM was
     trained to be used ({"mode": "budget" | "budget_max" | "quorum", "quorum": float}), which the engine then takes by default.
     Returns a summary: output, source, weight_type, bytes, tensors (name, shape, type, max_abs_error)."""
     gguf = _require_gguf()
@@ -53,7 +54,9 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
         writer.add_uint32(fmt.KEY_FORMAT_VERSION, fmt.FORMAT_VERSION)
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "str": writer.add_string,
                "bool": writer.add_bool}
-        hparams = fmt.RELEASED if delay is None else dataclasses.replace(fmt.RELEASED, delay=int(delay))
+        overrides = {"delay": None if delay is None else int(delay),
+                     "ema_coefficient": None if ema_coefficient is None else float(ema_coefficient)}
+        hparams = dataclasses.replace(fmt.RELEASED, **{k: v for k, v in overrides.items() if v is not None})
         hparams.check_supported()
         for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)

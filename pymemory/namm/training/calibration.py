@@ -12,9 +12,11 @@ import numpy as np
 from .data import Sample
 
 
-def zero_namm_captures(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0):
+def zero_namm_captures(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0,
+                       ema_coefficient: float | None = None):
     """Runs each sample through the all-zero NAMM (scores 0, nothing evicted) capturing every layer; yields
-    (sample index, the captures of one invocation: dicts from Engine.namm_captures) in stream order."""
+    (sample index, the captures of one invocation: dicts from Engine.namm_captures) in stream order. The EMAs are
+    the ones a NAMM with `ema_coefficient` (default the released 0.99) computes."""
     from ..._loader import _core
     from ..checkpoint import NammVector
     from ..convert import write_gguf
@@ -24,7 +26,8 @@ def zero_namm_captures(model, samples: Sequence[Sample], namm_delay: int, n_thre
     with tempfile.TemporaryDirectory(prefix="namm-zero-") as tmp:
         # Statistics do not enter the EMA, so any valid ones serve while measuring.
         zero = NammVector(np.zeros(4172, np.float32), np.zeros(17, np.float32), np.ones(17, np.float32), "calibration")
-        path = write_gguf(zero, os.path.join(tmp, "zero.gguf"), delay=namm_delay)["output"]
+        path = write_gguf(zero, os.path.join(tmp, "zero.gguf"), delay=namm_delay,
+                          ema_coefficient=ema_coefficient)["output"]
         engine = _core.Engine(model, policy="namm", n_sink=0, window=longest + namm_delay, namm_path=path,
                               namm_mode="quorum", quorum=1.0, n_threads=n_threads)
         for index, sample in enumerate(samples):
@@ -39,13 +42,13 @@ def zero_namm_captures(model, samples: Sequence[Sample], namm_delay: int, n_thre
                 raise RuntimeError("the all-zero NAMM evicted tokens; it must keep everything")
 
 
-def feature_statistics(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0) -> tuple[np.ndarray,
-                                                                                                          np.ndarray]:
+def feature_statistics(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0,
+                       ema_coefficient: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(μ [17], σ² [17]) of the un-normalised spectrogram EMAs the engine computes on `samples` with no eviction."""
     total = np.zeros(17)
     total_sq = np.zeros(17)
     count = 0
-    for _, captures in zero_namm_captures(model, samples, namm_delay, n_threads):
+    for _, captures in zero_namm_captures(model, samples, namm_delay, n_threads, ema_coefficient):
         for capture in captures:
             ema = np.asarray(capture["ema"], np.float64).reshape(-1, 17)  # [heads * tokens, 17]
             total += ema.sum(axis=0)

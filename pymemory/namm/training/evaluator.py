@@ -39,6 +39,7 @@ class MemorySpec:
     feat_mean: tuple[float, ...]
     feat_var: tuple[float, ...]
     threads: int = 0
+    ema_coefficient: float = 0.99  # the NAMM's spectrogram moving average, per token (the released value)
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,11 @@ def namm_tensors(theta: np.ndarray, spec: MemorySpec) -> dict[str, np.ndarray]:
 
 
 def write_template(vector, path: str, spec: MemorySpec, weight_type: str = "f32") -> str:
-    """A NAMM GGUF carrying the run's schedule and deployment settings (delay, mode, quorum)."""
+    """A NAMM GGUF carrying the run's schedule, features and deployment settings (delay, EMA coefficient, mode,
+    quorum)."""
     from ..convert import write_gguf
 
-    return write_gguf(vector, path, weight_type, delay=spec.namm_delay,
+    return write_gguf(vector, path, weight_type, delay=spec.namm_delay, ema_coefficient=spec.ema_coefficient,
                       deploy={"mode": spec.mode, "quorum": spec.quorum})["output"]
 
 

@@ -59,15 +59,15 @@ class ImitationExample:
         return self.target.shape[0] == 1 and self.ema.shape[0] > 1
 
 
-def capture_invocations(model, samples: Sequence[Sample], namm_delay: int,
-                        n_threads: int = 0) -> list[list[list[dict]]]:
+def capture_invocations(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0,
+                        ema_coefficient: float | None = None) -> list[list[list[dict]]]:
     """Runs `samples` with the all-zero NAMM (no eviction), capturing every layer: [sample][layer][invocation] dicts
     of positions int64 [n], attention float32 [H, R, n] (the window's rows) and ema float32 [H, n, 17]."""
     from .calibration import zero_namm_captures
 
     n_layer = int(model.info["n_layer"])
     per_sample: list[list[list[dict]]] = [[[] for _ in range(n_layer)] for _ in samples]
-    for index, captures in zero_namm_captures(model, samples, namm_delay, n_threads):
+    for index, captures in zero_namm_captures(model, samples, namm_delay, n_threads, ema_coefficient):
         for capture in captures:
             per_sample[index][int(capture["layer"])].append(
                 {"positions": np.asarray(capture["positions"], np.int64),
@@ -141,11 +141,12 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
 
 
 def capture_examples(model, samples: Sequence[Sample], namm_delay: int, horizon: int, n_sink: int,
-                     n_threads: int = 0, target: str = "per_head") -> list[ImitationExample]:
+                     n_threads: int = 0, target: str = "per_head",
+                     ema_coefficient: float | None = None) -> list[ImitationExample]:
     """capture_invocations, then examples_from."""
     _windows_ahead(namm_delay, horizon)  # a bad horizon fails before any work
-    return examples_from(samples, capture_invocations(model, samples, namm_delay, n_threads), namm_delay, horizon,
-                         n_sink, target)
+    invocations = capture_invocations(model, samples, namm_delay, n_threads, ema_coefficient)
+    return examples_from(samples, invocations, namm_delay, horizon, n_sink, target)
 
 
 def _windows_ahead(namm_delay: int, horizon: int) -> int:
