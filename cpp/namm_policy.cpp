@@ -9,10 +9,14 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <tuple>
+#include <utility>
 
 namespace pm {
 
-bool is_budget_mode(const std::string & mode) { return mode == "budget" || mode == "budget_max"; }
+bool is_budget_mode(const std::string & mode) {
+    return mode == "budget" || mode == "budget_max" || mode == "budget_zmax";
+}
 
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
                                              const std::vector<double> & scores, int32_t n_pairs) {
@@ -42,12 +46,13 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
         }
         return out;
     }
-    if (!budget) fail(ErrorKind::invalid_argument, "namm_mode must be 'quorum', 'budget' or 'budget_max'");
+    if (!budget) fail(ErrorKind::invalid_argument, std::string("namm_mode must be ") + namm::kDeployModes);
     const int32_t excess = n - rule.max_cells;
     if (excess <= 0) return out;
     std::vector<int32_t> candidates;
     for (int32_t i = first; i < last; ++i) candidates.push_back(i);
-    // budget: most drop votes first, then lowest mean score; budget_max: lowest highest score. Then older.
+    // budget: most drop votes first, then lowest mean score; budget_max, budget_zmax: lowest highest score. Then
+    // older.
     const bool by_votes = rule.mode == "budget";
     std::stable_sort(candidates.begin(), candidates.end(), [&](int32_t a, int32_t b) {
         if (by_votes && drop_votes[size_t(a)] != drop_votes[size_t(b)]) {
@@ -61,6 +66,19 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
 }
 
 namespace {
+
+// (mean, standard deviation) of one pair's n scores; a spread of 0 (every score equal) counts as 1, so such a pair
+// gives every token 0 and singles out none.
+std::pair<double, double> mean_and_spread(const float * scores, int32_t n) {
+    double sum = 0.0, sum_sq = 0.0;
+    for (int32_t i = 0; i < n; ++i) {
+        sum += scores[i];
+        sum_sq += double(scores[i]) * scores[i];
+    }
+    const double mean = sum / std::max(n, 1);
+    const double variance = std::max(sum_sq / std::max(n, 1) - mean * mean, 0.0);
+    return {mean, variance > 1e-12 ? std::sqrt(variance) : 1.0};
+}
 
 class NammPolicy : public AttentionPolicy {
 public:
@@ -215,6 +233,7 @@ private:
         std::vector<int32_t> drop_votes(static_cast<size_t>(n), 0);
         std::vector<double> score_sum(static_cast<size_t>(n), 0.0);
         std::vector<double> score_max(static_cast<size_t>(n), -std::numeric_limits<double>::infinity());
+        const bool standardise = rule_.mode == "budget_zmax";
         InvocationRecord record;
         record.tokens_seen = tokens_seen;
         record.cells_before = n;
@@ -253,20 +272,23 @@ private:
             record.layer_kept.push_back(scored.n_keep);
             if (!windows_[size_t(l)].empty()) captures_.push_back(capture(l, cache, all, scored, tokens_seen));
             for (int32_t g = 0; g < n_head_kv_; ++g) {
+                const float * pair = scored.scores.data() + size_t(g) * size_t(n);  // [n] this (layer, head)'s
+                double centre = 0.0, scale = 1.0;
+                if (standardise) std::tie(centre, scale) = mean_and_spread(pair, n);
                 for (int32_t i = 0; i < n; ++i) {
                     const size_t k = size_t(g) * size_t(n) + size_t(i);
                     drop_votes[size_t(i)] += scored.keep[k] ? 0 : 1;
-                    score_sum[size_t(i)] += scored.scores[k];
-                    score_max[size_t(i)] = std::max(score_max[size_t(i)], double(scored.scores[k]));
+                    score_sum[size_t(i)] += pair[i];
+                    score_max[size_t(i)] = std::max(score_max[size_t(i)], (double(pair[i]) - centre) / scale);
                 }
             }
         }
-        // The score the mode ranks tokens by: the mean over the pairs, or (budget_max) the highest.
+        // The score the mode ranks tokens by: the mean over the pairs, or (budget_max, budget_zmax) the highest.
         std::vector<double> token_scores(static_cast<size_t>(n));
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         for (int32_t i = 0; i < n; ++i) {
             token_scores[size_t(i)] =
-                rule_.mode == "budget_max" ? score_max[size_t(i)] : score_sum[size_t(i)] / double(n_pairs);
+                rule_.mode == "budget" ? score_sum[size_t(i)] / double(n_pairs) : score_max[size_t(i)];
             last_cell_scores_[size_t(cache.cells[size_t(i)])] = token_scores[size_t(i)];
             record.union_size += drop_votes[size_t(i)] < n_pairs;
             record.intersection_size += drop_votes[size_t(i)] == 0;
@@ -371,7 +393,8 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     rule.mode = !a.namm_mode.empty() ? a.namm_mode : !scorer->hparams().deploy_mode.empty() ? scorer->hparams().deploy_mode
                                                                                            : "quorum";
     if (rule.mode != "quorum" && !is_budget_mode(rule.mode)) {
-        fail(ErrorKind::invalid_argument, "namm_mode must be 'quorum', 'budget' or 'budget_max' (got '" + rule.mode + "')");
+        fail(ErrorKind::invalid_argument, std::string("namm_mode must be ") + namm::kDeployModes + " (got '" +
+                                              rule.mode + "')");
     }
     rule.quorum = a.quorum > 0.0f ? a.quorum : scorer->hparams().deploy_quorum;
     rule.n_sink = policy.n_sink;

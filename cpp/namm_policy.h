@@ -13,7 +13,10 @@
 //     decision: "quorum" evicts a token when at least `quorum` of the pairs drop it (1.0: all of them — never
 //     removes anything some head keeps); "budget" holds the cache at `max_cells` by keep votes (then mean score);
 //     "budget_max" holds it there by each token's highest score over the pairs, so one head that wants a token
-//     keeps it (the union's rule at a budget: a signal that lives in a few heads is not outvoted).
+//     keeps it (the union's rule at a budget: a signal that lives in a few heads is not outvoted);
+//     "budget_zmax" ranks by the highest *standardised* score, each pair's scores taken relative to that pair's
+//     mean and spread over the cached tokens, so a pair whose scores all run high does not outrank the rest with
+//     every token it scores (what one head singles out counts, not how that head's scores are scaled).
 //     The first n_sink tokens and the newest are always kept. A cell kept for the cache stays in every head's
 //     state (the original would have dropped it from the heads that evicted it).
 //   - Positions stay absolute (no re-indexing) by default, as in the original.
@@ -36,14 +39,15 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
                                                   const ModelInfo & model, uint32_t n_cells, const std::string & device,
                                                   int32_t n_threads);
 
-bool is_budget_mode(const std::string & mode);  // "budget" or "budget_max": the cache is held at max_cells
+bool is_budget_mode(const std::string & mode);  // "budget", "budget_max", "budget_zmax": held at max_cells
 
 // How per-(layer, head) keep decisions become cell evictions. `drop_votes[i]` counts the (layer, head) pairs
 // that drop token i (chronological), out of `n_pairs`; `scores[i]` is its score aggregated over the pairs as the
-// mode ranks (budget: the mean, budget_max: the highest; quorum reads the votes only). Returns the sorted indices
+// mode ranks (budget: the mean, budget_max and budget_zmax: the highest; quorum reads the votes only). Returns the
+// sorted indices
 // to evict. Pure; unit-tested in tests/test_namm_policy.py.
 struct SharedCellDecision {
-    std::string mode = "quorum";  // "quorum" | "budget" | "budget_max"
+    std::string mode = "quorum";  // "quorum" | "budget" | "budget_max" | "budget_zmax"
     float quorum = 1.0f;
     int32_t max_cells = 0;
     int32_t n_sink = 4;

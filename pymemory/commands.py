@@ -7,7 +7,7 @@ import time
 from dataclasses import fields
 from typing import Iterator, TextIO
 
-from .streaming import CHAT_SAMPLING, POLICIES, SamplingOptions, StreamingLLM
+from .streaming import CHAT_SAMPLING, NAMM_MODES, POLICIES, SamplingOptions, StreamingLLM
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +25,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "absolute positions and compact only before passing the model's training context)")
     g.add_argument("--h2o-recent", type=int, default=None, help="h2o, tova: recent tokens always kept (default window/2 for h2o, 0 for tova)")
     g.add_argument("--namm", dest="namm_path", default=None, help="namm: the NAMM GGUF (see convert-namm)")
-    g.add_argument("--namm-mode", choices=("quorum", "budget", "budget_max"), default=None,
+    g.add_argument("--namm-mode", choices=NAMM_MODES, default=None,
                    help="namm: evict by quorum of (layer, head) votes, or hold --max-cells by votes then mean score "
-                   "(budget) or by each token's highest score over the pairs (budget_max) (default: what the NAMM "
-                   "file was trained with, else quorum)")
+                   "(budget), by each token's highest score over the pairs (budget_max) or its highest score "
+                   "standardised within each pair (budget_zmax) (default: what the NAMM file was trained with, else "
+                   "quorum)")
     g.add_argument("--quorum", type=float, default=None,
                    help="namm quorum: fraction of (layer, head) pairs that must drop a token (default: the file's, "
                    "else 1.0 = all)")

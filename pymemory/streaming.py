@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Mapping, Sequence, Union
 
 from ._loader import _core
 from .errors import ClosedError, InvalidArgumentError, SupersededError
+from .namm.gguf_format import DEPLOY_MODES
 from .text import TextAssembler, common_prefix_length
 
 POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "tova", "namm")
@@ -33,7 +34,7 @@ POLICIES = ("sink", "context_shift", "window", "recompute", "none", "h2o", "tova
 # measurement: scripted chats through a small cache with an interrupted reply, counting replies that degenerate
 # into loops (tools/chat_defaults.py, docs/results.md "Chat sampler defaults"). A keyword given to chat() wins.
 CHAT_SAMPLING: dict[str, float] = {"repeat_penalty": 1.1, "repeat_last_n": 64}
-NAMM_MODES = ("quorum", "budget", "budget_max")
+NAMM_MODES = DEPLOY_MODES
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[int]]
@@ -179,7 +180,9 @@ class StreamingLLM:
             ``pymemory.namm.packaged``).
         namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =
             all of them, so nothing any head keeps is removed), "budget" (hold the cache at ``max_cells`` by keep
-            votes, then mean score) or "budget_max" (hold it there by each token's highest score over the pairs).
+            votes, then mean score), "budget_max" (hold it there by each token's highest score over the pairs) or
+            "budget_zmax" (by its highest score standardised within each pair: relative to that pair's mean and
+            spread over the cached tokens).
             Default: the mode the NAMM file was trained with (a trained NAMM says), else quorum 1.0.
         quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (the file's).
         namm_layers: how many attention layers NAMM scores, spread evenly over the depth (default: all). Each

@@ -36,15 +36,17 @@ def test_quorum_and_budget_decisions():
 
 
 @pytest.mark.model
-def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf, tmp_path):
+@pytest.mark.parametrize("mode", ["budget_max", "budget_zmax"])
+def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf, tmp_path, mode):
     """budget_max through the engine, taken from the NAMM file's deploy settings (no namm_mode given): at every
     invocation the evicted tokens are exactly those whose highest score over the scored (layer, KV head) pairs is
-    lowest (sinks and the newest token stay), down to max_cells."""
+    lowest (sinks and the newest token stay), down to max_cells. budget_zmax: the same with each pair's scores
+    standardised over the cached tokens (minus the pair's mean, over its standard deviation) first."""
     from pymemory.namm import load_checkpoint
     from pymemory.namm.convert import write_gguf
 
     path = write_gguf(load_checkpoint(namm_gguf[1], trust_pickle=True), tmp_path / "max.gguf", "f32", delay=64,
-                      deploy={"mode": "budget_max", "quorum": 1.0})["output"]
+                      deploy={"mode": mode, "quorum": 1.0})["output"]
     tokens = smollm2_model.tokenize(english_text, True, False)[:700]
     engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_layers=3)
     engine.capture_namm_layers([5, 15, 25])  # the 3 layers spread over 30
@@ -55,7 +57,10 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
     evicting = 0
     for seen, layers in by_invocation.items():
         assert sorted(c["layer"] for c in layers) == [5, 15, 25]
-        best = np.max(np.concatenate([c["scores"] for c in layers]), axis=0)  # [n] over 3 layers x 3 heads
+        scores = np.concatenate([c["scores"] for c in layers]).astype(np.float64)  # [3 layers x 3 heads, n]
+        if mode == "budget_zmax":
+            scores = (scores - scores.mean(axis=1, keepdims=True)) / scores.std(axis=1, keepdims=True)
+        best = np.max(scores, axis=0)  # [n]
         n = best.size
         expected = np.ones(n, bool)
         if n > 256 - 64:
@@ -71,7 +76,7 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
 @pytest.mark.model
 def test_an_unknown_namm_mode_is_refused_when_the_engine_is_built(smollm2_model, namm_gguf):
     # Not at the first invocation, 512 tokens into a stream: the raw core checks it up front too.
-    with pytest.raises(InvalidArgumentError, match="namm_mode must be 'quorum', 'budget' or 'budget_max' .got 'lru'"):
+    with pytest.raises(InvalidArgumentError, match="namm_mode must be 'quorum', 'budget', 'budget_max' or 'budget_zmax' .got 'lru'"):
         _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=namm_gguf[0], namm_mode="lru",
                      namm_delay=64)
 
@@ -148,7 +153,7 @@ def test_engine_features_and_scores_equal_the_reference_on_captured_attention(sm
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("mode", ["quorum", "budget", "budget_max"])
+@pytest.mark.parametrize("mode", ["quorum", "budget", "budget_max", "budget_zmax"])
 def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode):
     path, _ = namm_gguf
     engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, namm_path=path, namm_mode=mode,

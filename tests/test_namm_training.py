@@ -216,11 +216,13 @@ def test_imitation_warm_start_predicts_future_attention(tmp_path, smollm2_path):
 
 
 def test_run_outputs_convert_and_match(tmp_path, smollm2_path):
-    """ckpt.pt (evo-memory format) converts with convert-namm into the GGUF the run wrote; log and plot exist."""
+    """ckpt.pt (evo-memory format) converts with convert-namm into the GGUF the run wrote, with the settings the run
+    trained under (delay, moving average, mode); log and plot exist."""
+    from pymemory.cli import main as cli
     from pymemory.namm import load_checkpoint, load_gguf
     from pymemory.namm.training import train_namm
 
-    summary = train_namm(tiny(tmp_path, model=smollm2_path), progress=False)
+    summary = train_namm(tiny(tmp_path, model=smollm2_path, ema_coefficient=0.995), progress=False)
     run = tmp_path / "run"
     log = _log(run)
     assert [r["generation"] for r in log["records"]] == [1, 2]
@@ -239,14 +241,33 @@ def test_run_outputs_convert_and_match(tmp_path, smollm2_path):
     assert state["iter_num"] == summary["best_generation"]
     assert state["evolution_state"]["C"].shape == (4172, 4172)
     assert float(state["best_val_loss"]) == pytest.approx(summary["best_heldout_loss"])
-    # The GGUF says how it was trained, and the engine takes that by default.
+    # The GGUF, written by the run or converted from its ckpt.pt, says how it was trained, and the engine takes
+    # that by default.
+    converted = tmp_path / "converted.gguf"
+    assert cli(["convert-namm", os.fspath(run / "ckpt.pt"), "-o", os.fspath(converted), "--trust-pickle"]) == 0
+    recorded = _settings(run / "namm.gguf")
+    assert recorded == {"namm.delay": 32, "namm.ema_coefficient": pytest.approx(0.995),
+                        "namm.deploy.mode": "budget", "namm.deploy.quorum": 1.0}
+    assert _settings(converted) == recorded
     from pymemory._loader import _core
 
     model = _core.Model.load(smollm2_path)
-    engine = _core.Engine(model, policy="namm", n_sink=4, window=124, namm_path=os.fspath(run / "namm.gguf"))
+    engine = _core.Engine(model, policy="namm", n_sink=4, window=124, namm_path=os.fspath(converted))
     engine.feed(model.tokenize("word " * 300, True, False))
     full = [r for r in engine.policy_stats()["invocations"] if r["cells_before"] == 128]
     assert full and all(r["cells_after"] == 128 - 32 for r in full)  # budget mode, delay 32, from the file
+
+
+def _settings(path) -> dict:
+    """The run settings a NAMM GGUF records."""
+    import gguf
+
+    reader = gguf.GGUFReader(os.fspath(path))
+    out = {}
+    for key in ("namm.delay", "namm.ema_coefficient", "namm.deploy.mode", "namm.deploy.quorum"):
+        field = reader.get_field(key)
+        out[key] = field.contents() if field is not None else None
+    return out
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path, smollm2_path):

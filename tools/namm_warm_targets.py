@@ -11,9 +11,10 @@ question's attention for retrieval samples, 600 Adam steps), then tested on held
 and 50 % of the sample length beside the full cache, sink, h2o, tova and the shipped NAMM, with paired
 differences to sink and their 95 % bootstrap intervals. Each fit is also written as a NAMM GGUF next to the report.
 
-`--modes budget,budget_max` deploys every fit under each shared-cell rule (namm_policy.h): budget ranks tokens by
-keep votes then the mean score over the pairs, budget_max by the highest score any pair gives them, so a signal
-that lives in a few heads (a pass key's) is not outvoted. The `max` fit (budget_max only) fits the highest score over
+`--modes budget,budget_max,budget_zmax` deploys every fit under each shared-cell rule (namm_policy.h): budget ranks
+tokens by keep votes then the mean score over the pairs, budget_max by the highest score any pair gives them, so a
+signal that lives in a few heads (a pass key's) is not outvoted, and budget_zmax by the highest score standardised
+within its pair (a pair whose scores all run high does not outrank the rest). The `max` fit (budget_max only) fits the highest score over
 the pairs to the highest pair's own future attention.
 
 `--ema-coefficients 0.99,0.998` repeats the capture and every fit with NAMMs whose spectrogram moving average has
@@ -38,12 +39,14 @@ from pymemory._loader import _core  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.namm.checkpoint import NammVector  # noqa: E402
+from pymemory.namm.gguf_format import DEPLOY_MODES, MAX_MODES  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
 from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
 from pymemory.namm.training.warm_start import TARGETS, examples_from, fit_imitation  # noqa: E402
 
 SAMPLE_TOKENS, SCORED, DELAY, N_SINK, HORIZON = 512, 256, 32, 4, 256
+BUDGET_MODES = tuple(m for m in DEPLOY_MODES if m != "quorum")
 RETRIEVAL = ["passkey", "kv"]
 
 
@@ -78,12 +81,12 @@ def main() -> int:
                         "with: budget, budget_max")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or any(m not in ("budget", "budget_max") for m in modes):
-        parser.error(f"--modes takes budget and/or budget_max (got {args.modes!r})")
+    if not modes or any(m not in BUDGET_MODES for m in modes):
+        parser.error(f"--modes takes a comma-separated subset of {', '.join(BUDGET_MODES)} (got {args.modes!r})")
     if not args.targets or any(t not in TARGETS for t in args.targets.split(",")):
         parser.error(f"--targets takes a comma-separated subset of {', '.join(TARGETS)} (got {args.targets!r})")
-    if "max" in args.targets.split(",") and "budget_max" not in modes:
-        parser.error("--targets max fits what budget_max ranks by: add budget_max to --modes")
+    if "max" in args.targets.split(",") and not set(MAX_MODES) & set(modes):
+        parser.error("--targets max fits what budget_max ranks by: add budget_max or budget_zmax to --modes")
     try:
         emas = ema_coefficients(args.ema_coefficients)
     except ValueError as exc:
@@ -105,7 +108,7 @@ def main() -> int:
         for target, theta in thetas.items():
             vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}{label}")
             for mode in modes:
-                if target == "max" and mode != "budget_max":
+                if target == "max" and mode not in MAX_MODES:
                     continue  # fitted to the highest score over the pairs: meaningless ranked by the mean
                 name = (target if mode == "budget" else f"{target}, {mode}") + label
                 suffix = (f"_{target}" if mode == "budget" else f"_{target}_{mode}") + ("" if not label else f"_ema{ema:g}")

@@ -243,6 +243,11 @@ if run namm-warm-max; then  # issue 10: warm starts deployed with budget_max (ea
   python tools/namm_warm_targets.py --out $out/namm_warm_max --targets per_head,max --modes budget_max \
     --test-text 12 --test-retrieval 16
 fi
+if run namm-warm-ema; then  # issue 10: the pooled and max fits with the released spectrogram moving average (0.99
+  # per token, ~100 queries) and a longer one (0.998, ~500), under budget and budget_max (about 30 minutes)
+  python tools/namm_warm_targets.py --out $out/namm_warm_ema --test-text 12 --test-retrieval 16 \
+    --targets pooled,max --modes budget,budget_max --ema-coefficients 0.99,0.998
+fi
 if run namm-quant-check; then  # issue 10: each shipped NAMM in f32/f16/q8_0/q4_0 on its trainer's held-out set
   python tools/namm_quant_check.py --namm smollm2 --out $out/namm_quant_smollm2
   python tools/namm_quant_check.py --namm smollm2-evolved --out $out/namm_quant_smollm2_evolved

@@ -244,8 +244,8 @@ void NammModel::load_file(const std::string & path) {
     hp.source = meta.str("namm.source");
     if (gguf_find_key(gctx, "namm.deploy.mode") >= 0) {
         hp.deploy_mode = meta.str("namm.deploy.mode");
-        if (hp.deploy_mode != "quorum" && hp.deploy_mode != "budget" && hp.deploy_mode != "budget_max") {
-            bad_file(path, "namm.deploy.mode is '" + hp.deploy_mode + "', expected 'quorum', 'budget' or 'budget_max'");
+        if (!is_deploy_mode(hp.deploy_mode)) {
+            bad_file(path, "namm.deploy.mode is '" + hp.deploy_mode + "', expected " + kDeployModes);
         }
     }
     if (gguf_find_key(gctx, "namm.deploy.quorum") >= 0) {
@@ -384,6 +384,12 @@ std::string NammModel::device_name() const {
 void NammModel::set_threads(int32_t n_threads) {
     const std::lock_guard<std::mutex> lock(compute_mutex_);
     set_backend_threads(backend_, n_threads);
+}
+
+const char * const kDeployModes = "'quorum', 'budget', 'budget_max' or 'budget_zmax'";
+
+bool is_deploy_mode(const std::string & mode) {
+    return mode == "quorum" || mode == "budget" || mode == "budget_max" || mode == "budget_zmax";
 }
 
 double NammModel::ema_coefficient() const { return shortest_decimal(hparams_.ema_coefficient); }

@@ -39,9 +39,13 @@ struct NammHparams {
     std::string source;                // provenance written by the converter
     // How the engine uses this NAMM unless told otherwise: the settings it was trained with (pymemory train-namm
     // writes them; "" / 1.0 for converted checkpoints).
-    std::string deploy_mode;           // namm.deploy.mode: "quorum", "budget" or "budget_max"
+    std::string deploy_mode;           // namm.deploy.mode: one of the deploy modes below
     float deploy_quorum = 1.0f;        // namm.deploy.quorum
 };
+
+// The shared-cell rules a NAMM can be deployed with (what each does: namm_policy.h).
+bool is_deploy_mode(const std::string & mode);
+extern const char * const kDeployModes;  // "'quorum', 'budget', 'budget_max' or 'budget_zmax'", for messages
 
 // One layer's tokens to score: per KV head, chronological absolute positions and un-normalised EMAs.
 struct LayerInput {

@@ -23,6 +23,9 @@ STATS_PREFIX = "stored_buffers_to_save.token_embedding_0_"
 MEAN_KEY = STATS_PREFIX + "output_mean"
 VAR_KEY = STATS_PREFIX + "output_var"
 COMPILED_PREFIX = "_orig_mod."  # added by torch.compile; the trainer strips it too (memory_trainer.py:1097)
+# pymemory's trainer also records how its NAMM is to run (the original keeps that in its Hydra config, not the
+# checkpoint): {"namm_delay": int, "ema_coefficient": float, "mode": str, "quorum": float}.
+SETTINGS_KEY = "pymemory_settings"
 
 
 class NammCheckpointError(PymemoryError, ValueError):
@@ -38,6 +41,7 @@ class NammVector:
     feat_var: np.ndarray  # float32 [17]  σ², population variances
     source: str = ""  # provenance: file and vector
     iteration: int | None = None  # trainer iteration, when the checkpoint records it
+    settings: dict | None = None  # SETTINGS_KEY of a pymemory run's ckpt.pt: the GGUF's delay, EMA, deploy mode
 
     def tensors(self) -> dict[str, np.ndarray]:
         """θ sliced into the network's float32 tensors in the trainer's x @ W layout (spec §5.4):
@@ -190,8 +194,42 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> N
     source = f"{path.name}: evolution_state.mean (CMA-ES mean, not best_member)"
     if iteration is not None:
         source += f", iteration {iteration}"
-    return validate_vector(_as_array(state["mean"], "mean", path), _as_array(state[MEAN_KEY], MEAN_KEY, path),
-                           _as_array(state[VAR_KEY], VAR_KEY, path), source, iteration)
+    vector = validate_vector(_as_array(state["mean"], "mean", path), _as_array(state[MEAN_KEY], MEAN_KEY, path),
+                             _as_array(state[VAR_KEY], VAR_KEY, path), source, iteration)
+    if SETTINGS_KEY in checkpoint:
+        vector.settings = validate_settings(checkpoint[SETTINGS_KEY], path)
+    return vector
+
+
+def validate_settings(settings, path) -> dict:
+    """A run's recorded settings (SETTINGS_KEY), checked as the GGUF writer and the engine would check them."""
+    def bad(what: str):
+        raise NammCheckpointError(f"{path}: {SETTINGS_KEY} {what}; the file was not written by pymemory's trainer "
+                                  "or is damaged (convert its vector with --params/--mean/--var instead)")
+
+    if not isinstance(settings, dict):
+        bad(f"is a {type(settings).__name__}, not a dictionary")
+    out = {}
+    delay = settings.get("namm_delay")
+    if delay is not None:
+        if not isinstance(delay, (int, np.integer)) or delay <= 0 or delay % fmt.RELEASED.hop:
+            bad(f"namm_delay must be a positive multiple of {fmt.RELEASED.hop} (got {delay!r})")
+        out["namm_delay"] = int(delay)
+    ema = settings.get("ema_coefficient")
+    if ema is not None:
+        if not isinstance(ema, (int, float)) or not 0.0 < float(ema) < 1.0:
+            bad(f"ema_coefficient must lie in (0, 1) (got {ema!r})")
+        out["ema_coefficient"] = float(ema)
+    mode = settings.get("mode")
+    if mode is not None:
+        if mode not in fmt.DEPLOY_MODES:
+            bad(f"mode must be one of {fmt.DEPLOY_MODES} (got {mode!r})")
+        out["mode"] = mode
+        quorum = settings.get("quorum", 1.0)
+        if not isinstance(quorum, (int, float)) or not 0.0 < float(quorum) <= 1.0:
+            bad(f"quorum must lie in (0, 1] (got {quorum!r})")
+        out["quorum"] = float(quorum)
+    return out
 
 
 # ---- plain vectors from other trainers ----------------------------------------------------------------------------

@@ -37,14 +37,21 @@ def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
 def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32", *, delay: int | None = None,
                deploy: dict | None = None, ema_coefficient: float | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
-    ``delay`` overrides the invocation period (default the released 512), ``ema_coefficient`` the spectrogram's
-    per-token moving-average coefficient (default the released 0.99); ``deploy`` records how the NAMM was
-    trained to be used ({"mode": "budget" | "budget_max" | "quorum", "quorum": float}), which the engine then takes by default.
+    ``delay`` overrides the invocation period, ``ema_coefficient`` the spectrogram's per-token moving-average
+    coefficient (defaults: the settings a pymemory run recorded in the vector, else the released 512 and 0.99);
+    ``deploy`` (default likewise the run's) records how the NAMM was
+    trained to be used ({"mode": one of gguf_format.DEPLOY_MODES, "quorum": float}), which the engine then takes by
+    default.
     Returns a summary: output, source, weight_type, bytes, tensors (name, shape, type, max_abs_error)."""
     gguf = _require_gguf()
     if weight_type not in fmt.WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {', '.join(fmt.WEIGHT_TYPES)} (got {weight_type!r})")
     qtype = gguf.GGMLQuantizationType[weight_type.upper()]
+    recorded = vector.settings or {}
+    delay = recorded.get("namm_delay") if delay is None else delay
+    ema_coefficient = recorded.get("ema_coefficient") if ema_coefficient is None else ema_coefficient
+    if deploy is None and "mode" in recorded:
+        deploy = {"mode": recorded["mode"], "quorum": recorded["quorum"]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -58,11 +65,13 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
                      "ema_coefficient": None if ema_coefficient is None else float(ema_coefficient)}
         hparams = dataclasses.replace(fmt.RELEASED, **{k: v for k, v in overrides.items() if v is not None})
         hparams.check_supported()
+        summary["settings"] = {"delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
+                               "deploy": dict(deploy) if deploy else None}
         for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)
         if deploy:
-            if deploy.get("mode") not in ("budget", "budget_max", "quorum"):
-                raise ValueError(f"deploy mode must be 'budget', 'budget_max' or 'quorum' (got {deploy.get('mode')!r})")
+            if deploy.get("mode") not in fmt.DEPLOY_MODES:
+                raise ValueError(f"deploy mode must be one of {fmt.DEPLOY_MODES} (got {deploy.get('mode')!r})")
             writer.add_string(fmt.KEY_DEPLOY_MODE, deploy["mode"])
             writer.add_float32(fmt.KEY_DEPLOY_QUORUM, float(deploy.get("quorum", 1.0)))
         writer.add_string(fmt.KEY_SOURCE, vector.source)
@@ -97,6 +106,11 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
 def format_summary(summary: dict) -> str:
     lines = [f"wrote {summary['output']} ({summary['bytes']:,} bytes, weight type {summary['weight_type']})",
              f"  source: {summary['source']}"]
+    s = summary.get("settings")
+    if s:
+        deploy = f", trained for {s['deploy']['mode']} mode" if s.get("deploy") else ""
+        lines.append(f"  runs every {s['delay']} tokens, spectrogram moving average {s['ema_coefficient']:g} per "
+                     f"token{deploy}")
     for t in summary["tensors"]:
         error = f"  max |quantisation error| {t['max_abs_error']:.3g}" if "max_abs_error" in t else ""
         lines.append(f"  {t['name']:<24} {str(t['shape']):<10} {t['type']:<5}{error}")

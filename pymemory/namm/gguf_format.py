@@ -9,6 +9,11 @@ from dataclasses import dataclass, fields
 ARCHITECTURE = "namm"
 FORMAT_VERSION = 1
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# Shared-cell rules a NAMM can be deployed with (cpp/namm_policy.h says what each does; the C++ list is
+# namm::kDeployModes): quorum of drop votes; the cache held at max_cells by votes then mean score, by each token's
+# highest score over the (layer, KV head) pairs, or by its highest score standardised within each pair.
+DEPLOY_MODES = ("quorum", "budget", "budget_max", "budget_zmax")
+MAX_MODES = ("budget_max", "budget_zmax")  # the modes that rank by a maximum over the pairs
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ KEY_FORMAT_VERSION = "namm.format_version"  # u32
 KEY_SOURCE = "namm.source"  # str: file and vector the parameters came from
 KEY_SOURCE_ITERATION = "namm.source.iteration"  # i32, only when the checkpoint records it
 KEY_WEIGHT_TYPE = "namm.weight_type"  # str: type of the two matrices
-KEY_DEPLOY_MODE = "namm.deploy.mode"  # str, optional: "budget" | "budget_max" | "quorum", the mode a trained NAMM was evolved in
+KEY_DEPLOY_MODE = "namm.deploy.mode"  # str, optional: one of DEPLOY_MODES, the mode a trained NAMM was evolved in
 KEY_DEPLOY_QUORUM = "namm.deploy.quorum"  # f32, optional: its quorum
 
 RELEASED = NammHparams()

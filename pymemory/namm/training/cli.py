@@ -16,6 +16,7 @@ _HELP = {
     "cache_fraction": "peak cells as a fraction of sample_tokens",
     "n_sink": "first tokens always kept",
     "namm_delay": "tokens between NAMM invocations (multiple of 16)",
+    "ema_coefficient": "per-token coefficient of the NAMM's spectrogram moving average (released: 0.99)",
     "mode": f"shared-cell rule: {', '.join(MODES)}",
     "quorum": "quorum mode: fraction of (layer, head) pairs that must drop a token",
     "warm_start": f"where evolution starts: {', '.join(WARM_STARTS)} (imitation: θ fitted to predict future "

@@ -11,13 +11,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ...errors import InvalidArgumentError
+from ..gguf_format import DEPLOY_MODES, MAX_MODES
 from .warm_start import TARGETS as WARM_START_TARGETS
 
 DATA_SOURCES = ("austen", "shakespeare", "paul-graham-essays", "passkey", "kv")
 TEXT_SOURCES = ("austen", "shakespeare", "paul-graham-essays")
 RETRIEVAL_SOURCES = ("passkey", "kv")
 COVARIANCES = ("diagonal", "full")
-MODES = ("budget", "budget_max", "quorum")
+MODES = DEPLOY_MODES
 WARM_STARTS = ("imitation", "none")
 CONFIG_FILE = "config.json"
 
@@ -37,6 +38,9 @@ class TrainConfig:
     cache_fraction: float = 0.25  # peak cells = this fraction of sample_tokens (what a user's memory buys)
     n_sink: int = 4
     namm_delay: int = 64  # tokens between NAMM invocations
+    # Per-token coefficient of the spectrogram moving average the NAMM reads (spec §2.3; the released NAMM: 0.99,
+    # about 100 queries of memory). Longer memories keep the attention a token drew when it arrived.
+    ema_coefficient: float = 0.99
     mode: str = "budget"  # how per-(layer, head) decisions become cell evictions (namm_policy.h)
     quorum: float = 1.0  # quorum mode only
     # Where evolution starts: "imitation" fits θ by gradient descent to predict the attention each cached token
@@ -97,6 +101,9 @@ class TrainConfig:
         if self.namm_delay < 16 or self.namm_delay % 16:
             raise InvalidArgumentError(f"--namm-delay must be a positive multiple of 16, the STFT hop "
                                        f"(got {self.namm_delay})")
+        if not 0.0 < self.ema_coefficient < 1.0:
+            raise InvalidArgumentError(f"--ema-coefficient must lie in (0, 1) (got {self.ema_coefficient}); the "
+                                       "released NAMM uses 0.99")
         if self.sample_tokens < 256:
             raise InvalidArgumentError(f"--sample-tokens must be at least 256 (got {self.sample_tokens})")
         if not 0.0 < self.cache_fraction < 1.0:
@@ -128,10 +135,10 @@ class TrainConfig:
             if self.warm_start_target not in WARM_START_TARGETS:
                 raise InvalidArgumentError(f"--warm-start-target must be one of {WARM_START_TARGETS} "
                                            f"(got {self.warm_start_target!r})")
-            if self.warm_start_target == "max" and self.mode != "budget_max":
+            if self.warm_start_target == "max" and self.mode not in MAX_MODES:
                 raise InvalidArgumentError("--warm-start-target max fits what --mode budget_max ranks by (each "
-                                           f"token's highest score over the pairs); use it with --mode budget_max "
-                                           f"(got --mode {self.mode})")
+                                           f"token's highest score over the pairs); use it with --mode "
+                                           f"{' or '.join(MAX_MODES)} (got --mode {self.mode})")
             for name in ("warm_start_samples", "warm_start_steps"):
                 if getattr(self, name) < 1:
                     raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1 (or --warm-start none)")

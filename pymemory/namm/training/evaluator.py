@@ -133,13 +133,20 @@ def namm_tensors(theta: np.ndarray, spec: MemorySpec) -> dict[str, np.ndarray]:
                                    np.asarray(spec.feat_var, np.float32)))
 
 
+def deploy_settings(spec: MemorySpec) -> dict:
+    """How a NAMM trained under `spec` is to run (checkpoint.SETTINGS_KEY): recorded in the run's ckpt.pt and GGUF."""
+    return {"namm_delay": spec.namm_delay, "ema_coefficient": spec.ema_coefficient, "mode": spec.mode,
+            "quorum": spec.quorum}
+
+
 def write_template(vector, path: str, spec: MemorySpec, weight_type: str = "f32") -> str:
     """A NAMM GGUF carrying the run's schedule, features and deployment settings (delay, EMA coefficient, mode,
     quorum)."""
     from ..convert import write_gguf
 
-    return write_gguf(vector, path, weight_type, delay=spec.namm_delay, ema_coefficient=spec.ema_coefficient,
-                      deploy={"mode": spec.mode, "quorum": spec.quorum})["output"]
+    s = deploy_settings(spec)
+    return write_gguf(vector, path, weight_type, delay=s["namm_delay"], ema_coefficient=s["ema_coefficient"],
+                      deploy={"mode": s["mode"], "quorum": s["quorum"]})["output"]
 
 
 _WORKERS: dict[MemorySpec, _Worker] = {}

@@ -29,11 +29,13 @@ def covariance_diagonal_or_matrix(es) -> np.ndarray:
 
 
 def write_checkpoint(path: Path, es, feat_mean: np.ndarray, feat_var: np.ndarray, iteration: int,
-                     best_val_loss: float, calibration_tokens: int, mean: np.ndarray | None = None) -> None:
+                     best_val_loss: float, calibration_tokens: int, mean: np.ndarray | None = None,
+                     settings: dict | None = None) -> None:
     """`torch.save({'evolution_state': ..., 'iter_num': int, 'best_val_loss': numpy.float64})` with the keys the
     evo-memory trainer writes (namm-spec.md §5.1-5.2) that describe the search distribution and the buffers; so
     `pymemory convert-namm ckpt.pt --trust-pickle` converts it. C is written as a full [N, N] matrix (diagonal for
-    the diagonal variant), as the original's loader expects."""
+    the diagonal variant), as the original's loader expects. `settings` (namm_delay, ema_coefficient, mode, quorum:
+    how the NAMM was trained to run) go under a key of their own, which convert-namm writes into the GGUF."""
     import torch
 
     mean = np.asarray(es.mean if mean is None else mean, np.float32)  # the deployed θ: the CMA mean by default
@@ -62,6 +64,10 @@ def write_checkpoint(path: Path, es, feat_mean: np.ndarray, feat_var: np.ndarray
         state[BUFFER_PREFIX + name] = torch.zeros(stats_shape)
     state[BUFFER_PREFIX + "online_new_output_num"] = torch.tensor(0)
     payload = {"evolution_state": state, "iter_num": int(iteration), "best_val_loss": np.float64(best_val_loss)}
+    if settings:
+        from ..checkpoint import SETTINGS_KEY
+
+        payload[SETTINGS_KEY] = {k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()}
     _atomic(path, lambda p: torch.save(payload, p))
 
 

@@ -100,7 +100,7 @@ class Trainer:
         rng_samples = generation_samples(self.factory, c.seed + CALIBRATION_SEED_OFFSET, 0, c.calibration_samples, 0,
                                          [])
         t0 = time.perf_counter()
-        mean, var = feature_statistics(self.model, rng_samples, c.namm_delay, self.threads)
+        mean, var = feature_statistics(self.model, rng_samples, c.namm_delay, self.threads, c.ema_coefficient)
         options = {"popsize": c.population, "seed": c.seed + 1, "verbose": -9, "CMA_diagonal": c.covariance ==
                    "diagonal", "tolx": 0, "tolfun": 0, "tolflatfitness": 10 ** 9, "tolfunhist": 0,
                    "tolstagnation": 10 ** 9}
@@ -125,7 +125,7 @@ class Trainer:
                                      c.warm_start_samples - n_retrieval, n_retrieval, self.retrieval_kinds)
         t0 = time.perf_counter()
         examples = capture_examples(self.model, samples, c.namm_delay, c.warm_start_horizon, c.n_sink, self.threads,
-                                    c.warm_start_target)
+                                    c.warm_start_target, c.ema_coefficient)
         capture_seconds = time.perf_counter() - t0
         theta, report = fit_imitation(examples, feat_mean, feat_var, steps=c.warm_start_steps, seed=c.seed)
         report.update(samples=[smp.id for smp in samples], capture_seconds=capture_seconds)
@@ -135,7 +135,7 @@ class Trainer:
         c, s = self.config, self.state
         return MemorySpec(c.model, c.capacity, c.sample_tokens, c.n_sink, c.namm_delay, c.mode, c.quorum,
                           c.max_cells, tuple(map(float, s["feat_mean"])), tuple(map(float, s["feat_var"])),
-                          self.threads)
+                          self.threads, c.ema_coefficient)
 
     # ---- the run --------------------------------------------------------------------------------------------
 
@@ -271,12 +271,12 @@ class Trainer:
     def _write_model(self, es, generation: int, heldout_gap: float, theta: np.ndarray | None = None) -> None:
         """ckpt.pt (the run's best held-out CMA mean, as the original keeps its best-eval checkpoint) and its GGUF."""
         from ..checkpoint import load_checkpoint
-        from .evaluator import write_template
+        from .evaluator import deploy_settings, write_template
 
         s = self.state
         ckpt = self.out / "ckpt.pt"
         write_checkpoint(ckpt, es, s["feat_mean"], s["feat_var"], generation, heldout_gap, s["calibration_tokens"],
-                         mean=theta)
+                         mean=theta, settings=deploy_settings(self.spec()))
         vector = load_checkpoint(ckpt, trust_pickle=True)  # the converter's own reading of what we wrote
         vector = replace(vector, source=f"pymemory train-namm {self.config.model} generation {generation}")
         write_template(vector, os.fspath(self.out / "namm.gguf"), self.spec())
