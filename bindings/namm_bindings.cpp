@@ -252,16 +252,19 @@ void register_namm(py::module_ & m) {
     m.def(
         "decide_shared_evictions",
         [](const std::string & mode, float quorum, int32_t max_cells, int32_t n_sink,
-           const std::vector<int32_t> & drop_votes, const std::vector<double> & scores, int32_t n_pairs) {
+           const std::vector<int32_t> & drop_votes, const std::vector<double> & scores, int32_t n_pairs,
+           const std::vector<double> & reserve_scores, int32_t reserve) {
             SharedCellDecision rule;
             rule.mode = mode;
             rule.quorum = quorum;
             rule.max_cells = max_cells;
             rule.n_sink = n_sink;
-            return decide_shared_evictions(rule, drop_votes, scores, n_pairs);
+            rule.reserve = reserve;
+            return decide_shared_evictions(rule, drop_votes, scores, n_pairs, reserve_scores);
         },
         py::arg("mode"), py::arg("quorum"), py::arg("max_cells"), py::arg("n_sink"), py::arg("drop_votes"),
-        py::arg("scores"), py::arg("n_pairs"));
+        py::arg("scores"), py::arg("n_pairs"), py::arg("reserve_scores") = std::vector<double>{},
+        py::arg("reserve") = 0);
 }
 
 }  // namespace pm::py_bindings

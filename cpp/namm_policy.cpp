@@ -14,12 +14,11 @@
 
 namespace pm {
 
-bool is_budget_mode(const std::string & mode) {
-    return mode == "budget" || mode == "budget_max" || mode == "budget_zmax";
-}
+bool is_budget_mode(const std::string & mode) { return mode != "quorum" && namm::is_deploy_mode(mode); }
 
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
-                                             const std::vector<double> & scores, int32_t n_pairs) {
+                                             const std::vector<double> & scores, int32_t n_pairs,
+                                             const std::vector<double> & reserve_scores) {
     if (scores.size() != drop_votes.size()) {
         fail(ErrorKind::invalid_argument, "drop_votes and scores must have one entry per cached token (got " +
                                               std::to_string(drop_votes.size()) + " and " +
@@ -33,6 +32,13 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
     const bool budget = is_budget_mode(rule.mode);
     if (budget && rule.max_cells < 0) {
         fail(ErrorKind::invalid_argument, "max_cells must be >= 0 (got " + std::to_string(rule.max_cells) + ")");
+    }
+    const bool mix = rule.mode == "budget_mix";
+    if (mix && (reserve_scores.size() != drop_votes.size() || rule.reserve < 0)) {
+        fail(ErrorKind::invalid_argument, "budget_mix needs reserve >= 0 (got " + std::to_string(rule.reserve) +
+                                              ") and one reserve score per cached token (got " +
+                                              std::to_string(reserve_scores.size()) + " for " +
+                                              std::to_string(drop_votes.size()) + ")");
     }
     const int32_t n = int32_t(drop_votes.size());
     const int32_t first = std::min(rule.n_sink, n);
@@ -51,9 +57,21 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
     if (excess <= 0) return out;
     std::vector<int32_t> candidates;
     for (int32_t i = first; i < last; ++i) candidates.push_back(i);
-    // budget: most drop votes first, then lowest mean score; budget_max, budget_zmax: lowest highest score. Then
-    // older.
-    const bool by_votes = rule.mode == "budget";
+    if (mix && rule.reserve > 0) {  // the reserve's tokens leave the candidates: highest reserve score, then newer
+        std::vector<int32_t> by_reserve = candidates;
+        std::stable_sort(by_reserve.begin(), by_reserve.end(), [&](int32_t a, int32_t b) {
+            return reserve_scores[size_t(a)] > reserve_scores[size_t(b)];
+        });
+        by_reserve.resize(size_t(std::min<int32_t>(rule.reserve, int32_t(by_reserve.size()))));
+        std::vector<uint8_t> reserved(size_t(n), 0);
+        for (int32_t i : by_reserve) reserved[size_t(i)] = 1;
+        candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                        [&](int32_t i) { return reserved[size_t(i)] != 0; }),
+                         candidates.end());
+    }
+    // budget, budget_mix: most drop votes first, then lowest mean score; budget_max, budget_zmax: lowest highest
+    // score. Then older.
+    const bool by_votes = rule.mode == "budget" || mix;
     std::stable_sort(candidates.begin(), candidates.end(), [&](int32_t a, int32_t b) {
         if (by_votes && drop_votes[size_t(a)] != drop_votes[size_t(b)]) {
             return drop_votes[size_t(a)] > drop_votes[size_t(b)];
@@ -233,7 +251,7 @@ private:
         std::vector<int32_t> drop_votes(static_cast<size_t>(n), 0);
         std::vector<double> score_sum(static_cast<size_t>(n), 0.0);
         std::vector<double> score_max(static_cast<size_t>(n), -std::numeric_limits<double>::infinity());
-        const bool standardise = rule_.mode == "budget_zmax";
+        const bool standardise = rule_.mode == "budget_zmax" || rule_.mode == "budget_mix";
         InvocationRecord record;
         record.tokens_seen = tokens_seen;
         record.cells_before = n;
@@ -283,19 +301,22 @@ private:
                 }
             }
         }
-        // The score the mode ranks tokens by: the mean over the pairs, or (budget_max, budget_zmax) the highest.
+        // The score the mode ranks tokens by: the mean over the pairs, or (budget_max, budget_zmax) the highest;
+        // budget_mix keeps its reserve by the (standardised) highest.
+        const bool by_mean = rule_.mode == "budget" || rule_.mode == "budget_mix";
         std::vector<double> token_scores(static_cast<size_t>(n));
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         for (int32_t i = 0; i < n; ++i) {
             token_scores[size_t(i)] =
-                rule_.mode == "budget" ? score_sum[size_t(i)] / double(n_pairs) : score_max[size_t(i)];
+                by_mean ? score_sum[size_t(i)] / double(n_pairs) : score_max[size_t(i)];
             last_cell_scores_[size_t(cache.cells[size_t(i)])] = token_scores[size_t(i)];
             record.union_size += drop_votes[size_t(i)] < n_pairs;
             record.intersection_size += drop_votes[size_t(i)] == 0;
         }
         SharedCellDecision rule = rule_;
         rule.n_sink = std::max(rule.n_sink, cache.state.n_pinned);  // a pinned system prompt counts as sinks
-        std::vector<int32_t> evict = decide_shared_evictions(rule, drop_votes, token_scores, n_pairs);
+        std::vector<int32_t> evict = decide_shared_evictions(rule, drop_votes, token_scores, n_pairs,
+                                                             rule.mode == "budget_mix" ? score_max : std::vector<double>{});
         record.cells_after = n - int32_t(evict.size());
         // Agreement of the kept set with the union / intersection of the per-(layer, head) keep sets.
         std::vector<uint8_t> kept(size_t(n), 1);
@@ -399,6 +420,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     rule.quorum = a.quorum > 0.0f ? a.quorum : scorer->hparams().deploy_quorum;
     rule.n_sink = policy.n_sink;
     rule.max_cells = a.max_cells > 0 ? a.max_cells : cap - delay;
+    rule.reserve = rule.mode == "budget_mix" ? std::max(1, rule.max_cells / kMixReserveDivisor) : 0;
     if (is_budget_mode(rule.mode) && rule.max_cells + delay > cap) {
         fail(ErrorKind::invalid_argument, "max_cells + namm delay (" + std::to_string(rule.max_cells) + " + " +
                                               std::to_string(delay) + ") must not exceed the capacity " +

@@ -16,7 +16,10 @@
 //     keeps it (the union's rule at a budget: a signal that lives in a few heads is not outvoted);
 //     "budget_zmax" ranks by the highest *standardised* score, each pair's scores taken relative to that pair's
 //     mean and spread over the cached tokens, so a pair whose scores all run high does not outrank the rest with
-//     every token it scores (what one head singles out counts, not how that head's scores are scaled).
+//     every token it scores (what one head singles out counts, not how that head's scores are scaled);
+//     "budget_mix" ranks as budget does except that the max_cells / 8 tokens with the highest standardised score
+//     (budget_zmax's ranking) are kept first: most of the cache goes to what the model as a whole reads, a small
+//     reserve to what single heads single out (a pass key's digits).
 //     The first n_sink tokens and the newest are always kept. A cell kept for the cache stays in every head's
 //     state (the original would have dropped it from the heads that evicted it).
 //   - Positions stay absolute (no re-indexing) by default, as in the original.
@@ -39,20 +42,24 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
                                                   const ModelInfo & model, uint32_t n_cells, const std::string & device,
                                                   int32_t n_threads);
 
-bool is_budget_mode(const std::string & mode);  // "budget", "budget_max", "budget_zmax": held at max_cells
+bool is_budget_mode(const std::string & mode);  // every mode but quorum: the cache is held at max_cells
+constexpr int32_t kMixReserveDivisor = 8;        // budget_mix: max_cells / 8 cells kept by the standardised max
 
 // How per-(layer, head) keep decisions become cell evictions. `drop_votes[i]` counts the (layer, head) pairs
 // that drop token i (chronological), out of `n_pairs`; `scores[i]` is its score aggregated over the pairs as the
-// mode ranks (budget: the mean, budget_max and budget_zmax: the highest; quorum reads the votes only). Returns the
-// sorted indices
+// mode ranks (budget, budget_mix: the mean; budget_max, budget_zmax: the highest; quorum reads the votes only);
+// budget_mix keeps the `reserve` tokens with the highest `reserve_scores` (the standardised maximum) before any
+// ranking. Returns the sorted indices
 // to evict. Pure; unit-tested in tests/test_namm_policy.py.
 struct SharedCellDecision {
-    std::string mode = "quorum";  // "quorum" | "budget" | "budget_max" | "budget_zmax"
+    std::string mode = "quorum";  // "quorum" | "budget" | "budget_max" | "budget_zmax" | "budget_mix"
     float quorum = 1.0f;
     int32_t max_cells = 0;
     int32_t n_sink = 4;
+    int32_t reserve = 0;          // budget_mix: tokens kept by reserve_scores first
 };
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
-                                             const std::vector<double> & scores, int32_t n_pairs);
+                                             const std::vector<double> & scores, int32_t n_pairs,
+                                             const std::vector<double> & reserve_scores = {});
 
 }  // namespace pm

@@ -27,9 +27,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--namm", dest="namm_path", default=None, help="namm: the NAMM GGUF (see convert-namm)")
     g.add_argument("--namm-mode", choices=NAMM_MODES, default=None,
                    help="namm: evict by quorum of (layer, head) votes, or hold --max-cells by votes then mean score "
-                   "(budget), by each token's highest score over the pairs (budget_max) or its highest score "
-                   "standardised within each pair (budget_zmax) (default: what the NAMM file was trained with, else "
-                   "quorum)")
+                   "(budget), by each token's highest score over the pairs (budget_max), its highest score "
+                   "standardised within each pair (budget_zmax), or as budget after keeping the max_cells/8 tokens "
+                   "with the highest standardised score (budget_mix) (default: what the NAMM file was trained with, "
+                   "else quorum)")
     g.add_argument("--quorum", type=float, default=None,
                    help="namm quorum: fraction of (layer, head) pairs that must drop a token (default: the file's, "
                    "else 1.0 = all)")

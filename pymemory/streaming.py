@@ -180,9 +180,10 @@ class StreamingLLM:
             ``pymemory.namm.packaged``).
         namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =
             all of them, so nothing any head keeps is removed), "budget" (hold the cache at ``max_cells`` by keep
-            votes, then mean score), "budget_max" (hold it there by each token's highest score over the pairs) or
+            votes, then mean score), "budget_max" (hold it there by each token's highest score over the pairs),
             "budget_zmax" (by its highest score standardised within each pair: relative to that pair's mean and
-            spread over the cached tokens).
+            spread over the cached tokens) or "budget_mix" (as budget, after keeping the max_cells / 8 tokens with
+            the highest standardised score).
             Default: the mode the NAMM file was trained with (a trained NAMM says), else quorum 1.0.
         quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (the file's).
         namm_layers: how many attention layers NAMM scores, spread evenly over the depth (default: all). Each

@@ -25,6 +25,8 @@ from pymemory._loader import _core
         (("quorum", 1.5, 0, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3), r"quorum must be in \(0, 1\]"),
         (("budget", 1.0, -1, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3), "max_cells must be >= 0"),
         (("lru", 1.0, 0, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3), "namm_mode must be"),
+        (("budget_mix", 1.0, 1, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3, [0.0], 1), "one reserve score per cached token"),
+        (("budget_mix", 1.0, 1, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3, [0.0, 1.0, 2.0], -1), "reserve >= 0"),
     ],
 )
 def test_decide_shared_evictions_rejects_inconsistent_input(args, message):

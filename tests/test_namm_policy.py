@@ -33,15 +33,22 @@ def test_quorum_and_budget_decisions():
     best = [0.0, 0.0, 1.0, 5.0, -1.0, 0.5, 2.0, 0.0]
     assert decide("budget", 1.0, 5, 2, drop, best, 9) == [3, 5, 6]  # 9 votes, 8, then 3
     assert decide("budget_max", 1.0, 5, 2, drop, best, 9) == [2, 4, 5]  # best -1.0, 0.5, then 1.0
+    # budget_mix: budget's ranking (votes, then mean) after the reserve's tokens, the highest reserve scores, stay.
+    mean = [0.0, 0.0, 0.3, 0.1, 0.2, 0.4, 0.5, 0.0]
+    assert decide("budget_mix", 1.0, 5, 2, drop, mean, 9, best, 0) == [3, 5, 6]  # no reserve: budget's choice
+    assert decide("budget_mix", 1.0, 5, 2, drop, mean, 9, best, 1) == [2, 5, 6]  # token 3 (best 5.0) stays
+    assert decide("budget_mix", 1.0, 5, 2, drop, mean, 9, best, 2) == [2, 4, 5]  # and token 6 (best 2.0)
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("mode", ["budget_max", "budget_zmax"])
+@pytest.mark.parametrize("mode", ["budget_max", "budget_zmax", "budget_mix"])
 def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf, tmp_path, mode):
     """budget_max through the engine, taken from the NAMM file's deploy settings (no namm_mode given): at every
     invocation the evicted tokens are exactly those whose highest score over the scored (layer, KV head) pairs is
     lowest (sinks and the newest token stay), down to max_cells. budget_zmax: the same with each pair's scores
-    standardised over the cached tokens (minus the pair's mean, over its standard deviation) first."""
+    standardised over the cached tokens (minus the pair's mean, over its standard deviation) first. budget_mix: the
+    192 / 8 tokens with the highest standardised score stay, the rest go as budget mode ranks (most drop votes,
+    then lowest mean score)."""
     from pymemory.namm import load_checkpoint
     from pymemory.namm.convert import write_gguf
 
@@ -57,15 +64,22 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
     evicting = 0
     for seen, layers in by_invocation.items():
         assert sorted(c["layer"] for c in layers) == [5, 15, 25]
-        scores = np.concatenate([c["scores"] for c in layers]).astype(np.float64)  # [3 layers x 3 heads, n]
-        if mode == "budget_zmax":
-            scores = (scores - scores.mean(axis=1, keepdims=True)) / scores.std(axis=1, keepdims=True)
+        raw = np.concatenate([c["scores"] for c in layers]).astype(np.float64)  # [3 layers x 3 heads, n]
+        scores = raw
+        if mode != "budget_max":
+            scores = (raw - raw.mean(axis=1, keepdims=True)) / raw.std(axis=1, keepdims=True)
         best = np.max(scores, axis=0)  # [n]
         n = best.size
         expected = np.ones(n, bool)
         if n > 256 - 64:
             candidates = np.arange(4, n - 1)
-            order = candidates[np.argsort(best[4:n - 1], kind="stable")]
+            if mode == "budget_mix":
+                reserved = candidates[np.argsort(-best[4:n - 1], kind="stable")[:(256 - 64) // 8]]
+                candidates = np.setdiff1d(candidates, reserved)
+                votes = sum((c["keep"] == 0).sum(axis=0) for c in layers)  # [n] pairs dropping each token
+                order = candidates[np.lexsort((raw.mean(axis=0)[candidates], -votes[candidates]))]
+            else:
+                order = candidates[np.argsort(best[4:n - 1], kind="stable")]
             expected[order[:n - (256 - 64)]] = False
             evicting += 1
         np.testing.assert_array_equal(layers[0]["kept"].astype(bool), expected, err_msg=f"invocation at {seen}")
@@ -76,7 +90,7 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
 @pytest.mark.model
 def test_an_unknown_namm_mode_is_refused_when_the_engine_is_built(smollm2_model, namm_gguf):
     # Not at the first invocation, 512 tokens into a stream: the raw core checks it up front too.
-    with pytest.raises(InvalidArgumentError, match="namm_mode must be 'quorum', 'budget', 'budget_max' or 'budget_zmax' .got 'lru'"):
+    with pytest.raises(InvalidArgumentError, match="namm_mode must be 'quorum', 'budget', 'budget_max', 'budget_zmax' or 'budget_mix' .got 'lru'"):
         _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=namm_gguf[0], namm_mode="lru",
                      namm_delay=64)
 

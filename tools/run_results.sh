@@ -248,6 +248,16 @@ if run namm-warm-ema; then  # issue 10: the pooled and max fits with the release
   python tools/namm_warm_targets.py --out $out/namm_warm_ema --test-text 12 --test-retrieval 16 \
     --targets pooled,max --modes budget,budget_max --ema-coefficients 0.99,0.998
 fi
+if run namm-warm-zmax; then  # issue 10: the same fits under budget_zmax (each token's highest score standardised
+  # within its (layer, KV head) pair), beside sink, h2o, tova and the shipped NAMM (about 25 minutes)
+  python tools/namm_warm_targets.py --out $out/namm_warm_zmax --test-text 12 --test-retrieval 16 \
+    --targets pooled,max --modes budget_zmax --ema-coefficients 0.99,0.998
+fi
+if run namm-warm-mix; then  # issue 10: the pooled fit under budget_mix (budget's mean ranking after a reserve of
+  # max_cells / 8 cells for the highest standardised scores) with moving averages 0.99, 0.995, 0.998 (about 30 minutes)
+  python tools/namm_warm_targets.py --out $out/namm_warm_mix --test-text 12 --test-retrieval 16 \
+    --targets pooled --modes budget_mix --ema-coefficients 0.99,0.995,0.998
+fi
 if run namm-quant-check; then  # issue 10: each shipped NAMM in f32/f16/q8_0/q4_0 on its trainer's held-out set
   python tools/namm_quant_check.py --namm smollm2 --out $out/namm_quant_smollm2
   python tools/namm_quant_check.py --namm smollm2-evolved --out $out/namm_quant_smollm2_evolved

@@ -386,10 +386,10 @@ void NammModel::set_threads(int32_t n_threads) {
     set_backend_threads(backend_, n_threads);
 }
 
-const char * const kDeployModes = "'quorum', 'budget', 'budget_max' or 'budget_zmax'";
+const char * const kDeployModes = "'quorum', 'budget', 'budget_max', 'budget_zmax' or 'budget_mix'";
 
 bool is_deploy_mode(const std::string & mode) {
-    return mode == "quorum" || mode == "budget" || mode == "budget_max" || mode == "budget_zmax";
+    return mode == "quorum" || mode == "budget" || mode == "budget_max" || mode == "budget_zmax" || mode == "budget_mix";
 }
 
 double NammModel::ema_coefficient() const { return shortest_decimal(hparams_.ema_coefficient); }

@@ -45,7 +45,7 @@ struct NammHparams {
 
 // The shared-cell rules a NAMM can be deployed with (what each does: namm_policy.h).
 bool is_deploy_mode(const std::string & mode);
-extern const char * const kDeployModes;  // "'quorum', 'budget', 'budget_max' or 'budget_zmax'", for messages
+extern const char * const kDeployModes;  // "'quorum', 'budget', ... or 'budget_mix'", for messages
 
 // One layer's tokens to score: per KV head, chronological absolute positions and un-normalised EMAs.
 struct LayerInput {

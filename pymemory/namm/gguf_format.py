@@ -11,8 +11,9 @@ FORMAT_VERSION = 1
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
 # Shared-cell rules a NAMM can be deployed with (cpp/namm_policy.h says what each does; the C++ list is
 # namm::kDeployModes): quorum of drop votes; the cache held at max_cells by votes then mean score, by each token's
-# highest score over the (layer, KV head) pairs, or by its highest score standardised within each pair.
-DEPLOY_MODES = ("quorum", "budget", "budget_max", "budget_zmax")
+# highest score over the (layer, KV head) pairs, by its highest score standardised within each pair, or by the mean
+# with a reserve of max_cells / 8 cells for the highest standardised scores.
+DEPLOY_MODES = ("quorum", "budget", "budget_max", "budget_zmax", "budget_mix")
 MAX_MODES = ("budget_max", "budget_zmax")  # the modes that rank by a maximum over the pairs
 
 

@@ -35,7 +35,7 @@ def parameter_pools(namm_path: str) -> dict[str, list]:
         "reindex": [None, True, False, "yes"],
         "h2o_recent": [None, 0, 3, 59, -2, 10**6],
         "namm_path": [None, namm_path, "/nonexistent/namm.gguf", 7],
-        "namm_mode": [None, "quorum", "budget", "budget_max", "budget_zmax", "x", 2],
+        "namm_mode": [None, "quorum", "budget", "budget_max", "budget_zmax", "budget_mix", "x", 2],
         "quorum": [None, 0.5, 1.0, 0.0, 1.5, math.nan, "half"],
         "max_cells": [None, 1, 20, 0, -1],
         "namm_delay": [None, 16, 17, 15, 0, 10**6],
