@@ -303,7 +303,7 @@ private:
         }
         // The score the mode ranks tokens by: the mean over the pairs, or (budget_max, budget_zmax) the highest;
         // budget_mix keeps its reserve by the (standardised) highest.
-        const bool by_mean = rule_.mode == "budget" || rule_.mode == "budget_mix";
+        const bool by_mean = rule_.mode != "budget_max" && rule_.mode != "budget_zmax";  // quorum: mean too
         std::vector<double> token_scores(static_cast<size_t>(n));
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         for (int32_t i = 0; i < n; ++i) {
