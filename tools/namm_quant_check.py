@@ -9,6 +9,11 @@ set (the shipped JSON's training config: held-out split, training seed, its held
 with the trainer's loss (gap to the full cache as a share of sink's, with the normalisers the run logged), so
 the f32 row must reproduce the logged loss of the shipped generation, and every other row says what its weight
 type costs.
+
+`--noise-draws N` adds N f32 files whose two weight matrices carry random noise of q8_0's size (each weight moved
+uniformly within ±d/2, d its q8_0 block's scale, as rounding to nearest moves it): how far the loss moves under
+perturbations as large as q8_0's, i.e. whether a q8_0 row's difference is quantisation or the sensitivity of
+eviction decisions to any change of that size.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
@@ -28,6 +35,7 @@ from pymemory._loader import _core  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.namm.checkpoint import load_gguf  # noqa: E402
+from pymemory.namm.gguf_format import PARAM_LAYOUT  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.config import TrainConfig  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
@@ -41,7 +49,10 @@ def main() -> int:
     p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
     p.add_argument("--quants", default="f16,q8_0,q4_0")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--noise-draws", type=int, default=0, help="f32 files with q8_0-sized random noise (see above)")
     args = p.parse_args()
+    if args.noise_draws < 0:
+        p.error("--noise-draws must be >= 0")
 
     namm_file = resolve_namm(args.namm)
     shipped = json.loads(Path(namm_file).with_suffix(".json").read_text())
@@ -65,6 +76,11 @@ def main() -> int:
     for q in (q for q in args.quants.split(",") if q):
         files[q] = write_template(replace(vector, source=f"{vector.source} ({q})"), os.path.join(tmp, f"{q}.gguf"),
                                   spec, q)
+    rng = np.random.default_rng(0)
+    for k in range(args.noise_draws):
+        noisy = replace(vector, theta=q8_0_sized_noise(vector.theta, rng), source=f"{vector.source} (noise {k + 1})")
+        files[f"f32 + q8_0-sized noise, draw {k + 1}"] = write_template(noisy, os.path.join(tmp, f"noise{k}.gguf"),
+                                                                       spec, "f32")
     executor = make_executor(args.workers, "", 1)
     rows, baselines = {}, {}
     try:
@@ -96,6 +112,18 @@ def main() -> int:
     return 0
 
 
+def q8_0_sized_noise(theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """θ with W_qkv and W_o moved uniformly within ±d/2 per weight, d = the weight's q8_0 block scale (max |w| / 127
+    over the block; a block is one output's 32 inputs in the GGUF's layout, i.e. one column of θ's [in, out])."""
+    out = np.array(theta, np.float32)
+    for name in ("W_qkv", "W_o"):
+        start, end, shape = PARAM_LAYOUT[name]
+        w = out[start:end].reshape(shape)  # [in, out]
+        d = np.abs(w).max(axis=0, keepdims=True) / 127.0  # [1, out]
+        out[start:end] = (w + rng.uniform(-0.5, 0.5, w.shape) * d).reshape(-1)
+    return out
+
+
 def markdown(report: dict) -> str:
     lines = [f"# NAMM `{report['namm']}` in every weight type ({report['model']})", "",
              f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
@@ -109,6 +137,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {row['file_bytes']} | {row['loss']:.4f} | {row['vs_f32']:+.2%} | "
                      f"{gaps.get('text', float('nan')):.4f} | {gaps.get('retrieval', float('nan')):.4f} | "
                      f"{row['forced_evictions']} |")
+    noise = [row["vs_f32"] for name, row in report["rows"].items() if "noise" in name]
+    if noise:
+        lines += ["", f"Noise draws ({len(noise)}): loss vs f32 from {min(noise):+.2%} to {max(noise):+.2%}, mean "
+                  f"|difference| {np.mean(np.abs(noise)):.2%}, standard deviation {np.std(noise, ddof=1) if len(noise) > 1 else 0:.2%}."]
     if report.get("baselines"):
         lines += ["", "The logged scores came from the machine the run trained on; the baselines again here "
                   f"({report['machine']}):", "", "| policy | loss here | logged |", "|---|---|---|"]

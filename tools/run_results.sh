@@ -264,6 +264,9 @@ if run namm-quant-check; then  # issue 10: each shipped NAMM in f32/f16/q8_0/q4_
   python tools/namm_quant_check.py --namm qwen2.5 --out $out/namm_quant_qwen
   python tools/namm_quant_check.py --namm qwen2.5-per-head --out $out/namm_quant_qwen_per_head
 fi
+if run namm-quant-noise; then  # issue 10: the Qwen NAMM's q8_0 beside f32 files carrying random noise of q8_0's size
+  python tools/namm_quant_check.py --namm qwen2.5 --quants q8_0 --noise-draws 5 --out $out/namm_quant_qwen_noise
+fi
 if run namm-qwen-eval; then  # the per-head Qwen NAMM vs every policy on its held-out test set; transfer to SmolLM2
   python tools/eval_trained_namm.py --run runs/qwen-warm --namm pymemory/data/namm/qwen2.5-per-head.gguf \
     --out $out/namm_trained_qwen --text 12 --retrieval 6 --transfer-model smollm2-135m-instruct \
