@@ -16,6 +16,13 @@ namespace pm {
 
 bool is_budget_mode(const std::string & mode) { return mode != "quorum" && namm::is_deploy_mode(mode); }
 
+namespace {
+// budget_max and budget_zmax rank by a maximum over the pairs; every other mode by the mean.
+bool ranks_by_max(const std::string & mode) { return mode == "budget_max" || mode == "budget_zmax"; }
+// The modes that read each pair's scores standardised over the cached tokens.
+bool standardises_pairs(const std::string & mode) { return mode == "budget_zmax" || mode == "budget_mix"; }
+}  // namespace
+
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
                                              const std::vector<double> & scores, int32_t n_pairs,
                                              const std::vector<double> & reserve_scores) {
@@ -71,7 +78,7 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
     }
     // budget, budget_mix: most drop votes first, then lowest mean score; budget_max, budget_zmax: lowest highest
     // score. Then older.
-    const bool by_votes = rule.mode == "budget" || mix;
+    const bool by_votes = !ranks_by_max(rule.mode);
     std::stable_sort(candidates.begin(), candidates.end(), [&](int32_t a, int32_t b) {
         if (by_votes && drop_votes[size_t(a)] != drop_votes[size_t(b)]) {
             return drop_votes[size_t(a)] > drop_votes[size_t(b)];
@@ -251,7 +258,7 @@ private:
         std::vector<int32_t> drop_votes(static_cast<size_t>(n), 0);
         std::vector<double> score_sum(static_cast<size_t>(n), 0.0);
         std::vector<double> score_max(static_cast<size_t>(n), -std::numeric_limits<double>::infinity());
-        const bool standardise = rule_.mode == "budget_zmax" || rule_.mode == "budget_mix";
+        const bool standardise = standardises_pairs(rule_.mode);
         InvocationRecord record;
         record.tokens_seen = tokens_seen;
         record.cells_before = n;
@@ -303,7 +310,7 @@ private:
         }
         // The score the mode ranks tokens by: the mean over the pairs, or (budget_max, budget_zmax) the highest;
         // budget_mix keeps its reserve by the (standardised) highest.
-        const bool by_mean = rule_.mode != "budget_max" && rule_.mode != "budget_zmax";  // quorum: mean too
+        const bool by_mean = !ranks_by_max(rule_.mode);
         std::vector<double> token_scores(static_cast<size_t>(n));
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         for (int32_t i = 0; i < n; ++i) {
@@ -315,8 +322,9 @@ private:
         }
         SharedCellDecision rule = rule_;
         rule.n_sink = std::max(rule.n_sink, cache.state.n_pinned);  // a pinned system prompt counts as sinks
+        const std::vector<double> no_reserve;
         std::vector<int32_t> evict = decide_shared_evictions(rule, drop_votes, token_scores, n_pairs,
-                                                             rule.mode == "budget_mix" ? score_max : std::vector<double>{});
+                                                             rule.reserve > 0 ? score_max : no_reserve);
         record.cells_after = n - int32_t(evict.size());
         // Agreement of the kept set with the union / intersection of the per-(layer, head) keep sets.
         std::vector<uint8_t> kept(size_t(n), 1);
@@ -413,7 +421,7 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     SharedCellDecision rule;
     rule.mode = !a.namm_mode.empty() ? a.namm_mode : !scorer->hparams().deploy_mode.empty() ? scorer->hparams().deploy_mode
                                                                                            : "quorum";
-    if (rule.mode != "quorum" && !is_budget_mode(rule.mode)) {
+    if (!namm::is_deploy_mode(rule.mode)) {
         fail(ErrorKind::invalid_argument, std::string("namm_mode must be ") + namm::kDeployModes + " (got '" +
                                               rule.mode + "')");
     }

@@ -266,8 +266,7 @@ def main() -> int:
               "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT), "tables": {}}
     try:
         def spec_for(model: str, capacity: int) -> MemorySpec:
-            return MemorySpec(model, capacity, config.sample_tokens, config.n_sink, config.namm_delay, config.mode,
-                              config.quorum, capacity - config.namm_delay, mean, var, 1)
+            return MemorySpec.from_config(config, mean, var, 1, capacity, model)
 
         def samples_for(model_name: str, seed: int, n_text: int, n_retrieval: int):
             model = _core.Model.load(os.fspath(resolve_model(model_name)))

@@ -248,8 +248,7 @@ def main() -> int:
     mean, var = tuple(shipped["feature_mean"]), tuple(shipped["feature_var"])
     try:
         def spec_for(capacity: int) -> MemorySpec:
-            return MemorySpec(config.model, capacity, config.sample_tokens, n_sink, delay, config.mode,
-                              config.quorum, capacity - delay, mean, var, 1)
+            return MemorySpec.from_config(config, mean, var, 1, capacity)
 
         for r in executor.map(spec_for(config.capacity), [Job("full", s) for s in samples]):
             rows["full"].setdefault("full cache (engine)", {"nll": {}, "peak_cells": config.sample_tokens})[

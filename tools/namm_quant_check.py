@@ -65,9 +65,7 @@ def main() -> int:
     samples = heldout_samples(factory, config.seed, config.heldout_text, config.heldout_retrieval,
                               config.retrieval_sources())
     del model
-    spec = MemorySpec(config.model, config.capacity, config.sample_tokens, config.n_sink, config.namm_delay,
-                      config.mode, config.quorum, config.capacity - config.namm_delay,
-                      tuple(map(float, vector.feat_mean)), tuple(map(float, vector.feat_var)), 1)
+    spec = MemorySpec.from_config(config, vector.feat_mean, vector.feat_var, 1)
     normalisers = {k: max(v, 0.01) for k, v in shipped["heldout_baselines"]["sink"].items() if k != "loss"}
     logged = next(h["loss"] for h in shipped["heldout"] if h["generation"] == shipped["generation"])
 

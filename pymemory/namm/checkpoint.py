@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -210,16 +210,15 @@ def validate_settings(settings, path) -> dict:
     if not isinstance(settings, dict):
         bad(f"is a {type(settings).__name__}, not a dictionary")
     out = {}
-    delay = settings.get("namm_delay")
-    if delay is not None:
-        if not isinstance(delay, (int, np.integer)) or delay <= 0 or delay % fmt.RELEASED.hop:
-            bad(f"namm_delay must be a positive multiple of {fmt.RELEASED.hop} (got {delay!r})")
-        out["namm_delay"] = int(delay)
-    ema = settings.get("ema_coefficient")
-    if ema is not None:
-        if not isinstance(ema, (int, float)) or not 0.0 < float(ema) < 1.0:
-            bad(f"ema_coefficient must lie in (0, 1) (got {ema!r})")
-        out["ema_coefficient"] = float(ema)
+    delay, ema = settings.get("namm_delay", fmt.RELEASED.delay), settings.get("ema_coefficient",
+                                                                              fmt.RELEASED.ema_coefficient)
+    if not isinstance(delay, (int, np.integer)) or not isinstance(ema, (int, float, np.integer, np.floating)):
+        bad(f"namm_delay must be an integer and ema_coefficient a number (got {delay!r}, {ema!r})")
+    try:  # the GGUF's own checks of these hyper-parameters
+        replace(fmt.RELEASED, delay=int(delay), ema_coefficient=float(ema)).check_supported()
+    except ValueError as exc:
+        bad(str(exc))
+    out.update({k: v for k, v in (("namm_delay", int(delay)), ("ema_coefficient", float(ema))) if k in settings})
     mode = settings.get("mode")
     if mode is not None:
         if mode not in fmt.DEPLOY_MODES:

@@ -41,6 +41,16 @@ class MemorySpec:
     threads: int = 0
     ema_coefficient: float = 0.99  # the NAMM's spectrogram moving average, per token (the released value)
 
+    @classmethod
+    def from_config(cls, config, feat_mean, feat_var, threads: int = 0, capacity: int | None = None,
+                    model: str | None = None) -> "MemorySpec":
+        """The spec of a training run's settings (a TrainConfig) and statistics; `capacity` and `model` override
+        the run's (evaluations at other budgets, zero-shot on another model). Budget modes keep capacity - delay."""
+        capacity = config.capacity if capacity is None else capacity
+        return cls(model or config.model, capacity, config.sample_tokens, config.n_sink, config.namm_delay,
+                   config.mode, config.quorum, capacity - config.namm_delay, tuple(map(float, feat_mean)),
+                   tuple(map(float, feat_var)), threads, config.ema_coefficient)
+
 
 @dataclass(frozen=True)
 class Job:
@@ -141,12 +151,12 @@ def deploy_settings(spec: MemorySpec) -> dict:
 
 def write_template(vector, path: str, spec: MemorySpec, weight_type: str = "f32") -> str:
     """A NAMM GGUF carrying the run's schedule, features and deployment settings (delay, EMA coefficient, mode,
-    quorum)."""
+    quorum), the ones a run's ckpt.pt records (write_gguf takes them from the vector)."""
+    from dataclasses import replace
+
     from ..convert import write_gguf
 
-    s = deploy_settings(spec)
-    return write_gguf(vector, path, weight_type, delay=s["namm_delay"], ema_coefficient=s["ema_coefficient"],
-                      deploy={"mode": s["mode"], "quorum": s["quorum"]})["output"]
+    return write_gguf(replace(vector, settings=deploy_settings(spec)), path, weight_type)["output"]
 
 
 _WORKERS: dict[MemorySpec, _Worker] = {}

@@ -67,7 +67,7 @@ def write_checkpoint(path: Path, es, feat_mean: np.ndarray, feat_var: np.ndarray
     if settings:
         from ..checkpoint import SETTINGS_KEY
 
-        payload[SETTINGS_KEY] = {k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()}
+        payload[SETTINGS_KEY] = dict(settings)
     _atomic(path, lambda p: torch.save(payload, p))
 
 

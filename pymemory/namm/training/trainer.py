@@ -133,9 +133,7 @@ class Trainer:
 
     def spec(self) -> MemorySpec:
         c, s = self.config, self.state
-        return MemorySpec(c.model, c.capacity, c.sample_tokens, c.n_sink, c.namm_delay, c.mode, c.quorum,
-                          c.max_cells, tuple(map(float, s["feat_mean"])), tuple(map(float, s["feat_var"])),
-                          self.threads, c.ema_coefficient)
+        return MemorySpec.from_config(c, s["feat_mean"], s["feat_var"], self.threads)
 
     # ---- the run --------------------------------------------------------------------------------------------
 
@@ -271,15 +269,17 @@ class Trainer:
     def _write_model(self, es, generation: int, heldout_gap: float, theta: np.ndarray | None = None) -> None:
         """ckpt.pt (the run's best held-out CMA mean, as the original keeps its best-eval checkpoint) and its GGUF."""
         from ..checkpoint import load_checkpoint
-        from .evaluator import deploy_settings, write_template
+        from ..convert import write_gguf
+        from .evaluator import deploy_settings
 
         s = self.state
         ckpt = self.out / "ckpt.pt"
         write_checkpoint(ckpt, es, s["feat_mean"], s["feat_var"], generation, heldout_gap, s["calibration_tokens"],
                          mean=theta, settings=deploy_settings(self.spec()))
-        vector = load_checkpoint(ckpt, trust_pickle=True)  # the converter's own reading of what we wrote
-        vector = replace(vector, source=f"pymemory train-namm {self.config.model} generation {generation}")
-        write_template(vector, os.fspath(self.out / "namm.gguf"), self.spec())
+        # The converter's own reading of what we wrote, run settings included: namm.gguf is what convert-namm makes.
+        vector = load_checkpoint(ckpt, trust_pickle=True)
+        write_gguf(replace(vector, source=f"pymemory train-namm {self.config.model} generation {generation}"),
+                   self.out / "namm.gguf")
 
     def _write_log(self) -> None:
         s, c = self.state, self.config
