@@ -225,6 +225,29 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoint):
     expect_error(tmp_path / "len16.pt", "feature mean has 16 values, expected 17")
 
 
+def test_damaged_run_settings_are_clear_errors(tmp_path):
+    """A pymemory run's ckpt.pt records how its NAMM runs; a damaged record is refused, naming what is wrong."""
+    from pymemory.namm.checkpoint import SETTINGS_KEY
+
+    def with_settings(name, settings):
+        path = tmp_path / name
+        write_random_checkpoint(path, seed=1)
+        ck = torch.load(path, weights_only=False)
+        ck[SETTINGS_KEY] = settings
+        torch.save(ck, path)
+        return path
+
+    good = {"namm_delay": 32, "ema_coefficient": 0.998, "mode": "budget_mix", "quorum": 1.0}
+    assert load_checkpoint(with_settings("good.pt", good), trust_pickle=True).settings == good
+    for name, settings, message in (("list.pt", [32], "is a list, not a dictionary"),
+                                    ("delay.pt", {"namm_delay": 40}, "delay must be a positive multiple of 16"),
+                                    ("text.pt", {"namm_delay": "32"}, "namm_delay must be an integer"),
+                                    ("ema.pt", {"ema_coefficient": 1.5}, r"ema_coefficient must lie in \(0, 1\)"),
+                                    ("mode.pt", {"mode": "lru"}, "mode must be one of"),
+                                    ("quorum.pt", {"mode": "quorum", "quorum": 0.0}, "quorum must lie in")):
+        expect_error(with_settings(name, settings), f"{SETTINGS_KEY} {message}")
+
+
 def test_checkpoint_variants_that_must_load(tmp_path):
     """Minimal state (no CMA-ES extras), no `_orig_mod.` prefix, and torch's legacy non-zip format."""
     arrays = write_random_checkpoint(tmp_path / "minimal.pt", seed=3, extra_junk=False)
