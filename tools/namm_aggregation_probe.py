@@ -16,7 +16,12 @@ schedule and budget rule as the NAMM, attention captured once with the full cach
   - recent top-1:   the maximum over pairs of the rate over the last 128 queries only (what a NAMM's spectrogram
                     moving average sees, about 100 queries), to tell whether its inputs could carry the signal;
   - quota:          each pair nominates its highest tokens in turn (round robin over the pairs) until the budget
-                    is filled, so every head keeps its own favourites.
+                    is filled, so every head keeps its own favourites;
+  - EMA top-1:      the maximum over pairs of a per-query exponential moving average of the attention, as the
+                    NAMM's spectrogram state keeps it (from zero when the token arrives, so a new token's average
+                    starts low), or bias-corrected (divided by the weight its queries so far carry, 1 - c^queries,
+                    which makes it a recency-weighted rate), relative to the pair's mean; "z-max" standardises each
+                    pair's log average over the candidates instead (what budget_zmax does with a NAMM's scores).
 
 A rule that keeps the pass key must do so without losing text: both are reported.
 """
@@ -42,7 +47,9 @@ from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
 
 
 RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs", "top-1 of pairs (max)",
-         "top-3 of pairs", "top-9 of pairs", "top-1 of pairs over the last 128 queries", "quota per pair")
+         "top-3 of pairs", "top-9 of pairs", "top-1 of pairs over the last 128 queries", "quota per pair",
+         "top-1 of pairs, EMA 0.998 from zero", "top-1 of pairs, EMA 0.998 bias-corrected",
+         "top-1 of pairs, EMA 0.99 bias-corrected", "z-max of pairs, EMA 0.998 bias-corrected")
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -56,6 +63,26 @@ def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | N
 def top_k_of_pairs(past: np.ndarray, now: int, cand: np.ndarray, k: int) -> np.ndarray:
     rate = relative_rate(past, now, cand)
     return np.sort(rate, axis=0)[-k:].mean(axis=0)
+
+
+def moving_averages(received: np.ndarray, coefficient: float) -> np.ndarray:
+    """[pairs, query + 1, key]: after each query, every key's exponential moving average of the attention it
+    received (weight 1 - c per query, from zero before the key arrived), the NAMM spectrogram state's form."""
+    ema = np.zeros((received.shape[0], received.shape[1] + 1, received.shape[2]), np.float32)
+    for query in range(received.shape[1]):
+        ema[:, query + 1] = coefficient * ema[:, query] + (1 - coefficient) * received[:, query]
+    return ema
+
+
+def ema_scores(ema: np.ndarray, coefficient: float, now: int, cand: np.ndarray, corrected: bool,
+               standardised: bool) -> np.ndarray:
+    average = ema[:, now, cand]  # [pairs, cand]
+    if corrected:  # the weight the queries since arrival carry; the key's own query is its first
+        average = average / (1 - coefficient ** np.maximum(now - cand, 1))[None, :]
+    if standardised:
+        log = np.log(np.maximum(average, 1e-9))
+        return ((log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)).max(0)
+    return (average / np.maximum(average.mean(axis=1, keepdims=True), 1e-12)).max(axis=0)
 
 
 def quota_scores(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
@@ -116,6 +143,12 @@ def main() -> int:
             recent = before[:, now] - before[:, max(now - queries, 0)]
             return relative_rate(recent, now, cand, queries).max(axis=0)
 
+        emas = {c: moving_averages(received, c) for c in (0.99, 0.998)}
+
+        def ema_rule(coefficient: float, corrected: bool, standardised: bool = False):
+            return lambda now, cand: (ema_scores(emas[coefficient], coefficient, now, cand, corrected, standardised)
+                                      if now < len(tokens) else cand)
+
         def causal(rule):
             return lambda now, cand: rule(before[:, now], now, cand) if now < len(tokens) else cand
 
@@ -125,7 +158,11 @@ def main() -> int:
                  "top-3 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 3)),
                  "top-9 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 9)),
                  "top-1 of pairs over the last 128 queries": lambda now, cand: top_1_recent(now, cand, 128),
-                 "quota per pair": causal(quota_scores)}
+                 "quota per pair": causal(quota_scores),
+                 "top-1 of pairs, EMA 0.998 from zero": ema_rule(0.998, False),
+                 "top-1 of pairs, EMA 0.998 bias-corrected": ema_rule(0.998, True),
+                 "top-1 of pairs, EMA 0.99 bias-corrected": ema_rule(0.99, True),
+                 "z-max of pairs, EMA 0.998 bias-corrected": ema_rule(0.998, True, True)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,
