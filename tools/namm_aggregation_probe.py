@@ -48,8 +48,8 @@ from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
 
 RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs", "top-1 of pairs (max)",
          "top-3 of pairs", "top-9 of pairs", "top-1 of pairs over the last 128 queries", "quota per pair",
-         "top-1 of pairs, EMA 0.998 from zero", "top-1 of pairs, EMA 0.998 bias-corrected",
-         "top-1 of pairs, EMA 0.99 bias-corrected", "z-max of pairs, EMA 0.998 bias-corrected")
+         "top-1 of pairs: EMA 0.998 from zero", "top-1 of pairs: EMA 0.998 bias-corrected",
+         "top-1 of pairs: EMA 0.99 bias-corrected", "z-max of pairs: EMA 0.998 bias-corrected")
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -159,10 +159,10 @@ def main() -> int:
                  "top-9 of pairs": causal(lambda past, now, cand: top_k_of_pairs(past, now, cand, 9)),
                  "top-1 of pairs over the last 128 queries": lambda now, cand: top_1_recent(now, cand, 128),
                  "quota per pair": causal(quota_scores),
-                 "top-1 of pairs, EMA 0.998 from zero": ema_rule(0.998, False),
-                 "top-1 of pairs, EMA 0.998 bias-corrected": ema_rule(0.998, True),
-                 "top-1 of pairs, EMA 0.99 bias-corrected": ema_rule(0.99, True),
-                 "z-max of pairs, EMA 0.998 bias-corrected": ema_rule(0.998, True, True)}
+                 "top-1 of pairs: EMA 0.998 from zero": ema_rule(0.998, False),
+                 "top-1 of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True),
+                 "top-1 of pairs: EMA 0.99 bias-corrected": ema_rule(0.99, True),
+                 "z-max of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, True)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

@@ -242,7 +242,7 @@ if run namm-aggregation-ema; then  # issue 10: the per-pair maximum of a moving 
   # spectrogram state keeps it (from zero) vs bias-corrected (a recency-weighted rate), beside the rate since arrival
   # (about 25 minutes)
   python tools/namm_aggregation_probe.py --namm smollm2 --out $out/namm_aggregation_ema --text 8 --retrieval 16 \
-    --rules "top-1 of pairs (max),top-1 of pairs, EMA 0.998 from zero,top-1 of pairs, EMA 0.998 bias-corrected,top-1 of pairs, EMA 0.99 bias-corrected,z-max of pairs, EMA 0.998 bias-corrected"
+    --rules "top-1 of pairs (max),top-1 of pairs: EMA 0.998 from zero,top-1 of pairs: EMA 0.998 bias-corrected,top-1 of pairs: EMA 0.99 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected"
 fi
 if run namm-warm-max; then  # issue 10: warm starts deployed with budget_max (each token's highest score over the
   # pairs): the per-head fit and the max fit, beside sink, h2o, tova and the shipped NAMM (about 25 minutes)
