@@ -34,6 +34,7 @@ py::dict hparams_dict(const namm::NammHparams & hp) {
     d["format_version"] = hp.format_version;
     d["delay"] = hp.delay;
     d["ema_coefficient"] = hp.ema_coefficient;
+    d["ema_bias_correction"] = hp.ema_bias_correction;
     d["recency_max_freq"] = hp.recency_max_freq;
     d["recency_start"] = hp.recency_start;
     d["threshold"] = hp.threshold;

@@ -237,12 +237,15 @@ def test_damaged_run_settings_are_clear_errors(tmp_path):
         torch.save(ck, path)
         return path
 
-    good = {"namm_delay": 32, "ema_coefficient": 0.998, "mode": "budget_mix", "quorum": 1.0}
+    good = {"namm_delay": 32, "ema_coefficient": 0.998, "ema_bias_correction": True, "mode": "budget_mix",
+            "quorum": 1.0}
     assert load_checkpoint(with_settings("good.pt", good), trust_pickle=True).settings == good
     for name, settings, message in (("list.pt", [32], "is a list, not a dictionary"),
                                     ("delay.pt", {"namm_delay": 40}, "delay must be a positive multiple of 16"),
                                     ("text.pt", {"namm_delay": "32"}, "namm_delay must be an integer"),
                                     ("ema.pt", {"ema_coefficient": 1.5}, r"ema_coefficient must lie in \(0, 1\)"),
+                                    ("correction.pt", {"ema_bias_correction": "yes"},
+                                     "ema_bias_correction must be true or false"),
                                     ("mode.pt", {"mode": "lru"}, "mode must be one of"),
                                     ("quorum.pt", {"mode": "quorum", "quorum": 0.0}, "quorum must lie in")):
         expect_error(with_settings(name, settings), f"{SETTINGS_KEY} {message}")

@@ -108,25 +108,35 @@ def namm_gguf(tmp_path_factory):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("ema_coefficient", [None, 0.998])
+@pytest.mark.parametrize("ema_coefficient,corrected", [(None, False), (0.998, False), (0.998, True)])
 def test_engine_features_and_scores_equal_the_reference_on_captured_attention(smollm2_model, english_text, namm_gguf,
-                                                                             tmp_path, ema_coefficient):
+                                                                             tmp_path, ema_coefficient, corrected):
     """Decode real text with policy namm; for three layers, capture the GQA-averaged attention each invocation
     received, feed it to the PyTorch reference (with the reference's state set to the tokens the engine kept), and
     compare the engine's spectrogram EMAs and BAM scores with the reference's. Again with a NAMM file whose moving
-    average is longer than the released one (per-token coefficient 0.998 instead of 0.99)."""
+    average is longer than the released one (per-token coefficient 0.998 instead of 0.99), and with that average
+    bias-corrected (the scores must then differ from the uncorrected reference's)."""
+    from dataclasses import replace
+
     from pymemory.namm import NammReference, load_checkpoint, load_gguf
     from pymemory.namm.convert import write_gguf
     from pymemory.namm.reference import ReferenceState
 
     path, ckpt = namm_gguf
+    uncorrected = None
     if ema_coefficient is None:
         reference = NammReference.from_checkpoint(ckpt, trust_pickle=True)
     else:
         path = write_gguf(load_checkpoint(ckpt, trust_pickle=True), tmp_path / "long_ema.gguf",
-                          ema_coefficient=ema_coefficient)["output"]
-        assert load_gguf(path)[1].ema_coefficient == pytest.approx(ema_coefficient)
+                          ema_coefficient=ema_coefficient, ema_bias_correction=corrected)["output"]
+        vector, hparams = load_gguf(path)
+        assert hparams.ema_coefficient == pytest.approx(ema_coefficient)
+        assert hparams.ema_bias_correction is corrected
+        assert _core.NammModel.load(path).hparams["ema_bias_correction"] is corrected
         reference = NammReference.from_gguf(path)
+        if corrected:
+            uncorrected = NammReference.from_vector(vector, replace(hparams, ema_bias_correction=False))
+    correction_effects = []
     tokens = smollm2_model.tokenize(english_text, True, False)[:1700]
     engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, namm_path=path, namm_mode="budget",
                           max_cells=500)
@@ -153,10 +163,15 @@ def test_engine_features_and_scores_equal_the_reference_on_captured_attention(sm
         print(f"layer {c['layer']} at {c['tokens_seen']} tokens: max |score difference| {score_error:.1e}, "
               f"max relative EMA difference {ema_error:.1e}")
         assert score_error <= 1e-4
+        if uncorrected is not None:
+            correction_effects.append(float(np.max(np.abs(uncorrected.scores_from_features(
+                uncorrected.features_from_ema(ref_positions, ema)) - c["scores"]))))
         score_errors.append(score_error)
         ema_errors.append(ema_error)
         kept = np.nonzero(c["kept"])[0]
         states[c["layer"]] = ReferenceState(ref_positions[:, kept], ema[:, kept], history[:, kept])
+    if uncorrected is not None:
+        assert min(correction_effects) > 1e-3, correction_effects  # the correction changes what the engine scores
     if ema_coefficient is not None:
         return
     record("namm_engine_vs_reference_score_diff_range", [min(score_errors), max(score_errors)],

@@ -222,7 +222,8 @@ def test_run_outputs_convert_and_match(tmp_path, smollm2_path):
     from pymemory.namm import load_checkpoint, load_gguf
     from pymemory.namm.training import train_namm
 
-    summary = train_namm(tiny(tmp_path, model=smollm2_path, ema_coefficient=0.995), progress=False)
+    summary = train_namm(tiny(tmp_path, model=smollm2_path, ema_coefficient=0.995, ema_bias_correction=True),
+                         progress=False)
     run = tmp_path / "run"
     log = _log(run)
     assert [r["generation"] for r in log["records"]] == [1, 2]
@@ -247,7 +248,7 @@ def test_run_outputs_convert_and_match(tmp_path, smollm2_path):
     assert cli(["convert-namm", os.fspath(run / "ckpt.pt"), "-o", os.fspath(converted), "--trust-pickle"]) == 0
     recorded = _settings(run / "namm.gguf")
     assert recorded == {"namm.delay": 32, "namm.ema_coefficient": pytest.approx(0.995),
-                        "namm.deploy.mode": "budget", "namm.deploy.quorum": 1.0}
+                        "namm.ema_bias_correction": True, "namm.deploy.mode": "budget", "namm.deploy.quorum": 1.0}
     assert _settings(converted) == recorded
     from pymemory._loader import _core
 
@@ -264,7 +265,8 @@ def _settings(path) -> dict:
 
     reader = gguf.GGUFReader(os.fspath(path))
     out = {}
-    for key in ("namm.delay", "namm.ema_coefficient", "namm.deploy.mode", "namm.deploy.quorum"):
+    for key in ("namm.delay", "namm.ema_coefficient", "namm.ema_bias_correction", "namm.deploy.mode",
+                "namm.deploy.quorum"):
         field = reader.get_field(key)
         out[key] = field.contents() if field is not None else None
     return out

@@ -83,17 +83,19 @@ def side_by_side(executor, full_spec: MemorySpec, samples, extra: dict[str, Job]
     return tables
 
 
-def capture_for_fits(model, factory, args, retrieval_kinds, namm_delay: int, ema_coefficient: float | None = None):
+def capture_for_fits(model, factory, args, retrieval_kinds, namm_delay: int, ema_coefficient: float | None = None,
+                     ema_bias_correction: bool = False):
     """The trainer's warm-start inputs for a tool that fits variants side by side: feature statistics from two
     calibration texts, then one capture of args.fit_text + args.fit_retrieval training samples (the trainer's
     seeds), the EMAs those of a NAMM with `ema_coefficient` (default the released one). Returns (samples, captured
-    invocations, feature mean, feature variance)."""
+    invocations, feature mean, feature variance); the statistics are of bias-corrected EMAs with
+    `ema_bias_correction` (the captures keep the engine's raw EMAs either way)."""
     from pymemory.namm.training.calibration import feature_statistics
     from pymemory.namm.training.data import CALIBRATION_SEED_OFFSET, WARM_START_SEED_OFFSET, generation_samples
     from pymemory.namm.training.warm_start import capture_invocations
 
     calibration = generation_samples(factory, args.seed + CALIBRATION_SEED_OFFSET, 0, 2, 0, [])
-    mean, var = feature_statistics(model, calibration, namm_delay, args.threads, ema_coefficient)
+    mean, var = feature_statistics(model, calibration, namm_delay, args.threads, ema_coefficient, ema_bias_correction)
     train = generation_samples(factory, args.seed + WARM_START_SEED_OFFSET, 0, args.fit_text, args.fit_retrieval,
                                retrieval_kinds)
     return train, capture_invocations(model, train, namm_delay, args.threads, ema_coefficient), mean, var

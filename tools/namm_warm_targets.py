@@ -19,7 +19,9 @@ the pairs to the highest pair's own future attention.
 
 `--ema-coefficients 0.99,0.998` repeats the capture and every fit with NAMMs whose spectrogram moving average has
 that per-token coefficient (the released 0.99 remembers about 100 queries; 0.998 about 500), so the features can
-carry the attention a token drew when it arrived (a pass key's, results.md "One head's signal").
+carry the attention a token drew when it arrived (a pass key's, results.md "One head's signal"). A "c" after a
+coefficient (`0.998c`) gives those NAMMs a bias-corrected average (`ema_bias_correction`: divided by the weight
+1 - c^queries its queries carry, so a new token's average is not near zero), results.md "A rate, not a sum".
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from pymemory._loader import _core  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.namm.checkpoint import NammVector  # noqa: E402
-from pymemory.namm.gguf_format import DEPLOY_MODES, MAX_MODES  # noqa: E402
+from pymemory.namm.gguf_format import DEPLOY_MODES, MAX_MODES, RELEASED  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
 from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
@@ -50,22 +52,29 @@ BUDGET_MODES = tuple(m for m in DEPLOY_MODES if m != "quorum")
 RETRIEVAL = ["passkey", "kv"]
 
 
-def fit_targets(args, model, factory, ema: float, label: str) -> tuple[dict, dict, tuple]:
+def fit_targets(args, model, factory, ema: float, corrected: bool, label: str) -> tuple[dict, dict, tuple]:
     """(fit reports, θ per target, feature statistics) from one capture of the fit samples with EMA coefficient
-    `ema`; names are the target plus `label`."""
-    train, captured, mean, var = capture_for_fits(model, factory, args, RETRIEVAL, DELAY, ema)
+    `ema` (bias-corrected when `corrected`); names are the target plus `label`."""
+    train, captured, mean, var = capture_for_fits(model, factory, args, RETRIEVAL, DELAY, ema, corrected)
+    hparams = replace(RELEASED, delay=DELAY, ema_coefficient=ema, ema_bias_correction=corrected)
     fits, thetas = {}, {}
     for target in args.targets.split(","):
         examples = examples_from(train, captured, DELAY, HORIZON, N_SINK, target)
-        thetas[target], report = fit_imitation(examples, mean, var, steps=args.steps, seed=args.seed)
+        thetas[target], report = fit_imitation(examples, mean, var, steps=args.steps, seed=args.seed,
+                                               hparams=hparams)
         fits[target + label] = fit_summary(target + label, report)
     return fits, thetas, (mean, var)
 
 
-def ema_coefficients(text: str) -> list[float]:
-    values = [float(v) for v in text.split(",") if v]
-    if not values or any(not 0.0 < v < 1.0 for v in values):
-        raise ValueError(f"--ema-coefficients takes comma-separated values in (0, 1) (got {text!r})")
+def ema_coefficients(text: str) -> list[tuple[float, bool]]:
+    """(coefficient, bias-corrected) per comma-separated item: 0.998, or 0.998c for the corrected average."""
+    try:
+        values = [(float(v.rstrip("c")), v.endswith("c")) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 < v < 1.0 for v, _ in values):
+        raise ValueError(f"--ema-coefficients takes comma-separated values in (0, 1), each optionally followed by c "
+                         f"(bias-corrected) (got {text!r})")
     return values
 
 
@@ -94,24 +103,26 @@ def main() -> int:
     _core.set_log_verbosity(0)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "sample_tokens": SAMPLE_TOKENS,
               "namm_delay": DELAY, "horizon": HORIZON, "test_text": args.test_text,
-              "test_retrieval": args.test_retrieval, "modes": modes, "ema_coefficients": emas}
+              "test_retrieval": args.test_retrieval, "modes": modes,
+              "ema_coefficients": [f"{v:g}" + "c" * c for v, c in emas]}
     model = _core.Model.load(os.fspath(resolve_model(args.model)))
     corpus = Corpus(model, ["austen"], SAMPLE_TOKENS)
     factory = SampleFactory(corpus, SAMPLE_TOKENS, SCORED, SAMPLE_TOKENS // 4)
     report["fits"], files = {}, {}
-    for ema in emas:
-        label = "" if len(emas) == 1 else f", EMA {ema:g}"
-        fits, thetas, (mean, var) = fit_targets(args, model, factory, ema, label)
+    for ema, corrected in emas:
+        label = "" if len(emas) == 1 and not corrected else f", EMA {ema:g}" + (" corrected" if corrected else "")
+        fits, thetas, (mean, var) = fit_targets(args, model, factory, ema, corrected, label)
         report["fits"].update(fits)
         full_spec = MemorySpec(args.model, SAMPLE_TOKENS, SAMPLE_TOKENS, N_SINK, DELAY, "budget", 1.0,
-                               SAMPLE_TOKENS - DELAY, tuple(map(float, mean)), tuple(map(float, var)), 1, ema)
+                               SAMPLE_TOKENS - DELAY, tuple(map(float, mean)), tuple(map(float, var)), 1, ema,
+                               corrected)
         for target, theta in thetas.items():
             vector = NammVector(theta.astype("float32"), mean, var, f"namm_warm_targets {args.model} {target}{label}")
             for mode in modes:
                 if target == "max" and mode not in MAX_MODES:
                     continue  # fitted to the highest score over the pairs: meaningless ranked by the mean
                 name = (target if mode == "budget" else f"{target}, {mode}") + label
-                suffix = (f"_{target}" if mode == "budget" else f"_{target}_{mode}") + ("" if not label else f"_ema{ema:g}")
+                suffix = (f"_{target}" if mode == "budget" else f"_{target}_{mode}") + ("" if not label else f"_ema{ema:g}" + "c" * corrected)
                 files[name] = write_template(vector, f"{args.out}{suffix}.gguf", replace(full_spec, mode=mode))
     test = heldout_samples(factory, args.seed + 1, args.test_text, args.test_retrieval, RETRIEVAL)
     del model

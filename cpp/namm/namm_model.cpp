@@ -242,6 +242,9 @@ void NammModel::load_file(const std::string & path) {
     hp.norm_eps = meta.f32("namm.norm_eps");
     hp.weight_type = meta.str("namm.weight_type");
     hp.source = meta.str("namm.source");
+    if (gguf_find_key(gctx, "namm.ema_bias_correction") >= 0) {
+        hp.ema_bias_correction = meta.boolean("namm.ema_bias_correction");
+    }
     if (gguf_find_key(gctx, "namm.deploy.mode") >= 0) {
         hp.deploy_mode = meta.str("namm.deploy.mode");
         if (!is_deploy_mode(hp.deploy_mode)) {
@@ -503,6 +506,32 @@ std::vector<float> NammModel::recency(const LayerInput & in, bool reversed) cons
     return out;
 }
 
+// With bias correction a token seen by q queries (q = newest position - its position + 1) has its EMA divided by
+// 1 - c^max(q, 16): the total weight its attention carries in the average after q queries (at least one 16-query
+// frame, which every token has been folded into by an invocation). Without it the EMA of a token starts at zero and
+// takes ~1 / (1 - c) queries to warm up, so a score that reads it ranks new tokens low; with it the DC bin is a
+// recency-weighted attention rate over the token's lifetime. Ages come from positions, as the recency embedding's.
+std::vector<float> NammModel::spectrum_input(const LayerInput & in, bool reversed) const {
+    const int32_t n = in.n_tokens;
+    std::vector<float> out(size_t(in.n_heads) * size_t(n) * kBins);
+    const double c = ema_coefficient();
+    for (int32_t h = 0; h < in.n_heads; ++h) {
+        const int32_t * pos = in.positions.data() + size_t(h) * size_t(n);
+        for (int32_t i = 0; i < n; ++i) {
+            const float * src = in.ema.data() + (size_t(h) * size_t(n) + size_t(i)) * kBins;
+            float * dst = out.data() + (size_t(h) * size_t(n) + size_t(reversed ? n - 1 - i : i)) * kBins;
+            if (!hparams_.ema_bias_correction) {
+                std::copy_n(src, kBins, dst);
+                continue;
+            }
+            const double queries = std::max(double(pos[n - 1]) - double(pos[i]) + 1.0, double(kHop));
+            const double weight = 1.0 - std::pow(c, queries);
+            for (int32_t f = 0; f < kBins; ++f) dst[f] = float(double(src[f]) / weight);
+        }
+    }
+    return out;
+}
+
 // X = [recency ‖ (E - μ) / max(√σ², eps)] (spec §2.4, §2.6): ema [17, n, H], recency [8, n, H] -> [25, n, H].
 ggml_tensor * NammModel::build_features(ggml_context * ctx, ggml_tensor * ema, ggml_tensor * rec) const {
     ggml_tensor * spectrum = ggml_mul(ctx, ggml_sub(ctx, ema, mean_), inv_std_);  // [17, n, H]
@@ -518,13 +547,7 @@ std::vector<float> NammModel::run_bam(const LayerInput * tokens, const float * x
     // Host inputs in reversed token order.
     std::vector<float> ema_rev, rec_rev, x_rev;
     if (tokens) {
-        ema_rev.resize(size_t(H * n) * kBins);
-        for (int64_t h = 0; h < H; ++h) {
-            for (int64_t i = 0; i < n; ++i) {
-                std::copy_n(tokens->ema.data() + size_t(h * n + i) * kBins, kBins,
-                            ema_rev.data() + size_t(h * n + (n - 1 - i)) * kBins);
-            }
-        }
+        ema_rev = spectrum_input(*tokens, true);
         rec_rev = recency(*tokens, true);
     } else {
         x_rev.resize(size_t(H * n) * kFeatures);
@@ -667,6 +690,7 @@ std::vector<float> NammModel::features(const LayerInput & tokens) const {
     check_tokens(tokens);
     const int64_t H = tokens.n_heads, n = tokens.n_tokens;
     const std::vector<float> rec_host = recency(tokens, false);
+    const std::vector<float> ema_host = spectrum_input(tokens, false);
     const std::lock_guard<std::mutex> lock(compute_mutex_);
     Graph g(16);
     ggml_tensor * ema = g.input(kBins, n, H);                // [17, n, H]
@@ -674,7 +698,7 @@ std::vector<float> NammModel::features(const LayerInput & tokens) const {
     ggml_tensor * x = build_features(g.ctx(), ema, rec);     // [25, n, H]
     g.output(x);
     g.allocate(allocator_);
-    ggml_backend_tensor_set(ema, tokens.ema.data(), 0, tokens.ema.size() * sizeof(float));
+    ggml_backend_tensor_set(ema, ema_host.data(), 0, ema_host.size() * sizeof(float));
     ggml_backend_tensor_set(rec, rec_host.data(), 0, rec_host.size() * sizeof(float));
     g.compute(backend_);
     std::vector<float> out(size_t(H * n * kFeatures));

@@ -31,6 +31,10 @@ struct NammHparams {
     uint32_t format_version = kFormatVersion;
     int32_t delay = 512;               // tokens between invocations = attention rows per invocation
     float ema_coefficient = 0.99f;     // per token; a = ema_coefficient^16 per frame
+    // namm.ema_bias_correction (pymemory extension, absent = false): the EMA is divided by the weight the token's
+    // queries carry, 1 - c^max(queries, 16), before normalisation, so that a token's spectrum is a recency-weighted
+    // average over its lifetime instead of one that starts at zero (see spectrum_input()).
+    bool ema_bias_correction = false;
     float recency_max_freq = 50000.0f; // ω_i = max_freq^(-i/4)
     int32_t recency_start = 0;         // age = p_now - p + start
     float threshold = 0.0f;            // scores below are evicted
@@ -119,6 +123,9 @@ private:
     NammModel() = default;
     void load_file(const std::string & path);
     std::vector<float> recency(const LayerInput & tokens, bool reversed) const;
+    // The un-normalised spectrum BAM's features start from, [head][token][17] (reversed token order when asked):
+    // the tokens' EMAs, bias-corrected when the file says so.
+    std::vector<float> spectrum_input(const LayerInput & tokens, bool reversed) const;
     ggml_tensor * build_features(ggml_context * ctx, ggml_tensor * ema, ggml_tensor * recency) const;
     std::vector<float> run_bam(const LayerInput * tokens, const float * x, int32_t n_heads, int32_t n_tokens) const;
     bool backend_has_flash_attention() const;

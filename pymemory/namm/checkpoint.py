@@ -219,6 +219,11 @@ def validate_settings(settings, path) -> dict:
     except ValueError as exc:
         bad(str(exc))
     out.update({k: v for k, v in (("namm_delay", int(delay)), ("ema_coefficient", float(ema))) if k in settings})
+    correction = settings.get("ema_bias_correction", False)
+    if not isinstance(correction, (bool, np.bool_)):
+        bad(f"ema_bias_correction must be true or false (got {correction!r})")
+    if "ema_bias_correction" in settings:
+        out["ema_bias_correction"] = bool(correction)
     mode = settings.get("mode")
     if mode is not None:
         if mode not in fmt.DEPLOY_MODES:
@@ -304,12 +309,16 @@ def load_gguf(path: str | os.PathLike) -> tuple[NammVector, fmt.NammHparams]:
             f"{path} has NAMM format version {version}; this pymemory reads version {fmt.FORMAT_VERSION}: "
             "re-convert the checkpoint with this pymemory")
     hparams = fmt.NammHparams(**{name: _field_value(reader, key, kind, path)
-                                 for name, (key, kind) in fmt.METADATA_KEYS.items()})
+                                 for name, (key, kind) in fmt.METADATA_KEYS.items()
+                                 if name not in fmt.OPTIONAL_KEYS or key in reader.fields})
     try:
         hparams.check_supported()
     except ValueError as exc:
         raise NammCheckpointError(f"{path}: {exc}") from exc
+    optional = {fmt.METADATA_KEYS[name][0] for name in fmt.OPTIONAL_KEYS}
     for key, (kind, value) in hparams.metadata().items():
+        if key in optional and key not in reader.fields:
+            continue
         if _field_value(reader, key, kind, path) != value:
             raise NammCheckpointError(f"{path}: metadata {key!r} must be {value} for this network")
 

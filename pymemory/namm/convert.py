@@ -35,10 +35,12 @@ def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
 
 
 def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32", *, delay: int | None = None,
-               deploy: dict | None = None, ema_coefficient: float | None = None) -> dict:
+               deploy: dict | None = None, ema_coefficient: float | None = None,
+               ema_bias_correction: bool | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
     ``delay`` overrides the invocation period, ``ema_coefficient`` the spectrogram's per-token moving-average
-    coefficient (defaults: the settings a pymemory run recorded in the vector, else the released 512 and 0.99);
+    coefficient, ``ema_bias_correction`` whether the engine divides that average by its weight so far (defaults:
+    the settings a pymemory run recorded in the vector, else the released 512, 0.99 and no correction);
     ``deploy`` (default likewise the run's) records how the NAMM was
     trained to be used ({"mode": one of gguf_format.DEPLOY_MODES, "quorum": float}), which the engine then takes by
     default.
@@ -50,6 +52,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
     recorded = vector.settings or {}
     delay = recorded.get("namm_delay") if delay is None else delay
     ema_coefficient = recorded.get("ema_coefficient") if ema_coefficient is None else ema_coefficient
+    if ema_bias_correction is None:
+        ema_bias_correction = recorded.get("ema_bias_correction")
     if deploy is None and "mode" in recorded:
         deploy = {"mode": recorded["mode"], "quorum": recorded["quorum"]}
     out = Path(out)
@@ -62,10 +66,12 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "str": writer.add_string,
                "bool": writer.add_bool}
         overrides = {"delay": None if delay is None else int(delay),
-                     "ema_coefficient": None if ema_coefficient is None else float(ema_coefficient)}
+                     "ema_coefficient": None if ema_coefficient is None else float(ema_coefficient),
+                     "ema_bias_correction": None if ema_bias_correction is None else bool(ema_bias_correction)}
         hparams = dataclasses.replace(fmt.RELEASED, **{k: v for k, v in overrides.items() if v is not None})
         hparams.check_supported()
         summary["settings"] = {"delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
+                               "ema_bias_correction": hparams.ema_bias_correction,
                                "deploy": dict(deploy) if deploy else None}
         for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)
@@ -109,8 +115,9 @@ def format_summary(summary: dict) -> str:
     s = summary.get("settings")
     if s:
         deploy = f", trained for {s['deploy']['mode']} mode" if s.get("deploy") else ""
+        corrected = " (bias-corrected)" if s.get("ema_bias_correction") else ""
         lines.append(f"  runs every {s['delay']} tokens, spectrogram moving average {s['ema_coefficient']:g} per "
-                     f"token{deploy}")
+                     f"token{corrected}{deploy}")
     for t in summary["tensors"]:
         error = f"  max |quantisation error| {t['max_abs_error']:.3g}" if "max_abs_error" in t else ""
         lines.append(f"  {t['name']:<24} {str(t['shape']):<10} {t['type']:<5}{error}")

@@ -26,6 +26,9 @@ class NammHparams:
     hop: int = 16
     window: str = "hann_periodic"
     ema_coefficient: float = 0.99  # per token; per frame a = 0.99^hop
+    # pymemory extension (not in the released NAMM): divide the EMA by the weight 1 − c^max(queries, hop) the
+    # token's queries carry, so its spectrum averages over its lifetime instead of starting from zero.
+    ema_bias_correction: bool = False
     recency_dim: int = 8  # [sin(age·ω_0..3) ‖ cos(age·ω_0..3)]
     recency_max_freq: float = 50000.0  # ω_i = max_freq^(−i/(dim/2))
     recency_start: int = 0  # age = p_now − p + start
@@ -95,6 +98,7 @@ METADATA_KEYS: dict[str, tuple[str, str]] = {
     "hop": ("namm.hop", "u32"),
     "window": ("namm.window", "str"),
     "ema_coefficient": ("namm.ema_coefficient", "f32"),
+    "ema_bias_correction": ("namm.ema_bias_correction", "bool"),
     "recency_dim": ("namm.recency.dim", "u32"),
     "recency_max_freq": ("namm.recency.max_freq", "f32"),
     "recency_start": ("namm.recency.start", "u32"),
@@ -108,6 +112,8 @@ METADATA_KEYS: dict[str, tuple[str, str]] = {
     "attention_bias": ("namm.attention_bias", "bool"),
 }
 assert set(METADATA_KEYS) == {f.name for f in fields(NammHparams)}
+# Keys that files written before they existed lack: a reader takes the released value when one is absent.
+OPTIONAL_KEYS = frozenset({"ema_bias_correction"})
 
 KEY_FORMAT_VERSION = "namm.format_version"  # u32
 KEY_SOURCE = "namm.source"  # str: file and vector the parameters came from

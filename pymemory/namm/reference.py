@@ -207,8 +207,11 @@ class NammReference:
         return (torch.as_tensor(ema, dtype=torch.float32) - self.params.feat_mean) / self.feat_std
 
     def features_from_ema(self, positions: np.ndarray, ema) -> torch.Tensor:
-        """X = [recency (8) ‖ normalised spectrum (17)] -> float32 [H, n, 25] (spec §2.6)."""
+        """X = [recency (8) ‖ normalised spectrum (17)] -> float32 [H, n, 25] (spec §2.6); the spectrum is the EMA
+        divided by its weight when the NAMM's ema_bias_correction is set (bias_corrected_ema)."""
         torch = _torch()
+        if self.hparams.ema_bias_correction:
+            ema = bias_corrected_ema(np.asarray(ema, np.float32), positions, self.hparams.ema_coefficient)
         return torch.cat([self.recency(positions), self.normalise(ema)], dim=-1)
 
     def features(self, state: ReferenceState, attn, new_pos) -> NammFeatures:
@@ -282,6 +285,16 @@ class NammReference:
         state.ema = np.take_along_axis(features.ema, keep[..., None], axis=1)
         state.history = np.take_along_axis(features.history, keep[..., None], axis=1)
         return keep, scores
+
+
+def bias_corrected_ema(ema: np.ndarray, positions: np.ndarray, ema_coefficient: float) -> np.ndarray:
+    """ema [..., n, 17] / (1 − c^max(q, hop)) with q = newest position − the token's + 1 the queries that have seen
+    it (positions [..., n], chronological): the weight its attention carries in the moving average, at least one
+    frame's. A pymemory extension (gguf_format.NammHparams.ema_bias_correction); the engine's spectrum_input."""
+    positions = np.asarray(positions, np.float64)
+    queries = np.maximum(positions[..., -1:] - positions + 1.0, RELEASED.hop)  # [..., n]
+    weight = 1.0 - np.power(float(ema_coefficient), queries)
+    return (np.asarray(ema, np.float64) / weight[..., None]).astype(np.float32)
 
 
 def ema_streaming_update(ema: np.ndarray, hist16: np.ndarray, rows16: np.ndarray,

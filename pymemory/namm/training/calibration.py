@@ -43,14 +43,24 @@ def zero_namm_captures(model, samples: Sequence[Sample], namm_delay: int, n_thre
 
 
 def feature_statistics(model, samples: Sequence[Sample], namm_delay: int, n_threads: int = 0,
-                       ema_coefficient: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(μ [17], σ² [17]) of the un-normalised spectrogram EMAs the engine computes on `samples` with no eviction."""
+                       ema_coefficient: float | None = None,
+                       ema_bias_correction: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(μ [17], σ² [17]) of the un-normalised spectrogram EMAs the engine computes on `samples` with no eviction
+    (bias-corrected, as the NAMM will read them, with `ema_bias_correction`)."""
+    from ..gguf_format import RELEASED
+    from ..reference import bias_corrected_ema
+
+    coefficient = RELEASED.ema_coefficient if ema_coefficient is None else ema_coefficient
     total = np.zeros(17)
     total_sq = np.zeros(17)
     count = 0
     for _, captures in zero_namm_captures(model, samples, namm_delay, n_threads, ema_coefficient):
         for capture in captures:
-            ema = np.asarray(capture["ema"], np.float64).reshape(-1, 17)  # [heads * tokens, 17]
+            positions = np.asarray(capture["positions"], np.int64)  # [tokens]
+            ema = np.asarray(capture["ema"], np.float32).reshape(-1, len(positions), 17)  # [heads, tokens, 17]
+            if ema_bias_correction:
+                ema = bias_corrected_ema(ema, positions, coefficient)
+            ema = ema.astype(np.float64).reshape(-1, 17)  # [heads * tokens, 17]
             total += ema.sum(axis=0)
             total_sq += (ema * ema).sum(axis=0)
             count += ema.shape[0]

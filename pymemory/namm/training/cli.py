@@ -17,6 +17,8 @@ _HELP = {
     "n_sink": "first tokens always kept",
     "namm_delay": "tokens between NAMM invocations (multiple of 16)",
     "ema_coefficient": "per-token coefficient of the NAMM's spectrogram moving average (released: 0.99)",
+    "ema_bias_correction": "divide that moving average by its weight so far (1 - c^queries), a recency-weighted "
+                           "rate over each token's life instead of an average that starts at zero",
     "mode": f"shared-cell rule: {', '.join(MODES)}",
     "quorum": "quorum mode: fraction of (layer, head) pairs that must drop a token",
     "warm_start": f"where evolution starts: {', '.join(WARM_STARTS)} (imitation: θ fitted to predict future "

@@ -41,6 +41,10 @@ class TrainConfig:
     # Per-token coefficient of the spectrogram moving average the NAMM reads (spec §2.3; the released NAMM: 0.99,
     # about 100 queries of memory). Longer memories keep the attention a token drew when it arrived.
     ema_coefficient: float = 0.99
+    # Divide that average by the weight its queries carry so far (1 - c^queries): a token's spectrum then averages
+    # its whole life instead of starting from zero, so new tokens are not ranked low for being new (a pymemory
+    # extension written into the NAMM GGUF; the released NAMM does not correct).
+    ema_bias_correction: bool = False
     mode: str = "budget"  # how per-(layer, head) decisions become cell evictions (namm_policy.h)
     quorum: float = 1.0  # quorum mode only
     # Where evolution starts: "imitation" fits θ by gradient descent to predict the attention each cached token
@@ -170,6 +174,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def namm_hparams(self):
+        """The NAMM's hyper-parameters this run trains (released, with its delay and how it reads its EMA)."""
+        from dataclasses import replace
+
+        from ..gguf_format import RELEASED
+
+        return replace(RELEASED, delay=self.namm_delay, ema_coefficient=self.ema_coefficient,
+                       ema_bias_correction=self.ema_bias_correction)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -40,6 +40,7 @@ class MemorySpec:
     feat_var: tuple[float, ...]
     threads: int = 0
     ema_coefficient: float = 0.99  # the NAMM's spectrogram moving average, per token (the released value)
+    ema_bias_correction: bool = False  # whether the NAMM reads that average divided by its weight so far
 
     @classmethod
     def from_config(cls, config, feat_mean, feat_var, threads: int = 0, capacity: int | None = None,
@@ -49,7 +50,7 @@ class MemorySpec:
         capacity = config.capacity if capacity is None else capacity
         return cls(model or config.model, capacity, config.sample_tokens, config.n_sink, config.namm_delay,
                    config.mode, config.quorum, capacity - config.namm_delay, tuple(map(float, feat_mean)),
-                   tuple(map(float, feat_var)), threads, config.ema_coefficient)
+                   tuple(map(float, feat_var)), threads, config.ema_coefficient, config.ema_bias_correction)
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ def namm_tensors(theta: np.ndarray, spec: MemorySpec) -> dict[str, np.ndarray]:
 
 def deploy_settings(spec: MemorySpec) -> dict:
     """How a NAMM trained under `spec` is to run (checkpoint.SETTINGS_KEY): recorded in the run's ckpt.pt and GGUF."""
-    return {"namm_delay": spec.namm_delay, "ema_coefficient": spec.ema_coefficient, "mode": spec.mode,
-            "quorum": spec.quorum}
+    return {"namm_delay": spec.namm_delay, "ema_coefficient": spec.ema_coefficient,
+            "ema_bias_correction": spec.ema_bias_correction, "mode": spec.mode, "quorum": spec.quorum}
 
 
 def write_template(vector, path: str, spec: MemorySpec, weight_type: str = "f32") -> str:

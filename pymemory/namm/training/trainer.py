@@ -100,7 +100,8 @@ class Trainer:
         rng_samples = generation_samples(self.factory, c.seed + CALIBRATION_SEED_OFFSET, 0, c.calibration_samples, 0,
                                          [])
         t0 = time.perf_counter()
-        mean, var = feature_statistics(self.model, rng_samples, c.namm_delay, self.threads, c.ema_coefficient)
+        mean, var = feature_statistics(self.model, rng_samples, c.namm_delay, self.threads, c.ema_coefficient,
+                                       c.ema_bias_correction)
         options = {"popsize": c.population, "seed": c.seed + 1, "verbose": -9, "CMA_diagonal": c.covariance ==
                    "diagonal", "tolx": 0, "tolfun": 0, "tolflatfitness": 10 ** 9, "tolfunhist": 0,
                    "tolstagnation": 10 ** 9}
@@ -127,7 +128,8 @@ class Trainer:
         examples = capture_examples(self.model, samples, c.namm_delay, c.warm_start_horizon, c.n_sink, self.threads,
                                     c.warm_start_target, c.ema_coefficient)
         capture_seconds = time.perf_counter() - t0
-        theta, report = fit_imitation(examples, feat_mean, feat_var, steps=c.warm_start_steps, seed=c.seed)
+        theta, report = fit_imitation(examples, feat_mean, feat_var, steps=c.warm_start_steps, seed=c.seed,
+                                      hparams=c.namm_hparams())
         report.update(samples=[smp.id for smp in samples], capture_seconds=capture_seconds)
         return theta.astype(np.float64), report
 

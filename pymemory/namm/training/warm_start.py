@@ -194,8 +194,10 @@ def _question_received(invocations: Sequence[dict], question_start: int) -> tupl
 
 
 def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, feat_var: np.ndarray,
-                  steps: int = 600, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """θ [4172] float32 fitted to the examples, and a report (losses, rank correlation, seconds)."""
+                  steps: int = 600, batch: int = 32, lr: float = 3e-3, seed: int = 0,
+                  hparams=None) -> tuple[np.ndarray, dict]:
+    """θ [4172] float32 fitted to the examples, and a report (losses, rank correlation, seconds). `hparams` (a
+    gguf_format.NammHparams, default the released) say how the NAMM reads its EMA (coefficient, bias correction)."""
     import torch
 
     from ..checkpoint import NammVector
@@ -208,7 +210,7 @@ def fit_imitation(examples: Sequence[ImitationExample], feat_mean: np.ndarray, f
     theta.requires_grad_(True)
     stats = NammVector(np.zeros(PARAM_COUNT, np.float32), np.asarray(feat_mean, np.float32),
                        np.asarray(feat_var, np.float32))
-    reference = NammReference.from_vector(stats)
+    reference = NammReference.from_vector(stats, *(() if hparams is None else (hparams,)))
     inputs = []
     with torch.no_grad():
         for ex in examples:
