@@ -487,3 +487,29 @@ def test_max_hindsight_is_the_highest_pairs_attention():
     assert torch.equal(_predicted(scores, "mean"), scores.mean(dim=0, keepdim=True))
     theta, report = fit_imitation(examples, np.zeros(17), np.ones(17), steps=3)
     assert theta.shape == (4172,) and np.isfinite(theta).all() and report["examples"] == 2
+
+
+def test_past_rate_target_is_each_pairs_attention_per_query_since_arrival():
+    """The `past_rate` target is causal: per (layer, KV head), the attention a token has received from that pair's
+    queries so far divided by the queries since it arrived, as a multiple of a uniform share. In the haystack of
+    _question_invocations every query spreads 1/(q + 1) over the tokens 0..q, so token t's rate after query Q is
+    (H(Q + 1) - H(t)) / (Q + 1 - t) (H the harmonic numbers); the question's queries then put 0.9 on the needle."""
+    from pymemory.namm.training.data import Sample
+    from pymemory.namm.training.warm_start import examples_from, fit_imitation
+
+    H, delay, total, question_start, needle = 2, 4, 16, 12, 6
+    sample = Sample("r", "passkey", tuple(range(total)), (1,), total - question_start)
+    layer = _question_invocations(H, delay, total, question_start, needle, needle)
+    layer[0]["attention"][1] *= 0.5  # head 1's first window gives half as much: the heads' targets differ
+    examples = examples_from([sample], [[layer, layer]], delay, delay, n_sink=1, target="past_rate")
+    assert len(examples) == 2 * total // delay  # every invocation of every layer, the question's included
+    first = examples[0]  # layer 0, positions 0..3: token t got sum_{q=t..3} 1/(q+1) from 4 - t queries
+    harmonic = np.cumsum([0.0] + [1.0 / (q + 1) for q in range(total)])
+    expected = np.log([(harmonic[4] - harmonic[t]) / (4 - t) * 4 for t in range(4)])
+    np.testing.assert_allclose(first.target[0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first.target[1], np.log(np.exp(expected) * 0.5), rtol=1e-5, atol=1e-6)
+    assert first.first == 1 and not first.pooled and first.ema.shape == (H, 4, 17)
+    last = examples[total // delay - 1]  # after the question: the needle stands out in both heads
+    assert last.positions[-1] == total - 1 and (last.target[:, 1:].argmax(axis=1) + 1 == needle).all()
+    theta, report = fit_imitation(examples, np.zeros(17), np.ones(17), steps=3)
+    assert theta.shape == (4172,) and np.isfinite(theta).all() and report["examples"] == len(examples)

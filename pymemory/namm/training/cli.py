@@ -28,7 +28,9 @@ _HELP = {
     "warm_start_steps": "imitation: Adam steps",
     "warm_start_target": "imitation: per_head (each layer and KV head its own attention), pooled (the mean "
                          "score over all of them predicts the whole model's attention, as budget mode ranks) or max "
-                         "(the highest score over them predicts the highest pair's attention, as budget_max ranks)",
+                         "(the highest score over them predicts the highest pair's attention, as budget_max ranks) or past_rate "
+                         "(each pair's score imitates the attention per query the token has received from it since "
+                         "it arrived; for budget_zmax with --ema-bias-correction)",
     "population": "CMA-ES population (the original: 32)",
     "sigma0": "initial step size (the original: 0.065)",
     "covariance": f"CMA-ES covariance: {', '.join(COVARIANCES)} (docs/namm-training.md says why diagonal)",

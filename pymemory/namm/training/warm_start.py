@@ -15,7 +15,10 @@ the token got so far, and its age). So:
    within it matters. The `pooled` target is one per (invocation, token): the attention it receives from every
    layer and head together, compared with the mean of its scores over all of them (what budget mode ranks by);
    the `max` target (budget_max only) is the highest of the pairs' own shares, compared with a smooth maximum of
-   the scores over the pairs (what budget_max ranks by);
+   the scores over the pairs (what budget_max ranks by). The `past_rate` target is not hindsight: each pair's
+   attention per query since the token arrived, relative to a uniform share, the quantity whose per-pair
+   standardised maximum keeps both text and pass keys when it is observed exactly (results.md, "A rate, not a
+   sum"); a NAMM fitted to it, deployed with budget_zmax, starts evolution from that rule;
 3. minimise the mean squared error between the centred NAMM scores (the torch reference, differentiable) and
    the centred targets with Adam;
 4. shift the output bias so every score on the fitted data is positive: no (layer, head) then votes to drop a
@@ -38,7 +41,7 @@ LOG_CEIL = 50.0  # and above 50 shares as 50 (sinks would dominate the squared e
 POSITIVE_MARGIN = 0.5  # the smallest fitted score after the bias shift
 
 
-TARGETS = ("per_head", "pooled", "max")
+TARGETS = ("per_head", "pooled", "max", "past_rate")
 MAX_TEMPERATURE = 0.25  # the smooth maximum over pairs that a `max` fit differentiates (scores are free in scale)
 
 
@@ -90,6 +93,8 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
         raise ValueError(f"target must be one of {TARGETS} (got {target!r})")
     ahead = _windows_ahead(namm_delay, horizon)
     examples: list[ImitationExample] = []
+    if target == "past_rate":
+        return _past_rate_examples(invocations, n_sink)
     for sample, per_layer in zip(samples, invocations):
         if sample.question:
             question_start = len(sample.prompt) - sample.question
@@ -137,6 +142,26 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
     if not examples:
         raise ValueError(f"no invocation had {horizon} tokens after it: use samples longer than "
                          f"{horizon + namm_delay} tokens or a shorter horizon")
+    return examples
+
+
+def _past_rate_examples(invocations: list[list[list[dict]]], n_sink: int) -> list[ImitationExample]:
+    """`past_rate`: one example per (sample, layer, invocation), every KV head fitted to the log of the attention
+    per query each cached token has received from it since the token arrived, as a multiple of a uniform share."""
+    examples = []
+    for per_layer in invocations:
+        total = per_layer[0][-1]["positions"].size  # nothing was evicted: positions 0 .. total-1, in order
+        for layer in per_layer:
+            received = np.zeros((layer[0]["ema"].shape[0], total), np.float64)  # [H, total] so far, by position
+            for inv in layer:
+                positions, attention = inv["positions"], inv["attention"]  # [n], [H, R, n]
+                received[:, positions] += attention.sum(axis=1)
+                queries = positions[-1] + 1 - positions  # [n] queries since each token arrived, its own included
+                rate = received[:, positions] / queries[None, :] * positions.size  # [H, n] uniform share = 1
+                target = np.log(np.clip(rate, LOG_FLOOR, LOG_CEIL)).astype(np.float32)
+                examples.append(ImitationExample(positions, inv["ema"], target, min(n_sink, positions.size - 1)))
+    if not examples:
+        raise ValueError("no NAMM invocation was captured: samples need at least namm_delay tokens")
     return examples
 
 
