@@ -245,9 +245,14 @@ if run namm-aggregation-ema; then  # issue 10: the per-pair maximum of a moving 
     --rules "top-1 of pairs (max),top-1 of pairs: EMA 0.998 from zero,top-1 of pairs: EMA 0.998 bias-corrected,top-1 of pairs: EMA 0.99 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected"
 fi
 if run namm-warm-rate; then  # issue 10: warm starts whose NAMM reads a bias-corrected 0.998 moving average (a
-  # recency-weighted attention rate), per head, pooled and max fits under budget_zmax and budget_max (about 35 minutes)
+  # recency-weighted attention rate), per head, pooled and max fits under budget_zmax (about 35 minutes)
   python tools/namm_warm_targets.py --out $out/namm_warm_rate --targets per_head,pooled,max \
     --modes budget_zmax --ema-coefficients 0.998c --test-text 12 --test-retrieval 16
+fi
+if run namm-warm-past-rate; then  # issue 10: a warm start fitted to each pair's attention rate since arrival (the
+  # rule whose standardised maximum keeps text and keys), reading a bias-corrected 0.998 average (about 25 minutes)
+  python tools/namm_warm_targets.py --out $out/namm_warm_past_rate --targets past_rate \
+    --modes budget_zmax,budget_max --ema-coefficients 0.998c --test-text 12 --test-retrieval 16
 fi
 if run namm-warm-max; then  # issue 10: warm starts deployed with budget_max (each token's highest score over the
   # pairs): the per-head fit and the max fit, beside sink, h2o, tova and the shipped NAMM (about 25 minutes)
