@@ -217,6 +217,17 @@ if run train-namm-smollm2-pooled; then  # issue 10: the pooled warm start, then 
     --heldout-retrieval 6 --calibration-samples 2 --seed 0 --workers 2 --threads 1
   python tools/ship_namm.py --run runs/smollm2-pooled --name smollm2  # the shipped SmolLM2 NAMM: generation 0 won
 fi
+if run train-namm-smollm2-rate; then  # issue 10: the past-rate warm start (each pair's attention rate since arrival,
+  # read from a bias-corrected 0.998 moving average, ranked by budget_zmax), then CMA-ES around it on 3 texts and 3
+  # retrievals per generation (resumable; about 30 minutes)
+  pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2-rate \
+    --data austen,passkey,kv --sample-tokens 512 --scored-tokens 256 --cache-fraction 0.25 --n-sink 4 --namm-delay 32 \
+    --ema-coefficient 0.998 --ema-bias-correction --mode budget_zmax --quorum 1.0 --warm-start imitation \
+    --warm-start-target past_rate --warm-start-samples 18 --warm-start-horizon 256 --warm-start-steps 600 \
+    --population 8 --sigma0 0.03 --covariance diagonal --generations "${GENERATIONS:-4}" --text-samples 3 \
+    --retrieval-samples 3 --heldout-every 2 --heldout-text 12 --heldout-retrieval 6 --calibration-samples 2 --seed 0 \
+    --workers 2 --threads 1
+fi
 if run namm-pooled-eval; then  # issue 10: the shipped SmolLM2 NAMM (pooled warm start) vs every policy on 16 + 8
   # held-out samples at 25 % and 50 %, beside the first shipped NAMM; zero-shot on Qwen (about 25 minutes)
   python tools/eval_trained_namm.py --run runs/smollm2-pooled --namm runs/smollm2-pooled/namm.gguf \
