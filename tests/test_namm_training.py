@@ -319,6 +319,7 @@ def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
 @pytest.mark.parametrize("name, model_fixture, model_asset", [
     ("smollm2", "smollm2_path", "smollm2-135m-instruct"),
     ("smollm2-evolved", "smollm2_path", "smollm2-135m-instruct"),
+    ("smollm2-rate", "smollm2_path", "smollm2-135m-instruct"),
     ("qwen2.5", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
     ("qwen2.5-per-head", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
 ])
@@ -331,8 +332,11 @@ def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, mod
     assert name in shipped
     record = json.loads(shipped[name].with_suffix(".json").read_text())
     assert record["config"]["model"] == model_asset and "command" in record and record["name"] == name
-    vector, _ = load_gguf(shipped[name])
+    vector, hparams = load_gguf(shipped[name])
     assert np.abs(vector.theta).max() > 0  # trained, not the all-zero start
+    # The file reads its spectrum as the run trained it (moving average, bias correction).
+    assert hparams.ema_coefficient == pytest.approx(record["config"].get("ema_coefficient", 0.99))
+    assert hparams.ema_bias_correction is record["config"].get("ema_bias_correction", False)
     model_path = request.getfixturevalue(model_fixture)
     with StreamingLLM(model_path, policy="namm", namm_path=name, n_sink=4, window=124, n_threads=1) as llm:
         text = "".join(llm.generate("Once upon a time", max_tokens=200, ignore_eos=True, temperature=0.0))

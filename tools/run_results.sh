@@ -235,6 +235,13 @@ if run namm-pooled-eval; then  # issue 10: the shipped SmolLM2 NAMM (pooled warm
     --also "shipped NAMM (evolved from zero)=pymemory/data/namm/smollm2-evolved.gguf" \
     --transfer-model qwen2.5-coder-0.5b-instruct --transfer-samples 4 --workers 2
 fi
+if run namm-rate-eval; then  # issue 10: the past-rate SmolLM2 NAMM (train-namm-smollm2-rate) vs every policy on 12
+  # texts + 16 retrievals at 25 % and 50 %, beside the shipped smollm2; q8_0; zero-shot on Qwen (about 35 minutes)
+  python tools/eval_trained_namm.py --run runs/smollm2-rate --namm runs/smollm2-rate/namm.gguf \
+    --out $out/namm_rate_smollm2 --text 12 --retrieval 16 --quants q8_0 \
+    --also "shipped NAMM (smollm2)=pymemory/data/namm/smollm2.gguf" \
+    --transfer-model qwen2.5-coder-0.5b-instruct --transfer-samples 4 --workers 2
+fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
   python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
