@@ -3,6 +3,7 @@
 #include "errors.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +13,18 @@
 #include "gguf.h"
 
 namespace pm {
+
+size_t tensor_data_end(const gguf_context * gctx) {
+    constexpr size_t kMax = SIZE_MAX;
+    const size_t data_offset = gguf_get_data_offset(gctx);
+    size_t data_end = data_offset;
+    for (int64_t i = 0; i < gguf_get_n_tensors(gctx); ++i) {
+        const size_t offset = gguf_get_tensor_offset(gctx, i), size = gguf_get_tensor_size(gctx, i);
+        if (offset > kMax - data_offset || size > kMax - data_offset - offset) return kMax;
+        data_end = std::max(data_end, data_offset + offset + size);
+    }
+    return data_end;
+}
 
 // Checks what llama.cpp would otherwise report vaguely or not at all: existence, GGUF magic, readable header,
 // and tensor data that lies inside the file (a truncated download).
@@ -44,12 +57,8 @@ void validate_gguf_file(const std::string & path) {
              "'" + path + "' has a GGUF magic but its header cannot be read: the file is truncated or corrupted; "
              "download it again");
     }
-    const size_t data_offset = gguf_get_data_offset(gctx);
-    size_t data_end = data_offset;
+    const size_t data_end = tensor_data_end(gctx);
     const int64_t n_tensors = gguf_get_n_tensors(gctx);
-    for (int64_t i = 0; i < n_tensors; ++i) {
-        data_end = std::max(data_end, data_offset + gguf_get_tensor_offset(gctx, i) + gguf_get_tensor_size(gctx, i));
-    }
     // llama.cpp asserts (aborts the process) on a vocabulary with a repeated token text: refuse it here.
     std::string vocab_problem;
     const int64_t vocab_key = gguf_find_key(gctx, "tokenizer.ggml.tokens");

@@ -389,5 +389,14 @@ def test_missing_unreadable_and_truncated_files(policies, tmp_path):
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(ModelLoadError, match="truncated or corrupted"):
         NammModel(truncated)
+    # The last tensor's shape damaged to 2^40 values (gguf checks offsets against the earlier tensors' sizes, so
+    # only the last one can grow unnoticed): refused from the header, before anything is allocated for it (loading
+    # it used to abort the process in ggml's allocator; found by the fuzz test).
+    name = b"namm.feat_var"
+    at = good.rindex(name) + len(name) + 4  # after the name: n_dims (u32), then ne0 (u64)
+    huge = tmp_path / "huge.gguf"
+    huge.write_bytes(good[:at] + (1 << 40).to_bytes(8, "little") + good[at + 8:])
+    with pytest.raises(ModelLoadError, match="claim more data than the file holds"):
+        NammModel(huge)
     unchanged = rewrite(Path(policies[1].models["f32"].path), tmp_path / "copy.gguf")
     assert NammModel(unchanged).hparams["weight_type"] == "f32"  # the rewriting itself keeps files valid

@@ -1,5 +1,7 @@
 #include "namm_model.h"
 
+#include "../gguf_checks.h"
+
 #include "../errors.h"
 #include "../ggml_compute.h"
 
@@ -202,6 +204,18 @@ void NammModel::load_file(const std::string & path) {
         const size_t got = std::fread(magic, 1, 4, f);
         std::fclose(f);
         if (got != 4 || std::memcmp(magic, "GGUF", 4) != 0) bad_file(path, "no GGUF magic (not a GGUF file)");
+    }
+    {
+        // Loading allocates what the header says the tensors hold, and ggml aborts when that allocation fails: a
+        // corrupted shape must be refused from the header alone first (tensor data has to lie inside the file).
+        gguf_context * header = gguf_init_from_file(path.c_str(), gguf_init_params{/*no_alloc=*/true, nullptr});
+        if (!header) bad_file(path, "the GGUF header cannot be read (truncated or corrupted)");
+        const size_t data_end = tensor_data_end(header);
+        gguf_free(header);
+        const auto file_size = std::filesystem::file_size(path, ec);
+        if (ec || data_end > file_size) {
+            bad_file(path, "its tensors claim more data than the file holds: truncated or corrupted (a damaged size or shape)");
+        }
     }
     ggml_context * data_ctx = nullptr;
     gguf_context * gctx = gguf_init_from_file(path.c_str(), gguf_init_params{/*no_alloc=*/false, &data_ctx});
