@@ -143,11 +143,16 @@ def main() -> int:
             recent = before[:, now] - before[:, max(now - queries, 0)]
             return relative_rate(recent, now, cand, queries).max(axis=0)
 
-        emas = {c: moving_averages(received, c) for c in (0.99, 0.998)}
+        emas: dict[float, np.ndarray] = {}  # per coefficient, computed when a chosen rule first reads it
 
         def ema_rule(coefficient: float, corrected: bool, standardised: bool = False):
-            return lambda now, cand: (ema_scores(emas[coefficient], coefficient, now, cand, corrected, standardised)
-                                      if now < len(tokens) else cand)
+            def rule(now: int, cand: np.ndarray) -> np.ndarray:
+                if now >= len(tokens):
+                    return cand
+                if coefficient not in emas:
+                    emas[coefficient] = moving_averages(received, coefficient)
+                return ema_scores(emas[coefficient], coefficient, now, cand, corrected, standardised)
+            return rule
 
         def causal(rule):
             return lambda now, cand: rule(before[:, now], now, cand) if now < len(tokens) else cand

@@ -534,12 +534,8 @@ std::vector<float> NammModel::spectrum_input(const LayerInput & in, bool reverse
         for (int32_t i = 0; i < n; ++i) {
             const float * src = in.ema.data() + (size_t(h) * size_t(n) + size_t(i)) * kBins;
             float * dst = out.data() + (size_t(h) * size_t(n) + size_t(reversed ? n - 1 - i : i)) * kBins;
-            if (!hparams_.ema_bias_correction) {
-                std::copy_n(src, kBins, dst);
-                continue;
-            }
             const double queries = std::max(double(pos[n - 1]) - double(pos[i]) + 1.0, double(kHop));
-            const double weight = 1.0 - std::pow(c, queries);
+            const double weight = hparams_.ema_bias_correction ? 1.0 - std::pow(c, queries) : 1.0;  // x / 1 is exact
             for (int32_t f = 0; f < kBins; ++f) dst[f] = float(double(src[f]) / weight);
         }
     }

@@ -308,18 +308,16 @@ def load_gguf(path: str | os.PathLike) -> tuple[NammVector, fmt.NammHparams]:
         raise NammCheckpointError(
             f"{path} has NAMM format version {version}; this pymemory reads version {fmt.FORMAT_VERSION}: "
             "re-convert the checkpoint with this pymemory")
+    absent = {key for name, (key, _) in fmt.METADATA_KEYS.items()
+              if name in fmt.OPTIONAL_KEYS and key not in reader.fields}  # released values apply
     hparams = fmt.NammHparams(**{name: _field_value(reader, key, kind, path)
-                                 for name, (key, kind) in fmt.METADATA_KEYS.items()
-                                 if name not in fmt.OPTIONAL_KEYS or key in reader.fields})
+                                 for name, (key, kind) in fmt.METADATA_KEYS.items() if key not in absent})
     try:
         hparams.check_supported()
     except ValueError as exc:
         raise NammCheckpointError(f"{path}: {exc}") from exc
-    optional = {fmt.METADATA_KEYS[name][0] for name in fmt.OPTIONAL_KEYS}
     for key, (kind, value) in hparams.metadata().items():
-        if key in optional and key not in reader.fields:
-            continue
-        if _field_value(reader, key, kind, path) != value:
+        if key not in absent and _field_value(reader, key, kind, path) != value:
             raise NammCheckpointError(f"{path}: metadata {key!r} must be {value} for this network")
 
     tensors = {tensor.name: tensor for tensor in reader.tensors}

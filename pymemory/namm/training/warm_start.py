@@ -92,9 +92,9 @@ def examples_from(samples: Sequence[Sample], invocations: list[list[list[dict]]]
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS} (got {target!r})")
     ahead = _windows_ahead(namm_delay, horizon)
-    examples: list[ImitationExample] = []
     if target == "past_rate":
         return _past_rate_examples(invocations, n_sink)
+    examples: list[ImitationExample] = []
     for sample, per_layer in zip(samples, invocations):
         if sample.question:
             question_start = len(sample.prompt) - sample.question
