@@ -316,6 +316,16 @@ if run train-namm-qwen-pooled; then  # issue 10: the pooled warm start on Qwen2.
     --heldout-retrieval 6 --calibration-samples 2 --seed 0 --workers 2 --threads 1
   python tools/ship_namm.py --run runs/qwen-pooled --name qwen2.5  # the shipped Qwen2.5 NAMM: generation 1 won
 fi
+if run train-namm-qwen-rate; then  # issue 10: the smollm2-rate recipe on Qwen2.5 (past-rate warm start, corrected
+  # 0.998 average, budget_zmax), then 2 CMA-ES generations on 3 texts + 3 retrievals each (resumable; about 50 minutes)
+  pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-rate \
+    --data austen,passkey,kv --sample-tokens 512 --scored-tokens 256 --cache-fraction 0.25 --n-sink 4 --namm-delay 32 \
+    --ema-coefficient 0.998 --ema-bias-correction --mode budget_zmax --quorum 1.0 --warm-start imitation \
+    --warm-start-target past_rate --warm-start-samples 18 --warm-start-horizon 256 --warm-start-steps 600 \
+    --population 8 --sigma0 0.03 --covariance diagonal --generations "${GENERATIONS:-2}" --text-samples 3 \
+    --retrieval-samples 3 --heldout-every 1 --heldout-text 12 --heldout-retrieval 6 --calibration-samples 2 --seed 0 \
+    --workers 2 --threads 1
+fi
 if run namm-qwen-pooled-eval; then  # the pooled Qwen NAMM vs every policy and the per-head one on 8 + 4 held-out
   # samples at 25 % and 50 %
   python tools/eval_trained_namm.py --run runs/qwen-pooled --namm runs/qwen-pooled/namm.gguf \
