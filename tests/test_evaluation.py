@@ -135,9 +135,14 @@ def test_paired_rounds_reverse_the_order_and_ratios_pair_rounds():
 def test_bench_attention_suite_times_each_policy_against_both_sinks(tmp_path, smollm2_path):
     out = tmp_path / "attention.json"
     assert main(["bench", "--model", smollm2_path, "--suite", "attention", "--attention-caches", "256",
-                 "--tokens", "32", "--rounds", "2", "--prefill-rounds", "1", "--namm", "smollm2",
+                 "--tokens", "32", "--rounds", "2", "--prefill-rounds", "1", "--namm", "smollm2-rate",
                  "--namm-variant", "namm_layers=5", "--json", str(out), "--md", str(tmp_path / "a.md")]) == 0
-    entry = json.loads(out.read_text())["attention"][0]
+    report = json.loads(out.read_text())
+    # A trained NAMM runs as trained (its file's mode, interval and moving average), not in a forced budget mode.
+    assert report["namm_settings"] == {"namm_delay": 32, "ema_coefficient": pytest.approx(0.998),
+                                       "ema_bias_correction": True, "mode": "budget_zmax"}
+    assert "budget_zmax mode, every 32 tokens" in (tmp_path / "a.md").read_text()
+    entry = report["attention"][0]
     names = ["sink", "sink, flash attention auto", "h2o", "h2o, reindex=True", "namm namm_layers=5"]
     assert list(entry["decode"]) == names and len(entry["decode"]["h2o"]["samples"]) == 2
     assert len(entry["prefill"]["h2o"]["samples"]) == 1

@@ -326,6 +326,7 @@ def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
 def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, model_fixture, model_asset):
     from pymemory import StreamingLLM
     from pymemory.namm import load_gguf
+    from pymemory.namm.checkpoint import run_settings
     from pymemory.namm.packaged import packaged_namms
 
     shipped = packaged_namms()
@@ -337,6 +338,9 @@ def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, mod
     # The file reads its spectrum as the run trained it (moving average, bias correction).
     assert hparams.ema_coefficient == pytest.approx(record["config"].get("ema_coefficient", 0.99))
     assert hparams.ema_bias_correction is record["config"].get("ema_bias_correction", False)
+    settings = run_settings(shipped[name])  # what the engine and `bench` run it with by default
+    assert settings == {"namm_delay": record["config"]["namm_delay"], "ema_coefficient": hparams.ema_coefficient,
+                        "ema_bias_correction": hparams.ema_bias_correction, "mode": record["config"]["mode"]}
     model_path = request.getfixturevalue(model_fixture)
     with StreamingLLM(model_path, policy="namm", namm_path=name, n_sink=4, window=124, n_threads=1) as llm:
         text = "".join(llm.generate("Once upon a time", max_tokens=200, ignore_eos=True, temperature=0.0))

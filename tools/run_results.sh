@@ -31,6 +31,13 @@ if run attention-shipped; then  # issue 13: the same with the shipped NAMM (ever
     --namm-variant namm_layers=5,namm_delay=128 \
     --json $out/bench_attention_shipped_namm.json --md $out/bench_attention_shipped_namm.md
 fi
+if run attention-rate; then  # issue 10: what smollm2-rate costs (its trained settings: budget_zmax, every 32 tokens,
+  # corrected 0.998 average) beside the shipped smollm2 (budget) and the cheap deployment; ~12 minutes
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 10 --tokens 128 \
+    --prefill-rounds 5 --namm smollm2-rate --namm-variant none --namm-variant namm_path=smollm2 \
+    --namm-variant namm_layers=5,namm_delay=128 \
+    --json $out/bench_attention_rate_namm.json --md $out/bench_attention_rate_namm.md
+fi
 if run attention-positions; then  # issue 13: h2o and the cheap NAMM deployment as users run them (absolute
   # positions, compacted only before the training context: no K-shift) beside h2o re-indexed like sink; ~10 minutes
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 10 --tokens 128 \
@@ -325,6 +332,13 @@ if run train-namm-qwen-rate; then  # issue 10: the smollm2-rate recipe on Qwen2.
     --population 8 --sigma0 0.03 --covariance diagonal --generations "${GENERATIONS:-2}" --text-samples 3 \
     --retrieval-samples 3 --heldout-every 1 --heldout-text 12 --heldout-retrieval 6 --calibration-samples 2 --seed 0 \
     --workers 2 --threads 1
+fi
+if run namm-qwen-rate-eval; then  # issue 10: the past-rate Qwen NAMM (train-namm-qwen-rate) vs every policy on 12
+  # texts + 12 retrievals at 25 % and 50 %, beside the shipped qwen2.5 and smollm2-rate zero-shot; q8_0 (~40 minutes)
+  python tools/eval_trained_namm.py --run runs/qwen-rate --namm runs/qwen-rate/namm.gguf \
+    --out $out/namm_rate_qwen --text 12 --retrieval 12 --quants q8_0 --workers 2 \
+    --also "shipped NAMM (qwen2.5)=pymemory/data/namm/qwen2.5.gguf" \
+    --also "SmolLM2 NAMM smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf"
 fi
 if run namm-qwen-pooled-eval; then  # the pooled Qwen NAMM vs every policy and the per-head one on 8 + 4 held-out
   # samples at 25 % and 50 %

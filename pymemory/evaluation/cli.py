@@ -281,17 +281,20 @@ def run_bench(args) -> int:
         sections.append(f"## Flash attention (sink, cache {capacity})\n\n" + report.markdown_table(
             ["setting", "decode tok/s"], [[k, v["median"]] for k, v in timing.items()]))
 
-    namm_path = None
+    namm_path, namm_options = None, {}
     if "attention" in suites or "memory" in suites:
-        # A NAMM GGUF or a shipped NAMM's name (its invocation interval comes with it). The suites run it in budget
-        # mode, the shipped NAMMs' own, whatever the file says: a random NAMM has no mode, and a held budget is
-        # what the memory and speed comparisons measure.
+        # A NAMM GGUF or a shipped NAMM's name: it runs with the settings it was trained with (mode, invocation
+        # interval, moving average), as users run it. A random NAMM has no mode: it runs in budget mode, since a
+        # held budget is what the memory and speed comparisons measure.
         if args.namm:
+            from ..namm.checkpoint import run_settings
             from ..namm.packaged import resolve_namm
 
             namm_path = resolve_namm(args.namm)
+            data["namm_settings"] = run_settings(namm_path)
         else:
             namm_path = bench.random_namm_gguf(tempfile.mkdtemp(prefix="pymemory-bench-"))
+            namm_options = {"namm_mode": "budget"}
         data["namm"] = args.namm or "random weights"
 
     if "memory" in suites:
@@ -302,7 +305,7 @@ def run_bench(args) -> int:
             specs = [PolicySpec("none", 0, capacity), PolicySpec("sink", args.n_sink, window),
                      PolicySpec("recompute", 0, capacity), PolicySpec("h2o", args.n_sink, window, {"reindex": True})]
             if capacity > 512 + args.n_sink:  # namm needs room for one 512-token window above what it keeps
-                specs.append(PolicySpec("namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget",
+                specs.append(PolicySpec("namm", args.n_sink, window, {"namm_path": namm_path, **namm_options,
                                                                        "reindex": True}))
             for spec in specs:
                 # Policy "none" cannot stream past its cache: it gets exactly a full cache, the others 2x.
@@ -334,7 +337,7 @@ def run_bench(args) -> int:
                 named = variant != "none"
                 options = parse_policy(f"namm,{variant}" if named else "namm", args.n_sink, window).options
                 specs[f"namm {variant}" if named else "namm"] = PolicySpec(
-                    "namm", args.n_sink, window, {"namm_path": namm_path, "namm_mode": "budget", **options})
+                    "namm", args.n_sink, window, {"namm_path": namm_path, **namm_options, **options})
             runs = {name: bench.DecodeRun(model, spec, threads, prompt) for name, spec in specs.items()}
             # Every engine fills its cache once and then continues its stream, args.tokens per round (a multiple
             # of every NAMM interval timed, so each round holds the same share of invocations).
@@ -360,7 +363,10 @@ def run_bench(args) -> int:
                              round(policy_ms[name]["observe"], 2), round(policy_ms[name]["decide"], 2),
                              f"{1000 / prefill[name]['median']:.2f}", round(prefill_ms[name]["observe"], 2),
                              round(prefill_ms[name]["decide"], 2)])
-        which = f"NAMM {args.namm}, its own invocation interval" if args.namm else \
+        settings = data.get("namm_settings")
+        which = (f"NAMM {args.namm} as trained: {settings['mode'] or 'quorum'} mode, every {settings['namm_delay']} "
+                 f"tokens, moving average {settings['ema_coefficient']}"
+                 f"{' bias-corrected' if settings['ema_bias_correction'] else ''}") if settings else \
             "random NAMM weights, invoked every 512 tokens"
         sections.append(
             f"## Attention-scored policies vs sink (decode includes NAMM invocations; {which})\n\n"

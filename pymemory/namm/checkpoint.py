@@ -357,3 +357,14 @@ def load_gguf(path: str | os.PathLike) -> tuple[NammVector, fmt.NammHparams]:
     if fmt.KEY_SOURCE_ITERATION in reader.fields:
         vector.iteration = int(_field_value(reader, fmt.KEY_SOURCE_ITERATION, "i32", path))
     return vector, hparams
+
+
+def run_settings(path: str | os.PathLike) -> dict:
+    """How the engine runs a NAMM GGUF by default: its invocation interval and moving average (hparams) and the
+    mode it was trained in (None when the file records none: the engine then uses quorum mode)."""
+    _, hparams = load_gguf(path)
+    reader = _require_gguf().GGUFReader(os.fspath(path))
+    mode = _field_value(reader, fmt.KEY_DEPLOY_MODE, "str", Path(path)) if fmt.KEY_DEPLOY_MODE in reader.fields \
+        else None
+    return {"namm_delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
+            "ema_bias_correction": hparams.ema_bias_correction, "mode": mode}
