@@ -332,6 +332,10 @@ if run train-namm-qwen-rate; then  # issue 10: the smollm2-rate recipe on Qwen2.
     --population 8 --sigma0 0.03 --covariance diagonal --generations "${GENERATIONS:-2}" --text-samples 3 \
     --retrieval-samples 3 --heldout-every 1 --heldout-text 12 --heldout-retrieval 6 --calibration-samples 2 --seed 0 \
     --workers 2 --threads 1
+  python tools/ship_namm.py --run runs/qwen-rate --name qwen2.5-rate  # shipped: generation 2 (the best held-out)
+fi
+if run namm-quant-qwen-rate; then  # issue 10: qwen2.5-rate's q8_0 against its f32 on the trainer's held-out set
+  python tools/namm_quant_check.py --namm qwen2.5-rate --quants q8_0 --out $out/namm_quant_qwen_rate
 fi
 if run namm-qwen-rate-eval; then  # issue 10: the past-rate Qwen NAMM (train-namm-qwen-rate) vs every policy on 12
   # texts + 12 retrievals at 25 % and 50 %, beside the shipped qwen2.5 and smollm2-rate zero-shot; q8_0 (~40 minutes)

@@ -34,6 +34,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
     p.add_argument("--name", required=True)
+    p.add_argument("--commit", default=None, help="the commit the run trained at (default: HEAD now)")
     args = p.parse_args()
     run = Path(args.run)
     log = json.loads((run / "log.json").read_text())
@@ -45,8 +46,8 @@ def main() -> int:
     data = ROOT / "pymemory" / "data" / "namm"
     data.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "namm.gguf", data / f"{args.name}.gguf")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()
     record = {
         "name": args.name,
         "command": command_line(config),
