@@ -141,6 +141,24 @@ def paired_difference(entry: dict, sink: dict, text: bool, resamples: int = 4000
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def closed_interval(entry: dict, sink: dict, full: dict, resamples: int = 10000) -> dict | None:
+    """Share of sink's text gap to the full cache that a policy closes, (mean sink - mean policy) / (mean sink -
+    mean full) over the text samples, with a 95 % bootstrap interval that resamples the samples (all three
+    scored on each) and the share of resamples in which it reaches one half (the issue's goal)."""
+    per = [e.get("nll_per_sample", {}) for e in (entry, sink, full)]
+    ids = sorted(k for k in per[0] if ":text:" in k and all(k in p for p in per[1:]))
+    if len(ids) < 2:
+        return None
+    policy, sink_nll, full_nll = (np.array([p[k] for k in ids]) for p in per)
+    picks = np.random.default_rng(0).integers(0, len(ids), (resamples, len(ids)))
+    gaps = sink_nll[picks].mean(axis=1) - full_nll[picks].mean(axis=1)
+    shares = (sink_nll[picks].mean(axis=1) - policy[picks].mean(axis=1)) / np.where(gaps > 0, gaps, np.nan)
+    share = (sink_nll.mean() - policy.mean()) / (sink_nll.mean() - full_nll.mean())
+    valid = shares[np.isfinite(shares)]
+    return {"closed": float(share), "low": float(np.quantile(valid, 0.025)), "high": float(np.quantile(valid, 0.975)),
+            "p_half": float(np.mean(valid >= 0.5)), "n_text": len(ids)}
+
+
 def paired_table(tables: dict, sample_tokens: int) -> list[str]:
     """Markdown rows: the full cache, then per cache size each policy's text and answer NLL with its paired
     difference to sink there. `tables` = {"full cache": summary, label: {policy: summary}}."""

@@ -344,6 +344,11 @@ if run namm-qwen-rate-eval; then  # issue 10: the past-rate Qwen NAMM (train-nam
     --also "shipped NAMM (qwen2.5)=pymemory/data/namm/qwen2.5.gguf" \
     --also "SmolLM2 NAMM smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf"
 fi
+if run namm-closed-intervals; then  # issue 10: how sure "closes X % of sink's text gap" is (bootstrap over the texts
+  # of the reports named; seconds, no model run)
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals $out/namm_rate_smollm2.json \
+    $out/namm_rate_qwen.json $out/namm_pooled_smollm2.json
+fi
 if run namm-qwen-pooled-eval; then  # the pooled Qwen NAMM vs every policy and the per-head one on 8 + 4 held-out
   # samples at 25 % and 50 %
   python tools/eval_trained_namm.py --run runs/qwen-pooled --namm runs/qwen-pooled/namm.gguf \

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""How sure is "closes X % of sink's text gap"? Bootstrap intervals of that share from eval_trained_namm reports.
+
+    .venv/bin/python tools/namm_closed_intervals.py --out docs/results/namm_closed_intervals \\
+        docs/results/namm_rate_smollm2.json docs/results/namm_rate_qwen.json
+
+The issue's goal is a share of a gap, a ratio of two noisy means: on 12 texts its paired interval says whether
+"half" is met, missed or not decidable. Reads the per-sample NLLs the reports already hold (no model is run):
+for each table and policy, the share closed with a 95 % bootstrap interval over text samples (sink, the full
+cache and the policy resampled together) and the share of resamples that reach one half.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from eval_trained_namm import closed_interval  # noqa: E402
+from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
+
+
+def intervals(report: dict) -> dict[str, dict[str, dict]]:
+    """{table: {policy: closed_interval(...)}} for every table with a sink and a full-cache entry."""
+    out = {}
+    for table, entries in report["tables"].items():
+        if "sink" not in entries:
+            continue
+        full = entries.get("full cache") or report["tables"].get("full cache", {}).get("full cache")
+        if full is None:
+            continue
+        rows = {name: closed_interval(entry, entries["sink"], full)
+                for name, entry in entries.items() if name not in ("sink", "full cache")}
+        out[table] = {name: row for name, row in rows.items() if row is not None}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", help="eval_trained_namm.py JSON reports")
+    p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    args = p.parse_args()
+    data = {**tool_metadata(sys.argv[0], sys.argv[1:]), "reports": {}}
+    lines = ["# Share of sink's text gap closed, with bootstrap intervals", "",
+             f"`{data['command']}` — commit {data['commit']}, {data['date']}, {data['machine']}", "",
+             "Computed from the per-sample NLLs of the reports named (no model run; each report's header names "
+             "the commit and machine that scored them). 'closed' = (sink − policy) / (sink − full cache) on the "
+             "mean text NLL; the 95 % interval resamples the text samples (10,000 draws, the three policies "
+             "paired); 'P(≥ ½)' is the share of draws in which the policy closes at least half.", ""]
+    for path in args.reports:
+        report = json.loads(Path(path).read_text())
+        table = intervals(report)
+        data["reports"][path] = {"commit": report.get("commit"), "tables": table}
+        lines += [f"## {path} ({report.get('model')}, commit {report.get('commit')})", ""]
+        for name, rows in table.items():
+            lines += [f"### {name}", "", "| policy | texts | closed | 95 % interval | P(≥ ½) |", "|---|---|---|---|---|"]
+            lines += [f"| {policy} | {r['n_text']} | {r['closed']:+.3f} | [{r['low']:+.3f}, {r['high']:+.3f}] | "
+                      f"{r['p_half']:.2f} |" for policy, r in rows.items()]
+            lines.append("")
+    write_report_files(args.out, data, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
