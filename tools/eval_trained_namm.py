@@ -192,13 +192,16 @@ def markdown(report: dict) -> str:
              "and mean per-token probability. 'closed' = fraction of sink's gap to the full cache that the policy "
              "closes (1 = full cache, 0 = sink, negative = worse than sink). 'vs sink' = mean per-sample NLL "
              "difference to sink (nats; negative = better) with its 95 % paired bootstrap interval: an interval "
-             "that contains 0 is no measured difference.", ""]
+             "that contains 0 is no measured difference; the text share closed carries its own 95 % bootstrap "
+             "interval over the texts (tools/namm_closed_intervals.py).", ""]
     for label, table in report["tables"].items():
         lines += [f"## {label}", "", "| policy | peak cells | text PPL | text gap (nats) | text closed | text vs sink "
                   "[95 % CI] | answer NLL | answer gap | answer closed | answer vs sink [95 % CI] | answer p |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        sink = table.get("sink", {})
+        sink, full = table.get("sink", {}), table.get("full cache")
         for name, e in table.items():
+            share = closed_interval(e, sink, full) if full and sink and name not in ("sink", "full cache") else None
+            share_cell = "" if share is None else f" [{share['low']:+.3f}, {share['high']:+.3f}]"
             def f(key, fmt="{:.4f}"):
                 return fmt.format(e[key]) if e.get(key) is not None else "-"
             c_text, c_ans = closed(e, sink, "text_gap"), closed(e, sink, "answer_gap")
@@ -208,7 +211,7 @@ def markdown(report: dict) -> str:
                 return "-" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
 
             lines.append(f"| {name} | {e['peak_cells']} | {f('text_ppl', '{:.3f}')} | {f('text_gap')} | "
-                         f"{'-' if c_text is None else f'{c_text:+.3f}'} | {vs_sink(True)} | "
+                         f"{'-' if c_text is None else f'{c_text:+.3f}'}{share_cell} | {vs_sink(True)} | "
                          f"{f('answer_nll', '{:.3f}')} | {f('answer_gap', '{:.3f}')} | "
                          f"{'-' if c_ans is None else f'{c_ans:+.3f}'} | {vs_sink(False)} | "
                          f"{f('answer_prob', '{:.3f}')} |")

@@ -249,6 +249,12 @@ if run namm-rate-eval; then  # issue 10: the past-rate SmolLM2 NAMM (train-namm-
     --also "shipped NAMM (smollm2)=pymemory/data/namm/smollm2.gguf" \
     --transfer-model qwen2.5-coder-0.5b-instruct --transfer-samples 4 --workers 2
 fi
+if run namm-rate-text48; then  # issue 10: does smollm2-rate close half of sink's text gap? 48 held-out texts (the
+  # first 12 are namm-rate-eval's) at 25 % and 50 %, beside smollm2; no retrieval (about 25 minutes)
+  python tools/eval_trained_namm.py --run runs/smollm2-rate --namm pymemory/data/namm/smollm2-rate.gguf \
+    --out $out/namm_rate_smollm2_text48 --text 48 --retrieval 0 --quants '' --skip-warm-start --no-reproduce \
+    --also "shipped NAMM (smollm2)=pymemory/data/namm/smollm2.gguf" --workers 2
+fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
   python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
