@@ -10,6 +10,13 @@ out=docs/results
 mkdir -p "$out"
 step=${1:-all}
 run() { [ "$step" = all ] || [ "$step" = "$1" ]; }
+# issue 10: the past-rate recipe of smollm2-rate and qwen2.5-rate (warm start fitted to each pair's attention rate
+# since arrival, read from a bias-corrected 0.998 moving average, ranked by budget_zmax; then CMA-ES around it)
+rate_recipe=(--data austen,passkey,kv --sample-tokens 512 --scored-tokens 256 --cache-fraction 0.25 --n-sink 4
+  --namm-delay 32 --ema-coefficient 0.998 --ema-bias-correction --mode budget_zmax --quorum 1.0
+  --warm-start imitation --warm-start-target past_rate --warm-start-samples 18 --warm-start-horizon 256
+  --warm-start-steps 600 --population 8 --sigma0 0.03 --covariance diagonal --text-samples 3 --retrieval-samples 3
+  --heldout-text 12 --heldout-retrieval 6 --calibration-samples 2 --seed 0 --workers 2 --threads 1)
 
 if run bench-smollm2; then  # issues 2/5: speed vs llama-cpp-python and recompute, evict_chunk, flash, memory
   pymemory bench --model smollm2-135m-instruct --suite speed,recompute,evict_chunk,flash,memory \
@@ -227,13 +234,8 @@ fi
 if run train-namm-smollm2-rate; then  # issue 10: the past-rate warm start (each pair's attention rate since arrival,
   # read from a bias-corrected 0.998 moving average, ranked by budget_zmax), then CMA-ES around it on 3 texts and 3
   # retrievals per generation (resumable; about 30 minutes)
-  pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2-rate \
-    --data austen,passkey,kv --sample-tokens 512 --scored-tokens 256 --cache-fraction 0.25 --n-sink 4 --namm-delay 32 \
-    --ema-coefficient 0.998 --ema-bias-correction --mode budget_zmax --quorum 1.0 --warm-start imitation \
-    --warm-start-target past_rate --warm-start-samples 18 --warm-start-horizon 256 --warm-start-steps 600 \
-    --population 8 --sigma0 0.03 --covariance diagonal --generations "${GENERATIONS:-4}" --text-samples 3 \
-    --retrieval-samples 3 --heldout-every 2 --heldout-text 12 --heldout-retrieval 6 --calibration-samples 2 --seed 0 \
-    --workers 2 --threads 1
+  pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2-rate "${rate_recipe[@]}" \
+    --generations "${GENERATIONS:-4}" --heldout-every 2
 fi
 if run namm-pooled-eval; then  # issue 10: the shipped SmolLM2 NAMM (pooled warm start) vs every policy on 16 + 8
   # held-out samples at 25 % and 50 %, beside the first shipped NAMM; zero-shot on Qwen (about 25 minutes)
@@ -331,13 +333,8 @@ if run train-namm-qwen-pooled; then  # issue 10: the pooled warm start on Qwen2.
 fi
 if run train-namm-qwen-rate; then  # issue 10: the smollm2-rate recipe on Qwen2.5 (past-rate warm start, corrected
   # 0.998 average, budget_zmax), then 2 CMA-ES generations on 3 texts + 3 retrievals each (resumable; about 50 minutes)
-  pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-rate \
-    --data austen,passkey,kv --sample-tokens 512 --scored-tokens 256 --cache-fraction 0.25 --n-sink 4 --namm-delay 32 \
-    --ema-coefficient 0.998 --ema-bias-correction --mode budget_zmax --quorum 1.0 --warm-start imitation \
-    --warm-start-target past_rate --warm-start-samples 18 --warm-start-horizon 256 --warm-start-steps 600 \
-    --population 8 --sigma0 0.03 --covariance diagonal --generations "${GENERATIONS:-2}" --text-samples 3 \
-    --retrieval-samples 3 --heldout-every 1 --heldout-text 12 --heldout-retrieval 6 --calibration-samples 2 --seed 0 \
-    --workers 2 --threads 1
+  pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-rate "${rate_recipe[@]}" \
+    --generations "${GENERATIONS:-2}" --heldout-every 1
   python tools/ship_namm.py --run runs/qwen-rate --name qwen2.5-rate  # shipped: generation 2 (the best held-out)
 fi
 if run namm-quant-qwen-rate; then  # issue 10: qwen2.5-rate's q8_0 against its f32 on the trainer's held-out set
