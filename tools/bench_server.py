@@ -211,7 +211,7 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     t = result["next_turn_ttft_s"]
     m = result["machine"]
-    md = [f"# pymemory serve vs llama_cpp.server\n", f"`{result['command']}`\n",
+    md = ["# pymemory serve vs llama_cpp.server\n", f"`{result['command']}`\n",
           f"{result['date']}, commit {result['commit']}, {m['cpu']} ({result['cpus']} cores, load "
           f"{m['load_average'][0]}), {args.threads} threads, model {args.model}, context {args.n_ctx} cells; decode "
           f"rates are medians of {args.rounds} interleaved streamed replies of {args.reply_tokens} tokens.\n",
