@@ -151,8 +151,9 @@ def closed_interval(entry: dict, sink: dict, full: dict, resamples: int = 10000)
         return None
     policy, sink_nll, full_nll = (np.array([p[k] for k in ids]) for p in per)
     picks = np.random.default_rng(0).integers(0, len(ids), (resamples, len(ids)))
-    gaps = sink_nll[picks].mean(axis=1) - full_nll[picks].mean(axis=1)
-    shares = (sink_nll[picks].mean(axis=1) - policy[picks].mean(axis=1)) / np.where(gaps > 0, gaps, np.nan)
+    sink_means = sink_nll[picks].mean(axis=1)
+    gaps = sink_means - full_nll[picks].mean(axis=1)
+    shares = (sink_means - policy[picks].mean(axis=1)) / np.where(gaps > 0, gaps, np.nan)
     share = (sink_nll.mean() - policy.mean()) / (sink_nll.mean() - full_nll.mean())
     valid = shares[np.isfinite(shares)]
     return {"closed": float(share), "low": float(np.quantile(valid, 0.025)), "high": float(np.quantile(valid, 0.975)),

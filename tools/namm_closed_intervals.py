@@ -27,12 +27,9 @@ def intervals(report: dict) -> dict[str, dict[str, dict]]:
     """{table: {policy: closed_interval(...)}} for every table with a sink and a full-cache entry."""
     out = {}
     for table, entries in report["tables"].items():
-        if "sink" not in entries:
+        if "sink" not in entries or "full cache" not in entries:
             continue
-        full = entries.get("full cache") or report["tables"].get("full cache", {}).get("full cache")
-        if full is None:
-            continue
-        rows = {name: closed_interval(entry, entries["sink"], full)
+        rows = {name: closed_interval(entry, entries["sink"], entries["full cache"])
                 for name, entry in entries.items() if name not in ("sink", "full cache")}
         out[table] = {name: row for name, row in rows.items() if row is not None}
     return out

@@ -289,6 +289,12 @@ def _field_value(reader, key: str, kind: str, path: Path):
 
 def load_gguf(path: str | os.PathLike) -> tuple[NammVector, fmt.NammHparams]:
     """Reads a NAMM GGUF back (dequantising f16/q8_0/q4_0 matrices) with the checks of docs/namm-gguf.md."""
+    _, vector, hparams = _read_gguf(path)
+    return vector, hparams
+
+
+def _read_gguf(path: str | os.PathLike):
+    """load_gguf's work, also handing back the open reader for keys beyond the network's (run_settings)."""
     gguf = _require_gguf()
     path = Path(path)
     if not path.is_file():
@@ -356,14 +362,13 @@ def load_gguf(path: str | os.PathLike) -> tuple[NammVector, fmt.NammHparams]:
     vector = validate_vector(theta, arrays["namm.feat_mean"], arrays["namm.feat_var"], source)
     if fmt.KEY_SOURCE_ITERATION in reader.fields:
         vector.iteration = int(_field_value(reader, fmt.KEY_SOURCE_ITERATION, "i32", path))
-    return vector, hparams
+    return reader, vector, hparams
 
 
 def run_settings(path: str | os.PathLike) -> dict:
     """How the engine runs a NAMM GGUF by default: its invocation interval and moving average (hparams) and the
     mode it was trained in (None when the file records none: the engine then uses quorum mode)."""
-    _, hparams = load_gguf(path)
-    reader = _require_gguf().GGUFReader(os.fspath(path))
+    reader, _, hparams = _read_gguf(path)
     mode = _field_value(reader, fmt.KEY_DEPLOY_MODE, "str", Path(path)) if fmt.KEY_DEPLOY_MODE in reader.fields \
         else None
     return {"namm_delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
