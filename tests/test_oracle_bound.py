@@ -76,3 +76,45 @@ def test_summarise_scores_each_policy_on_the_samples_it_ran():
     assert tables["128"]["sink"]["text_gap"] == pytest.approx(0.2)
     oracle = tables["128"]["question oracle"]
     assert "text_nll" not in oracle and oracle["answer_closed"] == pytest.approx(0.5)
+
+
+def test_summarise_gives_the_text_share_closed_a_bootstrap_interval():
+    tool = _tool()
+    ids = [f"s{i}:text:x" for i in range(4)]
+    full = dict(zip(ids, (3.0, 3.1, 2.9, 3.2)))
+    sink = {k: v + 0.2 for k, v in full.items()}
+    halfway = {k: v + gap for (k, v), gap in zip(full.items(), (0.05, 0.15, 0.1, 0.1))}
+    rows = {"full": {"full cache": {"nll": full, "peak_cells": 512}},
+            "128": {"sink": {"nll": sink, "peak_cells": 128}, "as full": {"nll": dict(full), "peak_cells": 128},
+                    "halfway": {"nll": halfway, "peak_cells": 128}}}
+    tables = tool.summarise(rows, ids, [], "full cache")["128"]
+    assert "text_closed_interval" not in tables["sink"]
+    assert tables["as full"]["text_closed_interval"] == pytest.approx([1.0, 1.0])
+    low, high = tables["halfway"]["text_closed_interval"]
+    assert tables["halfway"]["text_closed"] == pytest.approx(0.5)
+    assert low < 0.5 < high and high - low < 0.5  # per-sample shares 0.25..0.75: the interval spans ½, not 0..1
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("namm_aggregation_probe", ROOT / "tools" / "namm_aggregation_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_standardised_top_ranks_by_each_pairs_own_scale():
+    probe = _probe()
+    values = np.exp(np.array([[0.0, 1.0, 2.0], [2.0, 2.0, 0.0]]))  # [pairs, candidates]
+    z0 = np.array([-1.0, 0.0, 1.0]) * np.sqrt(1.5)
+    z1 = np.array([1.0, 1.0, -2.0]) / np.sqrt(2.0)
+    np.testing.assert_allclose(probe.standardised_top(values, 1), np.maximum(z0, z1), atol=1e-6)
+    np.testing.assert_allclose(probe.standardised_top(values, -1), (z0 + z1) / 2, atol=1e-6)
+    np.testing.assert_allclose(probe.standardised_top(values * np.array([[10.0], [0.1]]), 1),
+                               np.maximum(z0, z1), atol=1e-6)  # a pair's overall scale does not matter
+
+
+def test_newest_kept_protects_the_recent_window_only():
+    probe = _probe()
+    rule = probe.newest_kept(lambda now, cand: -cand.astype(float), 32)
+    scores = rule(100, np.array([10, 60, 68, 99]))
+    assert list(scores[:2]) == [-10.0, -60.0] and np.isinf(scores[2:]).all()

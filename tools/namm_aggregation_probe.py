@@ -21,7 +21,12 @@ schedule and budget rule as the NAMM, attention captured once with the full cach
                     NAMM's spectrogram state keeps it (from zero when the token arrives, so a new token's average
                     starts low), or bias-corrected (divided by the weight its queries so far carry, 1 - c^queries,
                     which makes it a recency-weighted rate), relative to the pair's mean; "z-max" standardises each
-                    pair's log average over the candidates instead (what budget_zmax does with a NAMM's scores).
+                    pair's log average over the candidates instead (what budget_zmax does with a NAMM's scores);
+                    "z-top-k" averages the k highest standardised pairs, "z-mean" all of them;
+  - + newest R kept: a rule with the last R positions protected (a recent window, as h2o keeps);
+  - hindsight:      not causal: ranked by the attention from every *later* query (sum over pairs, top-1 of the
+                    pairs' future rates relative to their mean, or z-max of them), what a NAMM that predicted the
+                    future perfectly could do with each aggregation (tools/namm_oracle_bound.py's oracle, per pair).
 
 A rule that keeps the pass key must do so without losing text: both are reported.
 """
@@ -49,7 +54,14 @@ from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
 RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs", "top-1 of pairs (max)",
          "top-3 of pairs", "top-9 of pairs", "top-1 of pairs over the last 128 queries", "quota per pair",
          "top-1 of pairs: EMA 0.998 from zero", "top-1 of pairs: EMA 0.998 bias-corrected",
-         "top-1 of pairs: EMA 0.99 bias-corrected", "z-max of pairs: EMA 0.998 bias-corrected")
+         "top-1 of pairs: EMA 0.99 bias-corrected", "z-max of pairs: EMA 0.998 bias-corrected",
+         "z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept",
+         "z-max of pairs: EMA 0.998 bias-corrected + newest 64 kept",
+         "hindsight: sum over pairs of all future attention", "hindsight: top-1 of pairs of the future rate",
+         "hindsight: z-max of pairs of the future rate",
+         "z-mean of pairs: EMA 0.998 bias-corrected", "z-top-3 of pairs: EMA 0.998 bias-corrected",
+         "z-top-9 of pairs: EMA 0.998 bias-corrected", "z-max of pairs: EMA 0.995 bias-corrected",
+         "z-max of pairs: EMA 0.999 bias-corrected", "z-max of pairs: rate since arrival")
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -75,14 +87,36 @@ def moving_averages(received: np.ndarray, coefficient: float) -> np.ndarray:
 
 
 def ema_scores(ema: np.ndarray, coefficient: float, now: int, cand: np.ndarray, corrected: bool,
-               standardised: bool) -> np.ndarray:
+               z_top: int = 0) -> np.ndarray:
+    """z_top 0: the highest over the pairs of the average relative to the pair's mean; k > 0: the mean of the k
+    highest standardised log averages (k = 1: budget_zmax's rule); -1: their mean over every pair."""
     average = ema[:, now, cand]  # [pairs, cand]
     if corrected:  # the weight the queries since arrival carry; the key's own query is its first
         average = average / (1 - coefficient ** np.maximum(now - cand, 1))[None, :]
-    if standardised:
-        log = np.log(np.maximum(average, 1e-9))
-        return ((log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)).max(0)
+    if z_top:
+        return standardised_top(average, z_top)
     return (average / np.maximum(average.mean(axis=1, keepdims=True), 1e-12)).max(axis=0)
+
+
+def standardised_top(values: np.ndarray, k: int = 1) -> np.ndarray:
+    """[pairs, cand] -> [cand]: each pair's log values standardised over the candidates, then the mean of the k
+    highest over the pairs (k = 1: budget_zmax's rule, the highest; -1: the mean over every pair)."""
+    log = np.log(np.maximum(values, 1e-9))
+    z = (log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)
+    return z.mean(axis=0) if k < 0 else np.sort(z, axis=0)[-k:].mean(axis=0)
+
+
+def standardised_max(values: np.ndarray) -> np.ndarray:
+    return standardised_top(values, 1)
+
+
+def newest_kept(rule, newest: int):
+    """`rule` with the candidates among the last `newest` positions always kept (a protected recent window)."""
+    def protected(now: int, cand: np.ndarray) -> np.ndarray:
+        scores = np.asarray(rule(now, cand), np.float64).copy()
+        scores[cand >= now - newest] = np.inf
+        return scores
+    return protected
 
 
 def quota_scores(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
@@ -145,13 +179,21 @@ def main() -> int:
 
         emas: dict[float, np.ndarray] = {}  # per coefficient, computed when a chosen rule first reads it
 
-        def ema_rule(coefficient: float, corrected: bool, standardised: bool = False):
+        def ema_rule(coefficient: float, corrected: bool, z_top: int = 0):
             def rule(now: int, cand: np.ndarray) -> np.ndarray:
                 if now >= len(tokens):
                     return cand
                 if coefficient not in emas:
                     emas[coefficient] = moving_averages(received, coefficient)
-                return ema_scores(emas[coefficient], coefficient, now, cand, corrected, standardised)
+                return ema_scores(emas[coefficient], coefficient, now, cand, corrected, z_top)
+            return rule
+
+        def hindsight(aggregate):
+            """Ranked by the attention from every later query (told, not predicted; tools/namm_oracle_bound.py)."""
+            def rule(now: int, cand: np.ndarray) -> np.ndarray:
+                if now >= len(tokens):
+                    return cand
+                return aggregate(before[:, len(tokens), cand] - before[:, now, cand])
             return rule
 
         def causal(rule):
@@ -167,7 +209,20 @@ def main() -> int:
                  "top-1 of pairs: EMA 0.998 from zero": ema_rule(0.998, False),
                  "top-1 of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True),
                  "top-1 of pairs: EMA 0.99 bias-corrected": ema_rule(0.99, True),
-                 "z-max of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, True)}
+                 "z-max of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, 1),
+                 "z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept": newest_kept(ema_rule(0.998, True, 1), 32),
+                 "z-max of pairs: EMA 0.998 bias-corrected + newest 64 kept": newest_kept(ema_rule(0.998, True, 1), 64),
+                 "hindsight: sum over pairs of all future attention": hindsight(lambda after: after.sum(axis=0)),
+                 "hindsight: top-1 of pairs of the future rate": hindsight(
+                     lambda after: (after / np.maximum(after.mean(axis=1, keepdims=True), 1e-12)).max(axis=0)),
+                 "hindsight: z-max of pairs of the future rate": hindsight(standardised_max),
+                 "z-mean of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, -1),
+                 "z-top-3 of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, 3),
+                 "z-top-9 of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, 9),
+                 "z-max of pairs: EMA 0.995 bias-corrected": ema_rule(0.995, True, 1),
+                 "z-max of pairs: EMA 0.999 bias-corrected": ema_rule(0.999, True, 1),
+                 "z-max of pairs: rate since arrival": causal(
+                     lambda past, now, cand: standardised_max(past[:, cand] / np.maximum(now - cand, 1)[None, :]))}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

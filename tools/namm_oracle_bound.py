@@ -31,7 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
+sys.path.insert(0, os.fspath(ROOT / "tools"))
 
+from eval_trained_namm import closed_interval  # noqa: E402
 from pymemory._loader import _core  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
@@ -171,10 +173,15 @@ def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: 
                 if kind == "answer":
                     out["answer_prob"] = float(np.mean([math.exp(-e["nll"][i]) for i in ids]))
         sink = table.get("sink", {})
-        for out in table.values():
+        for policy, out in table.items():
             for kind in ("text", "answer"):
                 if sink.get(f"{kind}_gap", 0) > 0 and f"{kind}_gap" in out:
                     out[f"{kind}_closed"] = 1 - out[f"{kind}_gap"] / sink[f"{kind}_gap"]
+            if policy != "sink" and "text_closed" in out:  # its 95 % bootstrap interval over the text samples
+                interval = closed_interval(*({"nll_per_sample": nll} for nll in (entry[policy]["nll"],
+                                                                                    entry["sink"]["nll"], full)))
+                if interval is not None:
+                    out["text_closed_interval"] = [interval["low"], interval["high"]]
     return tables
 
 
@@ -297,7 +304,11 @@ def markdown(report: dict) -> str:
 
 
 def table_lines(report: dict) -> list[str]:
-    """The markdown table of summarise()'s tables: per cache size and policy, text and answer NLL, gap, closed."""
+    """The markdown table of summarise()'s tables: per cache size and policy, text and answer NLL, gap, closed (with
+    its 95 % bootstrap interval)."""
+    def interval(e: dict) -> str:
+        return " [{:+.3f}, {:+.3f}]".format(*e["text_closed_interval"]) if "text_closed_interval" in e else ""
+
     lines = ["| peak cells | policy | text NLL | text gap | text closed | answer NLL | answer closed | answer p |",
              "|---|---|---|---|---|---|---|---|"]
     for name, table in report["tables"].items():
@@ -305,7 +316,7 @@ def table_lines(report: dict) -> list[str]:
             def f(key, fmt="{:.4f}"):
                 return fmt.format(e[key]) if key in e else "-"
             lines.append(f"| {name if name != 'full' else report['sample_tokens']} | {policy} | {f('text_nll')} | "
-                         f"{f('text_gap')} | {f('text_closed', '{:+.3f}')} | {f('answer_nll', '{:.3f}')} | "
+                         f"{f('text_gap')} | {f('text_closed', '{:+.3f}')}{interval(e)} | {f('answer_nll', '{:.3f}')} | "
                          f"{f('answer_closed', '{:+.3f}')} | {f('answer_prob', '{:.3f}')} |")
     return lines
 

@@ -277,6 +277,12 @@ if run namm-aggregation-ema; then  # issue 10: the per-pair maximum of a moving 
   python tools/namm_aggregation_probe.py --namm smollm2 --out $out/namm_aggregation_ema --text 8 --retrieval 16 \
     --rules "top-1 of pairs (max),top-1 of pairs: EMA 0.998 from zero,top-1 of pairs: EMA 0.998 bias-corrected,top-1 of pairs: EMA 0.99 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected"
 fi
+if run namm-aggregation-bound; then  # issue 10: what the best causal rules (variants of budget_zmax's per-pair
+  # standardised maximum of the corrected 0.998 average) and hindsight of future attention under each aggregation
+  # close of sink's text gap on smollm2-rate's test set: is half at 25 % / 50 % within reach? (about 30 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_aggregation_bound --text 12 --retrieval 0 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected,z-top-3 of pairs: EMA 0.998 bias-corrected,z-top-9 of pairs: EMA 0.998 bias-corrected,z-mean of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.995 bias-corrected,z-max of pairs: EMA 0.999 bias-corrected,z-max of pairs: rate since arrival,z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept,z-max of pairs: EMA 0.998 bias-corrected + newest 64 kept,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate"
+fi
 if run namm-warm-rate; then  # issue 10: warm starts whose NAMM reads a bias-corrected 0.998 moving average (a
   # recency-weighted attention rate), per head, pooled and max fits under budget_zmax (about 35 minutes)
   python tools/namm_warm_targets.py --out $out/namm_warm_rate --targets per_head,pooled,max \
