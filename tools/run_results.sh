@@ -237,6 +237,18 @@ if run train-namm-smollm2-rate; then  # issue 10: the past-rate warm start (each
   pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2-rate "${rate_recipe[@]}" \
     --generations "${GENERATIONS:-4}" --heldout-every 2
 fi
+if run train-namm-smollm2-rate50; then  # issue 10: the past-rate recipe evolved at 50 % of the sample, where
+  # hindsight of future attention closes 78 % of sink's text gap and the causal rule 51 % (namm-aggregation-bound):
+  # room that evolution could take; 6 texts + 2 retrievals per generation (resumable; about 50 minutes)
+  pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2-rate50 "${rate_recipe[@]}" \
+    --cache-fraction 0.5 --text-samples 6 --retrieval-samples 2 --generations "${GENERATIONS:-12}" --heldout-every 2
+fi
+if run namm-rate50-eval; then  # issue 10: train-namm-smollm2-rate50 vs smollm2-rate and every policy at 50 % on the
+  # 48 texts of namm-rate-text48 and 8 retrievals (about 25 minutes)
+  python tools/eval_trained_namm.py --run runs/smollm2-rate50 --namm runs/smollm2-rate50/namm.gguf \
+    --out $out/namm_rate50_smollm2 --text 48 --retrieval 8 --fractions 0.5 --quants '' --skip-warm-start \
+    --no-reproduce --also "smollm2-rate (evolved at 25 %)=pymemory/data/namm/smollm2-rate.gguf" --workers 2
+fi
 if run namm-pooled-eval; then  # issue 10: the shipped SmolLM2 NAMM (pooled warm start) vs every policy on 16 + 8
   # held-out samples at 25 % and 50 %, beside the first shipped NAMM; zero-shot on Qwen (about 25 minutes)
   python tools/eval_trained_namm.py --run runs/smollm2-pooled --namm runs/smollm2-pooled/namm.gguf \
