@@ -239,9 +239,9 @@ if run train-namm-smollm2-rate; then  # issue 10: the past-rate warm start (each
 fi
 if run train-namm-smollm2-rate50; then  # issue 10: the past-rate recipe evolved at 50 % of the sample, where
   # hindsight of future attention closes 78 % of sink's text gap and the causal rule 51 % (namm-aggregation-bound):
-  # room that evolution could take; 6 texts + 2 retrievals per generation (resumable; about 50 minutes)
+  # room that evolution could take; 6 texts + 2 retrievals per generation (resumable; about 35 minutes)
   pymemory train-namm --model smollm2-135m-instruct --out runs/smollm2-rate50 "${rate_recipe[@]}" \
-    --cache-fraction 0.5 --text-samples 6 --retrieval-samples 2 --generations "${GENERATIONS:-12}" --heldout-every 2
+    --cache-fraction 0.5 --text-samples 6 --retrieval-samples 2 --generations "${GENERATIONS:-8}" --heldout-every 2
 fi
 if run namm-rate50-eval; then  # issue 10: train-namm-smollm2-rate50 vs smollm2-rate and every policy at 50 % on the
   # 48 texts of namm-rate-text48 and 8 retrievals (about 25 minutes)
