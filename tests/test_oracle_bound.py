@@ -10,11 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("namm_oracle_bound", ROOT / "tools" / "namm_oracle_bound.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _tool():
+    return _load("namm_oracle_bound")
 
 
 def test_attention_received_puts_each_window_row_at_its_query_and_pair():
@@ -96,10 +100,7 @@ def test_summarise_gives_the_text_share_closed_a_bootstrap_interval():
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location("namm_aggregation_probe", ROOT / "tools" / "namm_aggregation_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("namm_aggregation_probe")
 
 
 def test_standardised_top_ranks_by_each_pairs_own_scale():
