@@ -263,11 +263,11 @@ if run namm-rate-eval; then  # issue 10: the past-rate SmolLM2 NAMM (train-namm-
     --also "shipped NAMM (smollm2)=pymemory/data/namm/smollm2.gguf" \
     --transfer-model qwen2.5-coder-0.5b-instruct --transfer-samples 4 --workers 2
 fi
-if run namm-rate-layers; then  # issue 10: what smollm2-rate keeps when it scores 5 of the 30 layers (the cheap
-  # deployment of bench_attention_rate_namm.md) on namm-rate-eval's test set at 25 % and 50 % (about 20 minutes)
+if run namm-rate-layers; then  # issue 10: what smollm2-rate keeps when it scores 5, 10 or 15 of the 30 layers (the cheap
+  # deployment of bench_attention_rate_namm.md: 5) on namm-rate-eval's test set at 25 % and 50 % (about 20 minutes)
   python tools/eval_trained_namm.py --run runs/smollm2-rate --namm pymemory/data/namm/smollm2-rate.gguf \
     --out $out/namm_rate_layers_smollm2 --text 12 --retrieval 16 --quants '' --skip-warm-start --no-reproduce \
-    --layer-subsets 5 --workers 2
+    --layer-subsets 5,10,15 --workers 2
 fi
 if run namm-rate-text48; then  # issue 10: does smollm2-rate close half of sink's text gap? 48 held-out texts (the
   # first 12 are namm-rate-eval's) at 25 % and 50 %, beside smollm2; no retrieval (about 25 minutes)
