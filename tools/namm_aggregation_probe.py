@@ -93,9 +93,12 @@ def ema_scores(ema: np.ndarray, coefficient: float, now: int, cand: np.ndarray, 
     average = ema[:, now, cand]  # [pairs, cand]
     if corrected:  # the weight the queries since arrival carry; the key's own query is its first
         average = average / (1 - coefficient ** np.maximum(now - cand, 1))[None, :]
-    if z_top:
-        return standardised_top(average, z_top)
-    return (average / np.maximum(average.mean(axis=1, keepdims=True), 1e-12)).max(axis=0)
+    return standardised_top(average, z_top) if z_top else relative_max(average)
+
+
+def relative_max(values: np.ndarray) -> np.ndarray:
+    """[pairs, cand] -> [cand]: the highest over the pairs of each value as a multiple of its pair's mean."""
+    return (values / np.maximum(values.mean(axis=1, keepdims=True), 1e-12)).max(axis=0)
 
 
 def standardised_top(values: np.ndarray, k: int = 1) -> np.ndarray:
@@ -104,10 +107,6 @@ def standardised_top(values: np.ndarray, k: int = 1) -> np.ndarray:
     log = np.log(np.maximum(values, 1e-9))
     z = (log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)
     return z.mean(axis=0) if k < 0 else np.sort(z, axis=0)[-k:].mean(axis=0)
-
-
-def standardised_max(values: np.ndarray) -> np.ndarray:
-    return standardised_top(values, 1)
 
 
 def newest_kept(rule, newest: int):
@@ -213,16 +212,15 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept": newest_kept(ema_rule(0.998, True, 1), 32),
                  "z-max of pairs: EMA 0.998 bias-corrected + newest 64 kept": newest_kept(ema_rule(0.998, True, 1), 64),
                  "hindsight: sum over pairs of all future attention": hindsight(lambda after: after.sum(axis=0)),
-                 "hindsight: top-1 of pairs of the future rate": hindsight(
-                     lambda after: (after / np.maximum(after.mean(axis=1, keepdims=True), 1e-12)).max(axis=0)),
-                 "hindsight: z-max of pairs of the future rate": hindsight(standardised_max),
+                 "hindsight: top-1 of pairs of the future rate": hindsight(relative_max),
+                 "hindsight: z-max of pairs of the future rate": hindsight(partial(standardised_top, k=1)),
                  "z-mean of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, -1),
                  "z-top-3 of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, 3),
                  "z-top-9 of pairs: EMA 0.998 bias-corrected": ema_rule(0.998, True, 9),
                  "z-max of pairs: EMA 0.995 bias-corrected": ema_rule(0.995, True, 1),
                  "z-max of pairs: EMA 0.999 bias-corrected": ema_rule(0.999, True, 1),
                  "z-max of pairs: rate since arrival": causal(
-                     lambda past, now, cand: standardised_max(past[:, cand] / np.maximum(now - cand, 1)[None, :]))}
+                     lambda past, now, cand: standardised_top(past[:, cand] / np.maximum(now - cand, 1)[None, :]))}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

@@ -178,8 +178,8 @@ def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: 
                 if sink.get(f"{kind}_gap", 0) > 0 and f"{kind}_gap" in out:
                     out[f"{kind}_closed"] = 1 - out[f"{kind}_gap"] / sink[f"{kind}_gap"]
             if policy != "sink" and "text_closed" in out:  # its 95 % bootstrap interval over the text samples
-                interval = closed_interval(*({"nll_per_sample": nll} for nll in (entry[policy]["nll"],
-                                                                                    entry["sink"]["nll"], full)))
+                interval = closed_interval(*({"nll_per_sample": nll}
+                                             for nll in (entry[policy]["nll"], entry["sink"]["nll"], full)))
                 if interval is not None:
                     out["text_closed_interval"] = [interval["low"], interval["high"]]
     return tables
