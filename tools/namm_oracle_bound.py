@@ -316,7 +316,8 @@ def table_lines(report: dict) -> list[str]:
             def f(key, fmt="{:.4f}"):
                 return fmt.format(e[key]) if key in e else "-"
             lines.append(f"| {name if name != 'full' else report['sample_tokens']} | {policy} | {f('text_nll')} | "
-                         f"{f('text_gap')} | {f('text_closed', '{:+.3f}')}{interval(e)} | {f('answer_nll', '{:.3f}')} | "
+                         f"{f('text_gap')} | {f('text_closed', '{:+.3f}')}{interval(e)} | "
+                         f"{f('answer_nll', '{:.3f}')} | "
                          f"{f('answer_closed', '{:+.3f}')} | {f('answer_prob', '{:.3f}')} |")
     return lines
 
