@@ -26,7 +26,11 @@ schedule and budget rule as the NAMM, attention captured once with the full cach
   - + newest R kept: a rule with the last R positions protected (a recent window, as h2o keeps);
   - hindsight:      not causal: ranked by the attention from every *later* query (sum over pairs, top-1 of the
                     pairs' future rates relative to their mean, or z-max of them), what a NAMM that predicted the
-                    future perfectly could do with each aggregation (tools/namm_oracle_bound.py's oracle, per pair).
+                    future perfectly could do with each aggregation (tools/namm_oracle_bound.py's oracle, per pair);
+  - values:         what attention-only rules cannot see (tools/value_capture.py): the attention weighted by the
+                    token's value norm (VATP's score), or the output displacement a_qk ||v_k - o_q|| (how far
+                    evicting the token moves each query's attention output; CAOTE's), causal (the z-max rule of
+                    its corrected 0.998 average) and in hindsight (summed over the later queries).
 
 A rule that keeps the pass key must do so without losing text: both are reported.
 """
@@ -44,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
+from value_capture import capture_values, output_displacement  # noqa: E402
 from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
                                shipped_test_set, summarise, table_lines)
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
@@ -61,7 +66,14 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "hindsight: z-max of pairs of the future rate",
          "z-mean of pairs: EMA 0.998 bias-corrected", "z-top-3 of pairs: EMA 0.998 bias-corrected",
          "z-top-9 of pairs: EMA 0.998 bias-corrected", "z-max of pairs: EMA 0.995 bias-corrected",
-         "z-max of pairs: EMA 0.999 bias-corrected", "z-max of pairs: rate since arrival")
+         "z-max of pairs: EMA 0.999 bias-corrected", "z-max of pairs: rate since arrival",
+         "z-max of pairs: EMA 0.998 bias-corrected x value norm",
+         "z-max of pairs: EMA 0.998 bias-corrected of the output displacement",
+         "hindsight: sum over pairs of future attention x value norm",
+         "hindsight: z-max of pairs of the future rate x value norm",
+         "hindsight: sum over pairs of the future output displacement",
+         "hindsight: z-max of pairs of the future output displacement")
+VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -87,12 +99,15 @@ def moving_averages(received: np.ndarray, coefficient: float) -> np.ndarray:
 
 
 def ema_scores(ema: np.ndarray, coefficient: float, now: int, cand: np.ndarray, corrected: bool,
-               z_top: int = 0) -> np.ndarray:
+               z_top: int = 0, weight: np.ndarray | None = None) -> np.ndarray:
     """z_top 0: the highest over the pairs of the average relative to the pair's mean; k > 0: the mean of the k
-    highest standardised log averages (k = 1: budget_zmax's rule); -1: their mean over every pair."""
+    highest standardised log averages (k = 1: budget_zmax's rule); -1: their mean over every pair. weight
+    [pairs, cand] (e.g. value norms) multiplies the averages first."""
     average = ema[:, now, cand]  # [pairs, cand]
     if corrected:  # the weight the queries since arrival carry; the key's own query is its first
         average = average / (1 - coefficient ** np.maximum(now - cand, 1))[None, :]
+    if weight is not None:
+        average = average * weight
     return standardised_top(average, z_top) if z_top else relative_max(average)
 
 
@@ -167,8 +182,21 @@ def main() -> int:
     for sample, per_layer in zip(samples, captures):
         tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)
         received = attention_received(per_layer, sample.n_tokens)  # [pairs, query, key]
-        before = np.zeros((received.shape[0], len(tokens) + 1, len(tokens)), np.float32)
-        before[:, 1:] = np.cumsum(received, axis=1)  # before[p, q, k]: from the queries < q
+        signals = {"attention": received}  # [pairs, query, key]: what each query gives each key
+        norms = None
+        if set(chosen) & set(VALUE_RULES):
+            values = capture_values(model_path, tokens, args.threads)  # [pairs, key, head_dim]
+            norms = np.linalg.norm(values, axis=2)  # [pairs, key]
+            signals["displacement"] = output_displacement(received, values)
+        cumulative: dict[str, np.ndarray] = {}  # per signal: [pairs, q + 1, key], summed over the queries < q
+
+        def before_of(signal: str) -> np.ndarray:
+            if signal not in cumulative:
+                total = np.zeros((received.shape[0], len(tokens) + 1, len(tokens)), np.float32)
+                total[:, 1:] = np.cumsum(signals[signal], axis=1)
+                cumulative[signal] = total
+            return cumulative[signal]
+        before = before_of("attention")
 
         def top_1_recent(now: int, cand: np.ndarray, queries: int) -> np.ndarray:
             if now >= len(tokens):
@@ -176,23 +204,27 @@ def main() -> int:
             recent = before[:, now] - before[:, max(now - queries, 0)]
             return relative_rate(recent, now, cand, queries).max(axis=0)
 
-        emas: dict[float, np.ndarray] = {}  # per coefficient, computed when a chosen rule first reads it
+        emas: dict[tuple, np.ndarray] = {}  # per (signal, coefficient), computed when a chosen rule first reads it
 
-        def ema_rule(coefficient: float, corrected: bool, z_top: int = 0):
+        def ema_rule(coefficient: float, corrected: bool, z_top: int = 0, signal: str = "attention",
+                     value_weighted: bool = False):
             def rule(now: int, cand: np.ndarray) -> np.ndarray:
                 if now >= len(tokens):
                     return cand
-                if coefficient not in emas:
-                    emas[coefficient] = moving_averages(received, coefficient)
-                return ema_scores(emas[coefficient], coefficient, now, cand, corrected, z_top)
+                if (signal, coefficient) not in emas:
+                    emas[signal, coefficient] = moving_averages(signals[signal], coefficient)
+                weight = norms[:, cand] if value_weighted else None
+                return ema_scores(emas[signal, coefficient], coefficient, now, cand, corrected, z_top, weight)
             return rule
 
-        def hindsight(aggregate):
-            """Ranked by the attention from every later query (told, not predicted; tools/namm_oracle_bound.py)."""
+        def hindsight(aggregate, signal: str = "attention", value_weighted: bool = False):
+            """Ranked by what every later query gives (told, not predicted; tools/namm_oracle_bound.py)."""
             def rule(now: int, cand: np.ndarray) -> np.ndarray:
                 if now >= len(tokens):
                     return cand
-                return aggregate(before[:, len(tokens), cand] - before[:, now, cand])
+                total = before_of(signal)
+                after = total[:, len(tokens), cand] - total[:, now, cand]
+                return aggregate(after * norms[:, cand] if value_weighted else after)
             return rule
 
         def causal(rule):
@@ -220,7 +252,19 @@ def main() -> int:
                  "z-max of pairs: EMA 0.995 bias-corrected": ema_rule(0.995, True, 1),
                  "z-max of pairs: EMA 0.999 bias-corrected": ema_rule(0.999, True, 1),
                  "z-max of pairs: rate since arrival": causal(
-                     lambda past, now, cand: standardised_top(past[:, cand] / np.maximum(now - cand, 1)[None, :]))}
+                     lambda past, now, cand: standardised_top(past[:, cand] / np.maximum(now - cand, 1)[None, :])),
+                 "z-max of pairs: EMA 0.998 bias-corrected x value norm": ema_rule(0.998, True, 1,
+                                                                                  value_weighted=True),
+                 "z-max of pairs: EMA 0.998 bias-corrected of the output displacement": ema_rule(
+                     0.998, True, 1, signal="displacement"),
+                 "hindsight: sum over pairs of future attention x value norm": hindsight(
+                     lambda after: after.sum(axis=0), value_weighted=True),
+                 "hindsight: z-max of pairs of the future rate x value norm": hindsight(
+                     partial(standardised_top, k=1), value_weighted=True),
+                 "hindsight: sum over pairs of the future output displacement": hindsight(
+                     lambda after: after.sum(axis=0), signal="displacement"),
+                 "hindsight: z-max of pairs of the future output displacement": hindsight(
+                     partial(standardised_top, k=1), signal="displacement")}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

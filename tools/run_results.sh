@@ -301,6 +301,12 @@ if run namm-aggregation-bound; then  # issue 10: what the best causal rules (var
   python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_aggregation_bound --text 12 --retrieval 0 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-top-3 of pairs: EMA 0.998 bias-corrected,z-top-9 of pairs: EMA 0.998 bias-corrected,z-mean of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.995 bias-corrected,z-max of pairs: EMA 0.999 bias-corrected,z-max of pairs: rate since arrival,z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept,z-max of pairs: EMA 0.998 bias-corrected + newest 64 kept,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate"
 fi
+if run namm-value-bound; then  # issue 10: do values lift attention-ranked eviction? budget_zmax's rule and hindsight
+  # of future attention beside the same rules weighted by value norms or reading the output displacement
+  # a_qk ||v_k - o_q|| (kvpress/VATP/CAOTE's extra input) on namm-aggregation-bound's 12 texts (about 12 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_value_bound --text 12 --retrieval 0 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected x value norm,z-max of pairs: EMA 0.998 bias-corrected of the output displacement,hindsight: sum over pairs of all future attention,hindsight: z-max of pairs of the future rate,hindsight: sum over pairs of future attention x value norm,hindsight: z-max of pairs of the future rate x value norm,hindsight: sum over pairs of the future output displacement,hindsight: z-max of pairs of the future output displacement"
+fi
 if run namm-warm-rate; then  # issue 10: warm starts whose NAMM reads a bias-corrected 0.998 moving average (a
   # recency-weighted attention rate), per head, pooled and max fits under budget_zmax (about 35 minutes)
   python tools/namm_warm_targets.py --out $out/namm_warm_rate --targets per_head,pooled,max \
