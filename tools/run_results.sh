@@ -307,6 +307,11 @@ if run namm-value-bound; then  # issue 10: do values lift attention-ranked evict
   python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_value_bound --text 12 --retrieval 0 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected x value norm,z-max of pairs: EMA 0.998 bias-corrected of the output displacement,hindsight: sum over pairs of all future attention,hindsight: z-max of pairs of the future rate,hindsight: sum over pairs of future attention x value norm,hindsight: z-max of pairs of the future rate x value norm,hindsight: sum over pairs of the future output displacement,hindsight: z-max of pairs of the future output displacement"
 fi
+if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
+  # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
+  python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate,hindsight: sum over pairs of future attention x value norm,hindsight: z-max of pairs of the future rate x value norm"
+fi
 if run namm-warm-rate; then  # issue 10: warm starts whose NAMM reads a bias-corrected 0.998 moving average (a
   # recency-weighted attention rate), per head, pooled and max fits under budget_zmax (about 35 minutes)
   python tools/namm_warm_targets.py --out $out/namm_warm_rate --targets per_head,pooled,max \
