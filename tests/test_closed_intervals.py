@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +42,18 @@ def test_closed_share_and_interval_from_per_sample_nlls():
     assert rows["noisy"]["low"] == pytest.approx(0.0) and 0.5 <= rows["noisy"]["high"] <= 1.0
     assert 0.0 < rows["noisy"]["p_half"] < 0.5
     assert "sink" not in rows and "full cache" not in rows
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "add --no-reproduce --quants ''"),  # held-out score and weight types belong to the run's length
+    (["--no-reproduce", "--quants", "", "--sample-tokens", "200"], "--sample-tokens must be at least 256"),
+])
+def test_eval_sample_tokens_errors_before_any_work(tmp_path, extra, message):
+    from pymemory.namm.training.config import TrainConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig(sample_tokens=512, scored_tokens=256).to_dict()))
+    args = ["--sample-tokens", "1024"] + extra
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_trained_namm.py"), "--run", str(tmp_path),
+                           "--out", str(tmp_path / "report")] + args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not list(tmp_path.glob("report*"))

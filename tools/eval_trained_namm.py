@@ -30,6 +30,7 @@ sys.path.insert(0, os.fspath(ROOT))
 
 from pymemory._loader import _core  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.errors import InvalidArgumentError  # noqa: E402
 from pymemory.evaluation.report import tool_metadata  # noqa: E402
 from pymemory.namm import load_checkpoint  # noqa: E402
 from pymemory.namm.training.config import TrainConfig  # noqa: E402
@@ -271,12 +272,24 @@ def main() -> int:
     p.add_argument("--layer-subsets", default="",
                    help="comma-separated layer counts: also the trained NAMM scoring only that many layers "
                         "(namm_layers; what a cheaper deployment loses)")
+    p.add_argument("--sample-tokens", type=int, default=0,
+                   help="test samples of this many tokens instead of the run's, the last half scored, peak cells the "
+                        "same fractions of them (the NAMM runs with its trained settings): do the policies compare "
+                        "the same way on longer context? Needs --no-reproduce and --quants ''")
     p.add_argument("--also", action="append", default=[], metavar="NAME=GGUF",
                    help="another NAMM GGUF to score beside the trained one (e.g. an earlier shipped NAMM)")
     args = p.parse_args()
 
     run = Path(args.run)
     config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    if args.sample_tokens and args.sample_tokens != config.sample_tokens:
+        if not args.no_reproduce or args.quants:
+            p.error("--sample-tokens changes the samples, so the trainer's held-out score and the weight types (both "
+                    "measured at the run's length) cannot be reproduced: add --no-reproduce --quants ''")
+        try:
+            config = replace(config, sample_tokens=args.sample_tokens, scored_tokens=args.sample_tokens // 2).validate()
+        except InvalidArgumentError as e:
+            p.error(str(e))
     log = json.loads((run / "log.json").read_text())
     namm_file = os.path.abspath(args.namm or run / "namm.gguf")
     vector = load_checkpoint(run / "ckpt.pt", trust_pickle=True)

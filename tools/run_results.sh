@@ -275,6 +275,12 @@ if run namm-rate-text48; then  # issue 10: does smollm2-rate close half of sink'
     --out $out/namm_rate_smollm2_text48 --text 48 --retrieval 0 --quants '' --skip-warm-start --no-reproduce \
     --also "shipped NAMM (smollm2)=pymemory/data/namm/smollm2.gguf" --workers 2
 fi
+if run namm-rate-1024; then  # issue 10: smollm2-rate (trained on 512-token samples) on 1,024-token held-out samples
+  # against every policy at 25 % and 50 %: does the share of sink's text gap closed hold on longer context? (~25 min)
+  python tools/eval_trained_namm.py --run runs/smollm2-rate --namm pymemory/data/namm/smollm2-rate.gguf \
+    --out $out/namm_rate_smollm2_1024 --text 24 --retrieval 8 --quants '' --skip-warm-start --no-reproduce \
+    --sample-tokens 1024 --workers 2
+fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
   python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
