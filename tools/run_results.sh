@@ -281,6 +281,12 @@ if run namm-rate-1024; then  # issue 10: smollm2-rate (trained on 512-token samp
     --out $out/namm_rate_smollm2_1024 --text 24 --retrieval 8 --quants '' --skip-warm-start --no-reproduce \
     --sample-tokens 1024 --workers 2
 fi
+if run namm-rate-1024-text48; then  # issue 10: is half of sink's text gap closed at 50 % on 1,024-token samples? 48
+  # texts (the first 24 are namm-rate-1024's) at 512 of 1,024 cells, no retrieval (about 25 minutes)
+  python tools/eval_trained_namm.py --run runs/smollm2-rate --namm pymemory/data/namm/smollm2-rate.gguf \
+    --out $out/namm_rate_smollm2_1024_text48 --text 48 --retrieval 0 --fractions 0.5 --quants '' --skip-warm-start \
+    --no-reproduce --sample-tokens 1024 --workers 2
+fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
   python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
@@ -317,11 +323,6 @@ if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rat
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate,hindsight: sum over pairs of future attention x value norm,hindsight: z-max of pairs of the future rate x value norm"
-fi
-if run namm-qwen-causal; then  # issue 10: on Qwen2.5 hindsight closes half of sink's text gap at 25 % and budget_zmax's
-  # rule 15 % (namm-qwen-bound): does another causal rule predict Qwen's future attention better? (about 20 minutes)
-  python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_causal --text 12 --retrieval 0 \
-    --fractions 0.25 --rules "sum over pairs (h2o's score, no recent window),mean rate over pairs,top-1 of pairs (max),z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.995 bias-corrected,z-max of pairs: rate since arrival,z-top-3 of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept"
 fi
 if run namm-warm-rate; then  # issue 10: warm starts whose NAMM reads a bias-corrected 0.998 moving average (a
   # recency-weighted attention rate), per head, pooled and max fits under budget_zmax (about 35 minutes)
