@@ -119,3 +119,13 @@ def test_newest_kept_protects_the_recent_window_only():
     rule = probe.newest_kept(lambda now, cand: -cand.astype(float), 32)
     scores = rule(100, np.array([10, 60, 68, 99]))
     assert list(scores[:2]) == [-10.0, -60.0] and np.isinf(scores[2:]).all()
+
+
+def test_probe_rules_parse_names_that_hold_commas():
+    probe = _load("namm_aggregation_probe")
+    h2o = "sum over pairs (h2o's score, no recent window)"
+    assert "," in h2o and h2o in probe.RULES
+    assert probe.parse_rules(f"top-1 of pairs (max),{h2o},mean rate over pairs") == [
+        "top-1 of pairs (max)", h2o, "mean rate over pairs"]
+    with pytest.raises(ValueError, match="no such rule"):
+        probe.parse_rules("top-1 of pairs (max),no such rule")
