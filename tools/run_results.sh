@@ -324,6 +324,11 @@ if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rat
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate,hindsight: sum over pairs of future attention x value norm,hindsight: z-max of pairs of the future rate x value norm"
 fi
+if run namm-qwen-causal; then  # issue 10: on Qwen2.5 hindsight closes half of sink's text gap at 25 % and budget_zmax's
+  # rule 15 % (namm-qwen-bound): does another causal rule predict Qwen's future attention better? (about 20 minutes)
+  python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_causal --text 12 --retrieval 0 \
+    --fractions 0.25 --rules "sum over pairs (h2o's score, no recent window),mean rate over pairs,top-1 of pairs (max),z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.995 bias-corrected,z-max of pairs: rate since arrival,z-top-3 of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept"
+fi
 if run namm-warm-rate; then  # issue 10: warm starts whose NAMM reads a bias-corrected 0.998 moving average (a
   # recency-weighted attention rate), per head, pooled and max fits under budget_zmax (about 35 minutes)
   python tools/namm_warm_targets.py --out $out/namm_warm_rate --targets per_head,pooled,max \
