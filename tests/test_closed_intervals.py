@@ -1,23 +1,19 @@
 """tools/namm_closed_intervals.py: the share of sink's text gap a policy closes, with its bootstrap interval."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tool():
-    sys.path.insert(0, str(ROOT / "tools"))  # the tool imports eval_trained_namm from its own folder
-    spec = importlib.util.spec_from_file_location("namm_closed_intervals", ROOT / "tools" / "namm_closed_intervals.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("namm_closed_intervals")
 
 
 def _entry(text: list[float], answer: float = 1.0) -> dict:

@@ -1,24 +1,13 @@
 """tools/namm_oracle_bound.py: the hindsight oracle's attention matrix and its llama.cpp eviction harness."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_modules import load_tool
 
 
 def _tool():
-    return _load("namm_oracle_bound")
+    return load_tool("namm_oracle_bound")
 
 
 def test_attention_received_puts_each_window_row_at_its_query_and_pair():
@@ -100,7 +89,7 @@ def test_summarise_gives_the_text_share_closed_a_bootstrap_interval():
 
 
 def _probe():
-    return _load("namm_aggregation_probe")
+    return load_tool("namm_aggregation_probe")
 
 
 def test_standardised_top_ranks_by_each_pairs_own_scale():
@@ -122,7 +111,7 @@ def test_newest_kept_protects_the_recent_window_only():
 
 
 def test_probe_rules_parse_names_that_hold_commas():
-    probe = _load("namm_aggregation_probe")
+    probe = load_tool("namm_aggregation_probe")
     h2o = "sum over pairs (h2o's score, no recent window)"
     assert "," in h2o and h2o in probe.RULES
     assert probe.parse_rules(f"top-1 of pairs (max),{h2o},mean rate over pairs") == [

@@ -1,19 +1,12 @@
 """tools/value_capture.py: value vectors captured from llama.cpp, and the output displacement of evicting a token."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
+from tool_modules import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("value_capture", ROOT / "tools" / "value_capture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("value_capture")
 
 
 def test_output_displacement_is_how_far_evicting_a_key_moves_each_output():
@@ -40,7 +33,9 @@ def test_output_displacement_is_how_far_evicting_a_key_moves_each_output():
 def test_values_are_per_token_layer_major_and_causal(smollm2_path):
     tool = _tool()
     tokens = [1, 504, 2340, 28, 504, 1431, 2340, 5, 904, 504, 77, 1431]
-    values = tool.capture_values(smollm2_path, tokens, 2)
+    with tool.ValueCapture(smollm2_path, 2) as capture:
+        values = capture.values(tokens)
+        prefix = capture.values(tokens[:7])
     assert values.shape == (30 * 3, len(tokens), 64)  # SmolLM2-135M: 30 layers, 3 KV heads of 64
     assert np.isfinite(values).all()
     # layer 0's values depend on the token alone (no position enters V): equal ids give equal vectors
@@ -50,6 +45,5 @@ def test_values_are_per_token_layer_major_and_causal(smollm2_path):
             same = np.allclose(layer0[:, a], layer0[:, b], atol=1e-5)
             assert same == (tokens[a] == tokens[b]), (a, b)
     # later layers see only earlier tokens: a prefix's values are the prefix of the whole's
-    prefix = tool.capture_values(smollm2_path, tokens[:7], 2)
     np.testing.assert_allclose(prefix, values[:, :7], atol=2e-3, rtol=2e-3)
     assert not np.allclose(values[3:, 7], values[3:, 8], atol=1e-3)

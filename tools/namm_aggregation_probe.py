@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
-from value_capture import capture_values, output_displacement  # noqa: E402
+from value_capture import ValueCapture, output_displacement  # noqa: E402
 from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
                                shipped_test_set, summarise, table_lines)
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
@@ -190,6 +190,7 @@ def main() -> int:
     del model
 
     harness = LlamaHarness(model_path, config.sample_tokens + 64, args.threads)
+    value_capture = ValueCapture(model_path, args.threads) if set(chosen) & set(VALUE_RULES) else None
     rows: dict[str, dict[str, dict]] = {}
 
     record = partial(record_result, rows)
@@ -199,8 +200,8 @@ def main() -> int:
         received = attention_received(per_layer, sample.n_tokens)  # [pairs, query, key]
         signals = {"attention": received}  # [pairs, query, key]: what each query gives each key
         norms = None
-        if set(chosen) & set(VALUE_RULES):
-            values = capture_values(model_path, tokens, args.threads)  # [pairs, key, head_dim]
+        if value_capture is not None:
+            values = value_capture.values(tokens)  # [pairs, key, head_dim]
             norms = np.linalg.norm(values, axis=2)  # [pairs, key]
             signals["displacement"] = output_displacement(received, values)
         cumulative: dict[str, np.ndarray] = {}  # per signal: [pairs, q + 1, key], summed over the queries < q

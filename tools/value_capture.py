@@ -32,55 +32,72 @@ def _ggml():
     return lib
 
 
-def capture_values(model_path: str, tokens: list[int], n_threads: int = 2) -> np.ndarray:
-    """[layer·KV head, token, head_dim] (layer-major pairs, as attention_received orders them): the value vector
-    of every token in every layer, from one full-cache decode of `tokens` on the CPU."""
-    import llama_cpp
+class ValueCapture:
+    """One model loaded once; values(tokens) decodes a sample in a context of its own, on the CPU."""
 
-    ggml = _ggml()
-    found: dict[int, np.ndarray] = {}
+    def __init__(self, model_path: str, n_threads: int = 2):
+        import llama_cpp
 
-    def observe(tensor, ask, _user):
-        name = ggml.ggml_get_name(tensor).decode()
-        if not name.startswith(_VALUE_PREFIX) or not name[len(_VALUE_PREFIX):].isdigit():
-            return not ask  # ask: not wanted; otherwise keep computing
-        if ask:
+        self.lc, self.ggml, self.n_threads = llama_cpp, _ggml(), n_threads
+        self.model = llama_cpp.llama_model_load_from_file(os.fsencode(model_path),
+                                                          llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+
+    def close(self) -> None:
+        if self.model:
+            self.lc.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "ValueCapture":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def values(self, tokens: list[int]) -> np.ndarray:
+        """[layer·KV head, token, head_dim] (layer-major pairs, as attention_received orders them): the value vector
+        of every token in every layer, from one full-cache decode of `tokens`."""
+        lc, ggml = self.lc, self.ggml
+        found: dict[int, np.ndarray] = {}
+
+        def observe(tensor, ask, _user):
+            name = ggml.ggml_get_name(tensor).decode()
+            if not name.startswith(_VALUE_PREFIX) or not name[len(_VALUE_PREFIX):].isdigit():
+                return not ask  # ask: not wanted; otherwise keep computing
+            if ask:
+                return True
+            head = _TensorHead.from_address(tensor)
+            dim, n_head, n_tok = head.ne[0], head.ne[1], head.ne[2]
+            # the 3-D view [head_dim, n_kv_head, n_tokens], contiguous, f32 (the 2-D projection has the same name)
+            if head.type == 0 and n_tok == len(tokens) and head.nb[1] == 4 * dim and head.nb[2] == 4 * dim * n_head:
+                data = ctypes.cast(ggml.ggml_get_data(tensor), ctypes.POINTER(ctypes.c_float))
+                flat = np.ctypeslib.as_array(data, shape=(n_tok * n_head * dim,))
+                found[int(name[len(_VALUE_PREFIX):])] = flat.reshape(n_tok, n_head, dim).transpose(1, 0, 2).copy()
             return True
-        head = _TensorHead.from_address(tensor)
-        dim, n_head, n_tok = head.ne[0], head.ne[1], head.ne[2]
-        # the 3-D view [head_dim, n_kv_head, n_tokens], contiguous, f32 (the 2-D projection carries the same name)
-        if head.type == 0 and n_tok == len(tokens) and head.nb[1] == 4 * dim and head.nb[2] == 4 * dim * n_head:
-            data = ctypes.cast(ggml.ggml_get_data(tensor), ctypes.POINTER(ctypes.c_float))
-            flat = np.ctypeslib.as_array(data, shape=(n_tok * n_head * dim,))
-            found[int(name[len(_VALUE_PREFIX):])] = flat.reshape(n_tok, n_head, dim).transpose(1, 0, 2).copy()
-        return True
 
-    callback = llama_cpp.ggml_backend_sched_eval_callback(observe)  # kept alive until the decode returns
-    model = llama_cpp.llama_model_load_from_file(os.fsencode(model_path), llama_cpp.llama_model_default_params())
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {model_path}")
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = len(tokens) + 16
-    params.n_threads = params.n_threads_batch = n_threads
-    params.cb_eval = callback
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-    try:
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, i == len(tokens) - 1
-            batch.seq_id[i][0] = 0
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed while capturing values")
-        n_layer = llama_cpp.llama_model_n_layer(model)
-        if sorted(found) != list(range(n_layer)):
-            raise RuntimeError(f"values of layers {sorted(found)} captured, expected 0..{n_layer - 1}: llama.cpp's "
+        callback = lc.ggml_backend_sched_eval_callback(observe)  # kept alive until the decode returns
+        params = lc.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = len(tokens) + 16
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.cb_eval = callback
+        ctx = lc.llama_init_from_model(self.model, params)
+        batch = lc.llama_batch_init(len(tokens), 0, 1)
+        try:
+            batch.n_tokens = len(tokens)
+            for i, token in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, i == len(tokens) - 1
+                batch.seq_id[i][0] = 0
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed while capturing values")
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+        if sorted(found) != list(range(self.n_layer)):
+            raise RuntimeError(f"values of layers {sorted(found)} captured, expected 0..{self.n_layer - 1}: llama.cpp's "
                                f"'{_VALUE_PREFIX}<layer>' node is missing or has another layout")
-        return np.concatenate([found[layer] for layer in range(n_layer)], axis=0)
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
+        return np.concatenate([found[layer] for layer in range(self.n_layer)], axis=0)
 
 
 def output_displacement(received: np.ndarray, values: np.ndarray) -> np.ndarray:
