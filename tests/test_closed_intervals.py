@@ -40,16 +40,48 @@ def test_closed_share_and_interval_from_per_sample_nlls():
     assert "sink" not in rows and "full cache" not in rows
 
 
-@pytest.mark.parametrize("extra, message", [
-    ([], "add --no-reproduce --quants ''"),  # held-out score and weight types belong to the run's length
-    (["--no-reproduce", "--quants", "", "--sample-tokens", "200"], "--sample-tokens must be at least 256"),
+@pytest.mark.parametrize("args, message", [
+    # held-out score and weight types belong to the run's length
+    (["--sample-tokens", "1024"], "add --no-reproduce --quants ''"),
+    (["--sample-tokens", "200", "--no-reproduce", "--quants", ""], "--sample-tokens must be at least 256"),
+    (["--baselines", "h2o,snapkv"], "--baselines takes a comma-separated subset of h2o,tova,random"),
+    (["--test-seed", "0"], "--test-seed 0 is the run's seed"),  # the run's seed chose its shipped generation
 ])
-def test_eval_sample_tokens_errors_before_any_work(tmp_path, extra, message):
+def test_eval_bad_arguments_error_before_any_work(tmp_path, args, message):
     from pymemory.namm.training.config import TrainConfig
 
-    (tmp_path / "config.json").write_text(json.dumps(TrainConfig(sample_tokens=512, scored_tokens=256).to_dict()))
-    args = ["--sample-tokens", "1024"] + extra
+    config = TrainConfig(sample_tokens=512, scored_tokens=256)
+    assert config.seed == 0
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_trained_namm.py"), "--run", str(tmp_path),
                            "--out", str(tmp_path / "report")] + args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not list(tmp_path.glob("report*"))
+
+
+def test_eval_runs_a_shipped_namm_without_its_run_directory():
+    """runs/ is not kept between machines: a shipped NAMM's JSON holds its run's config and log, its GGUF the vector."""
+    from pymemory.namm.checkpoint import load_gguf
+    from pymemory.namm.packaged import packaged_namms
+
+    tool = load_tool("eval_trained_namm")
+    config, shipped = tool.run_config("smollm2-rate")
+    assert shipped == packaged_namms()["smollm2-rate"]
+    info = json.loads(shipped.with_suffix(".json").read_text())
+    assert config.to_dict() == tool.TrainConfig.from_dict(info["config"]).to_dict()
+    assert (config.sample_tokens, config.mode) == (512, "budget_zmax")
+    log, vector = tool.run_log_and_vector("smollm2-rate", shipped)
+    # the reproduction reads the logged held-out loss of the shipped generation
+    assert any(h["generation"] == vector.iteration for h in log["heldout"]) and "sink" in log["heldout_baselines"]
+    assert vector.iteration == info["generation"]
+    assert (vector.theta == load_gguf(shipped)[0].theta).all() and vector.theta.any()
+    by_path, gguf = tool.run_config(str(shipped.with_suffix(".json")))  # or the path of its JSON
+    assert gguf == shipped and by_path.to_dict() == config.to_dict()
+
+
+def test_eval_names_a_run_that_is_neither(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_trained_namm.py"), "--run",
+                           str(tmp_path / "nothing"), "--out", str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is neither a train-namm run directory nor a shipped NAMM" in done.stderr
     assert not list(tmp_path.glob("report*"))

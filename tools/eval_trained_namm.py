@@ -38,6 +38,7 @@ from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  
 from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
 
 QUANTS = ("f16", "q8_0", "q4_0")
+BASELINES = ("h2o", "tova", "random")
 
 
 def summarise(results, refs: dict[str, float]) -> dict:
@@ -254,9 +255,35 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_config(run_arg: str) -> tuple[TrainConfig, Path | None]:
+    """--run's training config, and the shipped GGUF when --run names a shipped NAMM (its name or its .json, whose
+    JSON carries the run's config and log: the runs/ directories are not kept) rather than a train-namm run
+    directory (config.json, log.json, ckpt.pt)."""
+    from pymemory.namm.packaged import packaged_namms
+
+    run = Path(run_arg)
+    if run.is_dir():
+        return TrainConfig.from_dict(json.loads((run / "config.json").read_text())), None
+    gguf = packaged_namms().get(run_arg) or run.with_suffix(".gguf")
+    return TrainConfig.from_dict(json.loads(gguf.with_suffix(".json").read_text())["config"]), gguf
+
+
+def run_log_and_vector(run_arg: str, shipped: Path | None):
+    """(training log, NammVector) of --run: a run's log.json and ckpt.pt, or a shipped NAMM's JSON and f32 GGUF."""
+    from pymemory.namm.checkpoint import load_gguf
+
+    if shipped is None:
+        run = Path(run_arg)
+        return json.loads((run / "log.json").read_text()), load_checkpoint(run / "ckpt.pt", trust_pickle=True)
+    info = json.loads(shipped.with_suffix(".json").read_text())
+    vector, _ = load_gguf(shipped)
+    return info, vector if vector.iteration is not None else replace(vector, iteration=info["generation"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a train-namm run directory (config.json, log.json, ckpt.pt)")
+    p.add_argument("--run", required=True, help="a train-namm run directory (config.json, log.json, ckpt.pt), or a "
+                   "shipped NAMM's name (its JSON holds the run's config and log; its GGUF is the vector)")
     p.add_argument("--namm", default=None, help="the shipped NAMM GGUF (default: RUN/namm.gguf)")
     p.add_argument("--out", required=True, help="report path without extension (.json, .md, .png written)")
     p.add_argument("--text", type=int, default=8, help="held-out text samples")
@@ -276,12 +303,21 @@ def main() -> int:
                    help="test samples of this many tokens instead of the run's, the last half scored, peak cells the "
                         "same fractions of them (the NAMM runs with its trained settings): do the policies compare "
                         "the same way on longer context? Needs --no-reproduce and --quants ''")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="comma-separated subset of %(default)s scored beside sink, the full cache and the trained NAMM "
+                        "('' for none: a larger test of the trained NAMM against sink alone)")
+    p.add_argument("--test-seed", type=int, default=None,
+                   help="the test set's seed (default: the run's seed + 1); the run's own seed is its held-out "
+                        "selection set and is refused")
     p.add_argument("--also", action="append", default=[], metavar="NAME=GGUF",
                    help="another NAMM GGUF to score beside the trained one (e.g. an earlier shipped NAMM)")
     args = p.parse_args()
 
-    run = Path(args.run)
-    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    try:
+        config, shipped_file = run_config(args.run)
+    except (OSError, ValueError, KeyError) as e:
+        p.error(f"--run {args.run!r} is neither a train-namm run directory nor a shipped NAMM: {e}")
+    run = Path(args.run) if shipped_file is None else shipped_file.parent
     if args.sample_tokens and args.sample_tokens != config.sample_tokens:
         if not args.no_reproduce or args.quants:
             p.error("--sample-tokens changes the samples, so the trainer's held-out score and the weight types (both "
@@ -290,16 +326,22 @@ def main() -> int:
             config = replace(config, sample_tokens=args.sample_tokens, scored_tokens=args.sample_tokens // 2).validate()
         except InvalidArgumentError as e:
             p.error(str(e))
-    log = json.loads((run / "log.json").read_text())
-    namm_file = os.path.abspath(args.namm or run / "namm.gguf")
-    vector = load_checkpoint(run / "ckpt.pt", trust_pickle=True)
+    baselines = [b for b in args.baselines.split(",") if b]
+    if any(b not in BASELINES for b in baselines):
+        p.error(f"--baselines takes a comma-separated subset of {','.join(BASELINES)} (got {args.baselines!r})")
+    test_seed = config.seed + 1 if args.test_seed is None else args.test_seed
+    if test_seed == config.seed:
+        p.error(f"--test-seed {test_seed} is the run's seed: its held-out samples chose the shipped generation, so "
+                "they are not a test set; pick another seed")
+    log, vector = run_log_and_vector(args.run, shipped_file)
+    namm_file = os.path.abspath(args.namm or shipped_file or run / "namm.gguf")
     mean, var = tuple(map(float, vector.feat_mean)), tuple(map(float, vector.feat_var))
     tmp = tempfile.mkdtemp(prefix="namm-eval-")
     _core.set_log_verbosity(0)
     executor = make_executor(args.workers, "", 1)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "model": config.model, "sample_tokens": config.sample_tokens, "scored_tokens": config.scored_tokens,
-              "n_text": args.text, "n_retrieval": args.retrieval, "test_seed": config.seed + 1,
+              "n_text": args.text, "n_retrieval": args.retrieval, "test_seed": test_seed,
               "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT), "tables": {}}
     try:
         def spec_for(model: str, capacity: int) -> MemorySpec:
@@ -311,13 +353,13 @@ def main() -> int:
             factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
             return corpus, heldout_samples(factory, seed, n_text, n_retrieval, config.retrieval_sources())
 
-        corpus, samples = samples_for(config.model, config.seed + 1, args.text, args.retrieval)
+        corpus, samples = samples_for(config.model, test_seed, args.text, args.retrieval)
         report["heldout_parts"] = [n for n, _ in corpus.parts["heldout"]]
         random_theta = tuple(map(float, np.random.default_rng(config.seed + 77).normal(0.0, config.sigma0, 4172)))
         # The run's starting point when it was warm-started: what the imitation fit alone gives, before evolution.
         state_file = run / "state.pkl"
         warm_theta = None
-        if state_file.exists():
+        if shipped_file is None and state_file.exists():
             import pickle
 
             with open(state_file, "rb") as f:
@@ -346,8 +388,10 @@ def main() -> int:
             capacity = int(round(config.sample_tokens * fraction))
             label = f"{config.model}, peak cells {capacity} = {fraction:.0%} of {config.sample_tokens}"
             print(label, flush=True)
-            policies = {"sink": Job("sink", samples[0]), "h2o": Job("h2o", samples[0]),
-                        "tova": Job("tova", samples[0]), "random NAMM": Job("namm", samples[0], random_theta)}
+            policies = {"sink": Job("sink", samples[0])}
+            policies.update({name: job for key, name, job in (
+                ("h2o", "h2o", Job("h2o", samples[0])), ("tova", "tova", Job("tova", samples[0])),
+                ("random", "random NAMM", Job("namm", samples[0], random_theta))) if key in baselines})
             if warm_theta is not None and not args.skip_warm_start:
                 policies["warm start only (no evolution)"] = Job("namm", samples[0], warm_theta)
             policies.update({name: Job("namm_file", samples[0], namm_file=path) for name, path in others.items()})
@@ -377,7 +421,7 @@ def main() -> int:
             report["reproduction"] = {"generation": vector.iteration, "trainer_loss": best["loss"],
                                       "file_loss": _loss(_gaps(file_results, tr_refs), normalisers)}
         if args.transfer_model:
-            t_corpus, t_samples = samples_for(args.transfer_model, config.seed + 1, args.transfer_samples,
+            t_corpus, t_samples = samples_for(args.transfer_model, test_seed, args.transfer_samples,
                                               args.transfer_samples)
             t_spec = spec_for(args.transfer_model, config.capacity)
             label = (f"zero-shot transfer to {args.transfer_model}, peak cells {config.capacity} = "

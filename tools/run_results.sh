@@ -287,6 +287,12 @@ if run namm-rate-1024-text48; then  # issue 10: is half of sink's text gap close
     --out $out/namm_rate_smollm2_1024_text48 --text 48 --retrieval 0 --fractions 0.5 --quants '' --skip-warm-start \
     --no-reproduce --sample-tokens 1024 --workers 2
 fi
+if run namm-rate-1024-fresh; then  # issue 10: a fresh test of the shipped smollm2-rate on 1,024-token samples (seed 2,
+  # never used before), large enough to decide half of sink's text gap at 95 %: 144 texts at 256 and 512 of 1,024
+  # cells against sink and the full cache only (h2o, tova and a random NAMM: namm-rate-1024) (about 50 minutes)
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_rate_smollm2_1024_fresh --text 144 \
+    --retrieval 0 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 --workers 2
+fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
   python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
