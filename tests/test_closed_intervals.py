@@ -40,6 +40,33 @@ def test_closed_share_and_interval_from_per_sample_nlls():
     assert "sink" not in rows and "full cache" not in rows
 
 
+def test_overlapping_samples_are_one_cluster():
+    tool = load_tool("eval_trained_namm")
+    ids = ["h0:text:a/book@0", "h1:text:a/book@100", "h2:text:a/book@600", "h3:text:a/book@1200",
+           "h4:text:b/other@50", "r0:passkey:1@2"]
+    # @600 overlaps @100's range [100, 612): a chain is one cluster; @1200 starts after it; other texts never join
+    assert list(tool.overlap_clusters(ids, 512)) == [0, 0, 0, 1, 2, 3]
+    assert len(set(tool.overlap_clusters(ids, None))) == len(ids)
+
+
+def test_shared_text_is_not_counted_twice():
+    """Each text scored twice from overlapping offsets, with the same NLLs: clustered, the interval is that of the
+    texts once; treated as independent it would narrow as if the data had doubled."""
+    tool = load_tool("eval_trained_namm")
+    values = {"full": [3.0, 3.2, 2.8, 3.1, 3.3], "sink": [3.4, 3.6, 3.2, 3.5, 3.6], "policy": [3.0, 3.6, 3.2, 3.3, 3.4]}
+
+    def entry(name: str, copies: int) -> dict:
+        return {"nll_per_sample": {f"h{i}{c}:text:book@{i * 5000 + c}": v for i, v in enumerate(values[name])
+                                   for c in range(copies)}}
+
+    once = tool.closed_interval(*(entry(n, 1) for n in ("policy", "sink", "full")), span=512)
+    twice = tool.closed_interval(*(entry(n, 2) for n in ("policy", "sink", "full")), span=512)
+    naive = tool.closed_interval(*(entry(n, 2) for n in ("policy", "sink", "full")))
+    assert (twice["n_text"], twice["n_clusters"], once["n_clusters"]) == (10, 5, 5)
+    assert (twice["low"], twice["high"], twice["closed"]) == pytest.approx((once["low"], once["high"], once["closed"]))
+    assert naive["n_clusters"] == 10 and naive["high"] - naive["low"] < 0.9 * (once["high"] - once["low"])
+
+
 @pytest.mark.parametrize("args, message", [
     # held-out score and weight types belong to the run's length
     (["--sample-tokens", "1024"], "add --no-reproduce --quants ''"),

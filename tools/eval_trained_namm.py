@@ -143,23 +143,48 @@ def paired_difference(entry: dict, sink: dict, text: bool, resamples: int = 4000
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def closed_interval(entry: dict, sink: dict, full: dict, resamples: int = 10000) -> dict | None:
+def overlap_clusters(ids: list[str], span: int | None) -> np.ndarray:
+    """A cluster number per sample id: samples drawn from overlapping token ranges [offset, offset + span) of one
+    text ("h3:text:austen/persuasion@80372") share one, so a bootstrap that resamples clusters does not count shared
+    text as independent evidence. span None, or a sample that is not text: its own cluster."""
+    ranges = []
+    for i, sample_id in enumerate(ids):
+        _, kind, source = (sample_id.split(":", 2) + ["", ""])[:3]
+        part, _, offset = source.rpartition("@")
+        ranges.append((part, int(offset), i) if span and kind == "text" and offset.isdigit() else (sample_id, 0, i))
+    cluster = np.zeros(len(ids), dtype=np.int64)
+    current, last_part, last_end = -1, None, 0
+    for part, start, i in sorted(ranges):
+        if part != last_part or not span or start >= last_end:
+            current += 1
+            last_part, last_end = part, start
+        last_end = max(last_end, start + (span or 0))
+        cluster[i] = current
+    return cluster
+
+
+def closed_interval(entry: dict, sink: dict, full: dict, resamples: int = 10000, span: int | None = None) -> dict | None:
     """Share of sink's text gap to the full cache that a policy closes, (mean sink - mean policy) / (mean sink -
     mean full) over the text samples, with a 95 % bootstrap interval that resamples the samples (all three
-    scored on each) and the share of resamples in which it reaches one half (the issue's goal)."""
+    scored on each; with `span`, the sample length, clusters of samples that share text: overlap_clusters) and the
+    share of resamples in which it reaches one half (the issue's goal)."""
     per = [e.get("nll_per_sample", {}) for e in (entry, sink, full)]
     ids = sorted(k for k in per[0] if ":text:" in k and all(k in p for p in per[1:]))
     if len(ids) < 2:
         return None
     policy, sink_nll, full_nll = (np.array([p[k] for k in ids]) for p in per)
-    picks = np.random.default_rng(0).integers(0, len(ids), (resamples, len(ids)))
-    sink_means = sink_nll[picks].mean(axis=1)
-    gaps = sink_means - full_nll[picks].mean(axis=1)
-    shares = (sink_means - policy[picks].mean(axis=1)) / np.where(gaps > 0, gaps, np.nan)
+    cluster = overlap_clusters(ids, span)
+    n_clusters = int(cluster.max()) + 1
+    # per-cluster sums: the ratio of mean differences is the ratio of summed differences over any resample
+    sums = [np.bincount(cluster, weights=v, minlength=n_clusters) for v in (policy, sink_nll, full_nll)]
+    picks = np.random.default_rng(0).integers(0, n_clusters, (resamples, n_clusters))
+    policy_sums, sink_sums, full_sums = (v[picks].sum(axis=1) for v in sums)
+    gaps = sink_sums - full_sums
+    shares = (sink_sums - policy_sums) / np.where(gaps > 0, gaps, np.nan)
     share = (sink_nll.mean() - policy.mean()) / (sink_nll.mean() - full_nll.mean())
     valid = shares[np.isfinite(shares)]
     return {"closed": float(share), "low": float(np.quantile(valid, 0.025)), "high": float(np.quantile(valid, 0.975)),
-            "p_half": float(np.mean(valid >= 0.5)), "n_text": len(ids)}
+            "p_half": float(np.mean(valid >= 0.5)), "n_text": len(ids), "n_clusters": n_clusters}
 
 
 def paired_table(tables: dict, sample_tokens: int) -> list[str]:
@@ -203,7 +228,8 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         sink, full = table.get("sink", {}), table.get("full cache")
         for name, e in table.items():
-            share = closed_interval(e, sink, full) if full and sink and name not in ("sink", "full cache") else None
+            share = (closed_interval(e, sink, full, span=report["sample_tokens"])
+                     if full and sink and name not in ("sink", "full cache") else None)
             share_cell = "" if share is None else f" [{share['low']:+.3f}, {share['high']:+.3f}]"
             def f(key, fmt="{:.4f}"):
                 return fmt.format(e[key]) if e.get(key) is not None else "-"

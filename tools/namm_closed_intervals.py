@@ -29,7 +29,8 @@ def intervals(report: dict) -> dict[str, dict[str, dict]]:
     for table, entries in report["tables"].items():
         if "sink" not in entries or "full cache" not in entries:
             continue
-        rows = {name: closed_interval(entry, entries["sink"], entries["full cache"])
+        rows = {name: closed_interval(entry, entries["sink"], entries["full cache"],
+                                      span=report.get("sample_tokens"))
                 for name, entry in entries.items() if name not in ("sink", "full cache")}
         out[table] = {name: row for name, row in rows.items() if row is not None}
     return out
@@ -46,16 +47,18 @@ def main() -> int:
              "Computed from the per-sample NLLs of the reports named (no model run; each report's header names "
              "the commit and machine that scored them). 'closed' = (sink − policy) / (sink − full cache) on the "
              "mean text NLL; the 95 % interval resamples the text samples (10,000 draws, the three policies "
-             "paired); 'P(≥ ½)' is the share of draws in which the policy closes at least half.", ""]
+             "paired; samples drawn from overlapping stretches of one novel are resampled together, as one "
+             "cluster); 'P(≥ ½)' is the share of draws in which the policy closes at least half.", ""]
     for path in args.reports:
         report = json.loads(Path(path).read_text())
         table = intervals(report)
         data["reports"][path] = {"commit": report.get("commit"), "tables": table}
         lines += [f"## {path} ({report.get('model')}, commit {report.get('commit')})", ""]
         for name, rows in table.items():
-            lines += [f"### {name}", "", "| policy | texts | closed | 95 % interval | P(≥ ½) |", "|---|---|---|---|---|"]
-            lines += [f"| {policy} | {r['n_text']} | {r['closed']:+.3f} | [{r['low']:+.3f}, {r['high']:+.3f}] | "
-                      f"{r['p_half']:.2f} |" for policy, r in rows.items()]
+            lines += [f"### {name}", "", "| policy | texts (clusters) | closed | 95 % interval | P(≥ ½) |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {policy} | {r['n_text']} ({r['n_clusters']}) | {r['closed']:+.3f} | "
+                      f"[{r['low']:+.3f}, {r['high']:+.3f}] | {r['p_half']:.2f} |" for policy, r in rows.items()]
             lines.append("")
     write_report_files(args.out, data, "\n".join(lines))
     return 0

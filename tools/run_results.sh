@@ -293,6 +293,12 @@ if run namm-rate-1024-fresh; then  # issue 10: a fresh test of the shipped smoll
   python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_rate_smollm2_1024_fresh --text 144 \
     --retrieval 0 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 --workers 2
 fi
+if run namm-qwen-rate-1024; then  # issue 10: the shipped qwen2.5-rate (trained on 512-token samples) on 1,024-token
+  # held-out samples: does the share of sink's gap closed on Qwen2.5 grow with context as SmolLM2's did? 16 texts + 8
+  # retrievals at 256 and 512 of 1,024 cells, beside sink and h2o (about 30 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_rate_qwen_1024 --text 16 --retrieval 8 \
+    --quants '' --no-reproduce --sample-tokens 1024 --baselines h2o --workers 2
+fi
 if run namm-oracle-bound; then  # issue 10: what a hindsight oracle of future attention closes on the NAMM test set,
   # beside sink, h2o, tova and the shipped NAMM (about 15 minutes)
   python tools/namm_oracle_bound.py --namm smollm2 --out $out/namm_oracle_bound --text 8 --retrieval 8 --workers 2
