@@ -292,6 +292,8 @@ if run namm-rate-1024-fresh; then  # issue 10: a fresh test of the shipped smoll
   # cells against sink and the full cache only (h2o, tova and a random NAMM: namm-rate-1024) (about 50 minutes)
   python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_rate_smollm2_1024_fresh --text 144 \
     --retrieval 0 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 --workers 2
+  # samples drawn from overlapping stretches of a novel are resampled together (eval's own intervals predate that)
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_1024_fresh $out/namm_rate_smollm2_1024_fresh.json
 fi
 if run namm-qwen-rate-1024; then  # issue 10: the shipped qwen2.5-rate (trained on 512-token samples) on 1,024-token
   # held-out samples: does the share of sink's gap closed on Qwen2.5 grow with context as SmolLM2's did? 16 texts + 8
