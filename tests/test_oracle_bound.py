@@ -51,12 +51,14 @@ def test_harness_matches_the_engine_and_holds_its_budget(smollm2_path, smollm2_m
     sink = _core.Engine(smollm2_model, policy="sink", n_sink=4, window=60, n_threads=2, reindex=False)
     sink.feed(tokens[:96])
     engine_sink = float(np.mean(sink.score(tokens[96:], 32)))
-    # The harness evicted (a 64-cell cache reads worse than the full one) as the engine's sink does.
-    assert peak == 64 and oldest_first > full + 0.05 and abs(oldest_first - engine_sink) < 0.05, (
-        oldest_first, engine_sink, full)
     # Evicting the newest instead (the scores reversed) is a different cache: the harness follows the scores.
     newest_first, _ = tool.run_sample(harness, tokens, 96, 64, 32, 4, lambda now, candidates: -candidates)
-    assert abs(newest_first - oldest_first) > 0.05
+    # The harness evicted (a 64-cell cache reads worse than the full one) as the engine's sink does: closer to it than
+    # the other rule. Not closer than 0.08: the two hold the same tokens in other physical cell orders, and on some
+    # CPUs llama.cpp's attention depends on that order (0.050 nats here on an AVX-512 EPYC; tools/kv_layout_check.py).
+    assert peak == 64 and oldest_first > full + 0.05 and abs(oldest_first - engine_sink) < 0.08, (
+        oldest_first, engine_sink, full)
+    assert abs(newest_first - engine_sink) > abs(oldest_first - engine_sink) + 0.02, (newest_first, oldest_first)
 
 
 def test_summarise_scores_each_policy_on_the_samples_it_ran():
