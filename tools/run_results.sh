@@ -296,9 +296,9 @@ if run namm-rate-1024-fresh; then  # issue 10: a fresh test of the shipped smoll
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_1024_fresh $out/namm_rate_smollm2_1024_fresh.json
 fi
 if run namm-qwen-rate-1024; then  # issue 10: the shipped qwen2.5-rate (trained on 512-token samples) on 1,024-token
-  # held-out samples: does the share of sink's gap closed on Qwen2.5 grow with context as SmolLM2's did? 24 texts + 8
-  # retrievals at 256 and 512 of 1,024 cells, beside sink (about 35 minutes)
-  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_rate_qwen_1024 --text 24 --retrieval 8 \
+  # held-out samples: does the share of sink's gap closed on Qwen2.5 grow with context as SmolLM2's did? 16 texts + 8
+  # retrievals at 256 and 512 of 1,024 cells, beside sink (about 25 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_rate_qwen_1024 --text 16 --retrieval 8 \
     --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --workers 2
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_1024 $out/namm_rate_qwen_1024.json
 fi
