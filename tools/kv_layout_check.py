@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 
+from pymemory._loader import _core  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 
@@ -38,8 +39,9 @@ class Llama:
         import llama_cpp
 
         self.lib, self.threads = llama_cpp, threads
-        self._quiet = llama_cpp.llama_log_callback(lambda *_: None)  # kept alive: llama.cpp calls it later
-        llama_cpp.llama_log_set(self._quiet, ctypes.c_void_p())
+        # Quiet through pymemory's own log hook (the same libllama): a Python callback handed to llama.cpp here would
+        # outlive this object and crash the next caller that logs.
+        _core.set_log_verbosity(0)
         llama_cpp.llama_backend_init()
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
         if not self.model:
