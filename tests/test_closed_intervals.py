@@ -92,17 +92,17 @@ def test_eval_runs_a_shipped_namm_without_its_run_directory():
     from pymemory.namm.packaged import packaged_namms
 
     tool = load_tool("eval_trained_namm")
-    config, shipped = tool.run_config("smollm2-rate")
+    config, shipped, shipped_info = tool.run_config("smollm2-rate")
     assert shipped == packaged_namms()["smollm2-rate"]
     info = json.loads(shipped.with_suffix(".json").read_text())
     assert config.to_dict() == tool.TrainConfig.from_dict(info["config"]).to_dict()
     assert (config.sample_tokens, config.mode) == (512, "budget_zmax")
-    log, vector = tool.run_log_and_vector("smollm2-rate", shipped)
+    log, vector = tool.run_log_and_vector("smollm2-rate", shipped, shipped_info)
     # the reproduction reads the logged held-out loss of the shipped generation
     assert any(h["generation"] == vector.iteration for h in log["heldout"]) and "sink" in log["heldout_baselines"]
     assert vector.iteration == info["generation"]
     assert (vector.theta == load_gguf(shipped)[0].theta).all() and vector.theta.any()
-    by_path, gguf = tool.run_config(str(shipped.with_suffix(".json")))  # or the path of its JSON
+    by_path, gguf, _ = tool.run_config(str(shipped.with_suffix(".json")))  # or the path of its JSON
     assert gguf == shipped and by_path.to_dict() == config.to_dict()
 
 

@@ -8,9 +8,7 @@ from tool_modules import load_tool
 
 def test_same_order_is_deterministic_and_the_restore_is_compared_token_by_token(smollm2_path):
     tool = load_tool("kv_layout_check")
-    llama = tool.Llama(smollm2_path, 1)
-    tokens = llama.tokenize(tool.TEXT)
-    row = tool.compare(llama, tokens, 0)
+    row = tool.compare(smollm2_path, tool.text_tokens(smollm2_path), False)
     # the same steps in the same order give the same logits bit for bit: any restored-order difference is the order's
     assert row["same_order_max_logit_diff"] == 0.0
     diffs = row["restored_nll_diff_per_token"]

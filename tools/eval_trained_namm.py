@@ -281,27 +281,27 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_config(run_arg: str) -> tuple[TrainConfig, Path | None]:
-    """--run's training config, and the shipped GGUF when --run names a shipped NAMM (its name or its .json, whose
-    JSON carries the run's config and log: the runs/ directories are not kept) rather than a train-namm run
-    directory (config.json, log.json, ckpt.pt)."""
+def run_config(run_arg: str) -> tuple[TrainConfig, Path | None, dict | None]:
+    """--run's training config; when --run names a shipped NAMM (its name or its .json, whose JSON carries the run's
+    config and log: the runs/ directories are not kept) rather than a train-namm run directory (config.json,
+    log.json, ckpt.pt), also its GGUF and that JSON."""
     from pymemory.namm.packaged import packaged_namms
 
     run = Path(run_arg)
     if run.is_dir():
-        return TrainConfig.from_dict(json.loads((run / "config.json").read_text())), None
+        return TrainConfig.from_dict(json.loads((run / "config.json").read_text())), None, None
     gguf = packaged_namms().get(run_arg) or run.with_suffix(".gguf")
-    return TrainConfig.from_dict(json.loads(gguf.with_suffix(".json").read_text())["config"]), gguf
+    info = json.loads(gguf.with_suffix(".json").read_text())
+    return TrainConfig.from_dict(info["config"]), gguf, info
 
 
-def run_log_and_vector(run_arg: str, shipped: Path | None):
+def run_log_and_vector(run_arg: str, shipped: Path | None, info: dict | None):
     """(training log, NammVector) of --run: a run's log.json and ckpt.pt, or a shipped NAMM's JSON and f32 GGUF."""
     from pymemory.namm.checkpoint import load_gguf
 
     if shipped is None:
         run = Path(run_arg)
         return json.loads((run / "log.json").read_text()), load_checkpoint(run / "ckpt.pt", trust_pickle=True)
-    info = json.loads(shipped.with_suffix(".json").read_text())
     vector, _ = load_gguf(shipped)
     return info, vector if vector.iteration is not None else replace(vector, iteration=info["generation"])
 
@@ -340,7 +340,7 @@ def main() -> int:
     args = p.parse_args()
 
     try:
-        config, shipped_file = run_config(args.run)
+        config, shipped_file, shipped_info = run_config(args.run)
     except (OSError, ValueError, KeyError) as e:
         p.error(f"--run {args.run!r} is neither a train-namm run directory nor a shipped NAMM: {e}")
     run = Path(args.run) if shipped_file is None else shipped_file.parent
@@ -359,7 +359,7 @@ def main() -> int:
     if test_seed == config.seed:
         p.error(f"--test-seed {test_seed} is the run's seed: its held-out samples chose the shipped generation, so "
                 "they are not a test set; pick another seed")
-    log, vector = run_log_and_vector(args.run, shipped_file)
+    log, vector = run_log_and_vector(args.run, shipped_file, shipped_info)
     namm_file = os.path.abspath(args.namm or shipped_file or run / "namm.gguf")
     mean, var = tuple(map(float, vector.feat_mean)), tuple(map(float, vector.feat_var))
     tmp = tempfile.mkdtemp(prefix="namm-eval-")
@@ -414,10 +414,10 @@ def main() -> int:
             capacity = int(round(config.sample_tokens * fraction))
             label = f"{config.model}, peak cells {capacity} = {fraction:.0%} of {config.sample_tokens}"
             print(label, flush=True)
+            baseline_jobs = {"h2o": ("h2o", Job("h2o", samples[0])), "tova": ("tova", Job("tova", samples[0])),
+                             "random": ("random NAMM", Job("namm", samples[0], random_theta))}
             policies = {"sink": Job("sink", samples[0])}
-            policies.update({name: job for key, name, job in (
-                ("h2o", "h2o", Job("h2o", samples[0])), ("tova", "tova", Job("tova", samples[0])),
-                ("random", "random NAMM", Job("namm", samples[0], random_theta))) if key in baselines})
+            policies.update(baseline_jobs[key] for key in BASELINES if key in baselines)
             if warm_theta is not None and not args.skip_warm_start:
                 policies["warm start only (no evolution)"] = Job("namm", samples[0], warm_theta)
             policies.update({name: Job("namm_file", samples[0], namm_file=path) for name, path in others.items()})

@@ -23,99 +23,58 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
+sys.path.insert(0, os.fspath(ROOT / "tools"))
 
-from pymemory._loader import _core  # noqa: E402
+from namm_oracle_bound import LlamaHarness  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog while the lighthouse keeper counts the waves. " * 12
 PREFIX, HOLE, NEW = 100, (4, 48), 8
+N_CTX = 256
 
 
-class Llama:
-    """The few llama.cpp calls this check needs, on one model."""
-
-    def __init__(self, path: str, threads: int):
-        import llama_cpp
-
-        self.lib, self.threads = llama_cpp, threads
-        # Quiet through pymemory's own log hook (the same libllama): a Python callback handed to llama.cpp here would
-        # outlive this object and crash the next caller that logs.
-        _core.set_log_verbosity(0)
-        llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
-        if not self.model:
-            raise SystemExit(f"cannot load {path}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-
-    def tokenize(self, text: str) -> list[int]:
-        raw = text.encode()
-        buf = (self.lib.llama_token * (len(raw) + 16))()
-        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), True, False)
-        return list(buf[:n])
-
-    def context(self, flash_attn: int):
-        params = self.lib.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = 256
-        params.n_threads = params.n_threads_batch = self.threads
-        params.flash_attn_type = flash_attn
-        return self.lib.llama_init_from_model(self.model, params)
-
-    def decode(self, ctx, tokens: list[int], positions: list[int]) -> np.ndarray:
-        """Logits [len(tokens), n_vocab] of one batch."""
-        batch = self.lib.llama_batch_init(len(tokens), 0, 1)
-        try:
-            for i, (token, pos) in enumerate(zip(tokens, positions)):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, 1
-                batch.seq_id[i][0] = 0
-            batch.n_tokens = len(tokens)
-            if self.lib.llama_decode(ctx, batch) != 0:
-                raise SystemExit("llama_decode failed")
-            return np.array([np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, i), (self.n_vocab,)).copy()
-                             for i in range(len(tokens))])
-        finally:
-            self.lib.llama_batch_free(batch)
-
-    def restored_copy(self, ctx, flash_attn: int):
-        """A fresh context holding ctx's sequence 0, written back by llama.cpp's own state restore."""
-        size = self.lib.llama_state_seq_get_size(ctx, 0)
-        data = (ctypes.c_uint8 * size)()
-        self.lib.llama_state_seq_get_data(ctx, data, size, 0)
-        copy = self.context(flash_attn)
-        if self.lib.llama_state_seq_set_data(copy, data, size, 0) == 0:
-            raise SystemExit("llama_state_seq_set_data failed")
-        return copy
+def text_tokens(model_path: str) -> list[int]:
+    return LlamaHarness(model_path, N_CTX, 1).llm.tokenize(TEXT.encode(), add_bos=True, special=False)
 
 
-def next_token_nll(logits: np.ndarray, targets: list[int]) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return -log_probs[np.arange(len(targets)), targets]
+def restore_into(source: LlamaHarness, target: LlamaHarness) -> None:
+    """target's (empty) context takes source's sequence 0 through llama.cpp's own state save and restore."""
+    lc = source.lc
+    size = lc.llama_state_seq_get_size(source.ctx, 0)
+    data = (ctypes.c_uint8 * size)()
+    lc.llama_state_seq_get_data(source.ctx, data, size, 0)
+    if lc.llama_state_seq_set_data(target.ctx, data, size, 0) == 0:
+        raise SystemExit("llama_state_seq_set_data failed")
 
 
-def compare(llama: Llama, tokens: list[int], flash_attn: int) -> dict:
-    new_tokens, new_positions = tokens[PREFIX:PREFIX + NEW], list(range(PREFIX, PREFIX + NEW))
-    targets = tokens[PREFIX + 1:PREFIX + NEW + 1]
+def decode_new(harness: LlamaHarness, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [NEW, n_vocab], NLL of each next token [NEW]) of the NEW tokens after the prefix, as one batch."""
+    logprobs = harness.decode(tokens[PREFIX:PREFIX + NEW], PREFIX, list(range(NEW)))
+    logits = np.array([np.ctypeslib.as_array(harness.lc.llama_get_logits_ith(harness.ctx, i), (harness.n_vocab,))
+                       for i in range(NEW)])
+    return logits, np.array([-logprobs[i][tokens[PREFIX + i + 1]] for i in range(NEW)])
 
-    def with_hole():
-        ctx = llama.context(flash_attn)
-        llama.decode(ctx, tokens[:PREFIX], list(range(PREFIX)))
-        llama.lib.llama_memory_seq_rm(llama.lib.llama_get_memory(ctx), 0, *HOLE)
-        return ctx
 
-    holes, control = with_hole(), with_hole()
-    compact = llama.restored_copy(holes, flash_attn)
-    logits = {name: llama.decode(ctx, new_tokens, new_positions)
-              for name, ctx in (("holes", holes), ("control", control), ("compact", compact))}
-    for ctx in (holes, control, compact):
-        llama.lib.llama_free(ctx)
-    nll = {name: next_token_nll(value, targets) for name, value in logits.items()}
-    return {"flash_attn_type": flash_attn,
-            "same_order_max_logit_diff": float(np.abs(logits["holes"] - logits["control"]).max()),
-            "restored_max_logit_diff": float(np.abs(logits["holes"] - logits["compact"]).max()),
-            "restored_nll_diff_per_token": [round(float(d), 6) for d in nll["holes"] - nll["compact"]],
-            "restored_max_nll_diff": float(np.abs(nll["holes"] - nll["compact"]).max())}
+def compare(model_path: str, tokens: list[int], flash_attn: bool, threads: int = 1) -> dict:
+    def harness() -> LlamaHarness:
+        return LlamaHarness(model_path, N_CTX, threads, flash_attn)
+
+    def with_hole() -> LlamaHarness:
+        h = harness()
+        h.decode(tokens[:PREFIX], 0, [])
+        h.lc.llama_memory_seq_rm(h.memory, 0, *HOLE)
+        return h
+
+    holes, control, compact = with_hole(), with_hole(), harness()
+    restore_into(holes, compact)
+    (holes_logits, holes_nll), (control_logits, _), (compact_logits, compact_nll) = (
+        decode_new(h, tokens) for h in (holes, control, compact))
+    return {"flash_attn_type": int(flash_attn),
+            "same_order_max_logit_diff": float(np.abs(holes_logits - control_logits).max()),
+            "restored_max_logit_diff": float(np.abs(holes_logits - compact_logits).max()),
+            "restored_nll_diff_per_token": [round(float(d), 6) for d in holes_nll - compact_nll],
+            "restored_max_nll_diff": float(np.abs(holes_nll - compact_nll).max())}
 
 
 def main() -> int:
@@ -124,9 +83,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
     args = p.parse_args()
-    llama = Llama(os.fspath(resolve_model(args.model)), args.threads)
-    tokens = llama.tokenize(TEXT)
-    rows = [compare(llama, tokens, flash) for flash in (0, 1)]  # flash attention off (pymemory's tap), on
+    model_path = os.fspath(resolve_model(args.model))
+    tokens = text_tokens(model_path)
+    rows = [compare(model_path, tokens, flash, args.threads) for flash in (False, True)]  # off: pymemory's tap
     data = {**tool_metadata(sys.argv[0], sys.argv[1:]), "model": args.model, "threads": args.threads, "rows": rows}
     lines = ["# One cache, two physical cell orders: does llama.cpp's output change?", "",
              f"`{data['command']}` — commit {data['commit']}, {data['date']}, {data['machine']}", "",

@@ -67,12 +67,12 @@ def mean_log_share(received: np.ndarray, rows: int, n_cached: int) -> np.ndarray
 class LlamaHarness:
     """One llama.cpp context driven token by token: decode batches at given positions, remove given positions."""
 
-    def __init__(self, model_path: str, n_ctx: int, n_threads: int):
+    def __init__(self, model_path: str, n_ctx: int, n_threads: int, flash_attn: bool = False):
         import llama_cpp
 
         self.lc = llama_cpp
         self.llm = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads,
-                                   n_threads_batch=n_threads, verbose=False, flash_attn=False)
+                                   n_threads_batch=n_threads, verbose=False, flash_attn=flash_attn)
         self.ctx = self.llm.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = self.llm.n_vocab()
