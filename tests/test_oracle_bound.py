@@ -90,6 +90,33 @@ def test_summarise_gives_the_text_share_closed_a_bootstrap_interval():
     assert low < 0.5 < high and high - low < 0.5  # per-sample shares 0.25..0.75: the interval spans ½, not 0..1
 
 
+def test_summarise_resamples_overlapping_texts_together():
+    tool = _tool()
+    # Sixteen samples, two stretches of a novel: the eight samples of each start 10 tokens apart and overlap.
+    ids = [f"s{i}:text:novel@{(i // 8) * 10_000 + (i % 8) * 10}" for i in range(16)]
+    full = {k: 3.0 for k in ids}
+    sink = {k: 3.2 for k in ids}
+    closed = {k: 3.0 + (0.02 if i < 8 else 0.18) for i, k in enumerate(ids)}  # one stretch near full, one near sink
+    rows = {"full": {"full cache": {"nll": full, "peak_cells": 512}},
+            "128": {"sink": {"nll": sink, "peak_cells": 128}, "rule": {"nll": closed, "peak_cells": 128}}}
+    apart = tool.summarise(rows, ids, [], "full cache")["128"]["rule"]["text_closed_interval"]
+    together = tool.summarise(rows, ids, [], "full cache", span=512)["128"]["rule"]["text_closed_interval"]
+    # Two clusters are two pieces of evidence, not sixteen: the interval widens to what two stretches can say.
+    assert together[1] - together[0] > 1.5 * (apart[1] - apart[0])
+
+
+def test_shipped_test_set_takes_a_length_and_refuses_the_runs_own_seed(smollm2_path):
+    from pymemory.namm.packaged import resolve_namm
+
+    tool = _tool()
+    namm = resolve_namm("smollm2-rate")
+    _, config, _, _, samples, seed = tool.shipped_test_set(namm, 2, 0, sample_tokens=1024, test_seed=5)
+    assert (config.sample_tokens, config.scored_tokens, seed) == (1024, 512, 5)
+    assert [s.n_tokens for s in samples] == [1024, 1024] and all(len(s.target) == 512 for s in samples)
+    with pytest.raises(ValueError, match="run's seed"):
+        tool.shipped_test_set(namm, 2, 0, test_seed=config.seed)
+
+
 def _probe():
     return load_tool("namm_aggregation_probe")
 

@@ -51,6 +51,7 @@ sys.path.insert(0, os.fspath(ROOT / "tools"))
 from value_capture import ValueCapture, output_displacement  # noqa: E402
 from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
                                shipped_test_set, summarise, table_lines)
+from pymemory.errors import InvalidArgumentError  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
@@ -177,13 +178,20 @@ def main() -> int:
     p.add_argument("--fractions", default="0.25,0.5")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); sink always runs")
+    p.add_argument("--sample-tokens", type=int, default=0, help="sample length (default: the NAMM's training "
+                   "length); the second half is scored")
+    p.add_argument("--test-seed", type=int, default=None, help="held-out sample seed (default: the run's seed + 1)")
     args = p.parse_args()
     try:
         chosen = parse_rules(args.rules) if args.rules else list(RULES)
     except ValueError as e:
         p.error(f"--rules: {e}; the rules are {list(RULES)}")
 
-    _, config, model_path, model, samples = shipped_test_set(resolve_namm(args.namm), args.text, args.retrieval)
+    try:
+        _, config, model_path, model, samples, test_seed = shipped_test_set(
+            resolve_namm(args.namm), args.text, args.retrieval, args.sample_tokens, args.test_seed)
+    except (ValueError, InvalidArgumentError) as e:
+        p.error(f"--sample-tokens / --test-seed: {e}")
     delay, n_sink = config.namm_delay, config.n_sink
     print(f"capturing attention of {len(samples)} samples with the full cache", flush=True)
     captures = capture_invocations(model, samples, delay, args.threads)
@@ -299,8 +307,8 @@ def main() -> int:
     answer_ids = [s.id for s in samples if s.kind != "text"]
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "model": config.model, "namm": args.namm, "sample_tokens": config.sample_tokens, "delay": delay,
-              "n_sink": n_sink, "n_text": len(text_ids), "n_retrieval": len(answer_ids), "test_seed": config.seed + 1,
-              "tables": summarise(rows, text_ids, answer_ids, "full cache"), "nll_per_sample": rows}
+              "n_sink": n_sink, "n_text": len(text_ids), "n_retrieval": len(answer_ids), "test_seed": test_seed,
+              "tables": summarise(rows, text_ids, answer_ids, "full cache", config.sample_tokens), "nll_per_sample": rows}
     write_report_files(args.out, report, markdown(report))
     return 0
 

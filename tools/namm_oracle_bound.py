@@ -20,6 +20,7 @@ Samples: the shipped NAMM's held-out split and test seed (its JSON's training co
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from functools import partial
 import json
 import math
@@ -133,18 +134,26 @@ def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity
     return float(np.mean(nll)), peak
 
 
-def shipped_test_set(namm_file: str, n_text: int, n_retrieval: int):
-    """A shipped NAMM's test set (its JSON's training config, held-out split, seed + 1): (the JSON, its
-    TrainConfig, the model's path, the loaded model, the samples)."""
+def shipped_test_set(namm_file: str, n_text: int, n_retrieval: int, sample_tokens: int = 0,
+                     test_seed: int | None = None):
+    """A shipped NAMM's test set (its JSON's training config, held-out split, seed + 1 unless `test_seed`; samples
+    of `sample_tokens`, default the run's, scoring the second half): (the JSON, its TrainConfig with that length,
+    the model's path, the loaded model, the samples, the seed). ValueError for the run's own seed, whose
+    held-out samples chose the shipped generation."""
     shipped = json.loads(Path(namm_file).with_suffix(".json").read_text())
     config = TrainConfig.from_dict(shipped["config"])
+    if sample_tokens and sample_tokens != config.sample_tokens:
+        config = replace(config, sample_tokens=sample_tokens, scored_tokens=sample_tokens // 2).validate()
+    seed = config.seed + 1 if test_seed is None else test_seed
+    if seed == config.seed:
+        raise ValueError(f"test seed {seed} is the run's seed: its held-out samples chose the shipped generation")
     _core.set_log_verbosity(0)
     model_path = os.fspath(resolve_model(config.model))
     model = _core.Model.load(model_path)
     corpus = Corpus(model, config.text_sources(), config.sample_tokens)
     factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
-    samples = heldout_samples(factory, config.seed + 1, n_text, n_retrieval, config.retrieval_sources())
-    return shipped, config, model_path, model, samples
+    samples = heldout_samples(factory, seed, n_text, n_retrieval, config.retrieval_sources())
+    return shipped, config, model_path, model, samples, seed
 
 
 def record_result(rows: dict, table: str, policy: str, sample, nll: float, peak: int) -> None:
@@ -154,10 +163,12 @@ def record_result(rows: dict, table: str, policy: str, sample, nll: float, peak:
     entry["peak_cells"] = max(entry["peak_cells"], peak)
 
 
-def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: str = "full cache (engine)") -> dict:
+def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: str = "full cache (engine)",
+              span: int | None = None) -> dict:
     """Per table and policy: mean NLL, gap to the full cache (rows["full"][full_key]: the engine's, or the harness's)
     and the share of the table's sink gap closed,
-    for text and answers, over the samples the policy ran (a question-only oracle runs on retrieval only)."""
+    for text and answers, over the samples the policy ran (a question-only oracle runs on retrieval only). The
+    interval of that share resamples texts that overlap (samples of `span` tokens from one novel) together."""
     full = rows["full"][full_key]["nll"]
     tables = {}
     for name, entry in rows.items():
@@ -179,7 +190,7 @@ def summarise(rows: dict, text_ids: list[str], answer_ids: list[str], full_key: 
                     out[f"{kind}_closed"] = 1 - out[f"{kind}_gap"] / sink[f"{kind}_gap"]
             if policy != "sink" and "text_closed" in out:  # its 95 % bootstrap interval over the text samples
                 interval = closed_interval(*({"nll_per_sample": nll}
-                                             for nll in (entry[policy]["nll"], entry["sink"]["nll"], full)))
+                                             for nll in (entry[policy]["nll"], entry["sink"]["nll"], full)), span=span)
                 if interval is not None:
                     out["text_closed_interval"] = [interval["low"], interval["high"]]
     return tables
@@ -199,7 +210,7 @@ def main() -> int:
     args = p.parse_args()
 
     namm_file = resolve_namm(args.namm)
-    shipped, config, model_path, model, samples = shipped_test_set(namm_file, args.text, args.retrieval)
+    shipped, config, model_path, model, samples, _ = shipped_test_set(namm_file, args.text, args.retrieval)
     delay, n_sink = config.namm_delay, config.n_sink
 
     print(f"capturing attention of {len(samples)} samples with the full cache", flush=True)

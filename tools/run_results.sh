@@ -338,6 +338,13 @@ if run namm-value-bound; then  # issue 10: do values lift attention-ranked evict
   python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_value_bound --text 12 --retrieval 0 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected x value norm,z-max of pairs: EMA 0.998 bias-corrected of the output displacement,hindsight: sum over pairs of all future attention,hindsight: z-max of pairs of the future rate,hindsight: sum over pairs of future attention x value norm,hindsight: z-max of pairs of the future rate x value norm,hindsight: sum over pairs of the future output displacement,hindsight: z-max of pairs of the future output displacement"
 fi
+if run namm-bound-1024; then  # issue 10: is half of sink's text gap at 25 % within reach of attention-ranked eviction
+  # with shared cells on 1,024-token samples (where smollm2-rate closes 43.5 %, namm-rate-1024-fresh)? budget_zmax's
+  # causal rule and hindsight of future attention, 24 fresh texts (seed 2) (about 35 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_bound_1024 --text 24 --retrieval 0 \
+    --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate,hindsight: z-max of pairs of the future rate x value norm"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
