@@ -41,6 +41,9 @@ py::dict hparams_dict(const namm::NammHparams & hp) {
     d["norm_eps"] = hp.norm_eps;
     d["weight_type"] = hp.weight_type;
     d["source"] = hp.source;
+    d["deploy_mode"] = hp.deploy_mode;    // "" when the file records none
+    d["deploy_quorum"] = hp.deploy_quorum;
+    d["deploy_delay"] = hp.deploy_delay;  // 0 when the file records none
     return d;
 }
 

@@ -405,7 +405,8 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     }
     auto scorer = namm::NammModel::load(a.namm_path, device, n_threads);
     if (a.namm_delay < 0) fail(ErrorKind::invalid_argument, "namm_delay must be > 0, or 0 for the file's value");
-    const int32_t delay = a.namm_delay > 0 ? a.namm_delay : scorer->hparams().delay;
+    const auto & hp = scorer->hparams();
+    const int32_t delay = a.namm_delay > 0 ? a.namm_delay : hp.deploy_delay > 0 ? hp.deploy_delay : hp.delay;
     if (delay % namm::kHop != 0) {
         fail(ErrorKind::invalid_argument, "namm_delay must be a multiple of " + std::to_string(namm::kHop) +
                                               " (the STFT hop); got " + std::to_string(delay));

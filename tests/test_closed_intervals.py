@@ -40,6 +40,28 @@ def test_closed_share_and_interval_from_per_sample_nlls():
     assert "sink" not in rows and "full cache" not in rows
 
 
+def test_versus_gives_paired_differences_to_another_policy(tmp_path):
+    tool = _tool()
+    full = _entry([3.0, 3.2, 2.8, 3.1])
+    sink = _entry([3.4, 3.6, 3.2, 3.5], answer=9.0)
+    every32 = _entry([3.2, 3.4, 3.0, 3.3], answer=2.0)
+    every16 = _entry([3.1, 3.3, 2.9, 3.2], answer=2.5)  # 0.1 nats better on every text, 0.5 worse on the answer
+    report = {"sample_tokens": 1024, "tables": {"25%": {"full cache": full, "sink": sink, "every 32": every32,
+                                                        "every 16": every16}}}
+    rows = tool.versus(report, "every 32")["25%"]
+    assert set(rows) == {"sink", "every 16"}
+    assert rows["every 16"]["text"] == pytest.approx((-0.1, -0.1, -0.1))
+    assert "answer" not in rows["every 16"]  # one retrieval sample: no interval
+    assert rows["sink"]["text"][0] == pytest.approx(0.2)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "namm_closed_intervals.py"), "--out",
+                           str(tmp_path / "out"), str(path), "--versus", "every 32"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "out.md").read_text()
+    assert "Against `every 32`" in md and "| every 16 | -0.1000 [-0.1000, -0.1000] | - |" in md
+
+
 def test_overlapping_samples_are_one_cluster():
     tool = load_tool("eval_trained_namm")
     ids = ["h0:text:a/book@0", "h1:text:a/book@100", "h2:text:a/book@600", "h3:text:a/book@1200",

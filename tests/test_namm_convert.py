@@ -247,7 +247,9 @@ def test_damaged_run_settings_are_clear_errors(tmp_path):
                                     ("correction.pt", {"ema_bias_correction": "yes"},
                                      "ema_bias_correction must be true or false"),
                                     ("mode.pt", {"mode": "lru"}, "mode must be one of"),
-                                    ("quorum.pt", {"mode": "quorum", "quorum": 0.0}, "quorum must lie in")):
+                                    ("quorum.pt", {"mode": "quorum", "quorum": 0.0}, "quorum must lie in"),
+                                    ("deploy.pt", {"deploy_delay": 24},
+                                     "deploy_delay must be a positive multiple of 16")):
         expect_error(with_settings(name, settings), f"{SETTINGS_KEY} {message}")
 
 
@@ -329,6 +331,34 @@ def test_cli_converts_and_fails_with_one_line(tmp_path, checkpoint, capsys):
         err = capsys.readouterr().err
         assert err.startswith("pymemory: error:") and err.count("\n") == 1, err
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
+
+
+def test_a_namm_gguf_is_written_again_with_a_deployed_interval(tmp_path, checkpoint, capsys):
+    """convert-namm reads a NAMM GGUF too: another weight type or deployed interval, the vector and the settings it
+    was trained with carried over; the engine's default interval (run_settings) is then the deployed one."""
+    from pymemory.namm.checkpoint import gguf_settings, run_settings
+
+    path, _ = checkpoint
+    trained = write_gguf(load_checkpoint(path, trust_pickle=True), tmp_path / "trained.gguf", "f32", delay=64,
+                         deploy={"mode": "budget_zmax", "quorum": 1.0}, ema_coefficient=0.998,
+                         ema_bias_correction=True)["output"]
+    assert "deploy_delay" not in gguf_settings(trained) and run_settings(trained)["namm_delay"] == 64
+    out = tmp_path / "deployed.gguf"
+    assert cli(["convert-namm", str(trained), "-o", str(out), "--deploy-delay", "32"]) == 0
+    assert "runs every 32 tokens (trained every 64)" in capsys.readouterr().out
+    assert gguf_settings(out) == {**gguf_settings(trained), "deploy_delay": 32}
+    assert run_settings(out) == {**run_settings(trained), "namm_delay": 32, "trained_delay": 64}
+    np.testing.assert_array_equal(load_gguf(out)[0].theta, load_gguf(trained)[0].theta)
+    # Written again without the flag (here as q8_0), the deployed interval stays.
+    assert cli(["convert-namm", str(out), "-o", str(tmp_path / "q8.gguf"), "--type", "q8_0"]) == 0
+    assert gguf_settings(tmp_path / "q8.gguf")["deploy_delay"] == 32
+    for argv, message in ((["--deploy-delay", "24"], "positive multiple of 16 tokens"),
+                          (["--deploy-delay", "0"], "positive multiple of 16 tokens")):
+        assert cli(["convert-namm", str(trained), "-o", str(tmp_path / "x.gguf"), *argv]) == 1
+        assert message in capsys.readouterr().err
+    assert cli(["convert-namm", str(out), "-o", str(out), "--type", "f16"]) == 1
+    assert "another file" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists() and gguf_settings(out)["deploy_delay"] == 32
 
 
 def test_tool_wrapper_and_import_without_torch(tmp_path, checkpoint):

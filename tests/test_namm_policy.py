@@ -88,6 +88,29 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
 
 
 @pytest.mark.model
+def test_the_engine_runs_a_namm_at_its_deployed_interval(smollm2_model, english_text, namm_gguf, tmp_path):
+    """A NAMM GGUF that records a deployed interval (namm.deploy.delay) is invoked at it by default, not at the
+    interval it was trained at; an explicit namm_delay still wins."""
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.convert import write_gguf
+
+    path = write_gguf(load_checkpoint(namm_gguf[1], trust_pickle=True), tmp_path / "deployed.gguf", "f32", delay=64,
+                      deploy={"mode": "budget_zmax", "quorum": 1.0}, deploy_delay=32)["output"]
+    tokens = smollm2_model.tokenize(english_text, True, False)[:400]
+
+    def invocations(**kwargs) -> list[int]:
+        engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path),
+                              namm_layers=1, **kwargs)
+        engine.capture_namm_layers([15])
+        engine.feed(tokens)
+        assert engine.stats()["peak_cells"] <= 256
+        return sorted({c["tokens_seen"] for c in engine.namm_captures()})
+
+    assert invocations() == list(range(32, 401, 32))
+    assert invocations(namm_delay=64) == list(range(64, 401, 64))
+
+
+@pytest.mark.model
 def test_an_unknown_namm_mode_is_refused_when_the_engine_is_built(smollm2_model, namm_gguf):
     # Not at the first invocation, 512 tokens into a stream: the raw core checks it up front too.
     with pytest.raises(InvalidArgumentError, match="namm_mode must be 'quorum', 'budget', 'budget_max', 'budget_zmax' or 'budget_mix' .got 'lru'"):

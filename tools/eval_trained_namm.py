@@ -33,9 +33,11 @@ from pymemory.assets import resolve_model  # noqa: E402
 from pymemory.errors import InvalidArgumentError  # noqa: E402
 from pymemory.evaluation.report import tool_metadata  # noqa: E402
 from pymemory.namm import load_checkpoint  # noqa: E402
+from pymemory.namm.checkpoint import gguf_settings  # noqa: E402
+from pymemory.namm.convert import write_gguf  # noqa: E402
 from pymemory.namm.training.config import TrainConfig  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
-from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor, write_template  # noqa: E402
+from pymemory.namm.training.evaluator import Job, MemorySpec, make_executor  # noqa: E402
 
 QUANTS = ("f16", "q8_0", "q4_0")
 BASELINES = ("h2o", "tova", "random")
@@ -402,9 +404,10 @@ def main() -> int:
         if any(q not in QUANTS for q in quants):
             p.error(f"--quants takes a comma-separated subset of {','.join(QUANTS)} (got {args.quants!r})")
         quant_files = {}
+        file_settings = gguf_settings(namm_file)  # the weight types run as the file does (its deployed interval)
         for q in quants:
-            quant_files[q] = write_template(replace(vector, source=f"{vector.source} ({q})"),
-                                            os.path.join(tmp, f"namm-{q}.gguf"), spec_for(config.model, 128), q)
+            quant_files[q] = write_gguf(replace(vector, source=f"{vector.source} ({q})", settings=file_settings),
+                                        os.path.join(tmp, f"namm-{q}.gguf"), q)["output"]
         full_spec = spec_for(config.model, config.capacity)
         print("full cache", flush=True)
         refs = {r.sample_id: r.nll for r in executor.map(full_spec, [Job("full", s) for s in samples])}
@@ -420,14 +423,16 @@ def main() -> int:
             policies.update(baseline_jobs[key] for key in BASELINES if key in baselines)
             if warm_theta is not None and not args.skip_warm_start:
                 policies["warm start only (no evolution)"] = Job("namm", samples[0], warm_theta)
-            policies.update({name: Job("namm_file", samples[0], namm_file=path) for name, path in others.items()})
-            policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file)
+            # NAMM files run as they are deployed (their own interval); the trainer's reproduction below, as trained.
+            policies.update({name: Job("namm_file", samples[0], namm_file=path, namm_delay=0)
+                             for name, path in others.items()})
+            policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file, namm_delay=0)
             for k in layer_subsets:
                 policies[f"trained NAMM, {k} layers scored"] = Job("namm_file", samples[0], namm_file=namm_file,
-                                                                    namm_layers=k)
+                                                                    namm_layers=k, namm_delay=0)
             if fraction == config.cache_fraction:
-                policies.update({f"trained NAMM ({q})": Job("namm_file", samples[0], namm_file=quant_files[q])
-                                 for q in quants})
+                policies.update({f"trained NAMM ({q})": Job("namm_file", samples[0], namm_file=quant_files[q],
+                                                            namm_delay=0) for q in quants})
             table = {"full cache": full_entry}
             table.update(run_policies(executor, spec_for(config.model, capacity), samples, policies, refs))
             report["tables"][label] = table
@@ -460,7 +465,7 @@ def main() -> int:
             table.update(run_policies(executor, t_spec, t_samples, {
                 "sink": Job("sink", t_samples[0]), "h2o": Job("h2o", t_samples[0]), "tova": Job("tova", t_samples[0]),
                 "random NAMM": Job("namm", t_samples[0], random_theta),
-                "trained NAMM (f32)": Job("namm_file", t_samples[0], namm_file=namm_file)}, t_refs))
+                "trained NAMM (f32)": Job("namm_file", t_samples[0], namm_file=namm_file, namm_delay=0)}, t_refs))
             report["tables"][label] = table
     finally:
         executor.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eval_trained_namm import closed_interval  # noqa: E402
+from eval_trained_namm import closed_interval, paired_difference  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 
 
@@ -36,10 +36,28 @@ def intervals(report: dict) -> dict[str, dict[str, dict]]:
     return out
 
 
+def versus(report: dict, reference: str) -> dict[str, dict[str, dict]]:
+    """{table: {policy: {"text"|"answer": (mean, low, high)}}}: each policy's mean per-sample NLL difference to the
+    policy named `reference` in the same table (nats, negative = better), with its 95 % paired bootstrap interval."""
+    out = {}
+    for table, entries in report["tables"].items():
+        if reference not in entries:
+            continue
+        out[table] = {}
+        for name, entry in entries.items():
+            if name in (reference, "full cache"):
+                continue
+            kinds = {kind: paired_difference(entry, entries[reference], kind == "text") for kind in ("text", "answer")}
+            out[table][name] = {kind: d for kind, d in kinds.items() if d is not None}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("reports", nargs="+", help="eval_trained_namm.py JSON reports")
     p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    p.add_argument("--versus", default=None, metavar="POLICY", help="also each policy's paired NLL difference to "
+                   "this policy of the same table (e.g. another NAMM), text and answers")
     args = p.parse_args()
     data = {**tool_metadata(sys.argv[0], sys.argv[1:]), "reports": {}}
     lines = ["# Share of sink's text gap closed, with bootstrap intervals", "",
@@ -53,6 +71,9 @@ def main() -> int:
         report = json.loads(Path(path).read_text())
         table = intervals(report)
         data["reports"][path] = {"commit": report.get("commit"), "tables": table}
+        against = versus(report, args.versus) if args.versus else {}
+        if args.versus:
+            data["reports"][path]["versus"] = {"reference": args.versus, "tables": against}
         lines += [f"## {path} ({report.get('model')}, commit {report.get('commit')})", ""]
         for name, rows in table.items():
             lines += [f"### {name}", "", "| policy | texts (clusters) | closed | 95 % interval | P(≥ ½) |",
@@ -60,6 +81,13 @@ def main() -> int:
             lines += [f"| {policy} | {r['n_text']} ({r['n_clusters']}) | {r['closed']:+.3f} | "
                       f"[{r['low']:+.3f}, {r['high']:+.3f}] | {r['p_half']:.2f} |" for policy, r in rows.items()]
             lines.append("")
+            if against.get(name):
+                lines += [f"Against `{args.versus}` (mean per-sample NLL difference, nats, negative = better; 95 % "
+                          "paired bootstrap interval):", "", "| policy | text | answers |", "|---|---|---|"]
+                cell = lambda d: "-" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"  # noqa: E731
+                lines += [f"| {policy} | {cell(d.get('text'))} | {cell(d.get('answer'))} |"
+                          for policy, d in against[name].items()]
+                lines.append("")
     write_report_files(args.out, data, "\n".join(lines))
     return 0
 

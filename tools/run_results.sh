@@ -345,6 +345,17 @@ if run namm-bound-1024; then  # issue 10: is half of sink's text gap at 25 % wit
     --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate,hindsight: z-max of pairs of the future rate x value norm"
 fi
+if run namm-deploy-delay; then  # issue 10: smollm2-rate run every 16 tokens (its shipped GGUF's namm.deploy.delay,
+  # chosen here) against every 32 (the interval it was trained at), side by side on the first 96 of
+  # namm-rate-1024-fresh's texts and 16 retrievals of 1,024 tokens (about 55 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/smollm2-rate.gguf -o runs/smollm2-rate-every32.gguf --deploy-delay 32
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_deploy_delay --text 96 --retrieval 16 \
+    --also "every 32 tokens (as trained)=runs/smollm2-rate-every32.gguf" --quants '' --no-reproduce \
+    --sample-tokens 1024 --baselines '' --test-seed 2 --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_deploy_delay $out/namm_deploy_delay.json \
+    --versus "every 32 tokens (as trained)"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \

@@ -269,6 +269,14 @@ void NammModel::load_file(const std::string & path) {
         hp.deploy_quorum = meta.f32("namm.deploy.quorum");
         if (!(hp.deploy_quorum > 0.0f && hp.deploy_quorum <= 1.0f)) bad_file(path, "namm.deploy.quorum must be in (0, 1]");
     }
+    if (gguf_find_key(gctx, "namm.deploy.delay") >= 0) {
+        const uint32_t deploy_delay = meta.u32("namm.deploy.delay");
+        if (deploy_delay == 0 || deploy_delay % kHop != 0 || deploy_delay > (1u << 20)) {
+            bad_file(path, "namm.deploy.delay must be a positive multiple of 16 (got " + std::to_string(deploy_delay) +
+                               ")");
+        }
+        hp.deploy_delay = int32_t(deploy_delay);
+    }
     if (gguf_find_key(gctx, "namm.source.iteration") >= 0) meta.find("namm.source.iteration", GGUF_TYPE_INT32);
     if (delay == 0 || delay % kHop != 0 || delay > (1u << 20)) {
         bad_file(path, "namm.delay must be a positive multiple of 16 (got " + std::to_string(delay) + ")");

@@ -45,6 +45,9 @@ struct NammHparams {
     // writes them; "" / 1.0 for converted checkpoints).
     std::string deploy_mode;           // namm.deploy.mode: one of the deploy modes below
     float deploy_quorum = 1.0f;        // namm.deploy.quorum
+    // namm.deploy.delay: tokens between invocations when deployed, chosen by measurement after training (0 = absent:
+    // `delay`). The features do not depend on it (frames fold in every hop tokens); only how often they are read.
+    int32_t deploy_delay = 0;
 };
 
 // The shared-cell rules a NAMM can be deployed with (what each does: namm_policy.h).

@@ -233,6 +233,11 @@ def validate_settings(settings, path) -> dict:
         if not isinstance(quorum, (int, float)) or not 0.0 < float(quorum) <= 1.0:
             bad(f"quorum must lie in (0, 1] (got {quorum!r})")
         out["quorum"] = float(quorum)
+    deploy_delay = settings.get("deploy_delay")
+    if deploy_delay is not None:
+        if not isinstance(deploy_delay, (int, np.integer)) or deploy_delay <= 0 or deploy_delay % fmt.RELEASED.hop:
+            bad(f"deploy_delay must be a positive multiple of {fmt.RELEASED.hop} (got {deploy_delay!r})")
+        out["deploy_delay"] = int(deploy_delay)
     return out
 
 
@@ -365,11 +370,28 @@ def _read_gguf(path: str | os.PathLike):
     return reader, vector, hparams
 
 
-def run_settings(path: str | os.PathLike) -> dict:
-    """How the engine runs a NAMM GGUF by default: its invocation interval and moving average (hparams) and the
-    mode it was trained in (None when the file records none: the engine then uses quorum mode)."""
+def gguf_settings(path: str | os.PathLike) -> dict:
+    """A NAMM GGUF's settings in the form a run records them (SETTINGS_KEY): the interval it was trained at
+    (namm_delay), its moving average, and, when the file records them, the mode and quorum it was trained in and
+    the interval it is deployed at (deploy_delay)."""
     reader, _, hparams = _read_gguf(path)
-    mode = _field_value(reader, fmt.KEY_DEPLOY_MODE, "str", Path(path)) if fmt.KEY_DEPLOY_MODE in reader.fields \
-        else None
-    return {"namm_delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
-            "ema_bias_correction": hparams.ema_bias_correction, "mode": mode}
+    path = Path(path)
+    out = {"namm_delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
+           "ema_bias_correction": hparams.ema_bias_correction}
+    if fmt.KEY_DEPLOY_MODE in reader.fields:
+        out["mode"] = _field_value(reader, fmt.KEY_DEPLOY_MODE, "str", path)
+        out["quorum"] = float(_field_value(reader, fmt.KEY_DEPLOY_QUORUM, "f32", path)) \
+            if fmt.KEY_DEPLOY_QUORUM in reader.fields else 1.0
+    if fmt.KEY_DEPLOY_DELAY in reader.fields:
+        out["deploy_delay"] = int(_field_value(reader, fmt.KEY_DEPLOY_DELAY, "u32", path))
+    return validate_settings(out, path)
+
+
+def run_settings(path: str | os.PathLike) -> dict:
+    """How the engine runs a NAMM GGUF by default: its invocation interval (the deployed one when the file records
+    one, else the trained one), the interval it was trained at, its moving average and the mode it was trained in
+    (None when the file records none: the engine then uses quorum mode)."""
+    s = gguf_settings(path)
+    return {"namm_delay": s.get("deploy_delay", s["namm_delay"]), "trained_delay": s["namm_delay"],
+            "ema_coefficient": s["ema_coefficient"], "ema_bias_correction": s["ema_bias_correction"],
+            "mode": s.get("mode")}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import gguf_format as fmt
-from .checkpoint import NammVector, _require_gguf, load_checkpoint, load_vectors
+from .checkpoint import NammVector, _require_gguf, gguf_settings, load_checkpoint, load_gguf, load_vectors
 
 
 def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
@@ -36,14 +36,15 @@ def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
 
 def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32", *, delay: int | None = None,
                deploy: dict | None = None, ema_coefficient: float | None = None,
-               ema_bias_correction: bool | None = None) -> dict:
+               ema_bias_correction: bool | None = None, deploy_delay: int | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
     ``delay`` overrides the invocation period, ``ema_coefficient`` the spectrogram's per-token moving-average
     coefficient, ``ema_bias_correction`` whether the engine divides that average by its weight so far (defaults:
     the settings a pymemory run recorded in the vector, else the released 512, 0.99 and no correction);
     ``deploy`` (default likewise the run's) records how the NAMM was
     trained to be used ({"mode": one of gguf_format.DEPLOY_MODES, "quorum": float}), which the engine then takes by
-    default.
+    default; ``deploy_delay`` (default the run's recorded one, else none) the interval the engine then runs it at
+    instead of ``delay``, the one it was trained at.
     Returns a summary: output, source, weight_type, bytes, tensors (name, shape, type, max_abs_error)."""
     gguf = _require_gguf()
     if weight_type not in fmt.WEIGHT_TYPES:
@@ -56,6 +57,10 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
         ema_bias_correction = recorded.get("ema_bias_correction")
     if deploy is None and "mode" in recorded:
         deploy = {"mode": recorded["mode"], "quorum": recorded["quorum"]}
+    deploy_delay = recorded.get("deploy_delay") if deploy_delay is None else int(deploy_delay)
+    if deploy_delay is not None and (deploy_delay <= 0 or deploy_delay % fmt.RELEASED.hop):
+        raise ValueError(f"the deployed interval must be a positive multiple of {fmt.RELEASED.hop} tokens (got "
+                         f"{deploy_delay})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -72,7 +77,7 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
         hparams.check_supported()
         summary["settings"] = {"delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
                                "ema_bias_correction": hparams.ema_bias_correction,
-                               "deploy": dict(deploy) if deploy else None}
+                               "deploy": dict(deploy) if deploy else None, "deploy_delay": deploy_delay}
         for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)
         if deploy:
@@ -80,6 +85,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
                 raise ValueError(f"deploy mode must be one of {fmt.DEPLOY_MODES} (got {deploy.get('mode')!r})")
             writer.add_string(fmt.KEY_DEPLOY_MODE, deploy["mode"])
             writer.add_float32(fmt.KEY_DEPLOY_QUORUM, float(deploy.get("quorum", 1.0)))
+        if deploy_delay is not None:
+            writer.add_uint32(fmt.KEY_DEPLOY_DELAY, deploy_delay)
         writer.add_string(fmt.KEY_SOURCE, vector.source)
         if vector.iteration is not None:
             writer.add_int32(fmt.KEY_SOURCE_ITERATION, vector.iteration)
@@ -116,8 +123,9 @@ def format_summary(summary: dict) -> str:
     if s:
         deploy = f", trained for {s['deploy']['mode']} mode" if s.get("deploy") else ""
         corrected = " (bias-corrected)" if s.get("ema_bias_correction") else ""
-        lines.append(f"  runs every {s['delay']} tokens, spectrogram moving average {s['ema_coefficient']:g} per "
-                     f"token{corrected}{deploy}")
+        every = (f"runs every {s['deploy_delay']} tokens (trained every {s['delay']})" if s.get("deploy_delay")
+                 else f"runs every {s['delay']} tokens")
+        lines.append(f"  {every}, spectrogram moving average {s['ema_coefficient']:g} per token{corrected}{deploy}")
     for t in summary["tensors"]:
         error = f"  max |quantisation error| {t['max_abs_error']:.3g}" if "max_abs_error" in t else ""
         lines.append(f"  {t['name']:<24} {str(t['shape']):<10} {t['type']:<5}{error}")
@@ -134,11 +142,17 @@ def convert(args: argparse.Namespace) -> int:
             if args.checkpoint:
                 raise ValueError("give either a ckpt.pt or --params/--mean/--var, not both")
             vector = load_vectors(*vectors)
+        elif args.checkpoint and Path(args.checkpoint).suffix.lower() == ".gguf":
+            # Another weight type or deployed interval for a NAMM GGUF: its vector and settings carry over.
+            if Path(args.checkpoint).resolve() == Path(args.output).resolve():
+                raise ValueError("write the re-converted NAMM to another file (-o) than the one it is read from")
+            vector, _ = load_gguf(args.checkpoint)
+            vector.settings = gguf_settings(args.checkpoint)
         elif args.checkpoint:
             vector = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         else:
-            raise ValueError("give a trainer checkpoint (ckpt.pt) or --params/--mean/--var")
-        summary = write_gguf(vector, args.output, args.type)
+            raise ValueError("give a trainer checkpoint (ckpt.pt), a NAMM GGUF, or --params/--mean/--var")
+        summary = write_gguf(vector, args.output, args.type, deploy_delay=args.deploy_delay)
     except ImportError as exc:  # a missing optional dependency: one line that says what to install
         raise RuntimeError(str(exc)) from exc
     print(format_summary(summary))
@@ -146,7 +160,8 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", nargs="?", default=None, help="evo-memory trainer ckpt.pt")
+    parser.add_argument("checkpoint", nargs="?", default=None, help="evo-memory trainer ckpt.pt, or a NAMM GGUF "
+                        "to write again with another --type or --deploy-delay")
     parser.add_argument("-o", "--output", required=True, help="NAMM GGUF to write")
     parser.add_argument("--type", choices=fmt.WEIGHT_TYPES, default="f32",
                         help="type of the two weight matrices (everything else stays f32); default f32")
@@ -156,6 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "holding one tensor, or text) from another trainer")
     parser.add_argument("--mean", help="the 17 feature means μ (with --params)")
     parser.add_argument("--var", help="the 17 feature variances σ² (with --params)")
+    parser.add_argument("--deploy-delay", type=int, default=None, metavar="TOKENS",
+                        help="run the NAMM every TOKENS tokens by default (a multiple of 16) instead of the interval "
+                        "it was trained at; the features are the same, only read more or less often")
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

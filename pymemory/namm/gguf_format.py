@@ -121,6 +121,9 @@ KEY_SOURCE_ITERATION = "namm.source.iteration"  # i32, only when the checkpoint 
 KEY_WEIGHT_TYPE = "namm.weight_type"  # str: type of the two matrices
 KEY_DEPLOY_MODE = "namm.deploy.mode"  # str, optional: one of DEPLOY_MODES, the mode a trained NAMM was evolved in
 KEY_DEPLOY_QUORUM = "namm.deploy.quorum"  # f32, optional: its quorum
+# u32, optional: tokens between invocations when deployed, chosen by measurement after training (namm.delay is the
+# interval it was trained at; the features do not depend on it, only how often they are read)
+KEY_DEPLOY_DELAY = "namm.deploy.delay"
 
 RELEASED = NammHparams()
 N_BINS = RELEASED.n_bins  # 17

@@ -61,6 +61,9 @@ class Job:
     tag: int = 0  # the caller's index (candidate number), returned as is
     namm_file: str = ""  # namm_file only: a NAMM GGUF used as is (any weight type, its own settings)
     namm_layers: int = 0  # namm and namm_file: attention layers scored (0 = all; the engine's namm_layers)
+    # namm_file only: tokens between invocations; None = the spec's (the run's trained interval), 0 = the file's own
+    # default (its deployed interval when it records one, else the trained one)
+    namm_delay: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,14 @@ class _Worker:
                           np.asarray(spec.feat_var, np.float32), "pymemory train-namm template")
         self.template = write_template(zero, os.path.join(self._tmp.name, "template.gguf"), spec)
 
-    def engine(self, memory: str, namm_file: str = "", namm_layers: int = 0):
-        key = f"{memory}:{namm_file}:{namm_layers}"
+    def engine(self, memory: str, namm_file: str = "", namm_layers: int = 0, namm_delay: int | None = None):
+        key = f"{memory}:{namm_file}:{namm_layers}:{namm_delay}"
         if key not in self.engines:
             s = self.spec
             common = dict(n_threads=s.threads)
             if memory == "namm_file":
                 kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=namm_file,
-                              namm_delay=s.namm_delay, namm_layers=namm_layers)
+                              namm_delay=s.namm_delay if namm_delay is None else namm_delay, namm_layers=namm_layers)
             elif memory == "full":
                 kwargs = dict(policy="none", n_sink=0, window=s.sample_tokens + 16)
             elif memory == "namm":
@@ -114,7 +117,7 @@ class _Worker:
         return self.engines[key]
 
     def run(self, job: Job) -> JobResult:
-        engine = self.engine(job.memory, job.namm_file, job.namm_layers)
+        engine = self.engine(job.memory, job.namm_file, job.namm_layers, job.namm_delay)
         if job.memory == "namm":
             theta = np.zeros(4172, np.float32) if job.theta is None else np.asarray(job.theta, np.float32)
             engine.set_namm_parameters(namm_tensors(theta, self.spec))
