@@ -349,6 +349,8 @@ def test_a_namm_gguf_is_written_again_with_a_deployed_interval(tmp_path, checkpo
     assert gguf_settings(out) == {**gguf_settings(trained), "deploy_delay": 32}
     assert run_settings(out) == {**run_settings(trained), "namm_delay": 32, "trained_delay": 64}
     np.testing.assert_array_equal(load_gguf(out)[0].theta, load_gguf(trained)[0].theta)
+    source = [read(p)[0]["namm.source"].contents() for p in (trained, out)]
+    assert source[0] == source[1] and "CMA-ES mean" in source[1]  # provenance carried over, not wrapped again
     # Written again without the flag (here as q8_0), the deployed interval stays.
     assert cli(["convert-namm", str(out), "-o", str(tmp_path / "q8.gguf"), "--type", "q8_0"]) == 0
     assert gguf_settings(tmp_path / "q8.gguf")["deploy_delay"] == 32

@@ -283,8 +283,8 @@ def run_bench(args) -> int:
 
     namm_path, namm_options = None, {}
     if "attention" in suites or "memory" in suites:
-        # A NAMM GGUF or a shipped NAMM's name: it runs with the settings it was trained with (mode, invocation
-        # interval, moving average), as users run it. A random NAMM has no mode: it runs in budget mode, since a
+        # A NAMM GGUF or a shipped NAMM's name: it runs with the settings it was trained with (mode, moving average)
+        # and the interval it is deployed at (its file's), as users run it. A random NAMM has no mode: it runs in budget mode, since a
         # held budget is what the memory and speed comparisons measure.
         if args.namm:
             from ..namm.checkpoint import run_settings
@@ -364,8 +364,10 @@ def run_bench(args) -> int:
                              f"{1000 / prefill[name]['median']:.2f}", round(prefill_ms[name]["observe"], 2),
                              round(prefill_ms[name]["decide"], 2)])
         settings = data.get("namm_settings")
-        which = (f"NAMM {args.namm} as trained: {settings['mode'] or 'quorum'} mode, every {settings['namm_delay']} "
-                 f"tokens, moving average {settings['ema_coefficient']}"
+        trained = (f" (trained every {settings['trained_delay']})"
+                   if settings and settings["trained_delay"] != settings["namm_delay"] else "")
+        which = (f"NAMM {args.namm} as deployed: {settings['mode'] or 'quorum'} mode, every {settings['namm_delay']} "
+                 f"tokens{trained}, moving average {settings['ema_coefficient']}"
                  f"{' bias-corrected' if settings['ema_bias_correction'] else ''}") if settings else \
             "random NAMM weights, invoked every 512 tokens"
         sections.append(

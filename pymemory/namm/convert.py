@@ -148,6 +148,9 @@ def convert(args: argparse.Namespace) -> int:
                 raise ValueError("write the re-converted NAMM to another file (-o) than the one it is read from")
             vector, _ = load_gguf(args.checkpoint)
             vector.settings = gguf_settings(args.checkpoint)
+            wrapped = f"{Path(args.checkpoint).name} ("  # the reader names the file it read; keep the provenance
+            if vector.source.startswith(wrapped) and vector.source.endswith(")"):
+                vector.source = vector.source[len(wrapped):-1]
         elif args.checkpoint:
             vector = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         else:
