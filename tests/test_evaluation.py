@@ -138,10 +138,11 @@ def test_bench_attention_suite_times_each_policy_against_both_sinks(tmp_path, sm
                  "--tokens", "32", "--rounds", "2", "--prefill-rounds", "1", "--namm", "smollm2-rate",
                  "--namm-variant", "namm_layers=5", "--json", str(out), "--md", str(tmp_path / "a.md")]) == 0
     report = json.loads(out.read_text())
-    # A trained NAMM runs as trained (its file's mode, interval and moving average), not in a forced budget mode.
-    assert report["namm_settings"] == {"namm_delay": 32, "ema_coefficient": pytest.approx(0.998),
+    # A trained NAMM runs as deployed (its file's mode, moving average and deployed interval), not in a forced budget
+    # mode; smollm2-rate trained every 32 tokens and ships deployed every 16.
+    assert report["namm_settings"] == {"namm_delay": 16, "trained_delay": 32, "ema_coefficient": pytest.approx(0.998),
                                        "ema_bias_correction": True, "mode": "budget_zmax"}
-    assert "budget_zmax mode, every 32 tokens" in (tmp_path / "a.md").read_text()
+    assert "budget_zmax mode, every 16 tokens (trained every 32)" in (tmp_path / "a.md").read_text()
     entry = report["attention"][0]
     names = ["sink", "sink, flash attention auto", "h2o", "h2o, reindex=True", "namm namm_layers=5"]
     assert list(entry["decode"]) == names and len(entry["decode"]["h2o"]["samples"]) == 2
