@@ -284,8 +284,8 @@ def run_bench(args) -> int:
     namm_path, namm_options = None, {}
     if "attention" in suites or "memory" in suites:
         # A NAMM GGUF or a shipped NAMM's name: it runs with the settings it was trained with (mode, moving average)
-        # and the interval it is deployed at (its file's), as users run it. A random NAMM has no mode: it runs in budget mode, since a
-        # held budget is what the memory and speed comparisons measure.
+        # and the interval it is deployed at (its file's), as users run it. A random NAMM has no mode: it runs in
+        # budget mode, since a held budget is what the memory and speed comparisons measure.
         if args.namm:
             from ..namm.checkpoint import run_settings
             from ..namm.packaged import resolve_namm
