@@ -297,6 +297,19 @@ def run_config(run_arg: str) -> tuple[TrainConfig, Path | None, dict | None]:
     return TrainConfig.from_dict(info["config"]), gguf, info
 
 
+def test_split(config: TrainConfig, sample_tokens: int = 0, test_seed: int | None = None) -> tuple[TrainConfig, int]:
+    """A test set of a run's held-out split: its config at `sample_tokens` (default the run's length; the second half
+    scored) and the seed (default the run's seed + 1). InvalidArgumentError for a length the trainer refuses, or for
+    the run's own seed, whose held-out samples chose the shipped generation."""
+    if sample_tokens and sample_tokens != config.sample_tokens:
+        config = replace(config, sample_tokens=sample_tokens, scored_tokens=sample_tokens // 2).validate()
+    seed = config.seed + 1 if test_seed is None else test_seed
+    if seed == config.seed:
+        raise InvalidArgumentError(f"--test-seed {seed} is the run's seed: its held-out samples chose the shipped "
+                                   "generation, so they are not a test set; pick another seed")
+    return config, seed
+
+
 def run_log_and_vector(run_arg: str, shipped: Path | None, info: dict | None):
     """(training log, NammVector) of --run: a run's log.json and ckpt.pt, or a shipped NAMM's JSON and f32 GGUF."""
     from pymemory.namm.checkpoint import load_gguf
@@ -346,21 +359,16 @@ def main() -> int:
     except (OSError, ValueError, KeyError) as e:
         p.error(f"--run {args.run!r} is neither a train-namm run directory nor a shipped NAMM: {e}")
     run = Path(args.run) if shipped_file is None else shipped_file.parent
-    if args.sample_tokens and args.sample_tokens != config.sample_tokens:
-        if not args.no_reproduce or args.quants:
-            p.error("--sample-tokens changes the samples, so the trainer's held-out score and the weight types (both "
-                    "measured at the run's length) cannot be reproduced: add --no-reproduce --quants ''")
-        try:
-            config = replace(config, sample_tokens=args.sample_tokens, scored_tokens=args.sample_tokens // 2).validate()
-        except InvalidArgumentError as e:
-            p.error(str(e))
+    if args.sample_tokens not in (0, config.sample_tokens) and (not args.no_reproduce or args.quants):
+        p.error("--sample-tokens changes the samples, so the trainer's held-out score and the weight types (both "
+                "measured at the run's length) cannot be reproduced: add --no-reproduce --quants ''")
+    try:
+        config, test_seed = test_split(config, args.sample_tokens, args.test_seed)
+    except InvalidArgumentError as e:
+        p.error(str(e))
     baselines = [b for b in args.baselines.split(",") if b]
     if any(b not in BASELINES for b in baselines):
         p.error(f"--baselines takes a comma-separated subset of {','.join(BASELINES)} (got {args.baselines!r})")
-    test_seed = config.seed + 1 if args.test_seed is None else args.test_seed
-    if test_seed == config.seed:
-        p.error(f"--test-seed {test_seed} is the run's seed: its held-out samples chose the shipped generation, so "
-                "they are not a test set; pick another seed")
     log, vector = run_log_and_vector(args.run, shipped_file, shipped_info)
     namm_file = os.path.abspath(args.namm or shipped_file or run / "namm.gguf")
     mean, var = tuple(map(float, vector.feat_mean)), tuple(map(float, vector.feat_var))

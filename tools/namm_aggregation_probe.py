@@ -190,8 +190,8 @@ def main() -> int:
     try:
         _, config, model_path, model, samples, test_seed = shipped_test_set(
             resolve_namm(args.namm), args.text, args.retrieval, args.sample_tokens, args.test_seed)
-    except (ValueError, InvalidArgumentError) as e:
-        p.error(f"--sample-tokens / --test-seed: {e}")
+    except InvalidArgumentError as e:
+        p.error(str(e))
     delay, n_sink = config.namm_delay, config.n_sink
     print(f"capturing attention of {len(samples)} samples with the full cache", flush=True)
     captures = capture_invocations(model, samples, delay, args.threads)

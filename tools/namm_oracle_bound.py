@@ -20,7 +20,6 @@ Samples: the shipped NAMM's held-out split and test seed (its JSON's training co
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from functools import partial
 import json
 import math
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
-from eval_trained_namm import closed_interval  # noqa: E402
+from eval_trained_namm import closed_interval, test_split  # noqa: E402
 from pymemory._loader import _core  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
@@ -138,15 +137,9 @@ def shipped_test_set(namm_file: str, n_text: int, n_retrieval: int, sample_token
                      test_seed: int | None = None):
     """A shipped NAMM's test set (its JSON's training config, held-out split, seed + 1 unless `test_seed`; samples
     of `sample_tokens`, default the run's, scoring the second half): (the JSON, its TrainConfig with that length,
-    the model's path, the loaded model, the samples, the seed). ValueError for the run's own seed, whose
-    held-out samples chose the shipped generation."""
+    the model's path, the loaded model, the samples, the seed). InvalidArgumentError as test_split says."""
     shipped = json.loads(Path(namm_file).with_suffix(".json").read_text())
-    config = TrainConfig.from_dict(shipped["config"])
-    if sample_tokens and sample_tokens != config.sample_tokens:
-        config = replace(config, sample_tokens=sample_tokens, scored_tokens=sample_tokens // 2).validate()
-    seed = config.seed + 1 if test_seed is None else test_seed
-    if seed == config.seed:
-        raise ValueError(f"test seed {seed} is the run's seed: its held-out samples chose the shipped generation")
+    config, seed = test_split(TrainConfig.from_dict(shipped["config"]), sample_tokens, test_seed)
     _core.set_log_verbosity(0)
     model_path = os.fspath(resolve_model(config.model))
     model = _core.Model.load(model_path)

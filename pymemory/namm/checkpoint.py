@@ -375,7 +375,19 @@ def gguf_settings(path: str | os.PathLike) -> dict:
     (namm_delay), its moving average, and, when the file records them, the mode and quorum it was trained in and
     the interval it is deployed at (deploy_delay)."""
     reader, _, hparams = _read_gguf(path)
-    path = Path(path)
+    return _settings_of(reader, hparams, Path(path))
+
+
+def load_gguf_as_written(path: str | os.PathLike) -> NammVector:
+    """A NAMM GGUF read back to be written again (another weight type or deployed interval): its vector with the
+    provenance the file records (not wrapped in this file's name) and its settings, from one read."""
+    reader, vector, hparams = _read_gguf(path)
+    vector.source = _field_value(reader, fmt.KEY_SOURCE, "str", Path(path))
+    vector.settings = _settings_of(reader, hparams, Path(path))
+    return vector
+
+
+def _settings_of(reader, hparams: fmt.NammHparams, path: Path) -> dict:
     out = {"namm_delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
            "ema_bias_correction": hparams.ema_bias_correction}
     if fmt.KEY_DEPLOY_MODE in reader.fields:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import gguf_format as fmt
-from .checkpoint import NammVector, _require_gguf, gguf_settings, load_checkpoint, load_gguf, load_vectors
+from .checkpoint import NammVector, _require_gguf, load_checkpoint, load_gguf_as_written, load_vectors
 
 
 def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
@@ -146,11 +146,7 @@ def convert(args: argparse.Namespace) -> int:
             # Another weight type or deployed interval for a NAMM GGUF: its vector and settings carry over.
             if Path(args.checkpoint).resolve() == Path(args.output).resolve():
                 raise ValueError("write the re-converted NAMM to another file (-o) than the one it is read from")
-            vector, _ = load_gguf(args.checkpoint)
-            vector.settings = gguf_settings(args.checkpoint)
-            wrapped = f"{Path(args.checkpoint).name} ("  # the reader names the file it read; keep the provenance
-            if vector.source.startswith(wrapped) and vector.source.endswith(")"):
-                vector.source = vector.source[len(wrapped):-1]
+            vector = load_gguf_as_written(args.checkpoint)
         elif args.checkpoint:
             vector = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         else:
