@@ -19,6 +19,11 @@ NAMM, attention captured once with the full cache):
   - one predictor for every pair (a NAMM's form: its weights are shared by every layer and head), on the
     features and their pairwise products;
   - one linear predictor per pair (more than a NAMM can express; what knowing the layer would add);
+  - a token-level classifier of the hindsight keep set on per-token aggregates (z-max, z-top-3, predicted sum);
+  - simulated future queries, read from the model rather than from attention so far: the last `--window`
+    queries' contents (before RoPE) placed at `--offsets` positions over the next `--horizon`, attending to the
+    cells cached then (kvpress's expected attention assumes the same: the next queries resemble the last ones,
+    and RoPE alone moves them), and the same queries at their own positions (no move), summed over the pairs;
   - the NAMM's rule (z-max of the corrected 0.998 average), and the hindsight sums over the next `--horizon`
     queries and over every later query, for scale.
 """
@@ -37,6 +42,7 @@ sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
 from namm_aggregation_probe import ema_scores, moving_averages  # noqa: E402
+from value_capture import ValueCapture, rope_settings, rotate  # noqa: E402
 from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
                                shipped_test_set, summarise, table_lines)
 from pymemory.errors import InvalidArgumentError  # noqa: E402
@@ -198,10 +204,59 @@ def summed_rank_correlation(log_prediction: np.ndarray, y: np.ndarray, per_time:
     return float(np.median(out))
 
 
+RULES = {"zmax": "z-max of pairs: EMA 0.998 bias-corrected (the NAMM's rule)",
+         "shared": "predicted future share, one predictor for every pair, log-sum-exp over pairs",
+         "per-pair": "predicted future share, a linear predictor per pair, log-sum-exp over pairs",
+         "classifier": "token-level classifier of the hindsight keep set: z-max, z-top-3, predicted sum, age",
+         "simulated": "simulated future queries: the last {window} queries moved to {offsets} positions over the "
+                      "next {horizon}, summed over pairs",
+         "recent": "the last {window} queries at their own positions, summed over pairs",
+         "hindsight-horizon": "hindsight: sum over pairs of the next {horizon} queries' attention",
+         "hindsight": "hindsight: sum over pairs of all future attention"}
+FITTED = ("shared", "per-pair", "classifier")
+
+
+class FutureQueries:
+    """One sample's queries before RoPE and keys after it (llama.cpp's own, captured with the full cache), to
+    predict the attention of queries not yet seen: recent queries' contents at future positions, as kvpress's
+    expected attention assumes (the next queries resemble the last ones; RoPE alone moves them)."""
+
+    def __init__(self, capture: ValueCapture, tokens: list[int], n_pairs: int, rope: tuple[float, int]):
+        queries = capture.projections(tokens, "Qcur-")
+        keys = capture.projections(tokens, "Kcur-")
+        self.base, self.rope_type = rope
+        layers = capture.n_layer
+        n_kv = n_pairs // layers
+        d = keys[0].shape[-1]
+        n_head = queries[0].shape[0] // layers
+        check = rotate(queries[0], np.arange(len(tokens)), *rope)
+        if not np.allclose(check, queries[-1], rtol=1e-3, atol=1e-3 * np.abs(queries[-1]).max()):
+            raise RuntimeError("llama.cpp's queries after RoPE differ from this RoPE of its queries before it")
+        # [layer, KV head, group, token, d]: query head g·group + j reads KV head g
+        self.queries = queries[0].reshape(layers, n_kv, n_head // n_kv, len(tokens), d)
+        # [layer, KV head, token, d], rounded as llama.cpp's default f16 cache stores them
+        self.keys = keys[-1].reshape(layers, n_kv, len(tokens), d).astype(np.float16).astype(np.float32)
+        self.scale = 1.0 / np.sqrt(d)
+
+    def attention(self, sources: np.ndarray, at: np.ndarray, cached: np.ndarray) -> np.ndarray:
+        """[pairs, len(cached)]: the attention the queries of positions `sources`, placed at positions `at` (same
+        length), would give the `cached` positions, averaged over the queries and each KV head's group."""
+        layers, n_kv, group, _, d = self.queries.shape
+        q = rotate(self.queries[:, :, :, sources], at, self.base, self.rope_type)  # [L, KV, group, m, d]
+        q = q.reshape(layers, n_kv, group * len(sources), d).astype(np.float16).astype(np.float32)  # as ggml's CPU
+        # matrix product meets an f16 cache
+        logits = q @ self.keys[:, :, cached].transpose(0, 1, 3, 2) * self.scale  # [L, KV, group·m, cached]
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return probs.mean(axis=2).reshape(layers * n_kv, len(cached))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--namm", default="smollm2-rate", help="a shipped NAMM name: its JSON gives the model and split")
     p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {list(RULES)}; sink always runs")
     p.add_argument("--fit-text", type=int, default=8, help="training-split text samples the predictors are fit on")
     p.add_argument("--text", type=int, default=16, help="held-out text samples")
     p.add_argument("--sample-tokens", type=int, default=1024)
@@ -209,8 +264,13 @@ def main() -> int:
     p.add_argument("--fraction", type=float, default=0.25)
     p.add_argument("--horizon", type=int, default=256, help="queries whose attention a prediction targets")
     p.add_argument("--per-time", type=int, default=96, help="tokens per invocation in the fit")
+    p.add_argument("--window", type=int, default=32, help="recent queries the simulated future queries copy")
+    p.add_argument("--offsets", type=int, default=8, help="future positions each simulated query is placed at")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not chosen or set(chosen) - set(RULES):
+        p.error(f"--rules: {sorted(set(chosen) - set(RULES)) or 'none'} not among {list(RULES)}")
     try:
         _, config, model_path, model, samples, test_seed = shipped_test_set(
             resolve_namm(args.namm), args.text, 0, args.sample_tokens, args.test_seed)
@@ -219,77 +279,99 @@ def main() -> int:
     delay, n_sink = config.namm_delay, config.n_sink
     if args.horizon % delay or not 0 < args.horizon < config.sample_tokens - 2 * delay:
         p.error(f"--horizon must be a multiple of {delay} below {config.sample_tokens - 2 * delay}")
+    if not 0 < args.window <= delay or args.offsets < 1:
+        p.error(f"--window must be in [1, {delay}] and --offsets at least 1")
+    names = {k: v.format(window=args.window, offsets=args.offsets, horizon=args.horizon) for k, v in RULES.items()}
 
-    corpus = Corpus(model, config.text_sources(), config.sample_tokens)
-    factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
-    fit_samples = generation_samples(factory, config.seed, 10 ** 6, args.fit_text, 0, ())
-    print(f"capturing attention of {len(fit_samples)} training-split samples", flush=True)
-    rng = np.random.default_rng(0)
-    fit_x, fit_y = [], []
-    for per_layer, sample in zip(capture_invocations(model, fit_samples, delay, args.threads), fit_samples):
-        x, y = fit_examples(Signals(attention_received(per_layer, sample.n_tokens)), delay, n_sink, args.horizon,
-                            rng, args.per_time)
-        fit_x.append(x)
-        fit_y.append(y)
-    x, y = np.concatenate(fit_x, axis=1), np.concatenate(fit_y, axis=1)  # [pairs, m, F], [pairs, m]
-    shared = fit_poisson(expanded(x).reshape(-1, len(FEATURES) * (len(FEATURES) + 3) // 2 + 1), y.reshape(-1))
-    linear = np.concatenate([x, np.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)  # [pairs, m, F + 1]
-    per_pair = np.stack([fit_poisson(linear[i], y[i]) for i in range(x.shape[0])])  # [pairs, F + 1]
-    keep = (config.sample_tokens * args.fraction - delay) / (0.75 * config.sample_tokens)  # of a mean cache
-    ranker = fit_token_ranker(x, y, shared, args.per_time, keep)
-    fit_quality = {"shared": summed_rank_correlation(expanded(x) @ shared, y, args.per_time),
-                   "per pair": summed_rank_correlation(np.einsum("pmf,pf->pm", linear, per_pair), y, args.per_time)}
-    print("fit rank correlation of the sums " + ", ".join(f"{k} {v:.3f}" for k, v in fit_quality.items()), flush=True)
+    fit_quality, test_quality, fitted = {}, {"shared": [], "per pair": []}, {}
+    if set(chosen) & set(FITTED):
+        corpus = Corpus(model, config.text_sources(), config.sample_tokens)
+        factory = SampleFactory(corpus, config.sample_tokens, config.scored_tokens, config.capacity)
+        fit_samples = generation_samples(factory, config.seed, 10 ** 6, args.fit_text, 0, ())
+        print(f"capturing attention of {len(fit_samples)} training-split samples", flush=True)
+        rng = np.random.default_rng(0)
+        fit_x, fit_y = [], []
+        for per_layer, sample in zip(capture_invocations(model, fit_samples, delay, args.threads), fit_samples):
+            x, y = fit_examples(Signals(attention_received(per_layer, sample.n_tokens)), delay, n_sink,
+                                args.horizon, rng, args.per_time)
+            fit_x.append(x)
+            fit_y.append(y)
+        x, y = np.concatenate(fit_x, axis=1), np.concatenate(fit_y, axis=1)  # [pairs, m, F], [pairs, m]
+        shared = fit_poisson(expanded(x).reshape(-1, len(FEATURES) * (len(FEATURES) + 3) // 2 + 1), y.reshape(-1))
+        linear = np.concatenate([x, np.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)  # [pairs, m, F + 1]
+        per_pair = np.stack([fit_poisson(linear[i], y[i]) for i in range(x.shape[0])])  # [pairs, F + 1]
+        keep = (config.sample_tokens * args.fraction - delay) / (0.75 * config.sample_tokens)  # of a mean cache
+        ranker = fit_token_ranker(x, y, shared, args.per_time, keep)
+        fitted = {"fit_samples": len(fit_samples), "shared_weights": shared.tolist(),
+                  "per_pair_weights": per_pair.tolist(), "token_ranker_weights": ranker.tolist()}
+        fit_quality = {"shared": summed_rank_correlation(expanded(x) @ shared, y, args.per_time),
+                       "per pair": summed_rank_correlation(np.einsum("pmf,pf->pm", linear, per_pair), y,
+                                                           args.per_time)}
+        print("fit rank correlation of the sums " + ", ".join(f"{k} {v:.3f}" for k, v in fit_quality.items()),
+              flush=True)
 
     print(f"capturing attention of {len(samples)} held-out samples", flush=True)
     captures = capture_invocations(model, samples, delay, args.threads)
     del model
     harness = LlamaHarness(model_path, config.sample_tokens + 64, args.threads)
+    projections = ValueCapture(model_path, args.threads) if {"simulated", "recent"} & set(chosen) else None
+    rope = rope_settings(projections) if projections else None
     rows: dict[str, dict[str, dict]] = {}
     record = partial(record_result, rows)
     capacity = int(round(config.sample_tokens * args.fraction))
-    test_quality: dict[str, list[float]] = {"shared": [], "per pair": []}
+    reconstruction = []
     for sample, per_layer in zip(samples, captures):
         tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)
         signals = Signals(attention_received(per_layer, sample.n_tokens))
-        tx, ty = fit_examples(signals, delay, n_sink, args.horizon, np.random.default_rng(1), args.per_time)
-        test_quality["shared"].append(summed_rank_correlation(expanded(tx) @ shared, ty, args.per_time))
-        test_quality["per pair"].append(summed_rank_correlation(
-            np.einsum("pmf,pf->pm", np.concatenate([tx, np.ones(tx.shape[:-1] + (1,), tx.dtype)], -1), per_pair), ty,
-            args.per_time))
+        future_queries = None
+        if projections is not None:
+            future_queries = FutureQueries(projections, tokens, signals.received.shape[0], rope)
+            last = len(tokens) - 1  # llama.cpp's attention of the last query, recomputed here
+            recomputed = future_queries.attention(np.array([last]), np.array([last]), np.arange(len(tokens)))
+            reconstruction.append(float(np.abs(recomputed - signals.received[:, last]).max()))
+        if fitted:
+            tx, ty = fit_examples(signals, delay, n_sink, args.horizon, np.random.default_rng(1), args.per_time)
+            test_quality["shared"].append(summed_rank_correlation(expanded(tx) @ shared, ty, args.per_time))
+            test_quality["per pair"].append(summed_rank_correlation(
+                np.einsum("pmf,pf->pm", np.concatenate([tx, np.ones(tx.shape[:-1] + (1,), tx.dtype)], -1),
+                          per_pair), ty, args.per_time))
+
+        def causal(score):
+            """A rule that reads only what precedes `now`; at the end of the sample nothing is left to score."""
+            return lambda now, cand: cand if now >= signals.n_tokens else score(now, cand)
 
         def predicted_sum(weights_of, now: int, cand: np.ndarray) -> np.ndarray:
-            if now >= signals.n_tokens:
-                return cand
             return np.logaddexp.reduce(weights_of(signals.features(now, cand)), axis=0)  # [cand]
 
-        def ranked(now: int, cand: np.ndarray) -> np.ndarray:
-            if now >= signals.n_tokens:
-                return cand
-            return expanded(token_features(signals.features(now, cand), shared)) @ ranker
-
-        def causal_zmax(now: int, cand: np.ndarray) -> np.ndarray:
-            return cand if now >= signals.n_tokens else ema_scores(signals.emas[0.998], 0.998, now, cand, True, 1)
+        def queried(future: bool, now: int, cand: np.ndarray) -> np.ndarray:
+            cached = np.concatenate([np.arange(n_sink), cand, [now - 1]])
+            sources = np.arange(now - args.window, now)
+            if future:  # each recent query placed at `offsets` positions spread over the next `horizon`
+                at = now - 1 + (np.arange(1, args.offsets + 1) * args.horizon) // args.offsets
+                sources, at = np.tile(sources, len(at)), np.repeat(at, args.window)
+            else:
+                at = sources
+            return future_queries.attention(sources, at, cached)[:, n_sink:n_sink + len(cand)].sum(axis=0)
 
         def hindsight(horizon, now: int, cand: np.ndarray) -> np.ndarray:
-            return cand if now >= signals.n_tokens else signals.future(now, cand, horizon)
+            return signals.future(now, cand, horizon)
 
         rules = {
-            "z-max of pairs: EMA 0.998 bias-corrected (the NAMM's rule)": causal_zmax,
-            "predicted future share, one predictor for every pair, log-sum-exp over pairs":
-                partial(predicted_sum, lambda f: expanded(f) @ shared),
-            "predicted future share, a linear predictor per pair, log-sum-exp over pairs":
-                partial(predicted_sum, lambda f: np.einsum(
-                    "pmf,pf->pm", np.concatenate([f, np.ones(f.shape[:-1] + (1,), f.dtype)], -1), per_pair)),
-            "token-level classifier of the hindsight keep set: z-max, z-top-3, predicted sum, age": ranked,
-            f"hindsight: sum over pairs of the next {args.horizon} queries' attention": partial(hindsight,
-                                                                                                args.horizon),
-            "hindsight: sum over pairs of all future attention": partial(hindsight, None)}
+            "zmax": lambda now, cand: ema_scores(signals.emas[0.998], 0.998, now, cand, True, 1),
+            "shared": partial(predicted_sum, lambda f: expanded(f) @ shared) if fitted else None,
+            "per-pair": partial(predicted_sum, lambda f: np.einsum(
+                "pmf,pf->pm", np.concatenate([f, np.ones(f.shape[:-1] + (1,), f.dtype)], -1), per_pair))
+            if fitted else None,
+            "classifier": (lambda now, cand: expanded(token_features(signals.features(now, cand), shared)) @ ranker)
+            if fitted else None,
+            "simulated": partial(queried, True), "recent": partial(queried, False),
+            "hindsight-horizon": partial(hindsight, args.horizon), "hindsight": partial(hindsight, None)}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay, n_sink, None))
         record(f"{capacity}", "sink", sample,
                *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink, lambda now, cand: cand))
-        for name, rule in rules.items():
-            record(f"{capacity}", name, sample, *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink, rule))
+        for key in chosen:
+            record(f"{capacity}", names[key], sample,
+                   *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink, causal(rules[key])))
         print(f"  {sample.id}: " + ", ".join(f"{k[:40]} {v['nll'][sample.id]:.3f}" for t, e in rows.items()
                                              for k, v in e.items()), flush=True)
 
@@ -297,10 +379,10 @@ def main() -> int:
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "model": config.model, "namm": args.namm, "sample_tokens": config.sample_tokens, "delay": delay,
               "n_sink": n_sink, "n_text": len(text_ids), "n_retrieval": 0, "test_seed": test_seed,
-              "fit_samples": len(fit_samples), "horizon": args.horizon, "features": list(FEATURES),
-              "token_features": list(TOKEN_FEATURES), "token_ranker_weights": ranker.tolist(),
-              "fit_rank_correlation": fit_quality, "test_rank_correlation_median": {k: float(np.median(v)) for k, v in test_quality.items()},
-              "shared_weights": shared.tolist(), "per_pair_weights": per_pair.tolist(),
+              "horizon": args.horizon, "features": list(FEATURES), "token_features": list(TOKEN_FEATURES),
+              **fitted, "fit_rank_correlation": fit_quality,
+              "test_rank_correlation_median": {k: float(np.median(v)) for k, v in test_quality.items() if v},
+              "attention_recomputed_max_error": max(reconstruction) if reconstruction else None,
               "tables": summarise(rows, text_ids, [], "full cache", config.sample_tokens), "nll_per_sample": rows}
     write_report_files(args.out, report, markdown(report))
     return 0
@@ -309,17 +391,25 @@ def main() -> int:
 def markdown(report: dict) -> str:
     lines = [f"# Predicted future attention, summed over the pairs ({report['model']})", "",
              f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
-             f"Predictors of each (layer, KV head) pair's log share of the next {report['horizon']} queries' "
-             f"attention, fitted by Poisson regression on {report['fit_samples']} training-split texts from "
-             f"{', '.join(report['features'])} (tools/namm_future_probe.py), then used on "
              f"{report['n_text']} held-out texts of {report['sample_tokens']} tokens (seed {report['test_seed']}): "
              f"every {report['delay']} tokens the cache is cut to capacity - {report['delay']} cells (peak = "
-             f"capacity), keeping the first {report['n_sink']} and the newest token, through llama.cpp with the "
-             "attention captured once with the full cache. Rank correlation of predicted and real future attention "
-             "summed over the pairs (median over invocations): fit " +
-             ", ".join(f"{k} {v:.3f}" for k, v in report["fit_rank_correlation"].items()) + "; held-out median " +
-             ", ".join(f"{k} {v:.3f}" for k, v in report["test_rank_correlation_median"].items()) + ".", ""]
-    return "\n".join(lines + table_lines(report)) + "\n"
+             f"capacity), keeping the first {report['n_sink']} and the newest token, by each rule's score, through "
+             "llama.cpp with the attention (and queries and keys) captured once with the full cache "
+             "(tools/namm_future_probe.py)."]
+    if "fit_samples" in report:
+        lines.append(
+            f"Fitted predictors: each (layer, KV head) pair's share of the next {report['horizon']} queries' "
+            f"attention, by Poisson regression on {report['fit_samples']} training-split texts from "
+            f"{', '.join(report['features'])}; rank correlation of predicted and real future attention summed over "
+            "the pairs (median over invocations): fit " +
+            ", ".join(f"{k} {v:.3f}" for k, v in report["fit_rank_correlation"].items()) + "; held-out " +
+            ", ".join(f"{k} {v:.3f}" for k, v in report["test_rank_correlation_median"].items()) + ".")
+    if report.get("attention_recomputed_max_error") is not None:
+        lines.append("Simulated queries: llama.cpp's queries before RoPE, rotated to the positions named, against its "
+                     "keys after RoPE, softmax over the cells cached then (largest difference between llama.cpp's "
+                     "attention of a sample's last query and this recomputation: "
+                     f"{report['attention_recomputed_max_error']:.1e}).")
+    return "\n\n".join(lines) + "\n\n" + "\n".join(table_lines(report)) + "\n"
 
 
 if __name__ == "__main__":

@@ -362,6 +362,16 @@ if run namm-deploy-delay; then  # issue 10: smollm2-rate run every 16 tokens (it
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_deploy_delay $out/namm_deploy_delay.json \
     --versus "every 32 tokens (as trained)"
 fi
+if run namm-qwen-deploy-delay; then  # issue 10: qwen2.5-rate every 16 tokens against every 32 (as trained and
+  # shipped), side by side on namm-qwen-rate-1024's 16 texts + 8 retrievals of 1,024 tokens (about 40 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/qwen2.5-rate.gguf -o runs/qwen2.5-rate-every16.gguf --deploy-delay 16
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_deploy_delay --text 16 --retrieval 8 \
+    --also "every 16 tokens=runs/qwen2.5-rate-every16.gguf" --quants '' --no-reproduce \
+    --sample-tokens 1024 --baselines '' --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_deploy_delay \
+    $out/namm_qwen_deploy_delay.json --versus "trained NAMM (f32)"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \

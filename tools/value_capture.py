@@ -59,22 +59,30 @@ class ValueCapture:
     def values(self, tokens: list[int]) -> np.ndarray:
         """[layer·KV head, token, head_dim] (layer-major pairs, as attention_received orders them): the value vector
         of every token in every layer, from one full-cache decode of `tokens`."""
+        return self.projections(tokens, _VALUE_PREFIX)[-1]
+
+    def projections(self, tokens: list[int], prefix: str) -> list[np.ndarray]:
+        """Every 3-D f32 node named `prefix`<layer> ([head_dim, heads, n_tokens], contiguous) from one full-cache
+        decode of `tokens`, in the order llama.cpp computed them, each [layer·head, token, head_dim]: for "Qcur-"
+        and "Kcur-" the projection before RoPE and then after it, for "Vcur-" the values. RuntimeError when a layer
+        lacks one."""
         lc, ggml = self.lc, self.ggml
-        found: dict[int, np.ndarray] = {}
+        found: dict[int, list[np.ndarray]] = {}
 
         def observe(tensor, ask, _user):
             name = ggml.ggml_get_name(tensor).decode()
-            if not name.startswith(_VALUE_PREFIX) or not name[len(_VALUE_PREFIX):].isdigit():
+            if not name.startswith(prefix) or not name[len(prefix):].isdigit():
                 return not ask  # ask: not wanted; otherwise keep computing
             if ask:
                 return True
             head = _TensorHead.from_address(tensor)
             dim, n_head, n_tok = head.ne[0], head.ne[1], head.ne[2]
-            # the 3-D view [head_dim, n_kv_head, n_tokens], contiguous, f32 (the 2-D projection has the same name)
+            # the 3-D view [head_dim, heads, n_tokens], contiguous, f32 (the 2-D projection has the same name)
             if head.type == 0 and n_tok == len(tokens) and head.nb[1] == 4 * dim and head.nb[2] == 4 * dim * n_head:
                 data = ctypes.cast(ggml.ggml_get_data(tensor), ctypes.POINTER(ctypes.c_float))
                 flat = np.ctypeslib.as_array(data, shape=(n_tok * n_head * dim,))
-                found[int(name[len(_VALUE_PREFIX):])] = flat.reshape(n_tok, n_head, dim).transpose(1, 0, 2).copy()
+                found.setdefault(int(name[len(prefix):]), []).append(
+                    flat.reshape(n_tok, n_head, dim).transpose(1, 0, 2).copy())
             return True
 
         callback = lc.ggml_backend_sched_eval_callback(observe)  # kept alive until the decode returns
@@ -94,10 +102,39 @@ class ValueCapture:
         finally:
             lc.llama_batch_free(batch)
             lc.llama_free(ctx)
-        if sorted(found) != list(range(self.n_layer)):
-            raise RuntimeError(f"values of layers {sorted(found)} captured, expected 0..{self.n_layer - 1}: llama.cpp's "
-                               f"'{_VALUE_PREFIX}<layer>' node is missing or has another layout")
-        return np.concatenate([found[layer] for layer in range(self.n_layer)], axis=0)
+        counts = {len(v) for v in found.values()}
+        if sorted(found) != list(range(self.n_layer)) or len(counts) != 1:
+            raise RuntimeError(f"'{prefix}<layer>' nodes of layers {sorted(found)} captured ({counts} per layer), "
+                               f"expected 0..{self.n_layer - 1} alike: llama.cpp's node is missing or has another "
+                               "layout")
+        return [np.concatenate([found[layer][k] for layer in range(self.n_layer)], axis=0)
+                for k in range(counts.pop())]
+
+
+def rope_settings(capture: ValueCapture) -> tuple[float, int]:
+    """(frequency base, llama.cpp rope type: 0 = adjacent pairs, 2 = NeoX halves) of the captured model."""
+    lc = capture.lc
+    arch = ctypes.create_string_buffer(128)
+    lc.llama_model_meta_val_str(capture.model, b"general.architecture", arch, 128)
+    base = ctypes.create_string_buffer(64)
+    if lc.llama_model_meta_val_str(capture.model, arch.value + b".rope.freq_base", base, 64) < 0:
+        raise RuntimeError(f"{arch.value.decode()} has no rope.freq_base")
+    return float(base.value), int(lc.llama_model_rope_type(capture.model))
+
+
+def rotate(x: np.ndarray, positions: np.ndarray, base: float, rope_type: int) -> np.ndarray:
+    """RoPE of x [..., n, head_dim] at `positions` [n] as llama.cpp applies it (type 0: dimensions 2i, 2i+1 rotate
+    together; type 2, NeoX: i and i + head_dim / 2), by angle position · base^(-2i / head_dim)."""
+    if rope_type not in (0, 2):
+        raise ValueError(f"rope type {rope_type} is not supported here (0 and 2 are)")
+    d = x.shape[-1]
+    angle = np.asarray(positions, np.float64)[:, None] * base ** (-np.arange(0, d, 2) / d)  # [n, d/2]
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    first, second = (slice(0, None, 2), slice(1, None, 2)) if rope_type == 0 else (slice(0, d // 2), slice(d // 2, d))
+    out = np.empty_like(x)
+    out[..., first] = x[..., first] * cos - x[..., second] * sin
+    out[..., second] = x[..., first] * sin + x[..., second] * cos
+    return out
 
 
 def output_displacement(received: np.ndarray, values: np.ndarray) -> np.ndarray:
