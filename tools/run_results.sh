@@ -346,8 +346,9 @@ if run namm-bound-1024; then  # issue 10: is half of sink's text gap at 25 % wit
     --rules "z-max of pairs: EMA 0.998 bias-corrected,hindsight: sum over pairs of all future attention,hindsight: top-1 of pairs of the future rate,hindsight: z-max of pairs of the future rate,hindsight: z-max of pairs of the future rate x value norm"
 fi
 if run namm-future-1024; then  # issue 10: half at 25 % needs a causal predictor of summed future attention
-  # (namm-bound-1024): learned predictors from attention-so-far features (fitted on 8 training-split texts) against
-  # budget_zmax's rule and hindsight, on the first 16 of namm-bound-1024's texts (about 25 minutes)
+  # (namm-bound-1024): learned predictors from attention-so-far features (fitted on 8 training-split texts) and
+  # simulated future queries (recent queries moved to future positions) against budget_zmax's rule and hindsight, on
+  # the first 16 of namm-bound-1024's texts (about 35 minutes)
   python tools/namm_future_probe.py --namm smollm2-rate --out $out/namm_future_1024 --fit-text 8 --text 16 \
     --sample-tokens 1024 --test-seed 2 --fraction 0.25 --horizon 256
 fi
