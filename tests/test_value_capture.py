@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from tool_modules import load_tool
 
 
@@ -47,3 +48,22 @@ def test_values_are_per_token_layer_major_and_causal(smollm2_path):
     # later layers see only earlier tokens: a prefix's values are the prefix of the whole's
     np.testing.assert_allclose(prefix, values[:, :7], atol=2e-3, rtol=2e-3)
     assert not np.allclose(values[3:, 7], values[3:, 8], atol=1e-3)
+
+
+def test_rotate_is_llamas_rope_between_the_projections_before_and_after_it(smollm2_path):
+    tool = _tool()
+    tokens = [1, 504, 2340, 28, 504, 1431, 2340, 5, 904, 504, 77, 1431]
+    positions = np.arange(len(tokens))
+    with tool.ValueCapture(smollm2_path, 2) as capture:
+        queries = capture.projections(tokens, "Qcur-")
+        keys = capture.projections(tokens, "Kcur-")
+        base, rope_type = tool.rope_settings(capture)
+    assert (base, rope_type) == (100000.0, 0)  # SmolLM2: llama's adjacent-pair RoPE, base 1e5
+    assert [q.shape for q in queries] == [(30 * 9, len(tokens), 64)] * 2  # before RoPE, then after
+    assert [k.shape for k in keys] == [(30 * 3, len(tokens), 64)] * 2
+    for before, after in (queries, keys):
+        np.testing.assert_allclose(tool.rotate(before, positions, base, rope_type), after, atol=2e-4)
+        assert not np.allclose(tool.rotate(before, positions, base, 2), after, atol=1e-2)  # NeoX halves differ
+        assert not np.allclose(before[:, 1:], after[:, 1:], atol=1e-2)  # position 0 alone is not rotated
+    with pytest.raises(ValueError, match="rope type"):
+        tool.rotate(queries[0], positions, base, 1)

@@ -389,8 +389,8 @@ def main() -> int:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Predicted future attention, summed over the pairs ({report['model']})", "",
-             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}", "",
+    lines = [f"# Predicted future attention, summed over the pairs ({report['model']})",
+             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}",
              f"{report['n_text']} held-out texts of {report['sample_tokens']} tokens (seed {report['test_seed']}): "
              f"every {report['delay']} tokens the cache is cut to capacity - {report['delay']} cells (peak = "
              f"capacity), keeping the first {report['n_sink']} and the newest token, by each rule's score, through "
