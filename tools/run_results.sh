@@ -373,6 +373,16 @@ if run namm-qwen-deploy-delay; then  # issue 10: qwen2.5-rate every 16 tokens ag
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_deploy_delay \
     $out/namm_qwen_deploy_delay.json --versus "trained NAMM (f32)"
 fi
+if run namm-qwen-deploy-delay-48; then  # issue 10: the same at 25 % on 48 fresh texts of 1,024 tokens (seed 2), to
+  # decide the interval qwen2.5-rate ships at (about 25 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/qwen2.5-rate.gguf -o runs/qwen2.5-rate-every16.gguf --deploy-delay 16
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_deploy_delay_48 --text 48 --retrieval 0 \
+    --also "every 16 tokens=runs/qwen2.5-rate-every16.gguf" --quants '' --no-reproduce --fractions 0.25 \
+    --sample-tokens 1024 --baselines '' --test-seed 2 --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_deploy_delay_48 \
+    $out/namm_qwen_deploy_delay_48.json --versus "trained NAMM (f32)"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
