@@ -83,10 +83,11 @@ class Signals:
         return np.stack(out, axis=-1).astype(np.float32)
 
     def target(self, now: int, cand: np.ndarray, horizon: int) -> np.ndarray:
-        """[pairs, cand]: share of the attention of queries now .. now + horizon - 1, as a multiple of a uniform
-        share (capped as the warm start's targets are)."""
-        got = self.before[:, now + horizon, cand] - self.before[:, now, cand]
-        return np.minimum(got / horizon * now, LOG_CEIL)
+        """[pairs, cand]: share of the attention of queries now .. now + horizon - 1 (fewer at the sample's end), per
+        query, as a multiple of a uniform share (capped as the warm start's targets are)."""
+        queries = min(horizon, self.n_tokens - now)
+        got = self.before[:, now + queries, cand] - self.before[:, now, cand]
+        return np.minimum(got / queries * now, LOG_CEIL)
 
     def future(self, now: int, cand: np.ndarray, horizon: int | None) -> np.ndarray:
         """[cand]: the attention queries from `now` on give each candidate (all later ones, or the next `horizon`),
@@ -138,16 +139,22 @@ def fit_poisson(x: np.ndarray, y: np.ndarray, iterations: int = 30) -> np.ndarra
 
 
 def fit_examples(signals: Signals, delay: int, n_sink: int, horizon: int, rng: np.random.Generator,
-                 per_time: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features [pairs, m, F] and targets [pairs, m] at every invocation with `horizon` queries after it and
-    `per_time` non-sink tokens before it, on `per_time` of those drawn at random (the capture kept everything)."""
-    xs, ys = [], []
+                 per_time: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features [pairs, m, F], targets [pairs, m] and the invocation of each block of `per_time` [m / per_time], at
+    every invocation with `per_time` non-sink tokens before it and at least `delay` queries after it (the last
+    ones, as the evictions a rule makes, see fewer than `horizon`), on `per_time` of those tokens drawn at random
+    (the capture kept everything)."""
+    xs, ys, nows = [], [], []
     first = max(2, -(-(per_time + n_sink + 1) // delay)) * delay  # the first invocation with per_time candidates
-    for now in range(first, signals.n_tokens - horizon + 1, delay):
+    for now in range(first, signals.n_tokens - delay + 1, delay):
         cand = rng.choice(np.arange(n_sink, now - 1), size=per_time, replace=False)
         xs.append(signals.features(now, cand))
         ys.append(signals.target(now, cand, horizon))
-    return np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
+        nows.append(now)
+    if not xs:
+        raise ValueError(f"samples of {signals.n_tokens} tokens leave no invocation with {per_time} candidates and "
+                         f"{delay} queries after it: use longer samples or a smaller --per-time")
+    return np.concatenate(xs, axis=1), np.concatenate(ys, axis=1), np.array(nows)
 
 
 TOKEN_FEATURES = ("z-max over pairs of log EMA 0.998", "mean of the 3 highest z over pairs of log EMA 0.998",
@@ -169,12 +176,17 @@ def token_features(x: np.ndarray, shared: np.ndarray) -> np.ndarray:
                      x[0, :, 4]], axis=-1)
 
 
-def fit_token_ranker(x: np.ndarray, y: np.ndarray, shared: np.ndarray, per_time: int, keep: float) -> np.ndarray:
-    """Logistic regression of "among the `keep` share of its invocation's candidates that the next queries attend
-    to most (summed over the pairs)" on the token features and their products: weights [T'] (the decision a budget
-    rule makes, not the whole ranking, which recency dominates)."""
+def fit_token_ranker(x: np.ndarray, y: np.ndarray, shared: np.ndarray, per_time: int, nows: np.ndarray,
+                     kept: int, n_sink: int) -> np.ndarray:
+    """Logistic regression of "among the `kept` candidates the next queries attend to most (summed over the pairs)"
+    on the token features and their products: weights [T'] (the decision a budget rule makes, not the whole
+    ranking, which recency dominates). Block b's tokens are drawn from the nows[b] - n_sink - 1 candidates of an
+    uncut cache, so the share labelled is kept / that; blocks where everything would be kept teach nothing."""
     features, labels = [], []
-    for start in range(0, x.shape[1], per_time):
+    for block, start in enumerate(range(0, x.shape[1], per_time)):
+        keep = kept / (nows[block] - n_sink - 1)
+        if keep >= 1.0:
+            continue
         features.append(token_features(x[:, start:start + per_time], shared))
         total = y[:, start:start + per_time].sum(axis=0)
         labels.append(total >= np.quantile(total, 1.0 - keep))
@@ -240,12 +252,15 @@ class FutureQueries:
 
     def attention(self, sources: np.ndarray, at: np.ndarray, cached: np.ndarray) -> np.ndarray:
         """[pairs, len(cached)]: the attention the queries of positions `sources`, placed at positions `at` (same
-        length), would give the `cached` positions, averaged over the queries and each KV head's group."""
+        length), would give the `cached` positions, averaged over the queries and each KV head's group; a query
+        reads only the cached positions up to its own (causal), normalised over those."""
         layers, n_kv, group, _, d = self.queries.shape
         q = rotate(self.queries[:, :, :, sources], at, self.base, self.rope_type)  # [L, KV, group, m, d]
         q = q.reshape(layers, n_kv, group * len(sources), d).astype(np.float16).astype(np.float32)  # as ggml's CPU
         # matrix product meets an f16 cache
         logits = q @ self.keys[:, :, cached].transpose(0, 1, 3, 2) * self.scale  # [L, KV, group·m, cached]
+        later = np.tile(cached[None, :] > np.asarray(at)[:, None], (group, 1))  # [group·m, cached]: not yet seen
+        logits[..., later] = -np.inf
         logits -= logits.max(axis=-1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(axis=-1, keepdims=True)
@@ -290,18 +305,19 @@ def main() -> int:
         fit_samples = generation_samples(factory, config.seed, 10 ** 6, args.fit_text, 0, ())
         print(f"capturing attention of {len(fit_samples)} training-split samples", flush=True)
         rng = np.random.default_rng(0)
-        fit_x, fit_y = [], []
+        fit_x, fit_y, fit_nows = [], [], []
         for per_layer, sample in zip(capture_invocations(model, fit_samples, delay, args.threads), fit_samples):
-            x, y = fit_examples(Signals(attention_received(per_layer, sample.n_tokens)), delay, n_sink,
-                                args.horizon, rng, args.per_time)
+            x, y, nows = fit_examples(Signals(attention_received(per_layer, sample.n_tokens)), delay, n_sink,
+                                      args.horizon, rng, args.per_time)
             fit_x.append(x)
             fit_y.append(y)
+            fit_nows.append(nows)
         x, y = np.concatenate(fit_x, axis=1), np.concatenate(fit_y, axis=1)  # [pairs, m, F], [pairs, m]
         shared = fit_poisson(expanded(x).reshape(-1, len(FEATURES) * (len(FEATURES) + 3) // 2 + 1), y.reshape(-1))
         linear = np.concatenate([x, np.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)  # [pairs, m, F + 1]
         per_pair = np.stack([fit_poisson(linear[i], y[i]) for i in range(x.shape[0])])  # [pairs, F + 1]
-        keep = (config.sample_tokens * args.fraction - delay) / (0.75 * config.sample_tokens)  # of a mean cache
-        ranker = fit_token_ranker(x, y, shared, args.per_time, keep)
+        kept = int(round(config.sample_tokens * args.fraction)) - delay - n_sink - 1  # candidates an invocation keeps
+        ranker = fit_token_ranker(x, y, shared, args.per_time, np.concatenate(fit_nows), kept, n_sink)
         fitted = {"fit_samples": len(fit_samples), "shared_weights": shared.tolist(),
                   "per_pair_weights": per_pair.tolist(), "token_ranker_weights": ranker.tolist()}
         fit_quality = {"shared": summed_rank_correlation(expanded(x) @ shared, y, args.per_time),
@@ -330,7 +346,7 @@ def main() -> int:
             recomputed = future_queries.attention(np.array([last]), np.array([last]), np.arange(len(tokens)))
             reconstruction.append(float(np.abs(recomputed - signals.received[:, last]).max()))
         if fitted:
-            tx, ty = fit_examples(signals, delay, n_sink, args.horizon, np.random.default_rng(1), args.per_time)
+            tx, ty, _ = fit_examples(signals, delay, n_sink, args.horizon, np.random.default_rng(1), args.per_time)
             test_quality["shared"].append(summed_rank_correlation(expanded(tx) @ shared, ty, args.per_time))
             test_quality["per pair"].append(summed_rank_correlation(
                 np.einsum("pmf,pf->pm", np.concatenate([tx, np.ones(tx.shape[:-1] + (1,), tx.dtype)], -1),
