@@ -96,11 +96,21 @@ class Signals:
         return (self.before[:, end, cand] - self.before[:, now, cand]).sum(axis=0)
 
 
+def with_constant(x: np.ndarray) -> np.ndarray:
+    """[..., F] -> [..., F + 1]: a constant column last (the fits' intercept)."""
+    return np.concatenate([x, np.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+
+def per_pair_predicted(x: np.ndarray, per_pair: np.ndarray) -> np.ndarray:
+    """[pairs, m, F] with weights [pairs, F + 1] -> [pairs, m]: each pair's own linear predictor."""
+    return np.einsum("pmf,pf->pm", with_constant(x), per_pair)
+
+
 def expanded(x: np.ndarray) -> np.ndarray:
     """[..., F] -> [..., F + F(F+1)/2 + 1]: the features, their pairwise products and squares, and a constant."""
     f = x.shape[-1]
     products = [x[..., i] * x[..., j] for i in range(f) for j in range(i, f)]
-    return np.concatenate([x, np.stack(products, axis=-1), np.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+    return with_constant(np.concatenate([x, np.stack(products, axis=-1)], axis=-1))
 
 
 def fit_poisson(x: np.ndarray, y: np.ndarray, iterations: int = 30) -> np.ndarray:
@@ -314,7 +324,7 @@ def main() -> int:
             fit_nows.append(nows)
         x, y = np.concatenate(fit_x, axis=1), np.concatenate(fit_y, axis=1)  # [pairs, m, F], [pairs, m]
         shared = fit_poisson(expanded(x).reshape(-1, len(FEATURES) * (len(FEATURES) + 3) // 2 + 1), y.reshape(-1))
-        linear = np.concatenate([x, np.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)  # [pairs, m, F + 1]
+        linear = with_constant(x)  # [pairs, m, F + 1]
         per_pair = np.stack([fit_poisson(linear[i], y[i]) for i in range(x.shape[0])])  # [pairs, F + 1]
         kept = int(round(config.sample_tokens * args.fraction)) - delay - n_sink - 1  # candidates an invocation keeps
         ranker = fit_token_ranker(x, y, shared, args.per_time, np.concatenate(fit_nows), kept, n_sink)
@@ -349,8 +359,7 @@ def main() -> int:
             tx, ty, _ = fit_examples(signals, delay, n_sink, args.horizon, np.random.default_rng(1), args.per_time)
             test_quality["shared"].append(summed_rank_correlation(expanded(tx) @ shared, ty, args.per_time))
             test_quality["per pair"].append(summed_rank_correlation(
-                np.einsum("pmf,pf->pm", np.concatenate([tx, np.ones(tx.shape[:-1] + (1,), tx.dtype)], -1),
-                          per_pair), ty, args.per_time))
+                per_pair_predicted(tx, per_pair), ty, args.per_time))
 
         def causal(score):
             """A rule that reads only what precedes `now`; at the end of the sample nothing is left to score."""
@@ -375,8 +384,7 @@ def main() -> int:
         rules = {
             "zmax": lambda now, cand: ema_scores(signals.emas[0.998], 0.998, now, cand, True, 1),
             "shared": partial(predicted_sum, lambda f: expanded(f) @ shared) if fitted else None,
-            "per-pair": partial(predicted_sum, lambda f: np.einsum(
-                "pmf,pf->pm", np.concatenate([f, np.ones(f.shape[:-1] + (1,), f.dtype)], -1), per_pair))
+            "per-pair": partial(predicted_sum, lambda f: per_pair_predicted(f, per_pair))
             if fitted else None,
             "classifier": (lambda now, cand: expanded(token_features(signals.features(now, cand), shared)) @ ranker)
             if fitted else None,
