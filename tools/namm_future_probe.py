@@ -331,7 +331,7 @@ def main() -> int:
         fitted = {"fit_samples": len(fit_samples), "shared_weights": shared.tolist(),
                   "per_pair_weights": per_pair.tolist(), "token_ranker_weights": ranker.tolist()}
         fit_quality = {"shared": summed_rank_correlation(expanded(x) @ shared, y, args.per_time),
-                       "per pair": summed_rank_correlation(np.einsum("pmf,pf->pm", linear, per_pair), y,
+                       "per pair": summed_rank_correlation(per_pair_predicted(x, per_pair), y,
                                                            args.per_time)}
         print("fit rank correlation of the sums " + ", ".join(f"{k} {v:.3f}" for k, v in fit_quality.items()),
               flush=True)
