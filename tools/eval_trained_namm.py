@@ -223,7 +223,9 @@ def markdown(report: dict) -> str:
              "closes (1 = full cache, 0 = sink, negative = worse than sink). 'vs sink' = mean per-sample NLL "
              "difference to sink (nats; negative = better) with its 95 % paired bootstrap interval: an interval "
              "that contains 0 is no measured difference; the text share closed carries its own 95 % bootstrap "
-             "interval over the texts (tools/namm_closed_intervals.py).", ""]
+             "interval over the texts (tools/namm_closed_intervals.py)." +
+             (f" The target tokens were decoded {report['score_chunk']} per batch (sink evicts at least a batch's "
+              "worth before each)." if report.get("score_chunk") else ""), ""]
     for label, table in report["tables"].items():
         lines += [f"## {label}", "", "| policy | peak cells | text PPL | text gap (nats) | text closed | text vs sink "
                   "[95 % CI] | answer NLL | answer gap | answer closed | answer vs sink [95 % CI] | answer p |",
@@ -352,7 +354,16 @@ def main() -> int:
                         "selection set and is refused")
     p.add_argument("--also", action="append", default=[], metavar="NAME=GGUF",
                    help="another NAMM GGUF to score beside the trained one (e.g. an earlier shipped NAMM)")
+    p.add_argument("--score-chunk", type=int, default=None, metavar="TOKENS",
+                   help="target tokens decoded per batch while scoring, every policy (default: the run's trained "
+                        "interval; a NAMM's own invocations split batches further). Sink evicts at least a batch's "
+                        "worth before each batch, so batches larger than its eviction chunk shrink its cache")
+    p.add_argument("--also-sink-score-chunk", type=int, default=None, metavar="TOKENS",
+                   help="also score sink with this many tokens per batch (a row beside sink at --score-chunk)")
     args = p.parse_args()
+    for flag, value in (("--score-chunk", args.score_chunk), ("--also-sink-score-chunk", args.also_sink_score_chunk)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be a positive number of tokens (got {value})")
 
     try:
         config, shipped_file, shipped_info = run_config(args.run)
@@ -378,7 +389,8 @@ def main() -> int:
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
               "model": config.model, "sample_tokens": config.sample_tokens, "scored_tokens": config.scored_tokens,
               "n_text": args.text, "n_retrieval": args.retrieval, "test_seed": test_seed,
-              "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT), "tables": {}}
+              "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT),
+              "score_chunk": args.score_chunk or config.namm_delay, "tables": {}}
     try:
         def spec_for(model: str, capacity: int) -> MemorySpec:
             return MemorySpec.from_config(config, mean, var, 1, capacity, model)
@@ -418,7 +430,8 @@ def main() -> int:
                                         os.path.join(tmp, f"namm-{q}.gguf"), q)["output"]
         full_spec = spec_for(config.model, config.capacity)
         print("full cache", flush=True)
-        refs = {r.sample_id: r.nll for r in executor.map(full_spec, [Job("full", s) for s in samples])}
+        refs = {r.sample_id: r.nll for r in executor.map(full_spec, [Job("full", s, score_chunk=args.score_chunk)
+                                                                      for s in samples])}
         full_entry = summarise([type("R", (), {"sample_id": k, "nll": v, "peak_cells": config.sample_tokens,
                                                 "forced_evictions": 0})() for k, v in refs.items()], refs)
         for fraction in [float(f) for f in args.fractions.split(",")]:
@@ -428,6 +441,9 @@ def main() -> int:
             baseline_jobs = {"h2o": ("h2o", Job("h2o", samples[0])), "tova": ("tova", Job("tova", samples[0])),
                              "random": ("random NAMM", Job("namm", samples[0], random_theta))}
             policies = {"sink": Job("sink", samples[0])}
+            if args.also_sink_score_chunk:
+                policies[f"sink, scored {args.also_sink_score_chunk} tokens per batch"] = Job(
+                    "sink", samples[0], score_chunk=args.also_sink_score_chunk)
             policies.update(baseline_jobs[key] for key in BASELINES if key in baselines)
             if warm_theta is not None and not args.skip_warm_start:
                 policies["warm start only (no evolution)"] = Job("namm", samples[0], warm_theta)
@@ -441,6 +457,8 @@ def main() -> int:
             if fraction == config.cache_fraction:
                 policies.update({f"trained NAMM ({q})": Job("namm_file", samples[0], namm_file=quant_files[q],
                                                             namm_delay=0) for q in quants})
+            policies = {name: job if job.score_chunk else replace(job, score_chunk=args.score_chunk)
+                        for name, job in policies.items()}
             table = {"full cache": full_entry}
             table.update(run_policies(executor, spec_for(config.model, capacity), samples, policies, refs))
             report["tables"][label] = table

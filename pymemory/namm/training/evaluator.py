@@ -64,6 +64,10 @@ class Job:
     # namm_file only: tokens between invocations; None = the spec's (the run's trained interval), 0 = the file's own
     # default (its deployed interval when it records one, else the trained one)
     namm_delay: int | None = None
+    # Target tokens decoded per batch while scoring; None = the spec's namm_delay (the engine splits batches further
+    # at a NAMM's invocations). Sink-style policies evict at least a batch's worth before it, so larger batches
+    # leave them a smaller cache on average (docs/results.md, "Scored 16 tokens at a time").
+    score_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ class _Worker:
         policy_before = _policy_counters(engine)
         engine.feed(list(job.sample.prompt))
         # Scored in chunks of the invocation period: each chunk sees the cache the policy left.
-        nll = engine.score(list(job.sample.target), self.spec.namm_delay)
+        nll = engine.score(list(job.sample.target), job.score_chunk or self.spec.namm_delay)
         seconds = time.perf_counter() - start
         policy_after = _policy_counters(engine)
         return JobResult(job.tag, job.sample.id, float(np.mean(nll)), seconds, int(engine.stats()["peak_cells"]),
