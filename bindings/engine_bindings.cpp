@@ -387,7 +387,8 @@ void register_engine(py::module_ & m) {
                          int32_t prefill_chunk, const std::string & flash_attention, const std::string & type_k,
                          const std::string & type_v, int32_t h2o_recent, const std::string & namm_path,
                          const std::string & namm_mode, float quorum, int32_t max_cells, int32_t namm_delay,
-                         int32_t namm_layers, bool device_reductions, std::optional<int32_t> compact_at) {
+                         int32_t namm_layers, bool device_reductions, std::optional<int32_t> compact_at,
+                         bool namm_defer_evictions) {
                  EngineParams p;
                  p.policy.kind = parse_policy_kind(policy);
                  p.policy.n_sink = n_sink;
@@ -412,6 +413,7 @@ void register_engine(py::module_ & m) {
                  p.attention.max_cells = max_cells;
                  p.attention.namm_delay = namm_delay;
                  p.attention.namm_layers = namm_layers;
+                 p.attention.namm_defer_evictions = namm_defer_evictions;
                  p.attention.device_reductions = device_reductions;
                  p.model.path = model ? model->info().path : "";
                  py::gil_scoped_release release;
@@ -423,7 +425,8 @@ void register_engine(py::module_ & m) {
              py::arg("type_k") = "f16", py::arg("type_v") = "f16", py::arg("h2o_recent") = -1,
              py::arg("namm_path") = "", py::arg("namm_mode") = "", py::arg("quorum") = 0.0f,
              py::arg("max_cells") = 0, py::arg("namm_delay") = 0, py::arg("namm_layers") = 0,
-             py::arg("device_reductions") = false, py::arg("compact_at") = py::none())
+             py::arg("device_reductions") = false, py::arg("compact_at") = py::none(),
+             py::arg("namm_defer_evictions") = true)
         .def_property_readonly("model", &Engine::shared_model)
         .def(
             "feed", [](Engine & self, const std::vector<Token> & tokens) { locked(self, [&] { self.feed(tokens); }); },

@@ -41,6 +41,9 @@ struct AttentionPolicyParams {
                                        // it; 0 = the file's, else 1.0
     int32_t max_cells = 0;             // namm budget: cells kept after each invocation; 0 = capacity - delay
     int32_t namm_delay = 0;            // namm: tokens between invocations; 0 = the file's value (512)
+    bool namm_defer_evictions = true;  // namm budget modes: evict an invocation's choice only as new tokens need
+                                       // the room (the cache stays at its peak; the next invocation sees what an
+                                       // immediate eviction would have left); false evicts at once, as the original
     int32_t namm_layers = 0;           // namm: attention layers scored, spread evenly over the model; 0 = all
                                        // (an iSWA model's global layers). Fewer cost less (docs/namm.md).
     bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory

@@ -18,7 +18,8 @@ namespace pm {
 namespace {
 
 constexpr char kMagic[7] = {'P', 'M', 'E', 'N', 'G', 'S', 'T'};
-constexpr uint8_t kVersion = 3;  // 2: the attention policy's per-token state; 3: the SWA cache's cells (iSWA)
+// 2: the attention policy's per-token state; 3: the SWA cache's cells (iSWA); 4: NAMM's deferred evictions
+constexpr uint8_t kVersion = 4;
 
 struct Fingerprint {
     std::string policy;

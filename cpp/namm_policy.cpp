@@ -23,9 +23,9 @@ bool ranks_by_max(const std::string & mode) { return mode == "budget_max" || mod
 bool standardises_pairs(const std::string & mode) { return mode == "budget_zmax" || mode == "budget_mix"; }
 }  // namespace
 
-std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
-                                             const std::vector<double> & scores, int32_t n_pairs,
-                                             const std::vector<double> & reserve_scores) {
+std::vector<int32_t> shared_eviction_order(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
+                                           const std::vector<double> & scores, int32_t n_pairs,
+                                           const std::vector<double> & reserve_scores) {
     if (scores.size() != drop_votes.size()) {
         fail(ErrorKind::invalid_argument, "drop_votes and scores must have one entry per cached token (got " +
                                               std::to_string(drop_votes.size()) + " and " +
@@ -86,8 +86,15 @@ std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, co
         return scores[size_t(a)] < scores[size_t(b)];
     });
     candidates.resize(size_t(std::min<int32_t>(excess, int32_t(candidates.size()))));
-    std::sort(candidates.begin(), candidates.end());
     return candidates;
+}
+
+std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
+                                             const std::vector<double> & scores, int32_t n_pairs,
+                                             const std::vector<double> & reserve_scores) {
+    std::vector<int32_t> out = shared_eviction_order(rule, drop_votes, scores, n_pairs, reserve_scores);
+    std::sort(out.begin(), out.end());
+    return out;
 }
 
 namespace {
@@ -109,10 +116,11 @@ class NammPolicy : public AttentionPolicy {
 public:
     // scored_layers: the model's layers NAMM reads (all of them, or an iSWA model's global layers); its per-layer
     // state, selections, votes and captures are kept in that order ("slots").
-    NammPolicy(std::shared_ptr<namm::NammModel> model, const SharedCellDecision & rule, int32_t delay,
+    NammPolicy(std::shared_ptr<namm::NammModel> model, const SharedCellDecision & rule, int32_t delay, bool defer,
                std::vector<int32_t> scored_layers, int32_t n_model_layers, int32_t n_head, int32_t n_head_kv,
                uint32_t n_cells, int32_t n_threads)
-        : model_(std::move(model)), rule_(rule), delay_(delay), n_layer_(int32_t(scored_layers.size())),
+        : model_(std::move(model)), rule_(rule), delay_(delay), defer_(defer && is_budget_mode(rule.mode)),
+          n_layer_(int32_t(scored_layers.size())),
           n_head_kv_(n_head_kv), n_cells_(n_cells), scored_layers_(std::move(scored_layers)),
           slot_of_layer_(size_t(n_model_layers), -1),
           tap_(namm::FeatureTapParams{n_layer_, n_head, n_head_kv, int32_t(n_cells), n_threads,
@@ -131,6 +139,7 @@ public:
         captures_.clear();
         forced_evictions_ = 0;
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
+        std::fill(pending_rank_.begin(), pending_rank_.end(), kNotPending);
     }
 
     void set_threads(int32_t n_threads) override { tap_.set_threads(n_threads); }
@@ -166,7 +175,10 @@ public:
         if (slot < 0) return;
         // A cell that receives a new token no longer holds the token the last invocation scored.
         if (slot == 0) {
-            for (int32_t t = 0; t < v.n_tokens; ++t) last_cell_scores_[size_t(v.token_cell[t])] = kNoScore;
+            for (int32_t t = 0; t < v.n_tokens; ++t) {
+                last_cell_scores_[size_t(v.token_cell[t])] = kNoScore;
+                pending_rank_[size_t(v.token_cell[t])] = kNotPending;
+            }
         }
         std::vector<float> & window = windows_[size_t(slot)];
         tap_.observe(namm::TapBatch{slot, v.tensor, v.n_tokens, batch_begin_, v.token_cell, v.probs, v.head_stride},
@@ -202,6 +214,7 @@ public:
         out.put(n_head_kv_);
         out.put_vector(tap_.save_cells(cache.cells));
         out.put_vector(values_by_token(last_cell_scores_, cache));
+        out.put_vector(values_by_token(pending_rank_, cache));
         out.put(forced_evictions_);
         return std::move(out.bytes());
     }
@@ -217,8 +230,9 @@ public:
         }
         const std::vector<float> features = in.get_vector<float>();
         const std::vector<double> scores = in.get_vector<double>();
+        const std::vector<double> pending = in.get_vector<double>();
         const int64_t forced = in.get<int64_t>();
-        if (scores.size() != cache.cells.size() || in.remaining() != 0) {
+        if (scores.size() != cache.cells.size() || pending.size() != cache.cells.size() || in.remaining() != 0) {
             fail(ErrorKind::invalid_argument, "the saved NAMM state holds " + std::to_string(scores.size()) +
                                                   " tokens but the cache " + std::to_string(cache.cells.size()) +
                                                   " (damaged session file)");
@@ -226,6 +240,7 @@ public:
         reset();
         tap_.load_cells(cache.cells, features);
         restore_by_token(scores, cache, last_cell_scores_);
+        restore_by_token(pending, cache, pending_rank_);
         forced_evictions_ = forced;
     }
 
@@ -235,18 +250,30 @@ public:
     }
 
     std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override {
-        // The cache would overflow before the next invocation freed room: evict by the last invocation's scores
-        // as the mode ranks them (oldest non-sink tokens if there was none). Counted: a well-sized cache never needs this.
         const int32_t n = int32_t(cache.state.positions.size());
         const int32_t needed = n + n_incoming - cache.capacity;
-        // Keyed by cell, not position: cells stay put when positions are re-indexed (reindex=True), positions don't.
-        // Tokens decoded since the last invocation have no score yet and count as 0.
+        // Deferred evictions first: the tokens the last invocation gave up, in the order it gave them up.
+        std::vector<std::pair<double, int32_t>> pending;  // (rank, chronological index)
+        for (int32_t i = 0; i < n; ++i) {
+            const double rank = pending_rank_[size_t(cache.cells[size_t(i)])];
+            if (!std::isnan(rank)) pending.emplace_back(rank, i);
+        }
+        std::sort(pending.begin(), pending.end());
+        pending.resize(std::min(pending.size(), size_t(std::max(needed, 0))));
+        // The cache would still overflow before the next invocation freed room: evict by the last invocation's
+        // scores as the mode ranks them (oldest non-sink tokens if there was none). Counted: a well-sized cache never
+        // needs this. Keyed by cell, not position: cells stay put when positions are re-indexed (reindex=True),
+        // positions don't. Tokens decoded since the last invocation have no score yet and count as 0.
         std::vector<double> scores(static_cast<size_t>(n), 0.0);
         for (int32_t i = 0; i < n; ++i) {
             const double s = last_cell_scores_[size_t(cache.cells[size_t(i)])];
             scores[size_t(i)] = std::isnan(s) ? 0.0 : s;
         }
-        forced_evictions_ += needed;
+        for (const auto & p : pending) {
+            scores[size_t(p.second)] = -std::numeric_limits<double>::infinity();  // goes before any forced choice
+            pending_rank_[size_t(cache.cells[size_t(p.second)])] = kNotPending;
+        }
+        forced_evictions_ += needed - int32_t(pending.size());
         const int32_t first = std::min(std::max(rule_.n_sink, cache.state.n_pinned), n);
         return lowest_scoring(scores, first, n - 1, needed);
     }
@@ -323,9 +350,11 @@ private:
         SharedCellDecision rule = rule_;
         rule.n_sink = std::max(rule.n_sink, cache.state.n_pinned);  // a pinned system prompt counts as sinks
         const std::vector<double> no_reserve;
-        std::vector<int32_t> evict = decide_shared_evictions(rule, drop_votes, token_scores, n_pairs,
-                                                             rule.reserve > 0 ? score_max : no_reserve);
-        record.cells_after = n - int32_t(evict.size());
+        const std::vector<int32_t> order = shared_eviction_order(rule, drop_votes, token_scores, n_pairs,
+                                                                 rule.reserve > 0 ? score_max : no_reserve);
+        std::vector<int32_t> evict(order);
+        std::sort(evict.begin(), evict.end());
+        record.cells_after = n - int32_t(evict.size());  // what the invocation keeps (deferred: once the room is used)
         // Agreement of the kept set with the union / intersection of the per-(layer, head) keep sets.
         std::vector<uint8_t> kept(size_t(n), 1);
         for (int32_t i : evict) kept[size_t(i)] = 0;
@@ -343,7 +372,12 @@ private:
             if (it->tokens_seen == tokens_seen) it->kept = kept;
         }
         invocations_.push_back(std::move(record));
-        return evict;
+        if (!defer_) return evict;
+        // Deferred: the tokens stay until new ones need their cells (make_room), then go in the mode's order. The
+        // next invocation sees the cache an immediate eviction would have left (delay tokens arrive in between).
+        std::fill(pending_rank_.begin(), pending_rank_.end(), kNotPending);
+        for (size_t k = 0; k < order.size(); ++k) pending_rank_[size_t(cache.cells[size_t(order[k])])] = double(k);
+        return {};
     }
 
     bool capturing() const {
@@ -381,6 +415,7 @@ private:
     std::shared_ptr<namm::NammModel> model_;
     SharedCellDecision rule_;
     int32_t delay_;
+    bool defer_;  // budget modes: evict the invocation's choice only as new tokens need the room
     int32_t n_layer_, n_head_kv_;              // n_layer_: scored layers (slots)
     size_t n_cells_;
     std::vector<int32_t> scored_layers_;       // slot -> model layer
@@ -393,6 +428,10 @@ private:
     // highest) for make_room's fallback; kNoScore for cells that got a new token since, or none.
     static constexpr double kNoScore = std::numeric_limits<double>::quiet_NaN();
     std::vector<double> last_cell_scores_ = std::vector<double>(n_cells_, kNoScore);
+    // Deferred evictions: per cell, the order in which the last invocation gave its token up (0 first); NaN for a
+    // token it keeps, one decoded since, or an empty cell.
+    static constexpr double kNotPending = std::numeric_limits<double>::quiet_NaN();
+    std::vector<double> pending_rank_ = std::vector<double>(n_cells_, kNotPending);
 };
 
 }  // namespace
@@ -457,7 +496,8 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     std::vector<int32_t> scored;
     const int32_t k = a.namm_layers > 0 ? a.namm_layers : n_global;
     for (int32_t i = 0; i < k; ++i) scored.push_back(global[size_t((2 * int64_t(i) + 1) * n_global / (2 * int64_t(k)))]);
-    return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, std::move(scored), model.n_layer, model.n_head,
+    return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, a.namm_defer_evictions, std::move(scored),
+                                        model.n_layer, model.n_head,
                                         model.n_head_kv, n_cells, n_threads);
 }
 

@@ -61,5 +61,10 @@ struct SharedCellDecision {
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
                                              const std::vector<double> & scores, int32_t n_pairs,
                                              const std::vector<double> & reserve_scores = {});
+// The same tokens in the order the mode gives them up (the first goes first; quorum: chronological). A policy that
+// defers its evictions until new tokens need the room evicts them in this order.
+std::vector<int32_t> shared_eviction_order(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
+                                           const std::vector<double> & scores, int32_t n_pairs,
+                                           const std::vector<double> & reserve_scores = {});
 
 }  // namespace pm

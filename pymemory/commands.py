@@ -39,6 +39,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="namm: tokens between invocations, a multiple of 16 (default: the file's)")
     g.add_argument("--namm-layers", type=int, default=None,
                    help="namm: score this many layers, spread over the depth (default all; fewer cost less)")
+    g.add_argument("--namm-defer-evictions", action=argparse.BooleanOptionalAction, default=True,
+                   help="namm budget modes: evict what an invocation gives up only as new tokens need the room, so "
+                        "the cache stays at its peak (default on; --no-namm-defer-evictions evicts at the invocation, "
+                        "as the original NAMM does)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -83,6 +87,7 @@ def open_model(args: argparse.Namespace, **extra: object) -> StreamingLLM:
         max_cells=args.max_cells,
         namm_delay=args.namm_delay,
         namm_layers=args.namm_layers,
+        namm_defer_evictions=args.namm_defer_evictions,
         **extra,
     )
 

@@ -189,6 +189,9 @@ class StreamingLLM:
         quorum, max_cells, namm_delay: see namm_mode; namm_delay overrides the invocation period (the file's).
         namm_layers: how many attention layers NAMM scores, spread evenly over the depth (default: all). Each
             scored layer costs tap and scorer time; docs/namm.md has the measured trade-off.
+        namm_defer_evictions: in the budget modes, evict the tokens an invocation gives up only as new tokens need
+            their cells, so the cache stays at its peak between invocations (default True); False evicts them at
+            the invocation, as the original NAMM does (the cache then falls to max_cells).
         verbose: show llama.cpp's informational log.
     """
 
@@ -219,6 +222,7 @@ class StreamingLLM:
         max_cells: int | None = None,
         namm_delay: int | None = None,
         namm_layers: int | None = None,
+        namm_defer_evictions: bool = True,
         verbose: bool = False,
     ) -> None:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
@@ -229,6 +233,7 @@ class StreamingLLM:
                                    ("type_v", type_v, str), ("chat_template", chat_template, (str, type(None))),
                                    ("reindex", reindex, (bool, type(None))), ("use_extra_bufts", use_extra_bufts, bool),
                                    ("policy", policy, str), ("namm_path", namm_path, (str, os.PathLike, type(None))),
+                                   ("namm_defer_evictions", namm_defer_evictions, bool),
                                    ("model_path", model_path, (str, os.PathLike, type(None)))):
             if not isinstance(value, kinds):
                 raise InvalidArgumentError(f"{name} has the wrong type ({type(value).__name__}); see help(StreamingLLM)")
@@ -301,6 +306,7 @@ class StreamingLLM:
             max_cells=0 if max_cells is None else _check_int("max_cells", max_cells, 1),
             namm_delay=0 if namm_delay is None else _check_int("namm_delay", namm_delay, 16),
             namm_layers=0 if namm_layers is None else _check_int("namm_layers", namm_layers, 1),
+            namm_defer_evictions=namm_defer_evictions,
         )
         self.messages: list[dict[str, str]] = []  # the running conversation of chat()
         self._chat_fed_text = ""  # rendered conversation text that has gone into the cache

@@ -111,6 +111,51 @@ def test_the_engine_runs_a_namm_at_its_deployed_interval(smollm2_model, english_
 
 
 @pytest.mark.model
+def test_deferred_evictions_hold_the_peak_and_give_up_what_the_invocation_chose(smollm2_model, english_text,
+                                                                                namm_gguf, tmp_path):
+    """Budget modes by default evict what an invocation gives up only as new tokens need the room. Fed in batches
+    of the interval nothing changes (each batch needs exactly that room): scores and cache equal the immediate
+    eviction's. Fed one token at a time the cache stays full, each new token pushes out one of the tokens the
+    invocation gave up and nothing else, and a saved session restores the tokens still to go."""
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.convert import write_gguf
+
+    path = write_gguf(load_checkpoint(namm_gguf[1], trust_pickle=True), tmp_path / "z.gguf", "f32", delay=32,
+                      deploy={"mode": "budget_zmax", "quorum": 1.0})["output"]
+    tokens = smollm2_model.tokenize(english_text, True, False)[:400]
+
+    def engine(defer: bool):
+        # 256 cells: batches of 32 (the prefill chunk, window / 4, is larger), so they end at every invocation
+        return _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_layers=2,
+                            n_threads=2, namm_defer_evictions=defer)
+
+    deferred, immediate = engine(True), engine(False)
+    np.testing.assert_array_equal(deferred.score(tokens[:384], 32)[1:], immediate.score(tokens[:384], 32)[1:])
+    # The invocation at 384 has given up 32 tokens the deferred cache still holds
+    assert set(immediate.cached_positions()) <= set(deferred.cached_positions())
+    assert len(deferred.cached_positions()) == len(immediate.cached_positions()) + 32 == 256
+    for e in (deferred, immediate):
+        e.reset()
+        e.feed(tokens[:320])  # in batches that end at invocations: the same state, bar the tokens still to go
+    assert len(immediate.cached_positions()) == 224 and len(deferred.cached_positions()) == 256
+    given_up = set(deferred.cached_positions()) - set(immediate.cached_positions())
+    assert len(given_up) == 32 and max(given_up) < 320
+    for k in range(1, 32):
+        for e in (deferred, immediate):
+            e.feed([tokens[319 + k]])
+        kept, now = set(immediate.cached_positions()), set(deferred.cached_positions())
+        assert len(now) == 256 and kept <= now and len(now - kept) == 32 - k and now - kept <= given_up
+        if k == 10:
+            saved = deferred.save_state()
+    assert deferred.policy_stats()["forced_evictions"] == 0
+    restored = engine(True)
+    restored.load_state(saved)
+    for t in tokens[330:351]:  # what `deferred` was fed after it was saved
+        restored.feed([t])
+    assert restored.cached_positions() == deferred.cached_positions()
+
+
+@pytest.mark.model
 def test_an_unknown_namm_mode_is_refused_when_the_engine_is_built(smollm2_model, namm_gguf):
     # Not at the first invocation, 512 tokens into a stream: the raw core checks it up front too.
     with pytest.raises(InvalidArgumentError, match="namm_mode must be 'quorum', 'budget', 'budget_max', 'budget_zmax' or 'budget_mix' .got 'lru'"):
@@ -161,8 +206,9 @@ def test_engine_features_and_scores_equal_the_reference_on_captured_attention(sm
             uncorrected = NammReference.from_vector(vector, replace(hparams, ema_bias_correction=False))
     correction_effects = []
     tokens = smollm2_model.tokenize(english_text, True, False)[:1700]
+    # The original evicts at each invocation (the reference's state keeps only what it kept)
     engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=1020, namm_path=path, namm_mode="budget",
-                          max_cells=500)
+                          max_cells=500, namm_defer_evictions=False)
     engine.capture_namm_layers([0, 15, 29])
     engine.feed(tokens)
     captures = engine.namm_captures()
@@ -230,7 +276,15 @@ def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode)
     assert engine.stats()["peak_cells"] <= 1024
     # The policy's own decisions, not the forced-eviction fallback (which alone keeps cells <= capacity):
     by_policy = sum(r["cells_before"] - r["cells_after"] for r in records)
-    assert engine.stats()["tokens_evicted"] == by_policy + stats["forced_evictions"]  # every eviction accounted for
+    # Budget modes defer what an invocation gives up until new tokens need the room: what the last one gave up and
+    # the tokens since have not yet used is still cached, and the cache is at its peak.
+    still_pending = 0
+    if mode != "quorum":
+        since = engine.stats()["tokens_seen"] - records[-1]["tokens_seen"]
+        still_pending = engine.stats()["cells_used"] - records[-1]["cells_after"] - since
+        assert 0 <= still_pending <= records[-1]["cells_before"] - records[-1]["cells_after"]
+        assert engine.stats()["cells_used"] == 1024
+    assert engine.stats()["tokens_evicted"] == by_policy + stats["forced_evictions"] - still_pending  # all accounted
     if mode != "quorum":
         # Holds exactly max_cells (capacity - delay = 512) after each invocation, so the next 512 tokens always fit:
         # a well-sized budget never needs the fallback.

@@ -161,6 +161,26 @@ def test_bad_in_memory_parameters_are_refused(tmp_path, smollm2_model):
         sink.set_namm_parameters(good)
 
 
+def test_score_chunk_sets_the_batches_sink_is_scored_in(smollm2_path, english_text):
+    """Job.score_chunk decides how many target tokens each scored batch holds (at most the engine's prefill chunk,
+    here 31): unset, the spec's interval. Sink evicts at least a batch's worth before each batch, so it scores
+    differently in 16- and 31-token batches, while the full cache scores the same either way."""
+    from pymemory._loader import _core
+    from pymemory.namm.training.data import Sample
+    from pymemory.namm.training.evaluator import Job, MemorySpec, _Worker
+
+    tokens = _core.Model.load(os.fspath(smollm2_path)).tokenize(english_text, True, False)[:384]
+    sample = Sample("text-0", "text", tuple(tokens[:256]), tuple(tokens[256:]))
+    spec = MemorySpec(os.fspath(smollm2_path), capacity=128, sample_tokens=384, n_sink=4, namm_delay=32,
+                      mode="budget", quorum=1.0, max_cells=96, feat_mean=(0.0,) * 17, feat_var=(1.0,) * 17, threads=2)
+    worker = _Worker(spec)
+    nll = {chunk: worker.run(Job("sink", sample, score_chunk=chunk)).nll for chunk in (None, 32, 16)}
+    assert nll[None] == nll[32]
+    assert abs(nll[16] - nll[32]) > 1e-3
+    full = [worker.run(Job("full", sample, score_chunk=chunk)).nll for chunk in (16, 32)]
+    assert abs(full[0] - full[1]) < 1e-4
+
+
 # ---- a short run: learns, resumes, writes its files -----------------------------------------------------------
 
 def _log(run_dir: Path) -> dict:

@@ -358,6 +358,9 @@ def main() -> int:
                    help="target tokens decoded per batch while scoring, every policy (default: the run's trained "
                         "interval; a NAMM's own invocations split batches further). Sink evicts at least a batch's "
                         "worth before each batch, so batches larger than its eviction chunk shrink its cache")
+    p.add_argument("--also-immediate", action="store_true",
+                   help="also score the trained NAMM evicting at each invocation (namm_defer_evictions=False, the "
+                        "original's timing) beside the engine's default, which evicts as new tokens need the room")
     p.add_argument("--also-sink-score-chunk", type=int, default=None, metavar="TOKENS",
                    help="also score sink with this many tokens per batch (a row beside sink at --score-chunk)")
     args = p.parse_args()
@@ -450,6 +453,9 @@ def main() -> int:
             # NAMM files run as they are deployed (their own interval); the trainer's reproduction below, as trained.
             policies.update({name: Job("namm_file", samples[0], namm_file=path, namm_delay=0)
                              for name, path in others.items()})
+            if args.also_immediate:
+                policies["trained NAMM, evicting at each invocation"] = Job(
+                    "namm_file", samples[0], namm_file=namm_file, namm_delay=0, namm_defer_evictions=False)
             policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file, namm_delay=0)
             for k in layer_subsets:
                 policies[f"trained NAMM, {k} layers scored"] = Job("namm_file", samples[0], namm_file=namm_file,

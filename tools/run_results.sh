@@ -383,6 +383,28 @@ if run namm-qwen-deploy-delay-48; then  # issue 10: the same at 25 % on 48 fresh
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_deploy_delay_48 \
     $out/namm_qwen_deploy_delay_48.json --versus "trained NAMM (f32)"
 fi
+if run namm-rate-2048; then  # issue 10: smollm2-rate (every 16) on 2,048-token samples at 25 %: does the share of
+  # sink's gap it closes keep growing with the context (37 % at 512, 48 % at 1,024)? 24 texts + 8 retrievals (25 min)
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_rate_smollm2_2048 --text 24 --retrieval 8 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 2048 --baselines '' --test-seed 2 --workers 2
+fi
+if run namm-score-chunk; then  # issue 10: sink evicts at least a scored batch's worth before each batch, so the
+  # 32-token batches of the earlier 1,024-token tests left it 224-256 cells where it decodes with 240-256 (its
+  # eviction chunk is 16). The shipped smollm2-rate (every 16) against sink scored 16 tokens per batch (as it
+  # decodes), with sink at 32 beside it, on namm-deploy-delay's 96 texts and 16 retrievals at 25 % (35 minutes)
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_score_chunk --text 96 --retrieval 16 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 --workers 2 \
+    --score-chunk 16 --also-sink-score-chunk 32
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_score_chunk $out/namm_score_chunk.json
+fi
+if run namm-decode-eval; then  # issue 10: every policy scored one token per decode, as a chat generates (sink,
+  # h2o and tova evict their 16-token chunk; the NAMM, every 16 tokens as shipped, defers what an invocation gives up
+  # until new tokens need the room, or evicts it at once beside it): 48 texts + 16 retrievals of 512 tokens
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_decode_smollm2 --text 48 --retrieval 16 \
+    --quants '' --no-reproduce --score-chunk 1 --also-immediate --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode $out/namm_decode_smollm2.json \
+    --versus "trained NAMM, evicting at each invocation"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \

@@ -53,6 +53,7 @@ class ServerConfig:
     max_cells: int | None = None
     namm_delay: int | None = None
     namm_layers: int | None = None
+    namm_defer_evictions: bool = True
     parallel: int = 1
     max_queue: int = 16
     queue_timeout: float = 60.0
@@ -92,6 +93,7 @@ class ServerState:
                            evict_chunk=config.evict_chunk, reindex=config.reindex, n_threads=config.n_threads or 0)
         if config.h2o_recent is not None:
             engine_args["h2o_recent"] = config.h2o_recent
+        engine_args["namm_defer_evictions"] = config.namm_defer_evictions
         for name in ("namm_path", "namm_mode", "quorum", "max_cells", "namm_delay", "namm_layers"):
             if getattr(config, name) is not None:
                 engine_args[name] = getattr(config, name)

@@ -68,6 +68,7 @@ class Job:
     # at a NAMM's invocations). Sink-style policies evict at least a batch's worth before it, so larger batches
     # leave them a smaller cache on average (docs/results.md, "Scored 16 tokens at a time").
     score_chunk: int | None = None
+    namm_defer_evictions: bool = True  # namm and namm_file: the engine's setting (False: evict at each invocation)
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,14 @@ class _Worker:
                           np.asarray(spec.feat_var, np.float32), "pymemory train-namm template")
         self.template = write_template(zero, os.path.join(self._tmp.name, "template.gguf"), spec)
 
-    def engine(self, memory: str, namm_file: str = "", namm_layers: int = 0, namm_delay: int | None = None):
-        key = f"{memory}:{namm_file}:{namm_layers}:{namm_delay}"
+    def engine(self, memory: str, namm_file: str = "", namm_layers: int = 0, namm_delay: int | None = None,
+               namm_defer_evictions: bool = True):
+        key = f"{memory}:{namm_file}:{namm_layers}:{namm_delay}:{namm_defer_evictions}"
         if key not in self.engines:
             s = self.spec
             common = dict(n_threads=s.threads)
+            if memory in ("namm", "namm_file"):
+                common["namm_defer_evictions"] = namm_defer_evictions
             if memory == "namm_file":
                 kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=namm_file,
                               namm_delay=s.namm_delay if namm_delay is None else namm_delay, namm_layers=namm_layers)
@@ -121,7 +125,7 @@ class _Worker:
         return self.engines[key]
 
     def run(self, job: Job) -> JobResult:
-        engine = self.engine(job.memory, job.namm_file, job.namm_layers, job.namm_delay)
+        engine = self.engine(job.memory, job.namm_file, job.namm_layers, job.namm_delay, job.namm_defer_evictions)
         if job.memory == "namm":
             theta = np.zeros(4172, np.float32) if job.theta is None else np.asarray(job.theta, np.float32)
             engine.set_namm_parameters(namm_tensors(theta, self.spec))
