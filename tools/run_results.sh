@@ -405,6 +405,14 @@ if run namm-decode-eval; then  # issue 10: every policy scored one token per dec
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode $out/namm_decode_smollm2.json \
     --versus "trained NAMM, evicting at each invocation"
 fi
+if run namm-decode-1024; then  # issue 10: the same one-token-per-decode test at 25 % of 1,024 tokens, the first
+  # 32 texts of namm-deploy-delay's fresh set (seed 2), text only (about 20 minutes)
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_decode_smollm2_1024 --text 32 --retrieval 0 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 --score-chunk 1 \
+    --also-immediate --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_1024 \
+    $out/namm_decode_smollm2_1024.json --versus "trained NAMM, evicting at each invocation"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
