@@ -260,6 +260,13 @@ public:
         }
         std::sort(pending.begin(), pending.end());
         pending.resize(std::min(pending.size(), size_t(std::max(needed, 0))));
+        for (const auto & p : pending) pending_rank_[size_t(cache.cells[size_t(p.second)])] = kNotPending;
+        if (int32_t(pending.size()) == needed) {  // what a well-sized budget always meets: no scores needed
+            std::vector<int32_t> out;
+            for (const auto & p : pending) out.push_back(p.second);
+            std::sort(out.begin(), out.end());
+            return out;
+        }
         // The cache would still overflow before the next invocation freed room: evict by the last invocation's
         // scores as the mode ranks them (oldest non-sink tokens if there was none). Counted: a well-sized cache never
         // needs this. Keyed by cell, not position: cells stay put when positions are re-indexed (reindex=True),
@@ -271,7 +278,6 @@ public:
         }
         for (const auto & p : pending) {
             scores[size_t(p.second)] = -std::numeric_limits<double>::infinity();  // goes before any forced choice
-            pending_rank_[size_t(cache.cells[size_t(p.second)])] = kNotPending;
         }
         forced_evictions_ += needed - int32_t(pending.size());
         const int32_t first = std::min(std::max(rule_.n_sink, cache.state.n_pinned), n);

@@ -133,7 +133,7 @@ class _Worker:
         engine.reset()
         policy_before = _policy_counters(engine)
         engine.feed(list(job.sample.prompt))
-        # Scored in chunks of the invocation period: each chunk sees the cache the policy left.
+        # Scored in chunks (the invocation period unless the job says): each chunk sees the cache the policy left.
         nll = engine.score(list(job.sample.target), job.score_chunk or self.spec.namm_delay)
         seconds = time.perf_counter() - start
         policy_after = _policy_counters(engine)
