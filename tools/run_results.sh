@@ -413,6 +413,23 @@ if run namm-decode-1024; then  # issue 10: the same one-token-per-decode test at
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_1024 \
     $out/namm_decode_smollm2_1024.json --versus "trained NAMM, evicting at each invocation"
 fi
+if run namm-decode-1024-96; then  # issue 10: one token per decode at 25 % of 1,024 tokens on namm-deploy-delay's
+  # 96 texts (seed 2; the first 32 are namm-decode-1024's), to decide half of sink's gap as a chat decodes (35 min)
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_decode_smollm2_1024_96 --text 96 \
+    --retrieval 0 --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 \
+    --score-chunk 1 --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_1024_96 \
+    $out/namm_decode_smollm2_1024_96.json
+fi
+if run namm-qwen-decode-eval; then  # issue 10: namm-decode-eval on Qwen2.5: qwen2.5-rate (every 16, deferred) and
+  # evicting at once, smollm2-rate zero-shot, h2o and sink scored one token per decode; 48 texts + 16 retrievals of
+  # 512 tokens (seed 1) at 25 % and 50 % (about 50 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_decode_qwen --text 48 --retrieval 16 \
+    --quants '' --no-reproduce --baselines h2o --score-chunk 1 --also-immediate \
+    --also "smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen $out/namm_decode_qwen.json \
+    --versus "trained NAMM, evicting at each invocation"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
