@@ -422,11 +422,12 @@ if run namm-decode-1024-96; then  # issue 10: one token per decode at 25 % of 1,
     $out/namm_decode_smollm2_1024_96.json
 fi
 if run namm-qwen-decode-eval; then  # issue 10: namm-decode-eval on Qwen2.5: qwen2.5-rate (every 16, deferred) and
-  # evicting at once, smollm2-rate zero-shot, h2o and sink scored one token per decode; 48 texts + 16 retrievals of
-  # 512 tokens (seed 1) at 25 % and 50 % (about 50 minutes)
+  # evicting at once, the pooled qwen2.5, smollm2-rate zero-shot, h2o and sink scored one token per decode; 48 texts
+  # + 16 retrievals of 512 tokens (seed 1) at 25 % and 50 % (about 60 minutes)
   python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_decode_qwen --text 48 --retrieval 16 \
     --quants '' --no-reproduce --baselines h2o --score-chunk 1 --also-immediate \
-    --also "smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf" --workers 2
+    --also "smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf" \
+    --also "shipped qwen2.5 (pooled)=pymemory/data/namm/qwen2.5.gguf" --workers 2
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen $out/namm_decode_qwen.json \
     --versus "trained NAMM, evicting at each invocation"
 fi
