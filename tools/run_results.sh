@@ -431,6 +431,13 @@ if run namm-qwen-decode-eval; then  # issue 10: namm-decode-eval on Qwen2.5: qwe
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen $out/namm_decode_qwen.json \
     --versus "trained NAMM, evicting at each invocation"
 fi
+if run namm-qwen-decode-50-fresh; then  # issue 10: namm-qwen-decode-eval put qwen2.5-rate at 59 % [47, 71] of sink's
+  # gap at 50 % (48 texts): a fresh set (seed 2) of 96 texts of 512 tokens, one token per decode (about 25 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_decode_qwen_50_fresh --text 96 --retrieval 0 \
+    --fractions 0.5 --quants '' --no-reproduce --baselines '' --test-seed 2 --score-chunk 1 --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen_50_fresh \
+    $out/namm_decode_qwen_50_fresh.json
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
