@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 import pytest
 from helpers.measurements import record
+from helpers.namm_records import still_deferred
 
 from conftest import STREAM_TOKENS
 from pymemory import InvalidArgumentError, StreamingLLM
@@ -278,8 +279,6 @@ def test_long_generation_with_namm_stays_bounded(smollm2_model, namm_gguf, mode)
     by_policy = sum(r["cells_before"] - r["cells_after"] for r in records)
     # Budget modes defer what an invocation gives up until new tokens need the room: what the last one gave up and
     # the tokens since have not yet used is still cached, and the cache is at its peak.
-    from helpers.namm_records import still_deferred
-
     still_pending = 0
     if mode != "quorum":
         still_pending = still_deferred(engine.stats(), records)

@@ -414,7 +414,7 @@ if run namm-decode-1024; then  # issue 10: the same one-token-per-decode test at
     $out/namm_decode_smollm2_1024.json --versus "trained NAMM, evicting at each invocation"
 fi
 if run namm-decode-1024-96; then  # issue 10: one token per decode at 25 % of 1,024 tokens on namm-deploy-delay's
-  # 96 texts (seed 2; the first 32 are namm-decode-1024's), to decide half of sink's gap as a chat decodes (35 min)
+  # 96 texts (seed 2; the first 32 are namm-decode-1024's), to decide half of sink's gap as a chat decodes (30 min)
   python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_decode_smollm2_1024_96 --text 96 \
     --retrieval 0 --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 \
     --score-chunk 1 --workers 2
@@ -423,7 +423,7 @@ if run namm-decode-1024-96; then  # issue 10: one token per decode at 25 % of 1,
 fi
 if run namm-qwen-decode-eval; then  # issue 10: namm-decode-eval on Qwen2.5: qwen2.5-rate (every 16, deferred) and
   # evicting at once, the pooled qwen2.5, smollm2-rate zero-shot, h2o and sink scored one token per decode; 48 texts
-  # + 16 retrievals of 512 tokens (seed 1) at 25 % and 50 % (about 60 minutes)
+  # + 16 retrievals of 512 tokens (seed 1) at 25 % and 50 % (about 80 minutes)
   python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_decode_qwen --text 48 --retrieval 16 \
     --quants '' --no-reproduce --baselines h2o --score-chunk 1 --also-immediate \
     --also "smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf" \
@@ -432,7 +432,7 @@ if run namm-qwen-decode-eval; then  # issue 10: namm-decode-eval on Qwen2.5: qwe
     --versus "trained NAMM, evicting at each invocation"
 fi
 if run namm-qwen-decode-50-fresh; then  # issue 10: namm-qwen-decode-eval put qwen2.5-rate at 59 % [47, 71] of sink's
-  # gap at 50 % (48 texts): a fresh set (seed 2) of 96 texts of 512 tokens, one token per decode (about 25 minutes)
+  # gap at 50 % (48 texts): a fresh set (seed 2) of 96 texts of 512 tokens, one token per decode (about 30 minutes)
   python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_decode_qwen_50_fresh --text 96 --retrieval 0 \
     --fractions 0.5 --quants '' --no-reproduce --baselines '' --test-seed 2 --score-chunk 1 --workers 2
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen_50_fresh \
