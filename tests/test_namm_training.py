@@ -235,6 +235,48 @@ def test_imitation_warm_start_predicts_future_attention(tmp_path, smollm2_path):
     assert theta.shape == (4172,) and np.isfinite(theta).all()
 
 
+RATE_SETTINGS = dict(mode="budget_zmax", ema_coefficient=0.998, ema_bias_correction=True)
+
+
+def test_a_namm_file_to_continue_from_must_read_attention_as_the_run_does(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="--warm-start must be one of .* NAMM GGUF"):
+        tiny(tmp_path, warm_start=os.fspath(tmp_path / "missing.gguf")).validate()
+    with pytest.raises(InvalidArgumentError, match=r"other settings \(mode, ema_coefficient, ema_bias_correction\)"
+                                                   r".*--mode budget_zmax --ema-coefficient 0.998 --ema-bias-correction"):
+        tiny(tmp_path, warm_start="smollm2-rate").validate()
+    tiny(tmp_path, warm_start="smollm2-rate", **RATE_SETTINGS).validate()  # its interval (32) may differ: 16 here
+    tiny(tmp_path, warm_start="smollm2-rate", namm_delay=16, **RATE_SETTINGS).validate()
+
+
+def test_a_run_continues_from_a_namm_file_as_it_is(tmp_path, smollm2_path):
+    """--warm-start FILE: CMA-ES starts at the file's weights with its normalisation statistics (no calibration),
+    and generation 0 of the held-out curve scores exactly what the engine scores running the file itself."""
+    from pymemory.namm import load_gguf
+    from pymemory.namm.packaged import resolve_namm
+    from pymemory.namm.training import train_namm
+    from pymemory.namm.training.evaluator import Job, make_executor
+    from pymemory.namm.training.trainer import Trainer, _gaps
+
+    config = tiny(tmp_path, model=smollm2_path, warm_start="smollm2-rate", generations=1, **RATE_SETTINGS)
+    train_namm(config, progress=False)
+    log = _log(tmp_path / "run")
+    shipped, _ = load_gguf(resolve_namm("smollm2-rate"))
+    assert log["warm_start"]["namm"] == resolve_namm("smollm2-rate") and log["calibration_seconds"] < 1.0
+    np.testing.assert_array_equal(np.asarray(log["feature_mean"], np.float32), shipped.feat_mean)
+    trainer = Trainer(config, progress=False)
+    np.testing.assert_array_equal(np.asarray(trainer.state["warm_start_theta"], np.float32), shipped.theta)
+    assert log["heldout"][0]["generation"] == 0
+    executor = make_executor(0, "", 2)
+    try:
+        direct = executor.map(trainer.spec(), [Job("namm_file", smp, namm_file=resolve_namm("smollm2-rate"))
+                                               for smp in trainer.heldout])
+    finally:
+        executor.close()
+    gaps = _gaps(direct, trainer.state["heldout_refs"])
+    assert gaps == pytest.approx({k: v for k, v in log["heldout_baselines"]["warm start"].items() if k != "loss"},
+                                 rel=1e-6)
+
+
 def test_run_outputs_convert_and_match(tmp_path, smollm2_path):
     """ckpt.pt (evo-memory format) converts with convert-namm into the GGUF the run wrote, with the settings the run
     trained under (delay, moving average, mode); log and plot exist."""

@@ -21,7 +21,8 @@ _HELP = {
                            "rate over each token's life instead of an average that starts at zero",
     "mode": f"shared-cell rule: {', '.join(MODES)}",
     "quorum": "quorum mode: fraction of (layer, head) pairs that must drop a token",
-    "warm_start": f"where evolution starts: {', '.join(WARM_STARTS)} (imitation: θ fitted to predict future "
+    "warm_start": f"where evolution starts: {', '.join(WARM_STARTS)}, or a NAMM GGUF (a path or a shipped name) "
+                  "to continue from, weights and normalisation as they are (imitation: θ fitted to predict future "
                   "attention, docs/namm-training.md)",
     "warm_start_samples": "imitation: training samples captured for the fit",
     "warm_start_horizon": "imitation: tokens of future queries a token's target counts",

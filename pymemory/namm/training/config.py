@@ -19,7 +19,7 @@ TEXT_SOURCES = ("austen", "shakespeare", "paul-graham-essays")
 RETRIEVAL_SOURCES = ("passkey", "kv")
 COVARIANCES = ("diagonal", "full")
 MODES = DEPLOY_MODES
-WARM_STARTS = ("imitation", "none")
+WARM_STARTS = ("imitation", "none")  # or a NAMM GGUF (a path or a shipped name): evolution continues from it
 CONFIG_FILE = "config.json"
 
 
@@ -48,7 +48,9 @@ class TrainConfig:
     mode: str = "budget"  # how per-(layer, head) decisions become cell evictions (namm_policy.h)
     quorum: float = 1.0  # quorum mode only
     # Where evolution starts: "imitation" fits θ by gradient descent to predict the attention each cached token
-    # will receive (warm_start.py); "none" starts from θ = 0, as the original does.
+    # will receive (warm_start.py); "none" starts from θ = 0, as the original does; a NAMM GGUF (a path or a
+    # shipped name) starts from that NAMM as it is, weights and normalisation statistics (fine-tuning, or
+    # continuing a NAMM trained on another model on this one).
     warm_start: str = "imitation"
     warm_start_samples: int = 9  # training-split samples captured for the fit (two thirds text)
     warm_start_horizon: int = 256  # tokens of future queries whose attention a token's target counts
@@ -128,7 +130,7 @@ class TrainConfig:
         if not 0.0 < self.quorum <= 1.0:
             raise InvalidArgumentError(f"--quorum must be in (0, 1] (got {self.quorum})")
         if self.warm_start not in WARM_STARTS:
-            raise InvalidArgumentError(f"--warm-start must be one of {WARM_STARTS} (got {self.warm_start!r})")
+            self._check_warm_start_namm()
         if self.warm_start == "imitation":
             if self.warm_start_horizon < self.namm_delay or self.warm_start_horizon % self.namm_delay or \
                     self.warm_start_horizon + self.namm_delay >= self.sample_tokens:
@@ -164,6 +166,39 @@ class TrainConfig:
             raise InvalidArgumentError(f"--dask must be local:N or a scheduler address like tcp://host:8786 "
                                        f"(got {self.dask!r})")
         return self
+
+    def warm_start_namm(self) -> str | None:
+        """The NAMM GGUF this run starts from (--warm-start FILE or a shipped name), or None (imitation, none)."""
+        if self.warm_start in WARM_STARTS:
+            return None
+        from ..packaged import resolve_namm
+
+        return resolve_namm(self.warm_start)
+
+    def _check_warm_start_namm(self) -> None:
+        """A NAMM to start from must exist and read its attention as this run will: its weights mean what they mean
+        only under its moving average and mode (the invocation interval may differ: features do not depend on it)."""
+        from ...errors import PymemoryError
+        from ..checkpoint import gguf_settings
+
+        try:
+            path = self.warm_start_namm()
+            settings = gguf_settings(path)
+        except (PymemoryError, OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"--warm-start must be one of {', '.join(WARM_STARTS)}, or a NAMM GGUF to "
+                                       f"continue from (a path or a shipped name): {exc}") from exc
+        wanted = {"mode": self.mode, "ema_coefficient": self.ema_coefficient,
+                  "ema_bias_correction": self.ema_bias_correction}
+        differ = [k for k, v in wanted.items() if k in settings and
+                  (abs(settings[k] - v) > 1e-6 if isinstance(v, float) else settings[k] != v)]
+        if differ:
+            flags = " ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in differ if k != "ema_bias_correction")
+            if "ema_bias_correction" in differ:
+                flags += " --ema-bias-correction" if settings["ema_bias_correction"] else \
+                    " (without --ema-bias-correction)"
+            raise InvalidArgumentError(
+                f"--warm-start {self.warm_start}: that NAMM was trained with other settings ({', '.join(differ)}); "
+                f"train it as it reads its attention: {flags.strip()}")
 
     def identity(self) -> dict:
         """Settings that define the experiment (a resumed run must match them); compute settings may change."""

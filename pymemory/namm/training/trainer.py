@@ -97,11 +97,19 @@ class Trainer:
         from .calibration import feature_statistics
 
         c = self.config
-        rng_samples = generation_samples(self.factory, c.seed + CALIBRATION_SEED_OFFSET, 0, c.calibration_samples, 0,
-                                         [])
         t0 = time.perf_counter()
-        mean, var = feature_statistics(self.model, rng_samples, c.namm_delay, self.threads, c.ema_coefficient,
-                                       c.ema_bias_correction)
+        namm_file = c.warm_start_namm()
+        if namm_file:  # the NAMM as it is: its weights read features normalised by its own statistics
+            from ..checkpoint import load_gguf
+
+            vector, _ = load_gguf(namm_file)
+            mean, var = vector.feat_mean.astype(np.float32), vector.feat_var.astype(np.float32)
+            rng_samples = []
+        else:
+            rng_samples = generation_samples(self.factory, c.seed + CALIBRATION_SEED_OFFSET, 0,
+                                             c.calibration_samples, 0, [])
+            mean, var = feature_statistics(self.model, rng_samples, c.namm_delay, self.threads, c.ema_coefficient,
+                                           c.ema_bias_correction)
         options = {"popsize": c.population, "seed": c.seed + 1, "verbose": -9, "CMA_diagonal": c.covariance ==
                    "diagonal", "tolx": 0, "tolfun": 0, "tolflatfitness": 10 ** 9, "tolfunhist": 0,
                    "tolstagnation": 10 ** 9}
@@ -115,10 +123,17 @@ class Trainer:
                 "heldout_refs": None, "heldout_baselines": None, "best_heldout": math.inf, "wall_seconds": 0.0}
 
     def _warm_start(self, feat_mean: np.ndarray, feat_var: np.ndarray) -> tuple[np.ndarray, dict | None]:
-        """CMA-ES's initial mean: θ = 0, or the imitation fit on its own training samples (warm_start.py)."""
+        """CMA-ES's initial mean: θ = 0, a NAMM file's θ, or the imitation fit on its own training samples
+        (warm_start.py)."""
         c = self.config
         if c.warm_start == "none":
             return np.zeros(4172), None
+        namm_file = c.warm_start_namm()
+        if namm_file:
+            from ..checkpoint import load_gguf
+
+            vector, _ = load_gguf(namm_file)
+            return vector.theta.astype(np.float64), {"namm": namm_file, "source": vector.source}
         from .warm_start import capture_examples, fit_imitation
 
         n_retrieval = c.warm_start_samples // 3 if self.retrieval_kinds else 0
