@@ -454,7 +454,17 @@ if run namm-qwen-answers; then  # issue 10: does a NAMM keep more answers than s
   python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_answers --text 8 --retrieval 40 \
     --test-seed 3 --quants '' --no-reproduce --baselines h2o --score-chunk 1 --workers 2 \
     --also "smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf"
-  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_answers $out/namm_qwen_answers.json
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_answers $out/namm_qwen_answers.json \
+    --versus h2o
+fi
+if run namm-qwen-decode-1024; then  # issue 10: Qwen2.5 at 25 % of 1,024 tokens, one token per decode (the batched test,
+  # namm-qwen-deploy-delay-48, closed 41 %): its 48 texts (seed 2), qwen2.5-rate as shipped (every 16, deferred) and
+  # smollm2-rate zero-shot against sink and the full cache (about 25 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_decode_1024 --text 48 --retrieval 0 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 --score-chunk 1 \
+    --also "smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_decode_1024 \
+    $out/namm_qwen_decode_1024.json --versus "trained NAMM (f32)"
 fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
