@@ -430,6 +430,8 @@ if run namm-qwen-decode-eval; then  # issue 10: namm-decode-eval on Qwen2.5: qwe
     --also "shipped qwen2.5 (pooled)=pymemory/data/namm/qwen2.5.gguf" --workers 2
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen $out/namm_decode_qwen.json \
     --versus "trained NAMM, evicting at each invocation"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen_vs_h2o \
+    $out/namm_decode_qwen.json --versus h2o
 fi
 if run namm-qwen-decode-50-fresh; then  # issue 10: namm-qwen-decode-eval put qwen2.5-rate at 59 % [47, 71] of sink's
   # gap at 50 % (48 texts): a fresh set (seed 2) of 96 texts of 512 tokens, one token per decode (about 30 minutes)
