@@ -468,6 +468,15 @@ if run namm-qwen-decode-1024; then  # issue 10: Qwen2.5 at 25 % of 1,024 tokens,
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_decode_1024 \
     $out/namm_qwen_decode_1024.json --versus "trained NAMM (f32)"
 fi
+if run namm-qwen-decode-50-fresh-transfer; then  # issue 10: smollm2-rate zero-shot is the NAMM that keeps answers on
+  # Qwen2.5 (namm-qwen-answers): does it close half of sink's text gap at 50 % there too? namm-qwen-decode-50-fresh's
+  # 96 texts (seed 2), beside qwen2.5-rate, one token per decode (about 40 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_decode_qwen_50_fresh_transfer --text 96 \
+    --retrieval 0 --fractions 0.5 --quants '' --no-reproduce --baselines '' --test-seed 2 --score-chunk 1 --workers 2 \
+    --also "smollm2-rate, zero-shot=pymemory/data/namm/smollm2-rate.gguf"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen_50_fresh_transfer \
+    $out/namm_decode_qwen_50_fresh_transfer.json --versus "trained NAMM (f32)"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
