@@ -35,10 +35,6 @@ def main() -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--commit", default=None, help="the commit the run trained at (default: HEAD now)")
-    p.add_argument("--deploy-delay", type=int, default=None,
-                   help="the interval the engine runs the shipped file at by default (namm.deploy.delay; as "
-                        "convert-namm --deploy-delay), recorded in NAME.json's 'deploy'")
-    p.add_argument("--deploy-why", default="", help="why that interval (recorded beside it)")
     args = p.parse_args()
     run = Path(args.run)
     log = json.loads((run / "log.json").read_text())
@@ -49,14 +45,7 @@ def main() -> int:
     vector, _ = load_gguf(run / "namm.gguf")  # refuses a broken file before anything is copied
     data = ROOT / "pymemory" / "data" / "namm"
     data.mkdir(parents=True, exist_ok=True)
-    shipped = data / f"{args.name}.gguf"
-    if args.deploy_delay is None:
-        shutil.copyfile(run / "namm.gguf", shipped)
-    else:
-        from pymemory.namm.checkpoint import load_gguf_as_written
-        from pymemory.namm.convert import write_gguf
-
-        write_gguf(load_gguf_as_written(run / "namm.gguf"), shipped, deploy_delay=args.deploy_delay)
+    shutil.copyfile(run / "namm.gguf", data / f"{args.name}.gguf")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                            text=True).stdout.strip()
     record = {
@@ -77,10 +66,6 @@ def main() -> int:
         "feature_mean": log["feature_mean"],
         "feature_var": log["feature_var"],
     }
-    if args.deploy_delay is not None:
-        record["deploy"] = {"namm_delay": args.deploy_delay, "why": args.deploy_why,
-                            "command": f"pymemory convert-namm {args.name}.gguf -o {shipped.relative_to(ROOT)} "
-                                       f"--deploy-delay {args.deploy_delay}"}
     (data / f"{args.name}.json").write_text(json.dumps(record, indent=1))
     results = ROOT / "docs" / "results"
     shutil.copyfile(run / "log.json", results / f"namm_training_{args.name}.json")

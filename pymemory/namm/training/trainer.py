@@ -114,7 +114,10 @@ class Trainer:
                    "diagonal", "tolx": 0, "tolfun": 0, "tolflatfitness": 10 ** 9, "tolfunhist": 0,
                    "tolstagnation": 10 ** 9}
         t1 = time.perf_counter()
-        start, warm = self._warm_start(mean, var)
+        if namm_file:
+            start, warm = vector.theta.astype(np.float64), {"namm": namm_file, "source": vector.source}
+        else:
+            start, warm = self._warm_start(mean, var)
         es = self.cma.CMAEvolutionStrategy(start, c.sigma0, options)
         return {"es": es, "generation": 0, "feat_mean": mean, "feat_var": var, "warm_start": warm,
                 "warm_start_theta": start if warm else None, "warm_start_seconds": time.perf_counter() - t1,
@@ -123,17 +126,10 @@ class Trainer:
                 "heldout_refs": None, "heldout_baselines": None, "best_heldout": math.inf, "wall_seconds": 0.0}
 
     def _warm_start(self, feat_mean: np.ndarray, feat_var: np.ndarray) -> tuple[np.ndarray, dict | None]:
-        """CMA-ES's initial mean: θ = 0, a NAMM file's θ, or the imitation fit on its own training samples
-        (warm_start.py)."""
+        """CMA-ES's initial mean: θ = 0, or the imitation fit on its own training samples (warm_start.py)."""
         c = self.config
         if c.warm_start == "none":
             return np.zeros(4172), None
-        namm_file = c.warm_start_namm()
-        if namm_file:
-            from ..checkpoint import load_gguf
-
-            vector, _ = load_gguf(namm_file)
-            return vector.theta.astype(np.float64), {"namm": namm_file, "source": vector.source}
         from .warm_start import capture_examples, fit_imitation
 
         n_retrieval = c.warm_start_samples // 3 if self.retrieval_kinds else 0
