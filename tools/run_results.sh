@@ -477,6 +477,14 @@ if run namm-qwen-decode-50-fresh-transfer; then  # issue 10: smollm2-rate zero-s
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen_50_fresh_transfer \
     $out/namm_decode_qwen_50_fresh_transfer.json --versus "trained NAMM (f32)"
 fi
+if run namm-qwen-decode-random; then  # issue 10: the random-NAMM row of namm-qwen-decode-eval (decoded, one token per
+  # decode): its 48 texts + 16 retrievals of 512 tokens (seed 1), a random NAMM with qwen2.5-rate's settings beside
+  # sink, the full cache and qwen2.5-rate as shipped (which reproduce that report) at 25 % and 50 % (about 40 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_decode_qwen_random --text 48 --retrieval 16 \
+    --quants '' --no-reproduce --baselines random --score-chunk 1 --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen_random \
+    $out/namm_decode_qwen_random.json --versus "random NAMM"
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
