@@ -225,7 +225,9 @@ def markdown(report: dict) -> str:
              "that contains 0 is no measured difference; the text share closed carries its own 95 % bootstrap "
              "interval over the texts (tools/namm_closed_intervals.py)." +
              (f" The target tokens were decoded {report['score_chunk']} per batch (sink evicts at least a batch's "
-              "worth before each)." if report.get("score_chunk") else ""), ""]
+              "worth before each)." if report.get("score_chunk") else "") +
+             (f" Every NAMM here runs zero-shot: trained on {report['namm_trained_on']}, not on this model."
+              if report.get("namm_trained_on", report["model"]) != report["model"] else ""), ""]
     for label, table in report["tables"].items():
         lines += [f"## {label}", "", "| policy | peak cells | text PPL | text gap (nats) | text closed | text vs sink "
                   "[95 % CI] | answer NLL | answer gap | answer closed | answer vs sink [95 % CI] | answer p |",
@@ -346,6 +348,10 @@ def main() -> int:
                    help="test samples of this many tokens instead of the run's, the last half scored, peak cells the "
                         "same fractions of them (the NAMM runs with its trained settings): do the policies compare "
                         "the same way on longer context? Needs --no-reproduce and --quants ''")
+    p.add_argument("--model", default=None,
+                   help="score every policy on this model instead of the run's (a registered name or a GGUF path): "
+                        "the NAMMs run zero-shot, at every fraction, on that model's tokens of the same held-out "
+                        "texts. Needs --no-reproduce and --quants ''")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help="comma-separated subset of %(default)s scored beside sink, the full cache and the trained NAMM "
                         "('' for none: a larger test of the trained NAMM against sink alone)")
@@ -380,6 +386,16 @@ def main() -> int:
         config, test_seed = test_split(config, args.sample_tokens, args.test_seed)
     except InvalidArgumentError as e:
         p.error(str(e))
+    trained_on = config.model
+    if args.model and args.model != config.model:
+        if not args.no_reproduce or args.quants:
+            p.error("--model scores another model than the run's, so the trainer's held-out score and the weight "
+                    "types (both measured on the run's model) cannot be reproduced: add --no-reproduce --quants ''")
+        try:
+            resolve_model(args.model)
+        except (OSError, ValueError) as e:
+            p.error(f"--model {args.model!r}: {e}")
+        config = replace(config, model=args.model)
     baselines = [b for b in args.baselines.split(",") if b]
     if any(b not in BASELINES for b in baselines):
         p.error(f"--baselines takes a comma-separated subset of {','.join(BASELINES)} (got {args.baselines!r})")
@@ -390,7 +406,7 @@ def main() -> int:
     _core.set_log_verbosity(0)
     executor = make_executor(args.workers, "", 1)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
-              "model": config.model, "sample_tokens": config.sample_tokens, "scored_tokens": config.scored_tokens,
+              "model": config.model, "namm_trained_on": trained_on, "sample_tokens": config.sample_tokens, "scored_tokens": config.scored_tokens,
               "n_text": args.text, "n_retrieval": args.retrieval, "test_seed": test_seed,
               "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT),
               "score_chunk": args.score_chunk or config.namm_delay, "tables": {}}
