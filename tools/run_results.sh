@@ -485,6 +485,16 @@ if run namm-qwen-decode-random; then  # issue 10: the random-NAMM row of namm-qw
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_qwen_random \
     $out/namm_decode_qwen_random.json --versus "random NAMM"
 fi
+if run namm-gemma-transfer; then  # issue 10, transfer to a third architecture: both trained NAMMs zero-shot on
+  # Gemma-3-270M (sliding-window layers; the NAMM scores and evicts its global layers) against h2o, a random NAMM, sink
+  # and the full cache: 48 texts + 16 retrievals of 512 tokens (seed 1), one token per decode, 25 % and 50 % (about
+  # 30 minutes)
+  python tools/eval_trained_namm.py --run smollm2-rate --model gemma-3-270m --out $out/namm_gemma_transfer --text 48 \
+    --retrieval 16 --quants '' --no-reproduce --baselines h2o,random --score-chunk 1 --workers 2 \
+    --also "qwen2.5-rate, zero-shot=pymemory/data/namm/qwen2.5-rate.gguf"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_gemma_transfer \
+    $out/namm_gemma_transfer.json --versus h2o
+fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
   python tools/namm_aggregation_probe.py --namm qwen2.5-rate --out $out/namm_qwen_bound --text 12 --retrieval 0 \
