@@ -404,6 +404,8 @@ if run namm-decode-eval; then  # issue 10: every policy scored one token per dec
     --quants '' --no-reproduce --score-chunk 1 --also-immediate --workers 2
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode $out/namm_decode_smollm2.json \
     --versus "trained NAMM, evicting at each invocation"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_decode_vs_h2o $out/namm_decode_smollm2.json \
+    --versus h2o
 fi
 if run namm-decode-1024; then  # issue 10: the same one-token-per-decode test at 25 % of 1,024 tokens, the first
   # 32 texts of namm-deploy-delay's fresh set (seed 2), text only (about 20 minutes)
@@ -494,6 +496,21 @@ if run namm-gemma-transfer; then  # issue 10, transfer to a third architecture: 
     --also "qwen2.5-rate, zero-shot=pymemory/data/namm/qwen2.5-rate.gguf"
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_gemma_transfer \
     $out/namm_gemma_transfer.json --versus h2o
+fi
+if run namm-gemma-transfer-1024; then  # issue 10: the same on 1,024-token samples, where Gemma-3's sliding-window
+  # layers no longer see the whole sample: 32 texts + 8 retrievals (seed 1), h2o, sink, full, both NAMMs zero-shot,
+  # one token per decode, 25 % and 50 % (about 35 minutes)
+  python tools/eval_trained_namm.py --run smollm2-rate --model gemma-3-270m --out $out/namm_gemma_transfer_1024 \
+    --text 32 --retrieval 8 --sample-tokens 1024 --quants '' --no-reproduce --baselines h2o --score-chunk 1 \
+    --workers 2 --also "qwen2.5-rate, zero-shot=pymemory/data/namm/qwen2.5-rate.gguf"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_gemma_transfer_1024 \
+    $out/namm_gemma_transfer_1024.json --versus h2o
+fi
+if run namm-vs-random; then  # issue 10: what training adds beyond the rule: the decoded SmolLM2 and Gemma-3 reports'
+  # policies paired against the random NAMM with the same settings (no model run; the Qwen2.5 pairs are written by
+  # namm-qwen-decode-random)
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_vs_random $out/namm_decode_smollm2.json \
+    $out/namm_gemma_transfer.json --versus "random NAMM"
 fi
 if run namm-qwen-bound; then  # issue 10: the same bound on Qwen2.5 (qwen2.5-rate's test set, 12 texts): budget_zmax's
   # rule against hindsight of future attention, plain and weighted by value norms (about 30 minutes)
