@@ -406,7 +406,8 @@ def main() -> int:
     _core.set_log_verbosity(0)
     executor = make_executor(args.workers, "", 1)
     report = {**tool_metadata(sys.argv[0], sys.argv[1:]),
-              "model": config.model, "namm_trained_on": trained_on, "sample_tokens": config.sample_tokens, "scored_tokens": config.scored_tokens,
+              "model": config.model, "namm_trained_on": trained_on, "sample_tokens": config.sample_tokens,
+              "scored_tokens": config.scored_tokens,
               "n_text": args.text, "n_retrieval": args.retrieval, "test_seed": test_seed,
               "run_generation": vector.iteration, "namm_file": os.path.relpath(namm_file, ROOT),
               "score_chunk": args.score_chunk or config.namm_delay, "tables": {}}
