@@ -352,6 +352,12 @@ if run namm-future-1024; then  # issue 10: half at 25 % needs a causal predictor
   python tools/namm_future_probe.py --namm smollm2-rate --out $out/namm_future_1024 --fit-text 8 --text 16 \
     --sample-tokens 1024 --test-seed 2 --fraction 0.25 --horizon 256
 fi
+if run namm-pair-offsets; then  # issue 10: budget_zmax's pairs are equal voices; an offset per (layer, KV head) (or
+  # per layer), fitted by CMA-ES on 12 training-split texts to the future attention the evicted tokens lose, on
+  # namm-bound-1024's 24 texts at 25 % beside the rule, sink and the hindsight sum (about 45 minutes)
+  python tools/namm_pair_offsets_probe.py --namm smollm2-rate --out $out/namm_pair_offsets --fit-text 12 --text 24 \
+    --sample-tokens 1024 --test-seed 2 --fraction 0.25 --generations 150 --hindsight
+fi
 if run namm-deploy-delay; then  # issue 10: smollm2-rate run every 16 tokens (its shipped GGUF's namm.deploy.delay,
   # chosen here) against every 32 (the interval it was trained at), side by side on the first 96 of
   # namm-rate-1024-fresh's texts and 16 retrievals of 1,024 tokens (about 55 minutes)
