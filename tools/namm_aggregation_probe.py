@@ -73,7 +73,10 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "hindsight: sum over pairs of future attention x value norm",
          "hindsight: z-max of pairs of the future rate x value norm",
          "hindsight: sum over pairs of the future output displacement",
-         "hindsight: z-max of pairs of the future output displacement")
+         "hindsight: z-max of pairs of the future output displacement",
+         "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours",
+         "z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours",
+         "z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 
 
@@ -132,6 +135,28 @@ def newest_kept(rule, newest: int):
         scores[cand >= now - newest] = np.inf
         return scores
     return protected
+
+
+def neighbour_max(rule, radius: int):
+    """`rule` with each candidate scored by the highest score among itself and its `radius` nearest cached
+    neighbours on each side (chronological order): a token one pair singles out keeps the words around it, as
+    SnapKV pools its scores over neighbouring positions. A maximum over the pairs commutes with this one, so pooling
+    each pair first is the same rule."""
+    def pooled(now: int, cand: np.ndarray) -> np.ndarray:
+        scores = np.pad(np.asarray(rule(now, cand), np.float64), radius, constant_values=-np.inf)
+        return np.lib.stride_tricks.sliding_window_view(scores, 2 * radius + 1).max(axis=1)
+    return pooled
+
+
+def standardised_pooled_max(values: np.ndarray, radius: int) -> np.ndarray:
+    """[pairs, cand] -> [cand]: each pair's standardised log values averaged over every candidate's `radius` cached
+    neighbours on each side (fewer at the ends), then the highest over the pairs."""
+    log = np.log(np.maximum(values, 1e-9))
+    z = (log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)
+    kernel = np.ones(2 * radius + 1)
+    sums = np.stack([np.convolve(row, kernel, mode="same") for row in z])
+    counts = np.convolve(np.ones(z.shape[1]), kernel, mode="same")
+    return (sums / counts[None, :]).max(axis=0)
 
 
 def quota_scores(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
@@ -241,6 +266,17 @@ def main() -> int:
                 return ema_scores(emas[signal, coefficient], coefficient, now, cand, corrected, z_top, weight)
             return rule
 
+        def pooled_ema_rule(coefficient: float, radius: int):
+            def rule(now: int, cand: np.ndarray) -> np.ndarray:
+                if now >= len(tokens):
+                    return cand
+                if ("attention", coefficient) not in emas:
+                    emas["attention", coefficient] = moving_averages(signals["attention"], coefficient)
+                average = emas["attention", coefficient][:, now, cand]
+                average = average / (1 - coefficient ** np.maximum(now - cand, 1))[None, :]
+                return standardised_pooled_max(average, radius)
+            return rule
+
         def hindsight(aggregate, signal: str = "attention", value_weighted: bool = False):
             """Ranked by what every later query gives (told, not predicted; tools/namm_oracle_bound.py)."""
             def rule(now: int, cand: np.ndarray) -> np.ndarray:
@@ -288,7 +324,13 @@ def main() -> int:
                  "hindsight: sum over pairs of the future output displacement": hindsight(
                      lambda after: after.sum(axis=0), signal="displacement"),
                  "hindsight: z-max of pairs of the future output displacement": hindsight(
-                     partial(standardised_top, k=1), signal="displacement")}
+                     partial(standardised_top, k=1), signal="displacement"),
+                 "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours": neighbour_max(
+                     ema_rule(0.998, True, 1), 1),
+                 "z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours": neighbour_max(
+                     ema_rule(0.998, True, 1), 3),
+                 "z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours":
+                     pooled_ema_rule(0.998, 2)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,
