@@ -76,7 +76,12 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "hindsight: z-max of pairs of the future output displacement",
          "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours",
          "z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours",
-         "z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours")
+         "z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours",
+         "z-max of pairs: EMA 0.998 bias-corrected; max over ±2 cached neighbours",
+         "z-max of pairs: EMA 0.998 bias-corrected; max with the previous cached neighbour",
+         "z-max of pairs: EMA 0.998 bias-corrected; max with the next cached neighbour",
+         "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 0.5 lower",
+         "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 1 lower")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 
 
@@ -137,14 +142,21 @@ def newest_kept(rule, newest: int):
     return protected
 
 
-def neighbour_max(rule, radius: int):
-    """`rule` with each candidate scored by the highest score among itself and its `radius` nearest cached
-    neighbours on each side (chronological order): a token one pair singles out keeps the words around it, as
-    SnapKV pools its scores over neighbouring positions. A maximum over the pairs commutes with this one, so pooling
-    each pair first is the same rule."""
+def neighbour_max(rule, before: int, after: int | None = None, discount: float = 0.0):
+    """`rule` with each candidate scored by the highest score among itself and its `before` earlier and `after`
+    later nearest cached neighbours (chronological order; after defaults to before), a neighbour's score lowered by
+    `discount`: a token one pair singles out keeps the words around it, as SnapKV pools its scores over neighbouring
+    positions. A maximum over the pairs commutes with this one, so pooling each pair first is the same rule."""
+    after = before if after is None else after
+
     def pooled(now: int, cand: np.ndarray) -> np.ndarray:
-        scores = np.pad(np.asarray(rule(now, cand), np.float64), radius, constant_values=-np.inf)
-        return np.lib.stride_tricks.sliding_window_view(scores, 2 * radius + 1).max(axis=1)
+        scores = np.asarray(rule(now, cand), np.float64)
+        best = scores.copy()
+        for d in range(1, before + 1):  # candidate i reads the one d earlier
+            best[d:] = np.maximum(best[d:], scores[:-d] - discount)
+        for d in range(1, after + 1):  # and the one d later
+            best[:-d] = np.maximum(best[:-d], scores[d:] - discount)
+        return best
     return pooled
 
 
@@ -330,7 +342,17 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours": neighbour_max(
                      ema_rule(0.998, True, 1), 3),
                  "z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours":
-                     pooled_ema_rule(0.998, 2)}
+                     pooled_ema_rule(0.998, 2),
+                 "z-max of pairs: EMA 0.998 bias-corrected; max over ±2 cached neighbours": neighbour_max(
+                     ema_rule(0.998, True, 1), 2),
+                 "z-max of pairs: EMA 0.998 bias-corrected; max with the previous cached neighbour": neighbour_max(
+                     ema_rule(0.998, True, 1), 1, 0),
+                 "z-max of pairs: EMA 0.998 bias-corrected; max with the next cached neighbour": neighbour_max(
+                     ema_rule(0.998, True, 1), 0, 1),
+                 "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 0.5 lower": neighbour_max(
+                     ema_rule(0.998, True, 1), 1, 1, 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 1 lower": neighbour_max(
+                     ema_rule(0.998, True, 1), 1, 1, 1.0)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

@@ -364,6 +364,12 @@ if run namm-neighbour-pooling; then  # issue 10: budget_zmax's scores pooled ove
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept"
 fi
+if run namm-neighbour-variants; then  # issue 10: which neighbours the pooling of namm-neighbour-pooling should
+  # take: ±2, only the previous or the next cached token, neighbours discounted (about 30 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_neighbour_variants --text 24 \
+    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; max over ±2 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; max with the previous cached neighbour,z-max of pairs: EMA 0.998 bias-corrected; max with the next cached neighbour,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 0.5 lower,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 1 lower"
+fi
 if run namm-deploy-delay; then  # issue 10: smollm2-rate run every 16 tokens (its shipped GGUF's namm.deploy.delay,
   # chosen here) against every 32 (the interval it was trained at), side by side on the first 96 of
   # namm-rate-1024-fresh's texts and 16 retrievals of 1,024 tokens (about 55 minutes)
