@@ -44,6 +44,7 @@ py::dict hparams_dict(const namm::NammHparams & hp) {
     d["deploy_mode"] = hp.deploy_mode;    // "" when the file records none
     d["deploy_quorum"] = hp.deploy_quorum;
     d["deploy_delay"] = hp.deploy_delay;  // 0 when the file records none
+    d["deploy_neighbours"] = hp.deploy_neighbours;  // 0 when the file records none
     return d;
 }
 
@@ -257,18 +258,19 @@ void register_namm(py::module_ & m) {
         "decide_shared_evictions",
         [](const std::string & mode, float quorum, int32_t max_cells, int32_t n_sink,
            const std::vector<int32_t> & drop_votes, const std::vector<double> & scores, int32_t n_pairs,
-           const std::vector<double> & reserve_scores, int32_t reserve) {
+           const std::vector<double> & reserve_scores, int32_t reserve, int32_t neighbours) {
             SharedCellDecision rule;
             rule.mode = mode;
             rule.quorum = quorum;
             rule.max_cells = max_cells;
             rule.n_sink = n_sink;
             rule.reserve = reserve;
+            rule.neighbours = neighbours;
             return decide_shared_evictions(rule, drop_votes, scores, n_pairs, reserve_scores);
         },
         py::arg("mode"), py::arg("quorum"), py::arg("max_cells"), py::arg("n_sink"), py::arg("drop_votes"),
         py::arg("scores"), py::arg("n_pairs"), py::arg("reserve_scores") = std::vector<double>{},
-        py::arg("reserve") = 0);
+        py::arg("reserve") = 0, py::arg("neighbours") = 0);
 }
 
 }  // namespace pm::py_bindings

@@ -44,6 +44,8 @@ struct AttentionPolicyParams {
     bool namm_defer_evictions = true;  // namm budget modes: evict an invocation's choice only as new tokens need
                                        // the room (the cache stays at its peak; the next invocation sees what an
                                        // immediate eviction would have left); false evicts at once, as the original
+    int32_t namm_neighbours = -1;      // namm budget modes: a token ranks by the highest score among itself and this
+                                       // many nearest cached tokens on each side; -1 = the file's value (else 0)
     int32_t namm_layers = 0;           // namm: attention layers scored, spread evenly over the model; 0 = all
                                        // (an iSWA model's global layers). Fewer cost less (docs/namm.md).
     bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory

@@ -21,6 +21,18 @@ namespace {
 bool ranks_by_max(const std::string & mode) { return mode == "budget_max" || mode == "budget_zmax"; }
 // The modes that read each pair's scores standardised over the cached tokens.
 bool standardises_pairs(const std::string & mode) { return mode == "budget_zmax" || mode == "budget_mix"; }
+
+// scores[i] for i outside [first, last); inside, the highest of scores[j] over the candidates j within `radius`
+// of i in that range (the candidates in chronological order).
+std::vector<double> neighbour_max(const std::vector<double> & scores, int32_t first, int32_t last, int32_t radius) {
+    std::vector<double> out(scores);
+    for (int32_t i = first; i < last; ++i) {
+        for (int32_t j = std::max(first, i - radius); j <= std::min(last - 1, i + radius); ++j) {
+            out[size_t(i)] = std::max(out[size_t(i)], scores[size_t(j)]);
+        }
+    }
+    return out;
+}
 }  // namespace
 
 std::vector<int32_t> shared_eviction_order(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
@@ -60,10 +72,15 @@ std::vector<int32_t> shared_eviction_order(const SharedCellDecision & rule, cons
         return out;
     }
     if (!budget) fail(ErrorKind::invalid_argument, std::string("namm_mode must be ") + namm::kDeployModes);
+    if (rule.neighbours < 0 || rule.neighbours > namm::kMaxNeighbours) {
+        fail(ErrorKind::invalid_argument, "neighbours must be between 0 and " + std::to_string(namm::kMaxNeighbours) +
+                                              " (got " + std::to_string(rule.neighbours) + ")");
+    }
     const int32_t excess = n - rule.max_cells;
     if (excess <= 0) return out;
     std::vector<int32_t> candidates;
     for (int32_t i = first; i < last; ++i) candidates.push_back(i);
+    const std::vector<double> ranked = neighbour_max(scores, first, last, rule.neighbours);
     if (mix && rule.reserve > 0) {  // the reserve's tokens leave the candidates: highest reserve score, then newer
         std::vector<int32_t> by_reserve = candidates;
         std::stable_sort(by_reserve.begin(), by_reserve.end(), [&](int32_t a, int32_t b) {
@@ -83,7 +100,7 @@ std::vector<int32_t> shared_eviction_order(const SharedCellDecision & rule, cons
         if (by_votes && drop_votes[size_t(a)] != drop_votes[size_t(b)]) {
             return drop_votes[size_t(a)] > drop_votes[size_t(b)];
         }
-        return scores[size_t(a)] < scores[size_t(b)];
+        return ranked[size_t(a)] < ranked[size_t(b)];
     });
     candidates.resize(size_t(std::min<int32_t>(excess, int32_t(candidates.size()))));
     return candidates;
@@ -475,6 +492,16 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     rule.n_sink = policy.n_sink;
     rule.max_cells = a.max_cells > 0 ? a.max_cells : cap - delay;
     rule.reserve = rule.mode == "budget_mix" ? std::max(1, rule.max_cells / kMixReserveDivisor) : 0;
+    if (a.namm_neighbours < -1 || a.namm_neighbours > namm::kMaxNeighbours) {
+        fail(ErrorKind::invalid_argument, "namm_neighbours must be between 0 and " +
+                                              std::to_string(namm::kMaxNeighbours) + ", or -1 for the file's value (got " +
+                                              std::to_string(a.namm_neighbours) + ")");
+    }
+    if (a.namm_neighbours > 0 && !is_budget_mode(rule.mode)) {
+        fail(ErrorKind::invalid_argument, "namm_neighbours pools the scores a budget mode ranks by; mode '" + rule.mode +
+                                              "' ranks none (use a budget mode or namm_neighbours=0)");
+    }
+    rule.neighbours = a.namm_neighbours >= 0 ? a.namm_neighbours : is_budget_mode(rule.mode) ? hp.deploy_neighbours : 0;
     if (is_budget_mode(rule.mode) && rule.max_cells + delay > cap) {
         fail(ErrorKind::invalid_argument, "max_cells + namm delay (" + std::to_string(rule.max_cells) + " + " +
                                               std::to_string(delay) + ") must not exceed the capacity " +

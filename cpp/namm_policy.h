@@ -49,7 +49,8 @@ constexpr int32_t kMixReserveDivisor = 8;        // budget_mix: max_cells / 8 ce
 // that drop token i (chronological), out of `n_pairs`; `scores[i]` is its score aggregated over the pairs as the
 // mode ranks (budget, budget_mix: the mean; budget_max, budget_zmax: the highest; quorum reads the votes only);
 // budget_mix keeps the `reserve` tokens with the highest `reserve_scores` (the standardised maximum) before any
-// ranking. Returns the sorted indices
+// ranking; `neighbours` > 0 pools the ranked scores (not the votes, not the reserve's) over neighbouring
+// candidates first. Returns the sorted indices
 // to evict. Pure; unit-tested in tests/test_namm_policy.py.
 struct SharedCellDecision {
     std::string mode = "quorum";  // "quorum" | "budget" | "budget_max" | "budget_zmax" | "budget_mix"
@@ -57,6 +58,9 @@ struct SharedCellDecision {
     int32_t max_cells = 0;
     int32_t n_sink = 4;
     int32_t reserve = 0;          // budget_mix: tokens kept by reserve_scores first
+    int32_t neighbours = 0;       // budget modes: each candidate ranks by the highest score among itself and its
+                                  // `neighbours` nearest candidates on each side (chronological), so a token one
+                                  // pair singles out keeps the words around it (docs/namm.md, "Neighbours")
 };
 std::vector<int32_t> decide_shared_evictions(const SharedCellDecision & rule, const std::vector<int32_t> & drop_votes,
                                              const std::vector<double> & scores, int32_t n_pairs,

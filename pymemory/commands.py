@@ -43,6 +43,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="namm budget modes: evict what an invocation gives up only as new tokens need the room, so "
                         "the cache stays at its peak (default on; --no-namm-defer-evictions evicts at the invocation, "
                         "as the original NAMM does)")
+    g.add_argument("--namm-neighbours", type=int, default=None,
+                   help="namm budget modes: rank each token by the highest score among itself and this many nearest "
+                        "cached tokens on each side (default: the file's, else 0)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -88,6 +91,7 @@ def open_model(args: argparse.Namespace, **extra: object) -> StreamingLLM:
         namm_delay=args.namm_delay,
         namm_layers=args.namm_layers,
         namm_defer_evictions=args.namm_defer_evictions,
+        namm_neighbours=args.namm_neighbours,
         **extra,
     )
 

@@ -192,6 +192,9 @@ class StreamingLLM:
         namm_defer_evictions: in the budget modes, evict the tokens an invocation gives up only as new tokens need
             their cells, so the cache stays at its peak between invocations (default True); False evicts them at
             the invocation, as the original NAMM does (the cache then falls to max_cells).
+        namm_neighbours: in the budget modes, rank each token by the highest score among itself and this many
+            nearest cached tokens on each side, so a token the NAMM singles out keeps the words around it
+            (default: the NAMM file's setting, else 0; docs/namm.md, "Neighbours").
         verbose: show llama.cpp's informational log.
     """
 
@@ -223,6 +226,7 @@ class StreamingLLM:
         namm_delay: int | None = None,
         namm_layers: int | None = None,
         namm_defer_evictions: bool = True,
+        namm_neighbours: int | None = None,
         verbose: bool = False,
     ) -> None:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
@@ -307,6 +311,7 @@ class StreamingLLM:
             namm_delay=0 if namm_delay is None else _check_int("namm_delay", namm_delay, 16),
             namm_layers=0 if namm_layers is None else _check_int("namm_layers", namm_layers, 1),
             namm_defer_evictions=namm_defer_evictions,
+            namm_neighbours=-1 if namm_neighbours is None else _check_int("namm_neighbours", namm_neighbours, 0),
         )
         self.messages: list[dict[str, str]] = []  # the running conversation of chat()
         self._chat_fed_text = ""  # rendered conversation text that has gone into the cache

@@ -27,6 +27,8 @@ from pymemory._loader import _core
         (("lru", 1.0, 0, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3), "namm_mode must be"),
         (("budget_mix", 1.0, 1, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3, [0.0], 1), "one reserve score per cached token"),
         (("budget_mix", 1.0, 1, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3, [0.0, 1.0, 2.0], -1), "reserve >= 0"),
+        (("budget_zmax", 1.0, 1, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3, [], 0, 65), "neighbours must be between 0 and 64"),
+        (("budget_zmax", 1.0, 1, 1, [1, 1, 1], [0.0, 1.0, 2.0], 3, [], 0, -1), "neighbours must be between 0 and 64"),
     ],
 )
 def test_decide_shared_evictions_rejects_inconsistent_input(args, message):

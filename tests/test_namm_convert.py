@@ -361,6 +361,20 @@ def test_a_namm_gguf_is_written_again_with_a_deployed_interval(tmp_path, checkpo
     assert cli(["convert-namm", str(out), "-o", str(out), "--type", "f16"]) == 1
     assert "another file" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists() and gguf_settings(out)["deploy_delay"] == 32
+    # Neighbours the same way: recorded, carried over, the engine's default, 0 recorded as none.
+    pooled = tmp_path / "pooled.gguf"
+    assert cli(["convert-namm", str(out), "-o", str(pooled), "--deploy-neighbours", "1"]) == 0
+    assert "with its 1 nearest cached neighbours on each side" in capsys.readouterr().out
+    assert gguf_settings(pooled) == {**gguf_settings(out), "deploy_neighbours": 1}
+    assert run_settings(pooled) == {**run_settings(out), "neighbours": 1} and run_settings(out)["neighbours"] == 0
+    assert cli(["convert-namm", str(pooled), "-o", str(tmp_path / "q8.gguf"), "--type", "q8_0"]) == 0
+    assert gguf_settings(tmp_path / "q8.gguf")["deploy_neighbours"] == 1
+    assert cli(["convert-namm", str(pooled), "-o", str(tmp_path / "none.gguf"), "--deploy-neighbours", "0"]) == 0
+    assert "deploy_neighbours" not in gguf_settings(tmp_path / "none.gguf")
+    for value in ("65", "-1"):
+        assert cli(["convert-namm", str(out), "-o", str(tmp_path / "x.gguf"), "--deploy-neighbours", value]) == 1
+        assert "neighbours must lie between 0 and 64" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_tool_wrapper_and_import_without_torch(tmp_path, checkpoint):

@@ -41,6 +41,21 @@ def test_quorum_and_budget_decisions():
     assert decide("budget_mix", 1.0, 5, 2, drop, mean, 9, best, 2) == [2, 4, 5]  # and token 6 (best 2.0)
 
 
+def test_neighbours_rank_each_candidate_with_the_best_score_next_to_it():
+    """neighbours=k: a candidate ranks by the highest score among itself and its k nearest candidates on each side
+    (sinks and the newest token are no candidates, so they lend nothing); votes and the reserve are not pooled."""
+    decide = _core.decide_shared_evictions
+    scores = [9.0, 9.0, 1.0, 5.0, -1.0, 0.5, 2.0, -3.0, 0.2, 9.0]  # sinks 0, 1; newest 9
+    drop = [0] * 10
+    assert decide("budget_zmax", 1.0, 7, 2, drop, scores, 9) == [4, 7, 8]  # its own score: -1, -3, 0.2
+    # pooled: 5, 5, 5, 2, 2, 2, 0.2 -> 8 first, then the older of the tokens next to the 2.0
+    assert decide("budget_zmax", 1.0, 7, 2, drop, scores, 9, [], 0, 1) == [5, 6, 8]
+    assert decide("budget_max", 1.0, 7, 2, drop, scores, 9, [], 0, 1) == [5, 6, 8]
+    # two on each side: 5, 5, 5, 5, 2, 2, 2
+    assert decide("budget_zmax", 1.0, 7, 2, drop, scores, 9, [], 0, 2) == [6, 7, 8]
+    assert decide("budget", 1.0, 7, 2, [1, 1, 0, 0, 0, 0, 3, 0, 0, 0], scores, 9, [], 0, 1) == [5, 6, 8]  # votes first
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("mode", ["budget_max", "budget_zmax", "budget_mix"])
 def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf, tmp_path, mode):
@@ -59,33 +74,71 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
     engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_layers=3)
     engine.capture_namm_layers([5, 15, 25])  # the 3 layers spread over 30
     engine.feed(tokens)
+    assert_budget_choices(engine, [5, 15, 25], mode, 256 - 64)
+
+
+def assert_budget_choices(engine, layers_scored: list[int], mode: str, max_cells: int, neighbours: int = 0) -> None:
+    """Every invocation of `engine` (its captures of every scored layer) kept exactly what `mode` keeps of the
+    captured scores at max_cells (sinks 0..3 and the newest token stay; `neighbours`: each candidate ranked by the
+    best score within that many candidates on each side), and at least 5 of them evicted."""
     by_invocation: dict[int, list[dict]] = {}
     for c in engine.namm_captures():
         by_invocation.setdefault(c["tokens_seen"], []).append(c)
     evicting = 0
     for seen, layers in by_invocation.items():
-        assert sorted(c["layer"] for c in layers) == [5, 15, 25]
-        raw = np.concatenate([c["scores"] for c in layers]).astype(np.float64)  # [3 layers x 3 heads, n]
+        assert sorted(c["layer"] for c in layers) == layers_scored
+        raw = np.concatenate([c["scores"] for c in layers]).astype(np.float64)  # [layers x 3 heads, n]
         scores = raw
         if mode != "budget_max":
             scores = (raw - raw.mean(axis=1, keepdims=True)) / raw.std(axis=1, keepdims=True)
         best = np.max(scores, axis=0)  # [n]
         n = best.size
         expected = np.ones(n, bool)
-        if n > 256 - 64:
+        if n > max_cells:
             candidates = np.arange(4, n - 1)
+            ranked = best[4:n - 1].copy()
+            for d in range(1, neighbours + 1):  # the best score within d candidates on either side
+                ranked[d:] = np.maximum(ranked[d:], best[4:n - 1 - d])
+                ranked[:-d] = np.maximum(ranked[:-d], best[4 + d:n - 1])
             if mode == "budget_mix":
-                reserved = candidates[np.argsort(-best[4:n - 1], kind="stable")[:(256 - 64) // 8]]
+                reserved = candidates[np.argsort(-best[4:n - 1], kind="stable")[:max_cells // 8]]
                 candidates = np.setdiff1d(candidates, reserved)
                 votes = sum((c["keep"] == 0).sum(axis=0) for c in layers)  # [n] pairs dropping each token
                 order = candidates[np.lexsort((raw.mean(axis=0)[candidates], -votes[candidates]))]
             else:
-                order = candidates[np.argsort(best[4:n - 1], kind="stable")]
-            expected[order[:n - (256 - 64)]] = False
+                order = candidates[np.argsort(ranked, kind="stable")]
+            expected[order[:n - max_cells]] = False
             evicting += 1
         np.testing.assert_array_equal(layers[0]["kept"].astype(bool), expected, err_msg=f"invocation at {seen}")
     assert evicting >= 5 and engine.policy_stats()["forced_evictions"] == 0
-    assert engine.stats()["peak_cells"] <= 256
+    assert engine.stats()["peak_cells"] <= max_cells + 64
+
+
+@pytest.mark.model
+def test_a_namm_deployed_with_neighbours_ranks_each_token_with_the_best_score_next_to_it(
+        smollm2_model, smollm2_path, english_text, namm_gguf, tmp_path):
+    """A NAMM GGUF that records namm.deploy.neighbours ranks by the pooled standardised maximum by default;
+    namm_neighbours overrides it (0: each token's own score), and quorum mode, which ranks nothing, refuses it."""
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.checkpoint import gguf_settings
+    from pymemory.namm.convert import write_gguf
+
+    path = write_gguf(load_checkpoint(namm_gguf[1], trust_pickle=True), tmp_path / "pooled.gguf", "f32", delay=64,
+                      deploy={"mode": "budget_zmax", "quorum": 1.0}, deploy_neighbours=2)["output"]
+    assert gguf_settings(path)["deploy_neighbours"] == 2
+    assert _core.NammModel.load(str(path)).hparams["deploy_neighbours"] == 2
+    tokens = smollm2_model.tokenize(english_text, True, False)[:700]
+    for override, neighbours in ((-1, 2), (0, 0), (1, 1)):
+        engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path),
+                              namm_layers=2, namm_neighbours=override, namm_defer_evictions=False)
+        engine.capture_namm_layers([7, 22])  # the 2 layers spread over 30
+        engine.feed(tokens)
+        assert_budget_choices(engine, [7, 22], "budget_zmax", 256 - 64, neighbours)
+    with pytest.raises(InvalidArgumentError, match="namm_neighbours pools the scores a budget mode ranks by"):
+        _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_mode="quorum",
+                     namm_neighbours=1)
+    with pytest.raises(InvalidArgumentError, match="namm_neighbours must be between 0 and 64"):
+        StreamingLLM(smollm2_path, policy="namm", namm_path=str(path), namm_neighbours=65)
 
 
 @pytest.mark.model

@@ -277,6 +277,14 @@ void NammModel::load_file(const std::string & path) {
         }
         hp.deploy_delay = int32_t(deploy_delay);
     }
+    if (gguf_find_key(gctx, "namm.deploy.neighbours") >= 0) {
+        const uint32_t neighbours = meta.u32("namm.deploy.neighbours");
+        if (neighbours > uint32_t(kMaxNeighbours)) {
+            bad_file(path, "namm.deploy.neighbours must be at most " + std::to_string(kMaxNeighbours) + " (got " +
+                               std::to_string(neighbours) + ")");
+        }
+        hp.deploy_neighbours = int32_t(neighbours);
+    }
     if (gguf_find_key(gctx, "namm.source.iteration") >= 0) meta.find("namm.source.iteration", GGUF_TYPE_INT32);
     if (delay == 0 || delay % kHop != 0 || delay > (1u << 20)) {
         bad_file(path, "namm.delay must be a positive multiple of 16 (got " + std::to_string(delay) + ")");

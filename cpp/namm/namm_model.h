@@ -48,7 +48,11 @@ struct NammHparams {
     // namm.deploy.delay: tokens between invocations when deployed, chosen by measurement after training (0 = absent:
     // `delay`). The features do not depend on it (frames fold in every hop tokens); only how often they are read.
     int32_t deploy_delay = 0;
+    // namm.deploy.neighbours: in the budget modes a token ranks by the highest score among itself and this many
+    // nearest cached tokens on each side (0 = absent: each by its own score), chosen by measurement.
+    int32_t deploy_neighbours = 0;
 };
+constexpr int32_t kMaxNeighbours = 64;  // more than any measured choice; bounds the ranking's cost
 
 // The shared-cell rules a NAMM can be deployed with (what each does: namm_policy.h).
 bool is_deploy_mode(const std::string & mode);

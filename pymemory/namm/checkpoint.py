@@ -238,6 +238,11 @@ def validate_settings(settings, path) -> dict:
         if not isinstance(deploy_delay, (int, np.integer)) or deploy_delay <= 0 or deploy_delay % fmt.RELEASED.hop:
             bad(f"deploy_delay must be a positive multiple of {fmt.RELEASED.hop} (got {deploy_delay!r})")
         out["deploy_delay"] = int(deploy_delay)
+    neighbours = settings.get("deploy_neighbours")
+    if neighbours is not None:
+        if not isinstance(neighbours, (int, np.integer)) or not 0 <= neighbours <= fmt.MAX_NEIGHBOURS:
+            bad(f"deploy_neighbours must be an integer between 0 and {fmt.MAX_NEIGHBOURS} (got {neighbours!r})")
+        out["deploy_neighbours"] = int(neighbours)
     return out
 
 
@@ -396,6 +401,8 @@ def _settings_of(reader, hparams: fmt.NammHparams, path: Path) -> dict:
             if fmt.KEY_DEPLOY_QUORUM in reader.fields else 1.0
     if fmt.KEY_DEPLOY_DELAY in reader.fields:
         out["deploy_delay"] = int(_field_value(reader, fmt.KEY_DEPLOY_DELAY, "u32", path))
+    if fmt.KEY_DEPLOY_NEIGHBOURS in reader.fields:
+        out["deploy_neighbours"] = int(_field_value(reader, fmt.KEY_DEPLOY_NEIGHBOURS, "u32", path))
     return validate_settings(out, path)
 
 
@@ -406,4 +413,4 @@ def run_settings(path: str | os.PathLike) -> dict:
     s = gguf_settings(path)
     return {"namm_delay": s.get("deploy_delay", s["namm_delay"]), "trained_delay": s["namm_delay"],
             "ema_coefficient": s["ema_coefficient"], "ema_bias_correction": s["ema_bias_correction"],
-            "mode": s.get("mode")}
+            "mode": s.get("mode"), "neighbours": s.get("deploy_neighbours", 0)}

@@ -36,7 +36,8 @@ def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
 
 def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32", *, delay: int | None = None,
                deploy: dict | None = None, ema_coefficient: float | None = None,
-               ema_bias_correction: bool | None = None, deploy_delay: int | None = None) -> dict:
+               ema_bias_correction: bool | None = None, deploy_delay: int | None = None,
+               deploy_neighbours: int | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
     ``delay`` overrides the invocation period, ``ema_coefficient`` the spectrogram's per-token moving-average
     coefficient, ``ema_bias_correction`` whether the engine divides that average by its weight so far (defaults:
@@ -44,7 +45,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
     ``deploy`` (default likewise the run's) records how the NAMM was
     trained to be used ({"mode": one of gguf_format.DEPLOY_MODES, "quorum": float}), which the engine then takes by
     default; ``deploy_delay`` (default the run's recorded one, else none) the interval the engine then runs it at
-    instead of ``delay``, the one it was trained at.
+    instead of ``delay``, the one it was trained at; ``deploy_neighbours`` (default likewise; 0 writes none) how many
+    nearest cached tokens on each side a token's ranking score takes the highest of in the budget modes.
     Returns a summary: output, source, weight_type, bytes, tensors (name, shape, type, max_abs_error)."""
     gguf = _require_gguf()
     if weight_type not in fmt.WEIGHT_TYPES:
@@ -61,6 +63,10 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
     if deploy_delay is not None and (deploy_delay <= 0 or deploy_delay % fmt.RELEASED.hop):
         raise ValueError(f"the deployed interval must be a positive multiple of {fmt.RELEASED.hop} tokens (got "
                          f"{deploy_delay})")
+    deploy_neighbours = recorded.get("deploy_neighbours") if deploy_neighbours is None else int(deploy_neighbours)
+    if deploy_neighbours is not None and not 0 <= deploy_neighbours <= fmt.MAX_NEIGHBOURS:
+        raise ValueError(f"the deployed neighbours must lie between 0 and {fmt.MAX_NEIGHBOURS} (got "
+                         f"{deploy_neighbours})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -77,7 +83,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
         hparams.check_supported()
         summary["settings"] = {"delay": hparams.delay, "ema_coefficient": hparams.ema_coefficient,
                                "ema_bias_correction": hparams.ema_bias_correction,
-                               "deploy": dict(deploy) if deploy else None, "deploy_delay": deploy_delay}
+                               "deploy": dict(deploy) if deploy else None, "deploy_delay": deploy_delay,
+                               "deploy_neighbours": deploy_neighbours or 0}
         for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)
         if deploy:
@@ -87,6 +94,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
             writer.add_float32(fmt.KEY_DEPLOY_QUORUM, float(deploy.get("quorum", 1.0)))
         if deploy_delay is not None:
             writer.add_uint32(fmt.KEY_DEPLOY_DELAY, deploy_delay)
+        if deploy_neighbours:
+            writer.add_uint32(fmt.KEY_DEPLOY_NEIGHBOURS, deploy_neighbours)
         writer.add_string(fmt.KEY_SOURCE, vector.source)
         if vector.iteration is not None:
             writer.add_int32(fmt.KEY_SOURCE_ITERATION, vector.iteration)
@@ -125,7 +134,10 @@ def format_summary(summary: dict) -> str:
         corrected = " (bias-corrected)" if s.get("ema_bias_correction") else ""
         every = (f"runs every {s['deploy_delay']} tokens (trained every {s['delay']})" if s.get("deploy_delay")
                  else f"runs every {s['delay']} tokens")
-        lines.append(f"  {every}, spectrogram moving average {s['ema_coefficient']:g} per token{corrected}{deploy}")
+        pooled = (f", ranks each token with its {s['deploy_neighbours']} nearest cached neighbours on each side"
+                  if s.get("deploy_neighbours") else "")
+        lines.append(f"  {every}, spectrogram moving average {s['ema_coefficient']:g} per token{corrected}{deploy}"
+                     f"{pooled}")
     for t in summary["tensors"]:
         error = f"  max |quantisation error| {t['max_abs_error']:.3g}" if "max_abs_error" in t else ""
         lines.append(f"  {t['name']:<24} {str(t['shape']):<10} {t['type']:<5}{error}")
@@ -151,7 +163,8 @@ def convert(args: argparse.Namespace) -> int:
             vector = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         else:
             raise ValueError("give a trainer checkpoint (ckpt.pt), a NAMM GGUF, or --params/--mean/--var")
-        summary = write_gguf(vector, args.output, args.type, deploy_delay=args.deploy_delay)
+        summary = write_gguf(vector, args.output, args.type, deploy_delay=args.deploy_delay,
+                             deploy_neighbours=args.deploy_neighbours)
     except ImportError as exc:  # a missing optional dependency: one line that says what to install
         raise RuntimeError(str(exc)) from exc
     print(format_summary(summary))
@@ -160,7 +173,7 @@ def convert(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", default=None, help="evo-memory trainer ckpt.pt, or a NAMM GGUF "
-                        "to write again with another --type or --deploy-delay")
+                        "to write again with another --type, --deploy-delay or --deploy-neighbours")
     parser.add_argument("-o", "--output", required=True, help="NAMM GGUF to write")
     parser.add_argument("--type", choices=fmt.WEIGHT_TYPES, default="f32",
                         help="type of the two weight matrices (everything else stays f32); default f32")
@@ -173,6 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deploy-delay", type=int, default=None, metavar="TOKENS",
                         help="run the NAMM every TOKENS tokens by default (a multiple of 16) instead of the interval "
                         "it was trained at; the features are the same, only read more or less often")
+    parser.add_argument("--deploy-neighbours", type=int, default=None, metavar="N",
+                        help="in the budget modes rank each token by the highest score among itself and its N "
+                        "nearest cached tokens on each side by default (0: its own score; docs/namm.md)")
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

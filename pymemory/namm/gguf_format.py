@@ -124,6 +124,10 @@ KEY_DEPLOY_QUORUM = "namm.deploy.quorum"  # f32, optional: its quorum
 # u32, optional: tokens between invocations when deployed, chosen by measurement after training (namm.delay is the
 # interval it was trained at; the features do not depend on it, only how often they are read)
 KEY_DEPLOY_DELAY = "namm.deploy.delay"
+# u32, optional: in the budget modes a token ranks by the highest score among itself and this many nearest cached
+# tokens on each side (chosen by measurement; absent = 0, each token by its own score)
+KEY_DEPLOY_NEIGHBOURS = "namm.deploy.neighbours"
+MAX_NEIGHBOURS = 64  # the engine's bound (cpp/namm/namm_model.h kMaxNeighbours)
 
 RELEASED = NammHparams()
 N_BINS = RELEASED.n_bins  # 17
