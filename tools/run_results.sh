@@ -364,11 +364,16 @@ if run namm-neighbour-pooling; then  # issue 10: budget_zmax's scores pooled ove
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept"
 fi
-if run namm-neighbour-variants; then  # issue 10: which neighbours the pooling of namm-neighbour-pooling should
-  # take: ±2, only the previous or the next cached token, neighbours discounted (about 30 minutes)
-  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_neighbour_variants --text 24 \
-    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
-    --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; max over ±2 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; max with the previous cached neighbour,z-max of pairs: EMA 0.998 bias-corrected; max with the next cached neighbour,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 0.5 lower,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 1 lower"
+if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
+  # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
+  # decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals (about 45 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/smollm2-rate.gguf -o runs/smollm2-rate-neighbours1.gguf --deploy-neighbours 1
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_neighbours_decode --text 96 --retrieval 16 \
+    --also "neighbours 1=runs/smollm2-rate-neighbours1.gguf" --fractions 0.25 --quants '' --no-reproduce \
+    --sample-tokens 1024 --baselines '' --test-seed 2 --score-chunk 1 --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_neighbours_decode \
+    $out/namm_neighbours_decode.json --versus "trained NAMM (f32)"
 fi
 if run namm-deploy-delay; then  # issue 10: smollm2-rate run every 16 tokens (its shipped GGUF's namm.deploy.delay,
   # chosen here) against every 32 (the interval it was trained at), side by side on the first 96 of
