@@ -43,8 +43,8 @@ sys.path.insert(0, os.fspath(ROOT / "tools"))
 
 from namm_aggregation_probe import ema_scores, moving_averages  # noqa: E402
 from value_capture import ValueCapture, rope_settings, rotate  # noqa: E402
-from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
-                               shipped_test_set, summarise, table_lines)
+from namm_oracle_bound import (LlamaHarness, attention_received, harness_header, record_result,  # noqa: E402
+                               run_sample, shipped_test_set, summarise, table_lines)
 from pymemory.errors import InvalidArgumentError  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
@@ -413,13 +413,8 @@ def main() -> int:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Predicted future attention, summed over the pairs ({report['model']})",
-             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}",
-             f"{report['n_text']} held-out texts of {report['sample_tokens']} tokens (seed {report['test_seed']}): "
-             f"every {report['delay']} tokens the cache is cut to capacity - {report['delay']} cells (peak = "
-             f"capacity), keeping the first {report['n_sink']} and the newest token, by each rule's score, through "
-             "llama.cpp with the attention (and queries and keys) captured once with the full cache "
-             "(tools/namm_future_probe.py)."]
+    lines = harness_header(report, "Predicted future attention, summed over the pairs",
+                           "the attention (and queries and keys)", "tools/namm_future_probe.py")
     if "fit_samples" in report:
         lines.append(
             f"Fitted predictors: each (layer, KV head) pair's share of the next {report['horizon']} queries' "

@@ -307,6 +307,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines + table_lines(report)) + "\n"
 
 
+def harness_header(report: dict, title: str, captured: str, tool: str) -> list[str]:
+    """The opening lines of a probe report on the harness: title, command, and the schedule every rule ran under."""
+    return [f"# {title} ({report['model']})",
+            f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}",
+            f"{report['n_text']} held-out texts of {report['sample_tokens']} tokens (seed {report['test_seed']}): "
+            f"every {report['delay']} tokens the cache is cut to capacity - {report['delay']} cells (peak = "
+            f"capacity), keeping the first {report['n_sink']} and the newest token, by each rule's score, through "
+            f"llama.cpp with {captured} captured once with the full cache ({tool})."]
+
+
 def table_lines(report: dict) -> list[str]:
     """The markdown table of summarise()'s tables: per cache size and policy, text and answer NLL, gap, closed (with
     its 95 % bootstrap interval)."""

@@ -34,8 +34,8 @@ sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
 from namm_aggregation_probe import moving_averages  # noqa: E402
-from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
-                               shipped_test_set, summarise, table_lines)
+from namm_oracle_bound import (LlamaHarness, attention_received, harness_header, record_result,  # noqa: E402
+                               run_sample, shipped_test_set, summarise, table_lines)
 from pymemory.errors import InvalidArgumentError  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
@@ -205,18 +205,13 @@ def main() -> int:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Offsets per (layer, KV head) on budget_zmax's rule ({report['model']})",
-             f"`{report['command']}` — commit {report['commit']}, {report['date']}, {report['machine']}",
-             f"{report['n_text']} held-out texts of {report['sample_tokens']} tokens (seed {report['test_seed']}): "
-             f"every {report['delay']} tokens the cache is cut to capacity - {report['delay']} cells (peak = "
-             f"capacity), keeping the first {report['n_sink']} and the newest token, by each rule's score, through "
-             "llama.cpp with the attention captured once with the full cache (tools/namm_pair_offsets_probe.py). "
-             f"Offsets fitted by CMA-ES on {report['fit_samples']} training-split texts to the share of all future "
-             "attention (summed over the pairs) that the evicted tokens would have received:",
-             "| offsets | lost share, fit texts | lost share, held-out texts |", "|---|---|---|"]
-    lines[-1:] = [lines[-1]] + [f"| {k} | {v['fit']:.5f} | {v['held_out']:.5f} |"
-                                for k, v in report["lost_share"].items()]
-    return "\n\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n\n" + "\n".join(table_lines(report)) + "\n"
+    lines = harness_header(report, "Offsets per (layer, KV head) on budget_zmax's rule", "the attention",
+                           "tools/namm_pair_offsets_probe.py")
+    lines.append(f"Offsets fitted by CMA-ES on {report['fit_samples']} training-split texts to the share of all "
+                 "future attention (summed over the pairs) that the evicted tokens would have received:")
+    proxy = ["| offsets | lost share, fit texts | lost share, held-out texts |", "|---|---|---|"] + [
+        f"| {k} | {v['fit']:.5f} | {v['held_out']:.5f} |" for k, v in report["lost_share"].items()]
+    return "\n\n".join(lines) + "\n\n" + "\n".join(proxy) + "\n\n" + "\n".join(table_lines(report)) + "\n"
 
 
 if __name__ == "__main__":
