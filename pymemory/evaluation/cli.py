@@ -366,9 +366,10 @@ def run_bench(args) -> int:
         settings = data.get("namm_settings")
         trained = (f" (trained every {settings['trained_delay']})"
                    if settings and settings["trained_delay"] != settings["namm_delay"] else "")
+        pooled = f", {settings['neighbours']} neighbours" if settings and settings.get("neighbours") else ""
         which = (f"NAMM {args.namm} as deployed: {settings['mode'] or 'quorum'} mode, every {settings['namm_delay']} "
                  f"tokens{trained}, moving average {settings['ema_coefficient']}"
-                 f"{' bias-corrected' if settings['ema_bias_correction'] else ''}") if settings else \
+                 f"{' bias-corrected' if settings['ema_bias_correction'] else ''}{pooled}") if settings else \
             "random NAMM weights, invoked every 512 tokens"
         sections.append(
             f"## Attention-scored policies vs sink (decode includes NAMM invocations; {which})\n\n"

@@ -408,8 +408,8 @@ def _settings_of(reader, hparams: fmt.NammHparams, path: Path) -> dict:
 
 def run_settings(path: str | os.PathLike) -> dict:
     """How the engine runs a NAMM GGUF by default: its invocation interval (the deployed one when the file records
-    one, else the trained one), the interval it was trained at, its moving average and the mode it was trained in
-    (None when the file records none: the engine then uses quorum mode)."""
+    one, else the trained one), the interval it was trained at, its moving average, the mode it was trained in
+    (None when the file records none: the engine then uses quorum mode) and its neighbours (0 when none)."""
     s = gguf_settings(path)
     return {"namm_delay": s.get("deploy_delay", s["namm_delay"]), "trained_delay": s["namm_delay"],
             "ema_coefficient": s["ema_coefficient"], "ema_bias_correction": s["ema_bias_correction"],
