@@ -2,8 +2,12 @@
 evictions lose) and the neighbour pooling of tools/namm_aggregation_probe.py."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
-from tool_modules import load_tool
+import pytest
+from tool_modules import TOOLS, load_tool
 
 
 def _received(rng, pairs=3, n=64):
@@ -64,3 +68,13 @@ def test_neighbour_max_takes_the_best_score_within_reach():
     assert pooled[(2,)] == [5, 5, 5, 5, 9, 9, 9]
     values = np.random.default_rng(3).random((4, 9)) + 0.1
     np.testing.assert_allclose(aggregation.standardised_pooled_max(values, 0), aggregation.standardised_top(values, 1))
+
+
+@pytest.mark.parametrize("flags, message", [(["--fit-text", "0"], "--fit-text, --text and --generations"),
+                                            (["--sigma", "0"], "--sigma positive"),
+                                            (["--namm", "nosuch"], "NAMM file not found: 'nosuch'"),
+                                            (["--fraction", "0.05"], "--fraction gives 51 cells")])
+def test_bad_arguments_are_refused_with_the_reason(flags, message, smollm2_path):  # the later checks load it
+    out = subprocess.run([sys.executable, str(TOOLS / "namm_pair_offsets_probe.py"), "--out", "/nonexistent/x",
+                          *flags], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-500:]

@@ -43,11 +43,9 @@ sys.path.insert(0, os.fspath(ROOT / "tools"))
 
 from namm_aggregation_probe import ema_scores, moving_averages  # noqa: E402
 from value_capture import ValueCapture, rope_settings, rotate  # noqa: E402
-from namm_oracle_bound import (LlamaHarness, attention_received, harness_header, record_result,  # noqa: E402
-                               run_sample, shipped_test_set, summarise, table_lines)
-from pymemory.errors import InvalidArgumentError  # noqa: E402
+from namm_oracle_bound import (LlamaHarness, add_probe_arguments, attention_received, harness_header,  # noqa: E402
+                               probe_test_set, record_result, run_sample, summarise, table_lines)
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
-from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, generation_samples  # noqa: E402
 from pymemory.namm.training.warm_start import LOG_CEIL, LOG_FLOOR, capture_invocations  # noqa: E402
 
@@ -279,28 +277,17 @@ class FutureQueries:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--namm", default="smollm2-rate", help="a shipped NAMM name: its JSON gives the model and split")
-    p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    add_probe_arguments(p, 8, 16, "the predictors are fit on")
     p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {list(RULES)}; sink always runs")
-    p.add_argument("--fit-text", type=int, default=8, help="training-split text samples the predictors are fit on")
-    p.add_argument("--text", type=int, default=16, help="held-out text samples")
-    p.add_argument("--sample-tokens", type=int, default=1024)
-    p.add_argument("--test-seed", type=int, default=2)
-    p.add_argument("--fraction", type=float, default=0.25)
     p.add_argument("--horizon", type=int, default=256, help="queries whose attention a prediction targets")
     p.add_argument("--per-time", type=int, default=96, help="tokens per invocation in the fit")
     p.add_argument("--window", type=int, default=32, help="recent queries the simulated future queries copy")
     p.add_argument("--offsets", type=int, default=8, help="future positions each simulated query is placed at")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
     if not chosen or set(chosen) - set(RULES):
         p.error(f"--rules: {sorted(set(chosen) - set(RULES)) or 'none'} not among {list(RULES)}")
-    try:
-        _, config, model_path, model, samples, test_seed = shipped_test_set(
-            resolve_namm(args.namm), args.text, 0, args.sample_tokens, args.test_seed)
-    except InvalidArgumentError as e:
-        p.error(str(e))
+    _, config, model_path, model, samples, test_seed = probe_test_set(p, args)
     delay, n_sink = config.namm_delay, config.n_sink
     if args.horizon % delay or not 0 < args.horizon < config.sample_tokens - 2 * delay:
         p.error(f"--horizon must be a multiple of {delay} below {config.sample_tokens - 2 * delay}")

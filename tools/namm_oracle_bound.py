@@ -37,6 +37,7 @@ from eval_trained_namm import closed_interval, test_split  # noqa: E402
 from pymemory._loader import _core  # noqa: E402
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
 from pymemory.assets import resolve_model  # noqa: E402
+from pymemory.errors import InvalidArgumentError, ModelNotFoundError  # noqa: E402
 from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.config import TrainConfig  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, heldout_samples  # noqa: E402
@@ -305,6 +306,27 @@ def markdown(report: dict) -> str:
              "llama.cpp through llama-cpp-python with absolute positions; the others are pymemory's engine. "
              "'closed' = share of the engine's sink gap to the full cache that a policy closes.", ""]
     return "\n".join(lines + table_lines(report)) + "\n"
+
+
+def add_probe_arguments(p, fit_text: int, text: int, fit_what: str) -> None:
+    """The arguments every fitted probe on a shipped NAMM's 1,024-token test set takes."""
+    p.add_argument("--namm", default="smollm2-rate", help="a shipped NAMM name: its JSON gives the model and split")
+    p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
+    p.add_argument("--fit-text", type=int, default=fit_text, help=f"training-split text samples {fit_what}")
+    p.add_argument("--text", type=int, default=text, help="held-out text samples")
+    p.add_argument("--sample-tokens", type=int, default=1024)
+    p.add_argument("--test-seed", type=int, default=2)
+    p.add_argument("--fraction", type=float, default=0.25)
+    p.add_argument("--threads", type=int, default=2)
+
+
+def probe_test_set(p, args):
+    """shipped_test_set for add_probe_arguments' arguments (texts only); an unknown NAMM or a split it refuses ends
+    the command as a usage error."""
+    try:
+        return shipped_test_set(resolve_namm(args.namm), args.text, 0, args.sample_tokens, args.test_seed)
+    except (InvalidArgumentError, ModelNotFoundError) as e:
+        p.error(str(e))
 
 
 def harness_header(report: dict, title: str, captured: str, tool: str) -> list[str]:

@@ -34,11 +34,9 @@ sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
 from namm_aggregation_probe import moving_averages  # noqa: E402
-from namm_oracle_bound import (LlamaHarness, attention_received, harness_header, record_result,  # noqa: E402
-                               run_sample, shipped_test_set, summarise, table_lines)
-from pymemory.errors import InvalidArgumentError  # noqa: E402
+from namm_oracle_bound import (LlamaHarness, add_probe_arguments, attention_received, harness_header,  # noqa: E402
+                               probe_test_set, record_result, run_sample, summarise, table_lines)
 from pymemory.evaluation.report import tool_metadata, write_report_files  # noqa: E402
-from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.data import Corpus, SampleFactory, generation_samples  # noqa: E402
 from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
 
@@ -121,26 +119,15 @@ def fit_offsets(replays: list[Replay], expand: np.ndarray, capacity: int, delay:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--namm", default="smollm2-rate", help="a shipped NAMM name: its JSON gives the model and split")
-    p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
-    p.add_argument("--fit-text", type=int, default=12, help="training-split text samples the offsets are fit on")
-    p.add_argument("--text", type=int, default=24, help="held-out text samples")
-    p.add_argument("--sample-tokens", type=int, default=1024)
-    p.add_argument("--test-seed", type=int, default=2)
-    p.add_argument("--fraction", type=float, default=0.25)
+    add_probe_arguments(p, 12, 24, "the offsets are fit on")
     p.add_argument("--generations", type=int, default=150, help="CMA-ES generations per fit")
     p.add_argument("--sigma", type=float, default=0.5, help="CMA-ES initial step, in standard deviations")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hindsight", action="store_true", help="also run the hindsight-sum oracle (for scale)")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.fit_text < 1 or args.text < 1 or args.generations < 1 or args.sigma <= 0:
         p.error("--fit-text, --text and --generations must be at least 1 and --sigma positive")
-    try:
-        _, config, model_path, model, samples, test_seed = shipped_test_set(
-            resolve_namm(args.namm), args.text, 0, args.sample_tokens, args.test_seed)
-    except InvalidArgumentError as e:
-        p.error(str(e))
+    _, config, model_path, model, samples, test_seed = probe_test_set(p, args)
     delay, n_sink = config.namm_delay, config.n_sink
     capacity = int(round(config.sample_tokens * args.fraction))
     if not 2 * delay + n_sink < capacity < config.sample_tokens:
