@@ -80,7 +80,9 @@ std::vector<int32_t> shared_eviction_order(const SharedCellDecision & rule, cons
     if (excess <= 0) return out;
     std::vector<int32_t> candidates;
     for (int32_t i = first; i < last; ++i) candidates.push_back(i);
-    const std::vector<double> ranked = neighbour_max(scores, first, last, rule.neighbours);
+    const std::vector<double> pooled =
+        rule.neighbours > 0 ? neighbour_max(scores, first, last, rule.neighbours) : std::vector<double>{};
+    const std::vector<double> & ranked = rule.neighbours > 0 ? pooled : scores;
     if (mix && rule.reserve > 0) {  // the reserve's tokens leave the candidates: highest reserve score, then newer
         std::vector<int32_t> by_reserve = candidates;
         std::stable_sort(by_reserve.begin(), by_reserve.end(), [&](int32_t a, int32_t b) {

@@ -108,16 +108,17 @@ def moving_averages(received: np.ndarray, coefficient: float) -> np.ndarray:
 
 
 def ema_scores(ema: np.ndarray, coefficient: float, now: int, cand: np.ndarray, corrected: bool,
-               z_top: int = 0, weight: np.ndarray | None = None) -> np.ndarray:
+               z_top: int = 0, weight: np.ndarray | None = None, radius: int = 0) -> np.ndarray:
     """z_top 0: the highest over the pairs of the average relative to the pair's mean; k > 0: the mean of the k
     highest standardised log averages (k = 1: budget_zmax's rule); -1: their mean over every pair. weight
-    [pairs, cand] (e.g. value norms) multiplies the averages first."""
+    [pairs, cand] (e.g. value norms) multiplies the averages first; radius > 0 averages each pair's standardised
+    values over that many cached neighbours on each side (standardised_top)."""
     average = ema[:, now, cand]  # [pairs, cand]
     if corrected:  # the weight the queries since arrival carry; the key's own query is its first
         average = average / (1 - coefficient ** np.maximum(now - cand, 1))[None, :]
     if weight is not None:
         average = average * weight
-    return standardised_top(average, z_top) if z_top else relative_max(average)
+    return standardised_top(average, z_top, radius) if z_top else relative_max(average)
 
 
 def relative_max(values: np.ndarray) -> np.ndarray:
@@ -125,11 +126,16 @@ def relative_max(values: np.ndarray) -> np.ndarray:
     return (values / np.maximum(values.mean(axis=1, keepdims=True), 1e-12)).max(axis=0)
 
 
-def standardised_top(values: np.ndarray, k: int = 1) -> np.ndarray:
-    """[pairs, cand] -> [cand]: each pair's log values standardised over the candidates, then the mean of the k
+def standardised_top(values: np.ndarray, k: int = 1, radius: int = 0) -> np.ndarray:
+    """[pairs, cand] -> [cand]: each pair's log values standardised over the candidates (radius > 0: then averaged
+    over every candidate's `radius` cached neighbours on each side, fewer at the ends), then the mean of the k
     highest over the pairs (k = 1: budget_zmax's rule, the highest; -1: the mean over every pair)."""
     log = np.log(np.maximum(values, 1e-9))
     z = (log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)
+    if radius:
+        kernel = np.ones(2 * radius + 1)
+        counts = np.convolve(np.ones(z.shape[1]), kernel, mode="same")
+        z = np.stack([np.convolve(row, kernel, mode="same") for row in z]) / counts[None, :]
     return z.mean(axis=0) if k < 0 else np.sort(z, axis=0)[-k:].mean(axis=0)
 
 
@@ -161,14 +167,8 @@ def neighbour_max(rule, before: int, after: int | None = None, discount: float =
 
 
 def standardised_pooled_max(values: np.ndarray, radius: int) -> np.ndarray:
-    """[pairs, cand] -> [cand]: each pair's standardised log values averaged over every candidate's `radius` cached
-    neighbours on each side (fewer at the ends), then the highest over the pairs."""
-    log = np.log(np.maximum(values, 1e-9))
-    z = (log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)
-    kernel = np.ones(2 * radius + 1)
-    sums = np.stack([np.convolve(row, kernel, mode="same") for row in z])
-    counts = np.convolve(np.ones(z.shape[1]), kernel, mode="same")
-    return (sums / counts[None, :]).max(axis=0)
+    """budget_zmax's rule with each pair's standardised values averaged over `radius` cached neighbours."""
+    return standardised_top(values, 1, radius)
 
 
 def quota_scores(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
@@ -268,25 +268,15 @@ def main() -> int:
         emas: dict[tuple, np.ndarray] = {}  # per (signal, coefficient), computed when a chosen rule first reads it
 
         def ema_rule(coefficient: float, corrected: bool, z_top: int = 0, signal: str = "attention",
-                     value_weighted: bool = False):
+                     value_weighted: bool = False, radius: int = 0):
             def rule(now: int, cand: np.ndarray) -> np.ndarray:
                 if now >= len(tokens):
                     return cand
                 if (signal, coefficient) not in emas:
                     emas[signal, coefficient] = moving_averages(signals[signal], coefficient)
                 weight = norms[:, cand] if value_weighted else None
-                return ema_scores(emas[signal, coefficient], coefficient, now, cand, corrected, z_top, weight)
-            return rule
-
-        def pooled_ema_rule(coefficient: float, radius: int):
-            def rule(now: int, cand: np.ndarray) -> np.ndarray:
-                if now >= len(tokens):
-                    return cand
-                if ("attention", coefficient) not in emas:
-                    emas["attention", coefficient] = moving_averages(signals["attention"], coefficient)
-                average = emas["attention", coefficient][:, now, cand]
-                average = average / (1 - coefficient ** np.maximum(now - cand, 1))[None, :]
-                return standardised_pooled_max(average, radius)
+                return ema_scores(emas[signal, coefficient], coefficient, now, cand, corrected, z_top, weight,
+                                  radius)
             return rule
 
         def hindsight(aggregate, signal: str = "attention", value_weighted: bool = False):
@@ -342,7 +332,7 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours": neighbour_max(
                      ema_rule(0.998, True, 1), 3),
                  "z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours":
-                     pooled_ema_rule(0.998, 2),
+                     ema_rule(0.998, True, 1, radius=2),
                  "z-max of pairs: EMA 0.998 bias-corrected; max over ±2 cached neighbours": neighbour_max(
                      ema_rule(0.998, True, 1), 2),
                  "z-max of pairs: EMA 0.998 bias-corrected; max with the previous cached neighbour": neighbour_max(
