@@ -147,3 +147,23 @@ def test_probe_rules_parse_names_that_hold_commas():
         "top-1 of pairs (max)", h2o, "mean rate over pairs"]
     with pytest.raises(ValueError, match="no such rule"):
         probe.parse_rules("top-1 of pairs (max),no such rule")
+
+
+def test_duplicate_of_better_counts_only_a_better_ranked_twin():
+    probe = _probe()
+    keys = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.01]]])  # [pairs, cand, head_dim]: 0 and 2 are twins
+    values = np.array([[[0.0, 2.0], [1.0, 0.0], [0.0, 3.0]]])
+    ranked = np.array([2.0, 1.0, 0.5])  # 0 ranks above its twin 2
+    dup = probe.duplicate_of_better(keys, values, ranked)
+    assert dup[2] > 0.99 and dup[0] == -1.0  # the top-ranked token has nothing better to duplicate it
+    assert dup[1] < 0.6  # unlike the better one (key and value orthogonal to 0's)
+    swapped = probe.duplicate_of_better(keys, values, np.array([0.5, 1.0, 2.0]))
+    assert swapped[0] > 0.99 and swapped[2] == -1.0  # the twin that ranks lower is the duplicate
+
+
+def test_key_distinctiveness_keeps_the_key_unlike_the_rest():
+    probe = _probe()
+    keys = np.array([[[1.0, 0.0], [2.0, 0.1], [1.0, -0.1], [0.0, 1.0]]])
+    scores = probe.key_distinctiveness(keys)[0]
+    assert int(np.argmax(scores)) == 3 and scores.shape == (4,)
+    np.testing.assert_allclose(probe.key_distinctiveness(keys * 5.0), probe.key_distinctiveness(keys), atol=1e-6)

@@ -81,8 +81,17 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "z-max of pairs: EMA 0.998 bias-corrected; max with the previous cached neighbour",
          "z-max of pairs: EMA 0.998 bias-corrected; max with the next cached neighbour",
          "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 0.5 lower",
-         "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 1 lower")
+         "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 1 lower",
+         "KeyDiff: each key's distance from the cached keys' mean direction, mean over pairs",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 1 x KeyDiff z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE",
+         "z-max of pairs: each pair's EMA 0.998 bias-corrected z + 0.5 x its KeyDiff z",
+         "z-max of pairs: EMA 0.998 bias-corrected - 0.5 x duplicate z",
+         "z-max of pairs: EMA 0.998 bias-corrected - 1 x duplicate z",
+         "z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
+KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -131,12 +140,46 @@ def standardised_top(values: np.ndarray, k: int = 1, radius: int = 0) -> np.ndar
     over every candidate's `radius` cached neighbours on each side, fewer at the ends), then the mean of the k
     highest over the pairs (k = 1: budget_zmax's rule, the highest; -1: the mean over every pair)."""
     log = np.log(np.maximum(values, 1e-9))
-    z = (log - log.mean(axis=1, keepdims=True)) / np.maximum(log.std(axis=1, keepdims=True), 1e-9)
+    z = row_standardised(log)
     if radius:
         kernel = np.ones(2 * radius + 1)
         counts = np.convolve(np.ones(z.shape[1]), kernel, mode="same")
         z = np.stack([np.convolve(row, kernel, mode="same") for row in z]) / counts[None, :]
     return z.mean(axis=0) if k < 0 else np.sort(z, axis=0)[-k:].mean(axis=0)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / max(float(x.std()), 1e-9)
+
+
+def row_standardised(x: np.ndarray) -> np.ndarray:
+    """[pairs, cand]: each pair's values standardised over the candidates."""
+    return (x - x.mean(axis=1, keepdims=True)) / np.maximum(x.std(axis=1, keepdims=True), 1e-9)
+
+
+def key_distinctiveness(keys: np.ndarray) -> np.ndarray:
+    """KeyDiff's score (Park et al., 2025): keys [pairs, cand, head_dim] as cached (after RoPE) -> [pairs, cand],
+    minus each key's cosine to the mean direction of the candidates' keys: a key unlike the rest is kept."""
+    unit = unit_rows(keys)
+    anchor = unit_rows(unit.mean(axis=1, keepdims=True))  # [pairs, 1, head_dim]
+    return -(unit * anchor).sum(axis=-1)
+
+
+def duplicate_of_better(keys: np.ndarray, values: np.ndarray, ranked: np.ndarray) -> np.ndarray:
+    """[cand]: how closely a candidate is duplicated by one the base rule ranks higher (`ranked` [cand]), averaged
+    over the pairs: the highest mean of key cosine (after RoPE, so the two answer later queries alike) and value
+    cosine (so their outputs agree) to any better-ranked candidate. Evicting such a token moves its attention to its
+    duplicate, which says the same; only the better one of a pair counts as the duplicate, so the two are never
+    both evicted for each other. keys, values [pairs, cand, head_dim]."""
+    k, v = unit_rows(keys), unit_rows(values)
+    similar = (np.einsum("pid,pjd->pij", k, k) + np.einsum("pid,pjd->pij", v, v)) / 2  # [pairs, cand, cand]
+    better = ranked[None, :] > ranked[:, None]  # [i, j]: j ranks above i
+    similar = np.where(better[None], similar, -1.0)
+    return similar.max(axis=2).mean(axis=0)
 
 
 def newest_kept(rule, newest: int):
@@ -235,7 +278,7 @@ def main() -> int:
     del model
 
     harness = LlamaHarness(model_path, config.sample_tokens + 64, args.threads)
-    value_capture = ValueCapture(model_path, args.threads) if set(chosen) & set(VALUE_RULES) else None
+    value_capture = ValueCapture(model_path, args.threads) if set(chosen) & set(VALUE_RULES + KEY_RULES) else None
     rows: dict[str, dict[str, dict]] = {}
 
     record = partial(record_result, rows)
@@ -244,11 +287,14 @@ def main() -> int:
         tokens, n_prompt = list(sample.prompt) + list(sample.target), len(sample.prompt)
         received = attention_received(per_layer, sample.n_tokens)  # [pairs, query, key]
         signals = {"attention": received}  # [pairs, query, key]: what each query gives each key
-        norms = None
+        norms = keys = unrotated = values = None
         if value_capture is not None:
             values = value_capture.values(tokens)  # [pairs, key, head_dim]
             norms = np.linalg.norm(values, axis=2)  # [pairs, key]
-            signals["displacement"] = output_displacement(received, values)
+            if set(chosen) & set(VALUE_RULES):
+                signals["displacement"] = output_displacement(received, values)
+            if set(chosen) & set(KEY_RULES):
+                unrotated, keys = value_capture.projections(tokens, "Kcur-")  # [pairs, key, head_dim] each
         cumulative: dict[str, np.ndarray] = {}  # per signal: [pairs, q + 1, key], summed over the queries < q
 
         def before_of(signal: str) -> np.ndarray:
@@ -287,6 +333,39 @@ def main() -> int:
                 total = before_of(signal)
                 after = total[:, len(tokens), cand] - total[:, now, cand]
                 return aggregate(after * norms[:, cand] if value_weighted else after)
+            return rule
+
+        def with_duplicates(rule, weight: float):
+            """`rule` minus `weight` standard deviations of how closely a better-ranked candidate duplicates each."""
+            def rule_less_duplicates(now: int, cand: np.ndarray) -> np.ndarray:
+                base = np.asarray(rule(now, cand), np.float64)
+                if now >= len(tokens):
+                    return base
+                return base - weight * standardised(duplicate_of_better(keys[:, cand], values[:, cand], base))
+            return rule_less_duplicates
+
+        def with_keydiff(rule, weight: float, rotated: bool = True):
+            """`rule` plus `weight` standard deviations of KeyDiff's score (mean over the pairs)."""
+            def rule_plus_keydiff(now: int, cand: np.ndarray) -> np.ndarray:
+                base = np.asarray(rule(now, cand), np.float64)
+                if now >= len(tokens):
+                    return base
+                distinct = key_distinctiveness((keys if rotated else unrotated)[:, cand]).mean(axis=0)
+                return base + weight * standardised(distinct)
+            return rule_plus_keydiff
+
+        def pairwise_keydiff(coefficient: float, weight: float):
+            """Each pair's budget_zmax z plus `weight` times its own standardised KeyDiff score, then the maximum."""
+            def rule(now: int, cand: np.ndarray) -> np.ndarray:
+                if now >= len(tokens):
+                    return cand
+                if ("attention", coefficient) not in emas:
+                    emas["attention", coefficient] = moving_averages(signals["attention"], coefficient)
+                average = emas["attention", coefficient][:, now, cand] / (
+                    1 - coefficient ** np.maximum(now - cand, 1))[None, :]
+                log = np.log(np.maximum(average, 1e-9))
+                distinct = key_distinctiveness(keys[:, cand])
+                return (row_standardised(log) + weight * row_standardised(distinct)).max(axis=0)
             return rule
 
         def causal(rule):
@@ -342,7 +421,21 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 0.5 lower": neighbour_max(
                      ema_rule(0.998, True, 1), 1, 1, 0.5),
                  "z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours 1 lower": neighbour_max(
-                     ema_rule(0.998, True, 1), 1, 1, 1.0)}
+                     ema_rule(0.998, True, 1), 1, 1, 1.0),
+                 "KeyDiff: each key's distance from the cached keys' mean direction, mean over pairs":
+                     lambda now, cand: key_distinctiveness(keys[:, cand]).mean(axis=0) if now < len(tokens) else cand,
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z": with_keydiff(ema_rule(0.998, True, 1), 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 1 x KeyDiff z": with_keydiff(ema_rule(0.998, True, 1), 1.0),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE": with_keydiff(
+                     ema_rule(0.998, True, 1), 0.5, rotated=False),
+                 "z-max of pairs: each pair's EMA 0.998 bias-corrected z + 0.5 x its KeyDiff z": pairwise_keydiff(
+                     0.998, 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected - 0.5 x duplicate z": with_duplicates(
+                     ema_rule(0.998, True, 1), 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected - 1 x duplicate z": with_duplicates(
+                     ema_rule(0.998, True, 1), 1.0),
+                 "z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z": with_duplicates(
+                     ema_rule(0.998, True, 1), 0.25)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

@@ -364,6 +364,13 @@ if run namm-neighbour-pooling; then  # issue 10: budget_zmax's scores pooled ove
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected; max over ±1 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; max over ±3 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected; each pair's z averaged over ±2 cached neighbours,z-max of pairs: EMA 0.998 bias-corrected + newest 32 kept"
 fi
+if run namm-key-rules; then  # issue 10: what attention cannot see, from the keys: KeyDiff's distinctiveness (a key
+  # unlike the cached keys' mean direction is kept) added to budget_zmax's rule, and a penalty for tokens a better-
+  # ranked one duplicates (key and value), on namm-bound-1024's 24 texts at 25 % (about 40 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_key_rules --text 24 \
+    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 1 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE,z-max of pairs: each pair's EMA 0.998 bias-corrected z + 0.5 x its KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z"
+fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
   # decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals (about 45 minutes)
