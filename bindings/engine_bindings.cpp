@@ -133,6 +133,7 @@ py::list captures_to_list(const AttentionPolicy * policy) {
         d["scores"] = as_numpy(c.scores, {c.n_heads, c.n_tokens});
         d["keep"] = as_numpy(c.keep, {c.n_heads, c.n_tokens});
         d["kept"] = as_numpy(c.kept, {c.n_tokens});
+        if (!c.key_distinctiveness.empty()) d["key_distinctiveness"] = as_numpy(c.key_distinctiveness, {c.n_tokens});
         out.append(d);
     }
     return out;
@@ -388,7 +389,7 @@ void register_engine(py::module_ & m) {
                          const std::string & type_v, int32_t h2o_recent, const std::string & namm_path,
                          const std::string & namm_mode, float quorum, int32_t max_cells, int32_t namm_delay,
                          int32_t namm_layers, bool device_reductions, std::optional<int32_t> compact_at,
-                         bool namm_defer_evictions, int32_t namm_neighbours) {
+                         bool namm_defer_evictions, int32_t namm_neighbours, float namm_key_weight) {
                  EngineParams p;
                  p.policy.kind = parse_policy_kind(policy);
                  p.policy.n_sink = n_sink;
@@ -415,6 +416,7 @@ void register_engine(py::module_ & m) {
                  p.attention.namm_layers = namm_layers;
                  p.attention.namm_defer_evictions = namm_defer_evictions;
                  p.attention.namm_neighbours = namm_neighbours;
+                 p.attention.namm_key_weight = namm_key_weight;
                  p.attention.device_reductions = device_reductions;
                  p.model.path = model ? model->info().path : "";
                  py::gil_scoped_release release;
@@ -427,7 +429,8 @@ void register_engine(py::module_ & m) {
              py::arg("namm_path") = "", py::arg("namm_mode") = "", py::arg("quorum") = 0.0f,
              py::arg("max_cells") = 0, py::arg("namm_delay") = 0, py::arg("namm_layers") = 0,
              py::arg("device_reductions") = false, py::arg("compact_at") = py::none(),
-             py::arg("namm_defer_evictions") = true, py::arg("namm_neighbours") = -1)
+             py::arg("namm_defer_evictions") = true, py::arg("namm_neighbours") = -1,
+             py::arg("namm_key_weight") = -1.0f)
         .def_property_readonly("model", &Engine::shared_model)
         .def(
             "feed", [](Engine & self, const std::vector<Token> & tokens) { locked(self, [&] { self.feed(tokens); }); },

@@ -5,6 +5,7 @@
 #include "numpy_util.h"
 
 #include "errors.h"
+#include "key_distinctiveness.h"
 #include "namm/namm_model.h"
 #include "namm/namm_state.h"
 #include "namm_policy.h"
@@ -45,6 +46,7 @@ py::dict hparams_dict(const namm::NammHparams & hp) {
     d["deploy_quorum"] = hp.deploy_quorum;
     d["deploy_delay"] = hp.deploy_delay;  // 0 when the file records none
     d["deploy_neighbours"] = hp.deploy_neighbours;  // 0 when the file records none
+    d["deploy_key_weight"] = hp.deploy_key_weight;  // 0 when the file records none
     return d;
 }
 
@@ -271,6 +273,20 @@ void register_namm(py::module_ & m) {
         py::arg("mode"), py::arg("quorum"), py::arg("max_cells"), py::arg("n_sink"), py::arg("drop_votes"),
         py::arg("scores"), py::arg("n_pairs"), py::arg("reserve_scores") = std::vector<double>{},
         py::arg("reserve") = 0, py::arg("neighbours") = 0);
+    m.def(
+        "key_distinctiveness",
+        [](const std::vector<float> & keys, int32_t n_pairs, int32_t n_tokens, int32_t head_dim, int32_t first,
+           int32_t last) { return key_distinctiveness(keys, n_pairs, n_tokens, head_dim, first, last); },
+        py::arg("keys"), py::arg("n_pairs"), py::arg("n_tokens"), py::arg("head_dim"), py::arg("first"),
+        py::arg("last"));
+    m.def(
+        "add_standardised",
+        [](std::vector<double> scores, const std::vector<double> & extra, double weight, int32_t first,
+           int32_t last) {
+            add_standardised(scores, extra, weight, first, last);
+            return scores;
+        },
+        py::arg("scores"), py::arg("extra"), py::arg("weight"), py::arg("first"), py::arg("last"));
 }
 
 }  // namespace pm::py_bindings

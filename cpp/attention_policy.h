@@ -46,6 +46,8 @@ struct AttentionPolicyParams {
                                        // immediate eviction would have left); false evicts at once, as the original
     int32_t namm_neighbours = -1;      // namm budget modes: a token ranks by the highest score among itself and this
                                        // many nearest cached tokens on each side; -1 = the file's value (else 0)
+    float namm_key_weight = -1.0f;     // namm budget modes: a token's ranked score gains this many standard deviations of
+                                       // its keys' distinctiveness (namm_policy.h); -1 = the file's value (else 0)
     int32_t namm_layers = 0;           // namm: attention layers scored, spread evenly over the model; 0 = all
                                        // (an iSWA model's global layers). Fewer cost less (docs/namm.md).
     bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory
@@ -89,6 +91,7 @@ struct InvocationCapture {
     std::vector<float> scores;       // [head][n]
     std::vector<uint8_t> keep;       // [head][n] per-head selection
     std::vector<uint8_t> kept;       // [n] the shared-cell decision
+    std::vector<double> key_distinctiveness;  // [n] what a key weight adds to, before standardising (empty without)
 };
 
 class AttentionPolicy {
@@ -102,6 +105,10 @@ public:
     virtual void begin_batch(int64_t stream_begin, int32_t n_tokens) = 0;
     // One layer's attention for the current batch (called from inside llama_decode).
     virtual void observe(const AttentionView & view) = 0;
+    // Whether the policy also reads keys before RoPE (observe_keys, called from inside llama_decode before each
+    // observed layer's attention).
+    virtual bool needs_keys() const { return false; }
+    virtual void observe_keys(const KeyView & view) {}
     // Largest batch that may start at stream index `stream_begin` (policies that run at fixed token counts
     // split batches at those boundaries).
     virtual int32_t batch_limit(int64_t stream_begin) const { return INT32_MAX; }

@@ -21,6 +21,19 @@ namespace {
 // llama.cpp names graph nodes "<name>-<layer>". If it changes, nothing is observed and the engine fails loudly
 // (engine.cpp counts the tapped layers).
 constexpr const char * kAttentionTensorPrefix = "kq_soft_max-";
+// Upstream name of a layer's keys (the model builders' cb(Kcur, "Kcur", il)): llama.cpp names the projection, its
+// 3-D reshape and the RoPE'd keys alike; the RoPE node is the one whose input is the keys before RoPE.
+constexpr const char * kKeyTensorPrefix = "Kcur-";
+
+// The layer number after `prefix` in `name`, or -1 when name is not prefix + digits.
+int32_t layer_after(const char * name, const char * prefix) {
+    const size_t n = std::strlen(prefix);
+    if (std::strncmp(name, prefix, n) != 0 || name[n] == '\0') return -1;
+    for (const char * c = name + n; *c; ++c) {
+        if (*c < '0' || *c > '9') return -1;
+    }
+    return std::atoi(name + n);
+}
 
 // totals[c] += the sum of rows[r][c] over n_rows rows, for c in [0, n): eight rows at a time, so each total is loaded
 // and stored once per eight rows instead of once per row (the matrix itself is read once; it does not fit in any
@@ -110,9 +123,18 @@ void AttentionTap::set_threads(int32_t n_threads) {
 bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_data) {
     auto * self = static_cast<AttentionTap *>(user_data);
     const char * name = ggml_get_name(tensor);
-    const size_t prefix_len = std::strlen(kAttentionTensorPrefix);
-    if (std::strncmp(name, kAttentionTensorPrefix, prefix_len) != 0) return !ask;  // observe nothing else
-    const int32_t layer = std::atoi(name + prefix_len);
+    if (self->on_keys_ && tensor->op == GGML_OP_ROPE) {
+        const int32_t layer = layer_after(name, kKeyTensorPrefix);
+        if (layer >= 0) {
+            if (ask) return self->observes(layer);
+            const auto t0 = std::chrono::steady_clock::now();
+            const bool ok = self->observe_keys(tensor, name, layer);
+            self->observe_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            return ok;
+        }
+    }
+    const int32_t layer = layer_after(name, kAttentionTensorPrefix);
+    if (layer < 0) return !ask;  // observe nothing else
     if (ask) return self->observes(layer);  // observe this node once it is computed, if it is a layer we read
     const auto t0 = std::chrono::steady_clock::now();
     const bool ok = self->observe(tensor, name, layer);
@@ -185,6 +207,49 @@ bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t laye
             compute_cell_totals(view, totals_);
         }
         on_attention_(view);
+    } catch (const std::exception & e) {
+        error_ = e.what();
+        return false;
+    }
+    return true;
+}
+
+bool AttentionTap::observe_keys(ggml_tensor * rope, const char * name, int32_t layer) {
+    try {
+        const ggml_tensor * keys = rope->src[0];  // [head_dim, n_head_kv, rows >= n_tokens]
+        const int32_t n_tokens = int32_t(token_pos_.size());
+        if (keys == nullptr || keys->type != GGML_TYPE_F32 || keys->nb[0] != sizeof(float) || keys->ne[3] != 1 ||
+            keys->ne[2] < n_tokens) {
+            error_ = std::string("the keys RoPE reads at ") + name + " have an unexpected layout (type " +
+                     (keys ? ggml_type_name(keys->type) : "none") + ")";
+            return false;
+        }
+        KeyView view;
+        view.layer = layer;
+        view.sliding = layer >= 0 && size_t(layer) < sliding_.size() && sliding_[size_t(layer)] != 0;
+        view.n_tokens = n_tokens;
+        view.head_dim = int32_t(keys->ne[0]);
+        view.n_head_kv = int32_t(keys->ne[1]);
+        view.token_cell = view.sliding ? swa_token_cell_.data() : token_cell_.data();
+        const size_t row = size_t(view.head_dim) * sizeof(float);
+        keys_.resize(size_t(n_tokens) * size_t(view.n_head_kv) * size_t(view.head_dim));
+        char * out = reinterpret_cast<char *>(keys_.data());
+        if (keys->buffer && ggml_backend_buffer_is_host(keys->buffer)) {
+            const char * base = static_cast<const char *>(keys->data);
+            for (int32_t t = 0; t < n_tokens; ++t) {
+                for (int32_t g = 0; g < view.n_head_kv; ++g) {
+                    std::memcpy(out + (size_t(t) * size_t(view.n_head_kv) + size_t(g)) * row,
+                                base + size_t(t) * keys->nb[2] + size_t(g) * keys->nb[1], row);
+                }
+            }
+        } else if (ggml_is_contiguous(keys)) {
+            ggml_backend_tensor_get(keys, out, 0, keys_.size() * sizeof(float));
+        } else {
+            error_ = std::string("the keys RoPE reads at ") + name + " live on a device and are not contiguous";
+            return false;
+        }
+        view.keys = keys_.data();
+        on_keys_(view);
     } catch (const std::exception & e) {
         error_ = e.what();
         return false;

@@ -61,6 +61,21 @@ struct AttentionView {
 
 // Called from inside llama_decode, on the decoding thread, once per layer and ubatch.
 using AttentionCallback = std::function<void(const AttentionView &)>;
+
+// One layer's keys for the batch's tokens *before RoPE* (what llama.cpp's RoPE node for the keys, "Kcur-<layer>",
+// reads: after any bias and key norm), copied to host memory, valid only during the callback:
+// keys[(t * n_head_kv + g) * head_dim + d] for batch token t, KV head g. Position-free, so they stay valid when
+// the cache's positions are shifted.
+struct KeyView {
+    int32_t layer = 0;
+    bool sliding = false;
+    int32_t n_tokens = 0;
+    int32_t n_head_kv = 0;
+    int32_t head_dim = 0;
+    const float * keys = nullptr;
+    const int32_t * token_cell = nullptr;  // [n_tokens] cell each batch token was placed in (the layer's cache)
+};
+using KeyCallback = std::function<void(const KeyView &)>;
 // Checks the view of the first layer of each kind (sliding / global) before the callback sees it: "" if fine, else
 // the error that cancels the decode. It gets the host matrix (probs) when there is one, else cell_totals over all
 // rows.
@@ -79,6 +94,10 @@ public:
     ~AttentionTap();
     AttentionTap(const AttentionTap &) = delete;
     AttentionTap & operator=(const AttentionTap &) = delete;
+
+    // Also hand over each observed layer's keys before RoPE (one more split of llama.cpp's graph per layer, at its
+    // RoPE node for the keys); empty = none.
+    void set_key_callback(KeyCallback on_keys) { on_keys_ = std::move(on_keys); }
 
     // A ggml_backend_sched_eval_callback; install it with user_data = this tap.
     static bool eval_callback(ggml_tensor * tensor, bool ask, void * user_data);
@@ -118,10 +137,14 @@ public:
 private:
     // The computed tensor named `name`, a layer's attention: view, check, totals, callback. False cancels.
     bool observe(ggml_tensor * tensor, const char * name, int32_t layer);
+    // The RoPE node of a layer's keys: its input, to host memory, to on_keys_. False cancels.
+    bool observe_keys(ggml_tensor * rope, const char * name, int32_t layer);
     // AttentionView::cell_totals over `rows`: a host loop, or a ggml graph on the tensor's device.
     void compute_cell_totals(AttentionView & view, AttentionTotals rows);
 
     AttentionCallback on_attention_;
+    KeyCallback on_keys_;
+    std::vector<float> keys_;                // the batch's keys of one layer, [token][KV head][head_dim]
     AttentionCheck check_layer0_;
     AttentionTotals totals_ = AttentionTotals::none;
     bool device_reductions_ = false;

@@ -179,6 +179,9 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
                                    : attention_->cell_totals_last_row() ? AttentionTotals::last_row
                                                                         : AttentionTotals::all_rows);
         ctx_->set_device_reductions(params_.attention.device_reductions);
+        if (attention_->needs_keys()) {
+            ctx_->set_key_callback([this](const KeyView & view) { attention_->observe_keys(view); });
+        }
     }
     counters_.capacity = cap;
 }

@@ -184,6 +184,10 @@ public:
     void set_observed_layers(std::vector<uint8_t> observed) {
         if (tap_) tap_->set_observed_layers(std::move(observed));
     }
+    // Each observed layer's keys before RoPE reach on_keys too (AttentionTap::set_key_callback). No-op without a tap.
+    void set_key_callback(KeyCallback on_keys) {
+        if (tap_) tap_->set_key_callback(std::move(on_keys));
+    }
     // Treats tapped attention as if it lived on a device even when it is in host memory: AttentionView::probs stays
     // null, totals come from a ggml graph, the mirror check uses them (what a GPU run does; for tests).
     void set_device_reductions(bool enabled) {

@@ -2,6 +2,7 @@
 
 #include "byte_io.h"
 #include "errors.h"
+#include "key_distinctiveness.h"
 #include "namm/namm_model.h"
 #include "namm/namm_tap.h"
 
@@ -136,9 +137,10 @@ public:
     // scored_layers: the model's layers NAMM reads (all of them, or an iSWA model's global layers); its per-layer
     // state, selections, votes and captures are kept in that order ("slots").
     NammPolicy(std::shared_ptr<namm::NammModel> model, const SharedCellDecision & rule, int32_t delay, bool defer,
-               std::vector<int32_t> scored_layers, int32_t n_model_layers, int32_t n_head, int32_t n_head_kv,
-               uint32_t n_cells, int32_t n_threads)
+               float key_weight, std::vector<int32_t> scored_layers, int32_t n_model_layers, int32_t n_head,
+               int32_t n_head_kv, uint32_t n_cells, int32_t n_threads)
         : model_(std::move(model)), rule_(rule), delay_(delay), defer_(defer && is_budget_mode(rule.mode)),
+          key_weight_(key_weight),
           n_layer_(int32_t(scored_layers.size())),
           n_head_kv_(n_head_kv), n_cells_(n_cells), scored_layers_(std::move(scored_layers)),
           slot_of_layer_(size_t(n_model_layers), -1),
@@ -159,6 +161,7 @@ public:
         forced_evictions_ = 0;
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         std::fill(pending_rank_.begin(), pending_rank_.end(), kNotPending);
+        std::fill(key_count_.begin(), key_count_.end(), 0);
     }
 
     void set_threads(int32_t n_threads) override { tap_.set_threads(n_threads); }
@@ -175,6 +178,36 @@ public:
                                                       "namm_layers)");
             }
             windows_[size_t(slot)].assign(size_t(n_head_kv_) * size_t(delay_) * n_cells_, 0.0f);
+        }
+    }
+
+    bool needs_keys() const override { return key_weight_ > 0.0f; }
+
+    // Keys before RoPE of each scored layer's new tokens, per (slot, KV head, cell); key_count_ counts the scored
+    // layers whose keys a cell's token has (all of them once its batch is decoded).
+    void observe_keys(const KeyView & v) override {
+        if (v.sliding || v.layer < 0 || v.layer >= int32_t(slot_of_layer_.size())) return;
+        const int32_t slot = slot_of_layer_[size_t(v.layer)];
+        if (slot < 0) return;
+        if (head_dim_ == 0) {
+            head_dim_ = v.head_dim;
+            keys_.assign(size_t(n_layer_) * size_t(n_head_kv_) * n_cells_ * size_t(head_dim_), 0.0f);
+        }
+        if (v.n_head_kv != n_head_kv_ || v.head_dim != head_dim_) {
+            fail(ErrorKind::runtime, "layer " + std::to_string(v.layer) + "'s keys have " +
+                                         std::to_string(v.n_head_kv) + " KV heads of " + std::to_string(v.head_dim) +
+                                         " values; the NAMM policy expected " + std::to_string(n_head_kv_) + " of " +
+                                         std::to_string(head_dim_));
+        }
+        const size_t d = size_t(head_dim_);
+        for (int32_t t = 0; t < v.n_tokens; ++t) {
+            const size_t cell = size_t(v.token_cell[t]);
+            if (slot == 0) key_count_[cell] = 0;  // a new token in the cell
+            for (int32_t g = 0; g < n_head_kv_; ++g) {
+                std::copy_n(v.keys + (size_t(t) * size_t(n_head_kv_) + size_t(g)) * d, d,
+                            keys_.data() + ((size_t(slot) * size_t(n_head_kv_) + size_t(g)) * n_cells_ + cell) * d);
+            }
+            ++key_count_[cell];
         }
     }
 
@@ -235,6 +268,9 @@ public:
         out.put_vector(values_by_token(last_cell_scores_, cache));
         out.put_vector(values_by_token(pending_rank_, cache));
         out.put(forced_evictions_);
+        // Keys (when a key weight reads them): [slot][head][token][head_dim] in the cache's token order.
+        out.put(int32_t(needs_keys() ? head_dim_ : 0));
+        if (needs_keys() && head_dim_ > 0) out.put_vector(keys_by_token(cache));
         return std::move(out.bytes());
     }
 
@@ -251,6 +287,18 @@ public:
         const std::vector<double> scores = in.get_vector<double>();
         const std::vector<double> pending = in.get_vector<double>();
         const int64_t forced = in.get<int64_t>();
+        // Sessions saved before keys were kept end here.
+        const int32_t head_dim = in.remaining() > 0 ? in.get<int32_t>() : 0;
+        const std::vector<float> keys = head_dim > 0 ? in.get_vector<float>() : std::vector<float>{};
+        if (needs_keys() && !cache.cells.empty() && head_dim == 0) {
+            fail(ErrorKind::invalid_argument, "the saved NAMM state holds no keys, which namm_key_weight > 0 reads: "
+                                              "restore it with namm_key_weight=0, or save it from an engine with a "
+                                              "key weight");
+        }
+        if (keys.size() != size_t(n_layer_) * size_t(n_head_kv_) * cache.cells.size() * size_t(head_dim)) {
+            fail(ErrorKind::invalid_argument, "the saved NAMM state's keys do not match its tokens (damaged session "
+                                              "file)");
+        }
         if (scores.size() != cache.cells.size() || pending.size() != cache.cells.size() || in.remaining() != 0) {
             fail(ErrorKind::invalid_argument, "the saved NAMM state holds " + std::to_string(scores.size()) +
                                                   " tokens but the cache " + std::to_string(cache.cells.size()) +
@@ -261,6 +309,7 @@ public:
         restore_by_token(scores, cache, last_cell_scores_);
         restore_by_token(pending, cache, pending_rank_);
         forced_evictions_ = forced;
+        if (needs_keys() && head_dim > 0) restore_keys(keys, head_dim, cache);
     }
 
     std::vector<int32_t> after_decode(const CacheView & cache, int64_t tokens_seen) override {
@@ -374,6 +423,15 @@ private:
         }
         SharedCellDecision rule = rule_;
         rule.n_sink = std::max(rule.n_sink, cache.state.n_pinned);  // a pinned system prompt counts as sinks
+        std::vector<double> distinct;
+        if (needs_keys()) {
+            // Over the candidates (neither sinks nor the newest token), the ranked score gains key_weight standard
+            // deviations of the keys' distinctiveness.
+            const int32_t first = std::min(rule.n_sink, n), last = std::max(first, n - 1);
+            distinct = key_distinctiveness(candidate_keys(cache, first, last), n_pairs, n, head_dim_, first, last);
+            add_standardised(token_scores, distinct, key_weight_, first, last);
+            for (int32_t i = 0; i < n; ++i) last_cell_scores_[size_t(cache.cells[size_t(i)])] = token_scores[size_t(i)];
+        }
         const std::vector<double> no_reserve;
         const std::vector<int32_t> order = shared_eviction_order(rule, drop_votes, token_scores, n_pairs,
                                                                  rule.reserve > 0 ? score_max : no_reserve);
@@ -394,7 +452,10 @@ private:
         record.jaccard_union = either_union ? double(both_union) / either_union : 1.0;
         record.jaccard_intersection = either_inter ? double(both_inter) / either_inter : 1.0;
         for (auto it = captures_.end() - std::min<std::ptrdiff_t>(captures_.size(), n_layer_); it != captures_.end(); ++it) {
-            if (it->tokens_seen == tokens_seen) it->kept = kept;
+            if (it->tokens_seen == tokens_seen) {
+                it->kept = kept;
+                it->key_distinctiveness = distinct;
+            }
         }
         invocations_.push_back(std::move(record));
         if (!defer_) return evict;
@@ -403,6 +464,43 @@ private:
         std::fill(pending_rank_.begin(), pending_rank_.end(), kNotPending);
         for (size_t k = 0; k < order.size(); ++k) pending_rank_[size_t(cache.cells[size_t(order[k])])] = double(k);
         return {};
+    }
+
+    // [pair][token][head_dim] of the cached tokens (chronological; pairs slot-major). The candidates' keys must have
+    // been observed in every scored layer.
+    std::vector<float> candidate_keys(const CacheView & cache, int32_t first, int32_t last) const {
+        for (int32_t i = first; i < last; ++i) {
+            if (head_dim_ == 0 || key_count_[size_t(cache.cells[size_t(i)])] != n_layer_) {
+                fail(ErrorKind::runtime, "namm_key_weight reads every scored layer's keys before RoPE, but llama.cpp "
+                                         "showed " + std::to_string(head_dim_ == 0 ? 0 : key_count_[size_t(cache.cells[size_t(i)])]) +
+                                         " of " + std::to_string(n_layer_) + " for a cached token (the keys' RoPE node "
+                                         "'Kcur-<layer>' was not found in this model's graph); use namm_key_weight=0");
+            }
+        }
+        return keys_by_token(cache);
+    }
+
+    std::vector<float> keys_by_token(const CacheView & cache) const {
+        const size_t n = cache.cells.size(), d = size_t(head_dim_), pairs = size_t(n_layer_) * size_t(n_head_kv_);
+        std::vector<float> out(pairs * n * d);
+        for (size_t p = 0; p < pairs; ++p) {
+            for (size_t i = 0; i < n; ++i) {
+                std::copy_n(keys_.data() + (p * n_cells_ + size_t(cache.cells[i])) * d, d, out.data() + (p * n + i) * d);
+            }
+        }
+        return out;
+    }
+
+    void restore_keys(const std::vector<float> & keys, int32_t head_dim, const CacheView & cache) {
+        head_dim_ = head_dim;
+        const size_t n = cache.cells.size(), d = size_t(head_dim_), pairs = size_t(n_layer_) * size_t(n_head_kv_);
+        keys_.assign(pairs * n_cells_ * d, 0.0f);
+        for (size_t p = 0; p < pairs; ++p) {
+            for (size_t i = 0; i < n; ++i) {
+                std::copy_n(keys.data() + (p * n + i) * d, d, keys_.data() + (p * n_cells_ + size_t(cache.cells[i])) * d);
+            }
+        }
+        for (size_t i = 0; i < n; ++i) key_count_[size_t(cache.cells[i])] = n_layer_;
     }
 
     bool capturing() const {
@@ -441,6 +539,9 @@ private:
     SharedCellDecision rule_;
     int32_t delay_;
     bool defer_;  // budget modes: evict the invocation's choice only as new tokens need the room
+    float key_weight_;  // budget modes: standard deviations of key distinctiveness added to the ranked score
+    int32_t head_dim_ = 0;                     // of the keys, once seen
+    std::vector<float> keys_;                  // [slot][head][cell][head_dim] keys before RoPE (key weight only)
     int32_t n_layer_, n_head_kv_;              // n_layer_: scored layers (slots)
     size_t n_cells_;
     std::vector<int32_t> scored_layers_;       // slot -> model layer
@@ -457,6 +558,7 @@ private:
     // token it keeps, one decoded since, or an empty cell.
     static constexpr double kNotPending = std::numeric_limits<double>::quiet_NaN();
     std::vector<double> pending_rank_ = std::vector<double>(n_cells_, kNotPending);
+    std::vector<int32_t> key_count_ = std::vector<int32_t>(n_cells_, 0);  // per cell: scored layers with its keys
 };
 
 }  // namespace
@@ -504,6 +606,17 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
                                               "' ranks none (use a budget mode or namm_neighbours=0)");
     }
     rule.neighbours = a.namm_neighbours >= 0 ? a.namm_neighbours : is_budget_mode(rule.mode) ? hp.deploy_neighbours : 0;
+    if (a.namm_key_weight != -1.0f && !(a.namm_key_weight >= 0.0f && a.namm_key_weight <= namm::kMaxKeyWeight)) {
+        fail(ErrorKind::invalid_argument, "namm_key_weight must be between 0 and " +
+                                              std::to_string(int(namm::kMaxKeyWeight)) + ", or -1 for the file's value (got " +
+                                              std::to_string(a.namm_key_weight) + ")");
+    }
+    if (a.namm_key_weight > 0.0f && !is_budget_mode(rule.mode)) {
+        fail(ErrorKind::invalid_argument, "namm_key_weight adds to the scores a budget mode ranks by; mode '" + rule.mode +
+                                              "' ranks none (use a budget mode or namm_key_weight=0)");
+    }
+    const float key_weight =
+        a.namm_key_weight >= 0.0f ? a.namm_key_weight : is_budget_mode(rule.mode) ? hp.deploy_key_weight : 0.0f;
     if (is_budget_mode(rule.mode) && rule.max_cells + delay > cap) {
         fail(ErrorKind::invalid_argument, "max_cells + namm delay (" + std::to_string(rule.max_cells) + " + " +
                                               std::to_string(delay) + ") must not exceed the capacity " +
@@ -531,7 +644,8 @@ std::unique_ptr<AttentionPolicy> make_namm_policy(const AttentionPolicyParams & 
     std::vector<int32_t> scored;
     const int32_t k = a.namm_layers > 0 ? a.namm_layers : n_global;
     for (int32_t i = 0; i < k; ++i) scored.push_back(global[size_t((2 * int64_t(i) + 1) * n_global / (2 * int64_t(k)))]);
-    return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, a.namm_defer_evictions, std::move(scored),
+    return std::make_unique<NammPolicy>(std::move(scorer), rule, delay, a.namm_defer_evictions, key_weight,
+                                        std::move(scored),
                                         model.n_layer, model.n_head,
                                         model.n_head_kv, n_cells, n_threads);
 }

@@ -195,6 +195,9 @@ class StreamingLLM:
         namm_neighbours: in the budget modes, rank each token by the highest score among itself and this many
             nearest cached tokens on each side, so a token the NAMM singles out keeps the words around it
             (default: the NAMM file's setting, else 0; docs/namm.md, "Neighbours").
+        namm_key_weight: in the budget modes, add this many standard deviations of each token's key
+            distinctiveness (KeyDiff on the keys before RoPE: a token unlike the others is kept) to the score it
+            ranks by (default: the NAMM file's setting, else 0; docs/namm.md, "Keys").
         verbose: show llama.cpp's informational log.
     """
 
@@ -227,6 +230,7 @@ class StreamingLLM:
         namm_layers: int | None = None,
         namm_defer_evictions: bool = True,
         namm_neighbours: int | None = None,
+        namm_key_weight: float | None = None,
         verbose: bool = False,
     ) -> None:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
@@ -266,6 +270,10 @@ class StreamingLLM:
             _check_int("prefill_chunk", prefill_chunk, 1)
         if namm_mode is not None and namm_mode not in NAMM_MODES:
             raise InvalidArgumentError(f"namm_mode must be one of {NAMM_MODES} (got {namm_mode!r})")
+        if namm_key_weight is not None and (isinstance(namm_key_weight, bool)
+                                            or not isinstance(namm_key_weight, numbers.Real)
+                                            or not 0.0 <= namm_key_weight <= 100.0):
+            raise InvalidArgumentError(f"namm_key_weight must be a number between 0 and 100 (got {namm_key_weight!r})")
         if quorum is not None and not (0.0 < quorum <= 1.0):
             raise InvalidArgumentError(f"quorum must be in (0, 1] (got {quorum})")
         if policy == "namm" and namm_path is None:
@@ -312,6 +320,7 @@ class StreamingLLM:
             namm_layers=0 if namm_layers is None else _check_int("namm_layers", namm_layers, 1),
             namm_defer_evictions=namm_defer_evictions,
             namm_neighbours=-1 if namm_neighbours is None else _check_int("namm_neighbours", namm_neighbours, 0),
+            namm_key_weight=-1.0 if namm_key_weight is None else float(namm_key_weight),
         )
         self.messages: list[dict[str, str]] = []  # the running conversation of chat()
         self._chat_fed_text = ""  # rendered conversation text that has gone into the cache

@@ -374,6 +374,17 @@ def test_a_namm_gguf_is_written_again_with_a_deployed_interval(tmp_path, checkpo
     for value in ("65", "-1"):
         assert cli(["convert-namm", str(out), "-o", str(tmp_path / "x.gguf"), "--deploy-neighbours", value]) == 1
         assert "neighbours must lie between 0 and 64" in capsys.readouterr().err
+    # A key weight likewise.
+    keyed = tmp_path / "keyed.gguf"
+    assert cli(["convert-namm", str(out), "-o", str(keyed), "--deploy-key-weight", "0.5"]) == 0
+    assert "adds 0.5 standard deviations of key distinctiveness" in capsys.readouterr().out
+    assert gguf_settings(keyed) == {**gguf_settings(out), "deploy_key_weight": 0.5}
+    assert run_settings(keyed) == {**run_settings(out), "key_weight": 0.5} and run_settings(out)["key_weight"] == 0.0
+    assert cli(["convert-namm", str(keyed), "-o", str(tmp_path / "q8k.gguf"), "--type", "q8_0"]) == 0
+    assert gguf_settings(tmp_path / "q8k.gguf")["deploy_key_weight"] == 0.5
+    for value in ("101", "-0.5"):
+        assert cli(["convert-namm", str(out), "-o", str(tmp_path / "x.gguf"), "--deploy-key-weight", value]) == 1
+        assert "key weight must lie between 0 and 100" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -56,6 +56,37 @@ def test_neighbours_rank_each_candidate_with_the_best_score_next_to_it():
     assert decide("budget", 1.0, 7, 2, [1, 1, 0, 0, 0, 0, 3, 0, 0, 0], scores, 9, [], 0, 1) == [5, 6, 8]  # votes first
 
 
+def test_key_distinctiveness_is_minus_each_keys_cosine_to_the_candidates_mean_direction():
+    """KeyDiff on shared cells: per pair, -cos(key, normalised mean of the candidates' unit keys), averaged over
+    the pairs; 0 outside the candidates [first, last); the scale of a key does not matter."""
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(4, 12, 8)).astype(np.float32)  # [pairs, tokens, head_dim]
+    keys[:, 5] *= 30.0
+    got = np.array(_core.key_distinctiveness(keys.ravel().tolist(), 4, 12, 8, 2, 11))
+    unit = keys[:, 2:11] / np.linalg.norm(keys[:, 2:11], axis=2, keepdims=True)
+    anchor = unit.mean(axis=1, keepdims=True)
+    anchor /= np.linalg.norm(anchor, axis=2, keepdims=True)
+    expected = np.zeros(12)
+    expected[2:11] = -(unit * anchor).sum(axis=2).mean(axis=0)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    keys[:, 3] = keys[:, 4]  # twins are equally (in)distinct
+    got = np.array(_core.key_distinctiveness(keys.ravel().tolist(), 4, 12, 8, 2, 11))
+    assert got[3] == pytest.approx(got[4]) and got[0] == got[11] == 0.0
+    with pytest.raises(InvalidArgumentError, match="keys must hold n_pairs x n_tokens x head_dim values"):
+        _core.key_distinctiveness([0.0] * 10, 4, 12, 8, 2, 11)
+
+
+def test_add_standardised_adds_weighted_z_scores_over_the_candidates_only():
+    scores = [5.0, 1.0, 2.0, 3.0, 7.0]
+    extra = [100.0, 1.0, 2.0, 3.0, -100.0]
+    z = np.array([1.0, 2.0, 3.0])
+    z = (z - z.mean()) / z.std()
+    np.testing.assert_allclose(_core.add_standardised(scores, extra, 0.5, 1, 4), [5.0, *(np.array([1.0, 2.0, 3.0]) + 0.5 * z), 7.0])
+    assert _core.add_standardised(scores, [4.0] * 5, 2.0, 1, 4) == scores  # no spread: nothing to add
+    with pytest.raises(InvalidArgumentError, match="one value per score"):
+        _core.add_standardised(scores, [1.0], 1.0, 0, 5)
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("mode", ["budget_max", "budget_zmax", "budget_mix"])
 def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english_text, namm_gguf, tmp_path, mode):
@@ -77,10 +108,12 @@ def test_budget_max_evicts_the_tokens_no_pair_scores_high(smollm2_model, english
     assert_budget_choices(engine, [5, 15, 25], mode, 256 - 64)
 
 
-def assert_budget_choices(engine, layers_scored: list[int], mode: str, max_cells: int, neighbours: int = 0) -> None:
+def assert_budget_choices(engine, layers_scored: list[int], mode: str, max_cells: int, neighbours: int = 0,
+                          key_weight: float = 0.0) -> None:
     """Every invocation of `engine` (its captures of every scored layer) kept exactly what `mode` keeps of the
     captured scores at max_cells (sinks 0..3 and the newest token stay; `neighbours`: each candidate ranked by the
-    best score within that many candidates on each side), and at least 5 of them evicted."""
+    best score within that many candidates on each side; `key_weight`: plus that many standard deviations of the
+    captured key distinctiveness), and at least 5 of them evicted."""
     by_invocation: dict[int, list[dict]] = {}
     for c in engine.namm_captures():
         by_invocation.setdefault(c["tokens_seen"], []).append(c)
@@ -97,6 +130,9 @@ def assert_budget_choices(engine, layers_scored: list[int], mode: str, max_cells
         if n > max_cells:
             candidates = np.arange(4, n - 1)
             ranked = best[4:n - 1].copy()
+            if key_weight:
+                distinct = layers[0]["key_distinctiveness"][4:n - 1]
+                ranked += key_weight * (distinct - distinct.mean()) / distinct.std()
             for d in range(1, neighbours + 1):  # the best score within d candidates on either side
                 ranked[d:] = np.maximum(ranked[d:], best[4:n - 1 - d])
                 ranked[:-d] = np.maximum(ranked[:-d], best[4 + d:n - 1])
@@ -139,6 +175,80 @@ def test_a_namm_deployed_with_neighbours_ranks_each_token_with_the_best_score_ne
                      namm_neighbours=1)
     with pytest.raises(InvalidArgumentError, match="namm_neighbours must be between 0 and 64"):
         StreamingLLM(smollm2_path, policy="namm", namm_path=str(path), namm_neighbours=65)
+
+
+@pytest.mark.model
+def test_a_key_weight_ranks_by_the_standardised_maximum_plus_the_keys_distinctiveness(
+        smollm2_model, smollm2_path, english_text, namm_gguf, tmp_path):
+    """A NAMM GGUF that records namm.deploy.key_weight adds that many standard deviations of each candidate's key
+    distinctiveness (KeyDiff on the keys before RoPE, averaged over the scored pairs) to budget_zmax's score. The
+    engine's distinctiveness at the first invocation, before anything was evicted, equals numpy's on the keys llama.cpp
+    computes for the same tokens with a full cache; every invocation keeps what the weighted ranking keeps;
+    namm_key_weight overrides the file (0: attention alone); quorum mode refuses it; a session keeps the keys."""
+    import sys
+    from pathlib import Path
+
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.checkpoint import gguf_settings, run_settings
+    from pymemory.namm.convert import write_gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from value_capture import ValueCapture
+
+    path = write_gguf(load_checkpoint(namm_gguf[1], trust_pickle=True), tmp_path / "keys.gguf", "f32", delay=64,
+                      deploy={"mode": "budget_zmax", "quorum": 1.0}, deploy_key_weight=0.5)["output"]
+    assert gguf_settings(path)["deploy_key_weight"] == 0.5 and run_settings(path)["key_weight"] == 0.5
+    assert _core.NammModel.load(str(path)).hparams["deploy_key_weight"] == 0.5
+    tokens = smollm2_model.tokenize(english_text, True, False)[:700]
+    layers = [7, 22]  # the 2 layers spread over 30
+    with ValueCapture(smollm2_path, 2) as capture:
+        before_rope = capture.projections(tokens, "Kcur-")[0]  # [30 layers x 3 heads, token, 64]
+    pairs = np.concatenate([np.arange(3 * layer, 3 * layer + 3) for layer in layers])
+    for override, weight in ((-1, 0.5), (0.0, 0.0), (2.0, 2.0)):
+        engine = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path),
+                              namm_layers=2, namm_key_weight=override, namm_defer_evictions=False)
+        engine.capture_namm_layers(layers)
+        engine.feed(tokens)
+        captures = engine.namm_captures()
+        if weight == 0.0:
+            assert all("key_distinctiveness" not in c for c in captures)
+        else:
+            first = min(captures, key=lambda c: c["tokens_seen"])
+            positions = first["positions"]  # nothing evicted yet: the first positions of the text
+            keys = before_rope[pairs][:, positions]
+            n = len(positions)
+            expected = np.zeros(n)
+            expected[4:n - 1] = probe_distinctiveness(keys[:, 4:n - 1])
+            np.testing.assert_allclose(first["key_distinctiveness"], expected, atol=2e-3)
+        assert_budget_choices(engine, layers, "budget_zmax", 256 - 64, key_weight=weight)
+    with pytest.raises(InvalidArgumentError, match="namm_key_weight adds to the scores a budget mode ranks by"):
+        _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_mode="quorum",
+                     namm_key_weight=1.0)
+    with pytest.raises(InvalidArgumentError, match="namm_key_weight must be a number between 0 and 100"):
+        StreamingLLM(smollm2_path, policy="namm", namm_path=str(path), namm_key_weight=-1.0)
+    # A saved session carries the keys: the restored engine makes the saved one's choices.
+    def keyed():
+        return _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_layers=2)
+    saved_from = keyed()
+    saved_from.feed(tokens[:300])
+    restored = keyed()
+    restored.load_state(saved_from.save_state())
+    for e in (saved_from, restored):
+        e.feed(tokens[300:700])
+    assert restored.cached_positions() == saved_from.cached_positions()
+    plain = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=252, namm_path=str(path), namm_layers=2,
+                         namm_key_weight=0.0)
+    plain.feed(tokens[:300])
+    with pytest.raises(InvalidArgumentError, match="holds no keys, which namm_key_weight > 0 reads"):
+        keyed().load_state(plain.save_state())
+
+
+def probe_distinctiveness(keys: np.ndarray) -> np.ndarray:
+    """[pairs, cand, head_dim] -> [cand]: KeyDiff's score averaged over the pairs, as numpy computes it."""
+    unit = keys / np.linalg.norm(keys, axis=2, keepdims=True)
+    anchor = unit.mean(axis=1, keepdims=True)
+    anchor /= np.linalg.norm(anchor, axis=2, keepdims=True)
+    return -(unit * anchor).sum(axis=2).mean(axis=0)
 
 
 @pytest.mark.model

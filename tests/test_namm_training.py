@@ -407,7 +407,8 @@ def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, mod
     assert settings == {"namm_delay": delay, "trained_delay": record["config"]["namm_delay"],
                         "ema_coefficient": hparams.ema_coefficient,
                         "ema_bias_correction": hparams.ema_bias_correction, "mode": record["config"]["mode"],
-                        "neighbours": record.get("deploy", {}).get("neighbours", 0)}
+                        "neighbours": record.get("deploy", {}).get("neighbours", 0),
+                        "key_weight": record.get("deploy", {}).get("key_weight", 0.0)}
     model_path = request.getfixturevalue(model_fixture)
     with StreamingLLM(model_path, policy="namm", namm_path=name, n_sink=4, window=124, n_threads=1) as llm:
         text = "".join(llm.generate("Once upon a time", max_tokens=200, ignore_eos=True, temperature=0.0))

@@ -371,6 +371,18 @@ if run namm-key-rules; then  # issue 10: what attention cannot see, from the key
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 1 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE,z-max of pairs: each pair's EMA 0.998 bias-corrected z + 0.5 x its KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z"
 fi
+if run namm-keys-decode; then  # issue 10: smollm2-rate with a key weight of 0.5 (convert-namm --deploy-key-weight;
+  # namm-key-rules' best rule: KeyDiff on the keys before RoPE added to budget_zmax's ranking) beside it as shipped,
+  # one token per decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals
+  # (about 50 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/smollm2-rate.gguf -o runs/smollm2-rate-keys05.gguf --deploy-key-weight 0.5
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_keys_decode --text 96 --retrieval 16 \
+    --also "key weight 0.5=runs/smollm2-rate-keys05.gguf" --fractions 0.25 --quants '' --no-reproduce \
+    --sample-tokens 1024 --baselines '' --test-seed 2 --score-chunk 1 --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_keys_decode \
+    $out/namm_keys_decode.json --versus "trained NAMM (f32)"
+fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
   # decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals (about 45 minutes)

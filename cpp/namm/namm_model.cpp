@@ -285,6 +285,13 @@ void NammModel::load_file(const std::string & path) {
         }
         hp.deploy_neighbours = int32_t(neighbours);
     }
+    if (gguf_find_key(gctx, "namm.deploy.key_weight") >= 0) {
+        hp.deploy_key_weight = meta.f32("namm.deploy.key_weight");
+        if (!(hp.deploy_key_weight >= 0.0f && hp.deploy_key_weight <= kMaxKeyWeight)) {
+            bad_file(path, "namm.deploy.key_weight must be between 0 and " + std::to_string(kMaxKeyWeight) +
+                               " (got " + std::to_string(hp.deploy_key_weight) + ")");
+        }
+    }
     if (gguf_find_key(gctx, "namm.source.iteration") >= 0) meta.find("namm.source.iteration", GGUF_TYPE_INT32);
     if (delay == 0 || delay % kHop != 0 || delay > (1u << 20)) {
         bad_file(path, "namm.delay must be a positive multiple of 16 (got " + std::to_string(delay) + ")");

@@ -51,8 +51,12 @@ struct NammHparams {
     // namm.deploy.neighbours: in the budget modes a token ranks by the highest score among itself and this many
     // nearest cached tokens on each side (0 = absent: each by its own score), chosen by measurement.
     int32_t deploy_neighbours = 0;
+    // namm.deploy.key_weight: in the budget modes a token's ranked score gains this many standard deviations of its
+    // keys' distinctiveness (KeyDiff's score on the keys before RoPE; docs/namm.md, "Keys"); 0 = absent: none.
+    float deploy_key_weight = 0.0f;
 };
 constexpr int32_t kMaxNeighbours = 64;  // more than any measured choice; bounds the ranking's cost
+constexpr float kMaxKeyWeight = 100.0f;  // far past where the keys outweigh the attention
 
 // The shared-cell rules a NAMM can be deployed with (what each does: namm_policy.h).
 bool is_deploy_mode(const std::string & mode);

@@ -367,6 +367,7 @@ def run_bench(args) -> int:
         trained = (f" (trained every {settings['trained_delay']})"
                    if settings and settings["trained_delay"] != settings["namm_delay"] else "")
         pooled = f", {settings['neighbours']} neighbours" if settings and settings.get("neighbours") else ""
+        pooled += (f", key weight {settings['key_weight']:g}" if settings and settings.get("key_weight") else "")
         which = (f"NAMM {args.namm} as deployed: {settings['mode'] or 'quorum'} mode, every {settings['namm_delay']} "
                  f"tokens{trained}, moving average {settings['ema_coefficient']}"
                  f"{' bias-corrected' if settings['ema_bias_correction'] else ''}{pooled}") if settings else \

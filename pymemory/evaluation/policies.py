@@ -13,7 +13,8 @@ from ..errors import InvalidArgumentError
 
 SINKLESS = ("window", "recompute", "none")  # the cache is all window: same total size as the sink configuration
 ENGINE_OPTIONS = {"evict_chunk", "reindex", "h2o_recent", "namm_path", "namm_mode", "quorum", "max_cells",
-                  "namm_delay", "namm_layers", "namm_defer_evictions", "namm_neighbours", "prefill_chunk", "type_k",
+                  "namm_delay", "namm_layers", "namm_defer_evictions", "namm_neighbours", "namm_key_weight",
+                  "prefill_chunk", "type_k",
                   "type_v",
                   "flash_attention"}
 EVAL_OPTIONS = {"chunk"}  # read by the evaluation itself (tokens scored per decode), not passed to the engine

@@ -243,6 +243,12 @@ def validate_settings(settings, path) -> dict:
         if not isinstance(neighbours, (int, np.integer)) or not 0 <= neighbours <= fmt.MAX_NEIGHBOURS:
             bad(f"deploy_neighbours must be an integer between 0 and {fmt.MAX_NEIGHBOURS} (got {neighbours!r})")
         out["deploy_neighbours"] = int(neighbours)
+    key_weight = settings.get("deploy_key_weight")
+    if key_weight is not None:
+        if (isinstance(key_weight, bool) or not isinstance(key_weight, (int, float, np.integer, np.floating))
+                or not 0 <= float(key_weight) <= fmt.MAX_KEY_WEIGHT):
+            bad(f"deploy_key_weight must be a number between 0 and {fmt.MAX_KEY_WEIGHT:g} (got {key_weight!r})")
+        out["deploy_key_weight"] = float(key_weight)
     return out
 
 
@@ -403,14 +409,18 @@ def _settings_of(reader, hparams: fmt.NammHparams, path: Path) -> dict:
         out["deploy_delay"] = int(_field_value(reader, fmt.KEY_DEPLOY_DELAY, "u32", path))
     if fmt.KEY_DEPLOY_NEIGHBOURS in reader.fields:
         out["deploy_neighbours"] = int(_field_value(reader, fmt.KEY_DEPLOY_NEIGHBOURS, "u32", path))
+    if fmt.KEY_DEPLOY_KEY_WEIGHT in reader.fields:
+        out["deploy_key_weight"] = float(_field_value(reader, fmt.KEY_DEPLOY_KEY_WEIGHT, "f32", path))
     return validate_settings(out, path)
 
 
 def run_settings(path: str | os.PathLike) -> dict:
     """How the engine runs a NAMM GGUF by default: its invocation interval (the deployed one when the file records
     one, else the trained one), the interval it was trained at, its moving average, the mode it was trained in
-    (None when the file records none: the engine then uses quorum mode) and its neighbours (0 when none)."""
+    (None when the file records none: the engine then uses quorum mode), its neighbours and its key weight (0 when
+    none)."""
     s = gguf_settings(path)
     return {"namm_delay": s.get("deploy_delay", s["namm_delay"]), "trained_delay": s["namm_delay"],
             "ema_coefficient": s["ema_coefficient"], "ema_bias_correction": s["ema_bias_correction"],
-            "mode": s.get("mode"), "neighbours": s.get("deploy_neighbours", 0)}
+            "mode": s.get("mode"), "neighbours": s.get("deploy_neighbours", 0),
+            "key_weight": s.get("deploy_key_weight", 0.0)}

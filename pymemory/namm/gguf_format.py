@@ -128,6 +128,10 @@ KEY_DEPLOY_DELAY = "namm.deploy.delay"
 # tokens on each side (chosen by measurement; absent = 0, each token by its own score)
 KEY_DEPLOY_NEIGHBOURS = "namm.deploy.neighbours"
 MAX_NEIGHBOURS = 64  # the engine's bound (cpp/namm/namm_model.h kMaxNeighbours)
+# f32, optional: in the budget modes a token's ranked score gains this many standard deviations of its keys'
+# distinctiveness (KeyDiff on the keys before RoPE; chosen by measurement; absent = 0, attention alone)
+KEY_DEPLOY_KEY_WEIGHT = "namm.deploy.key_weight"
+MAX_KEY_WEIGHT = 100.0  # the engine's bound (cpp/namm/namm_model.h kMaxKeyWeight)
 
 RELEASED = NammHparams()
 N_BINS = RELEASED.n_bins  # 17

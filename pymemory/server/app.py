@@ -55,6 +55,7 @@ class ServerConfig:
     namm_layers: int | None = None
     namm_defer_evictions: bool = True
     namm_neighbours: int | None = None
+    namm_key_weight: float | None = None
     parallel: int = 1
     max_queue: int = 16
     queue_timeout: float = 60.0
@@ -95,7 +96,8 @@ class ServerState:
         if config.h2o_recent is not None:
             engine_args["h2o_recent"] = config.h2o_recent
         engine_args["namm_defer_evictions"] = config.namm_defer_evictions
-        for name in ("namm_path", "namm_mode", "quorum", "max_cells", "namm_delay", "namm_layers", "namm_neighbours"):
+        for name in ("namm_path", "namm_mode", "quorum", "max_cells", "namm_delay", "namm_layers", "namm_neighbours",
+                     "namm_key_weight"):
             if getattr(config, name) is not None:
                 engine_args[name] = getattr(config, name)
         if config.namm_path is not None:  # a shipped NAMM's name (--namm-path smollm2) or a GGUF path
