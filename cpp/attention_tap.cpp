@@ -234,7 +234,7 @@ bool AttentionTap::observe_keys(ggml_tensor * rope, const char * name, int32_t l
         const size_t row = size_t(view.head_dim) * sizeof(float);
         keys_.resize(size_t(n_tokens) * size_t(view.n_head_kv) * size_t(view.head_dim));
         char * out = reinterpret_cast<char *>(keys_.data());
-        if (keys->buffer && ggml_backend_buffer_is_host(keys->buffer)) {
+        if (!device_reductions_ && keys->buffer && ggml_backend_buffer_is_host(keys->buffer)) {
             const char * base = static_cast<const char *>(keys->data);
             for (int32_t t = 0; t < n_tokens; ++t) {
                 for (int32_t g = 0; g < view.n_head_kv; ++g) {

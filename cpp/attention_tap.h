@@ -122,8 +122,9 @@ public:
 
     // Per-cell totals to compute for every layer (AttentionView::cell_totals), where the attention lives.
     void set_totals(AttentionTotals rows) { totals_ = rows; }
-    // Treats attention as device-resident even when it is in host memory (probs stays null, totals come from a
-    // ggml graph, the layer-0 check reads them): what a GPU run does, for tests.
+    // Treats attention (and keys) as device-resident even when they are in host memory (probs stays null, totals
+    // come from a ggml graph, the layer-0 check reads them, keys are copied by ggml_backend_tensor_get): what a GPU
+    // run does, for tests.
     void set_device_reductions(bool enabled) { device_reductions_ = enabled; }
     void set_threads(int32_t n_threads);
     // Seconds spent reading observed layers' attention (views, checks, per-cell totals and on_attention) since

@@ -122,14 +122,17 @@ def test_attention_scored_policies_compact_at_the_training_context_by_default(tm
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("policy", ["h2o", "namm"])
+@pytest.mark.parametrize("policy", ["h2o", "namm", "namm with keys"])
 def test_device_reductions_keep_what_host_reductions_keep(smollm2_model, english_text, policy):
-    """The GPU code path (ggml graphs over the attention tensor, no host matrix) run on the CPU backend evicts the
-    same tokens as the host loops (h2o's cell sums; NAMM's row copies between STFT frames). Batches of 37 tokens
-    and then single tokens reach both kinds of NAMM batch: ones that complete a frame and ones that do not."""
+    """The GPU code path (ggml graphs over the attention tensor, no host matrix; keys copied by
+    ggml_backend_tensor_get) run on the CPU backend evicts the same tokens as the host loops (h2o's cell sums; NAMM's
+    row copies between STFT frames; the keys' strided copy). Batches of 37 tokens and then single tokens reach both
+    kinds of NAMM batch: ones that complete a frame and ones that do not."""
     from pymemory.namm.packaged import resolve_namm
 
-    extra = {"h2o_recent": 40} if policy == "h2o" else {"namm_path": resolve_namm("smollm2")}
+    extra = {"h2o": {"h2o_recent": 40}, "namm": {"namm_path": resolve_namm("smollm2")},
+             "namm with keys": {"namm_path": resolve_namm("smollm2-rate"), "namm_key_weight": 0.5}}[policy]
+    policy = policy.split()[0]
     tokens = smollm2_model.tokenize(english_text, True, False)[:500]
     kept = {}
     for device in (False, True):

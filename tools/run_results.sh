@@ -45,6 +45,12 @@ if run attention-rate; then  # issue 10: what smollm2-rate costs as deployed (bu
     --namm-variant namm_layers=5,namm_delay=128 \
     --json $out/bench_attention_rate_namm.json --md $out/bench_attention_rate_namm.md
 fi
+if run attention-keys; then  # issue 10: what a key weight costs: smollm2-rate as shipped beside namm_key_weight=0.5
+  # (one more graph split per layer for the keys before RoPE), sink and h2o; ~10 minutes
+  pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 10 --tokens 128 \
+    --prefill-rounds 5 --namm smollm2-rate --namm-variant none --namm-variant namm_key_weight=0.5 \
+    --json $out/bench_attention_keys.json --md $out/bench_attention_keys.md
+fi
 if run attention-positions; then  # issue 13: h2o and the cheap NAMM deployment as users run them (absolute
   # positions, compacted only before the training context: no K-shift) beside h2o re-indexed like sink; ~10 minutes
   pymemory bench --model smollm2-135m-instruct --suite attention --attention-caches 1024 --rounds 10 --tokens 128 \
@@ -382,6 +388,17 @@ if run namm-keys-decode; then  # issue 10: smollm2-rate with a key weight of 0.5
     --sample-tokens 1024 --baselines '' --test-seed 2 --score-chunk 1 --workers 2
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_keys_decode \
     $out/namm_keys_decode.json --versus "trained NAMM (f32)"
+fi
+if run namm-qwen-keys-answers; then  # issue 10: the key weight on Qwen2.5, where qwen2.5-rate keeps answers only level
+  # with sink: it as shipped beside a key weight of 0.5, one token per decode, on namm-qwen-answers' 8 texts + 40
+  # retrievals of 512 tokens (seed 3) at 25 % and 50 % (about 30 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/qwen2.5-rate.gguf -o runs/qwen2.5-rate-keys05.gguf --deploy-key-weight 0.5
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_keys_answers --text 8 --retrieval 40 \
+    --test-seed 3 --quants '' --no-reproduce --baselines '' --score-chunk 1 --workers 2 \
+    --also "key weight 0.5=runs/qwen2.5-rate-keys05.gguf"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_answers \
+    $out/namm_qwen_keys_answers.json --versus "trained NAMM (f32)"
 fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
