@@ -405,6 +405,17 @@ if run namm-qwen-keys-answers; then  # issue 10: the key weight on Qwen2.5, wher
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_answers \
     $out/namm_qwen_keys_answers.json --versus "trained NAMM (f32)"
 fi
+if run namm-qwen-keys-decode-1024; then  # issue 10: Qwen2.5 at 25 % of 1,024 tokens with a key weight:
+  # namm-qwen-decode-1024's 48 texts (seed 2), one token per decode, qwen2.5-rate as shipped beside a key weight of
+  # 0.5 (about 45 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/qwen2.5-rate.gguf -o runs/qwen2.5-rate-keys05.gguf --deploy-key-weight 0.5
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_keys_decode_1024 --text 48 \
+    --retrieval 0 --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 \
+    --score-chunk 1 --also "key weight 0.5=runs/qwen2.5-rate-keys05.gguf" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_decode_1024 \
+    $out/namm_qwen_keys_decode_1024.json --versus "trained NAMM (f32)"
+fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
   # decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals (about 45 minutes)
