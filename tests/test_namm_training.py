@@ -382,6 +382,7 @@ def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
     ("smollm2", "smollm2_path", "smollm2-135m-instruct"),
     ("smollm2-evolved", "smollm2_path", "smollm2-135m-instruct"),
     ("smollm2-rate", "smollm2_path", "smollm2-135m-instruct"),
+    ("smollm2-keys", "smollm2_path", "smollm2-135m-instruct"),
     ("qwen2.5", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
     ("qwen2.5-per-head", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
     ("qwen2.5-rate", "qwen_path", "qwen2.5-coder-0.5b-instruct"),

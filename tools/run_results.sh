@@ -377,17 +377,22 @@ if run namm-key-rules; then  # issue 10: what attention cannot see, from the key
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 1 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE,z-max of pairs: each pair's EMA 0.998 bias-corrected z + 0.5 x its KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z"
 fi
-if run namm-keys-decode; then  # issue 10: smollm2-rate with a key weight of 0.5 (convert-namm --deploy-key-weight;
-  # namm-key-rules' best rule: KeyDiff on the keys before RoPE added to budget_zmax's ranking) beside it as shipped,
-  # one token per decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals
-  # (about 50 minutes)
-  mkdir -p runs
-  pymemory convert-namm pymemory/data/namm/smollm2-rate.gguf -o runs/smollm2-rate-keys05.gguf --deploy-key-weight 0.5
-  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_keys_decode --text 96 --retrieval 16 \
-    --also "key weight 0.5=runs/smollm2-rate-keys05.gguf" --fractions 0.25 --quants '' --no-reproduce \
+keys_decode() {  # $1 report, $2 texts, $3 cache fraction: smollm2-keys (smollm2-rate with key weight 0.5, the file
+  # `convert-namm pymemory/data/namm/smollm2-rate.gguf --deploy-key-weight 0.5` writes) beside smollm2-rate as shipped,
+  # one token per decode, on namm-decode-1024-96's texts of 1,024 tokens (seed 2) + 16 retrievals
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/$1 --text $2 --retrieval 16 \
+    --also "key weight 0.5=pymemory/data/namm/smollm2-keys.gguf" --fractions $3 --quants '' --no-reproduce \
     --sample-tokens 1024 --baselines '' --test-seed 2 --score-chunk 1 --workers 2
-  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_keys_decode \
-    $out/namm_keys_decode.json --versus "trained NAMM (f32)"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_${1#namm_} $out/$1.json \
+    --versus "trained NAMM (f32)"
+}
+if run namm-keys-decode; then  # issue 10: namm-key-rules' best rule (KeyDiff on the keys before RoPE added to
+  # budget_zmax's ranking) in the deployed NAMM, at 25 %, 96 texts (about 45 minutes)
+  keys_decode namm_keys_decode 96 0.25
+fi
+if run namm-keys-decode-50; then  # issue 10: the same at 50 % (512 of 1,024 cells), the first 48 texts: what the key
+  # weight does where the rule already closes half (about 30 minutes)
+  keys_decode namm_keys_decode_50 48 0.5
 fi
 if run namm-qwen-keys-answers; then  # issue 10: the key weight on Qwen2.5, where qwen2.5-rate keeps answers only level
   # with sink: it as shipped beside a key weight of 0.5, one token per decode, on namm-qwen-answers' 8 texts + 40
@@ -399,6 +404,17 @@ if run namm-qwen-keys-answers; then  # issue 10: the key weight on Qwen2.5, wher
     --also "key weight 0.5=runs/qwen2.5-rate-keys05.gguf"
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_answers \
     $out/namm_qwen_keys_answers.json --versus "trained NAMM (f32)"
+fi
+if run namm-qwen-keys-decode-1024; then  # issue 10: Qwen2.5 at 25 % of 1,024 tokens with a key weight:
+  # namm-qwen-decode-1024's 48 texts (seed 2), one token per decode, qwen2.5-rate as shipped beside a key weight of
+  # 0.5 (about 45 minutes)
+  mkdir -p runs
+  pymemory convert-namm pymemory/data/namm/qwen2.5-rate.gguf -o runs/qwen2.5-rate-keys05.gguf --deploy-key-weight 0.5
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_keys_decode_1024 --text 48 \
+    --retrieval 0 --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 2 \
+    --score-chunk 1 --also "key weight 0.5=runs/qwen2.5-rate-keys05.gguf" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_decode_1024 \
+    $out/namm_qwen_keys_decode_1024.json --versus "trained NAMM (f32)"
 fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
