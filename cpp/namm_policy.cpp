@@ -470,11 +470,12 @@ private:
     // been observed in every scored layer.
     std::vector<float> candidate_keys(const CacheView & cache, int32_t first, int32_t last) const {
         for (int32_t i = first; i < last; ++i) {
-            if (head_dim_ == 0 || key_count_[size_t(cache.cells[size_t(i)])] != n_layer_) {
+            const int32_t seen = head_dim_ == 0 ? 0 : key_count_[size_t(cache.cells[size_t(i)])];
+            if (seen != n_layer_) {
                 fail(ErrorKind::runtime, "namm_key_weight reads every scored layer's keys before RoPE, but llama.cpp "
-                                         "showed " + std::to_string(head_dim_ == 0 ? 0 : key_count_[size_t(cache.cells[size_t(i)])]) +
-                                         " of " + std::to_string(n_layer_) + " for a cached token (the keys' RoPE node "
-                                         "'Kcur-<layer>' was not found in this model's graph); use namm_key_weight=0");
+                                         "showed " + std::to_string(seen) + " of " + std::to_string(n_layer_) +
+                                         " for a cached token (the keys' RoPE node 'Kcur-<layer>' was not found in "
+                                         "this model's graph); use namm_key_weight=0");
             }
         }
         return keys_by_token(cache);

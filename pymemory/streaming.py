@@ -177,9 +177,9 @@ class StreamingLLM:
         h2o_recent: h2o's and tova's always-kept recent tokens (default window // 2 for h2o, 0 for tova).
         namm_path: the NAMM GGUF for policy "namm" (``pymemory convert-namm`` or ``pymemory train-namm``), or
             the name of a NAMM shipped with pymemory ("smollm2", "smollm2-rate", "smollm2-keys", "smollm2-evolved",
-            "qwen2.5", "qwen2.5-rate", "qwen2.5-per-head"; the "-rate" ones keep retrieval answers best, and
-            "smollm2-rate" keeps more of them than "qwen2.5-rate" on Qwen2.5 too; "smollm2-keys", the same NAMM with
-            a key weight, twice as many again on SmolLM2; see ``pymemory.namm.packaged``).
+            "qwen2.5", "qwen2.5-rate", "qwen2.5-keys", "qwen2.5-per-head"; the "-keys" ones, the "-rate" ones with a
+            key weight, keep retrieval answers best, two to three times as many as the "-rate" ones at the same text;
+            see ``pymemory.namm.packaged``).
         namm_mode: "quorum" (evict a token when at least ``quorum`` of the (layer, head) pairs drop it; 1.0 =
             all of them, so nothing any head keeps is removed), "budget" (hold the cache at ``max_cells`` by keep
             votes, then mean score), "budget_max" (hold it there by each token's highest score over the pairs),

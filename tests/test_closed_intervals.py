@@ -137,3 +137,23 @@ def test_eval_names_a_run_that_is_neither(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "is neither a train-namm run directory nor a shipped NAMM" in done.stderr
     assert not list(tmp_path.glob("report*"))
+
+
+def test_join_compares_rows_of_runs_that_reproduce_each_other():
+    tool = _tool()
+    full, sink = _entry([3.0, 3.2]), _entry([3.4, 3.6], answer=9.0)
+    def answers(*nll):  # two retrievals: a paired difference needs two samples
+        e = _entry([3.3, 3.5], nll[0])
+        e["nll_per_sample"]["r1:kv:2@3:book@9"] = nll[1]
+        return e
+
+    first = {"commit": "a", "tables": {"t": {"full cache": full, "sink": sink, "h2o": answers(4.0, 5.0)}}}
+    second = {"commit": "b", "tables": {"t": {"full cache": full, "sink": sink, "keys": answers(1.0, 2.0)}}}
+    both = tool.joined([first, second], ["a.json", "b.json"])
+    assert sorted(both["tables"]["t"]) == ["full cache", "h2o", "keys", "sink"] and both["commit"] == "a, b"
+    assert tool.versus(both, "h2o")["t"]["keys"]["answer"][0] == pytest.approx(-3.0)
+    moved = {"tables": {"t": {"full cache": full, "sink": _entry([3.4, 3.7])}}}
+    with pytest.raises(ValueError, match="'sink' in 't' scored differently in b.json"):
+        tool.joined([first, moved], ["a.json", "b.json"])
+    with pytest.raises(ValueError, match="b.json has a table 'u'"):
+        tool.joined([first, {"tables": {"u": {}}}], ["a.json", "b.json"])

@@ -386,6 +386,7 @@ def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
     ("qwen2.5", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
     ("qwen2.5-per-head", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
     ("qwen2.5-rate", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
+    ("qwen2.5-keys", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
 ])
 def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, model_fixture, model_asset):
     from pymemory import StreamingLLM

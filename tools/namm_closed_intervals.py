@@ -52,12 +52,34 @@ def versus(report: dict, reference: str) -> dict[str, dict[str, dict]]:
     return out
 
 
+def joined(reports: list[dict], paths: list[str]) -> dict:
+    """One report holding every policy of `reports`' tables, for comparisons across runs on the same samples: a
+    policy present in several must have scored every sample identically in each (the runs reproduced it), else
+    ValueError; tables and samples are those of the first report."""
+    out = {**reports[0], "tables": {t: dict(e) for t, e in reports[0]["tables"].items()},
+           "commit": ", ".join(str(r.get("commit")) for r in reports)}
+    for report, path in zip(reports[1:], paths[1:]):
+        for table, entries in report["tables"].items():
+            if table not in out["tables"]:
+                raise ValueError(f"{path} has a table {table!r} that {paths[0]} lacks")
+            mine = out["tables"][table]
+            for name, entry in entries.items():
+                if name not in mine:
+                    mine[name] = entry
+                elif mine[name]["nll_per_sample"] != entry["nll_per_sample"]:
+                    raise ValueError(f"{name!r} in {table!r} scored differently in {path} than before: the runs do "
+                                     "not reproduce each other, so their rows cannot be compared")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("reports", nargs="+", help="eval_trained_namm.py JSON reports")
     p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
     p.add_argument("--versus", default=None, metavar="POLICY", help="also each policy's paired NLL difference to "
                    "this policy of the same table (e.g. another NAMM), text and answers")
+    p.add_argument("--join", action="store_true", help="treat the reports as one (runs on the same samples whose "
+                   "shared rows reproduce each other exactly), so that --versus compares across them")
     args = p.parse_args()
     data = {**tool_metadata(sys.argv[0], sys.argv[1:]), "reports": {}}
     lines = ["# Share of sink's text gap closed, with bootstrap intervals", "",
@@ -67,8 +89,14 @@ def main() -> int:
              "mean text NLL; the 95 % interval resamples the text samples (10,000 draws, the three policies "
              "paired; samples drawn from overlapping stretches of one novel are resampled together, as one "
              "cluster); 'P(≥ ½)' is the share of draws in which the policy closes at least half.", ""]
-    for path in args.reports:
-        report = json.loads(Path(path).read_text())
+    reports = [json.loads(Path(path).read_text()) for path in args.reports]
+    paths = list(args.reports)
+    if args.join:
+        try:
+            reports, paths = [joined(reports, paths)], [" + ".join(paths)]
+        except ValueError as e:
+            p.error(str(e))
+    for path, report in zip(paths, reports):
         table = intervals(report)
         data["reports"][path] = {"commit": report.get("commit"), "tables": table}
         against = versus(report, args.versus) if args.versus else {}

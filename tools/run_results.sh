@@ -405,6 +405,11 @@ if run namm-qwen-keys-answers; then  # issue 10: the key weight on Qwen2.5, wher
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_answers \
     $out/namm_qwen_keys_answers.json --versus "trained NAMM (f32)"
 fi
+if run namm-qwen-keys-vs-h2o; then  # issue 10: namm-qwen-keys-answers' key weight against namm-qwen-answers' h2o and
+  # smollm2-rate on the same samples (seed 3; their sink, full-cache and qwen2.5-rate rows are identical; no model run)
+  python tools/namm_closed_intervals.py --join --out $out/namm_closed_intervals_qwen_keys_vs_h2o \
+    $out/namm_qwen_answers.json $out/namm_qwen_keys_answers.json --versus h2o
+fi
 if run namm-qwen-keys-decode-1024; then  # issue 10: Qwen2.5 at 25 % of 1,024 tokens with a key weight:
   # namm-qwen-decode-1024's 48 texts (seed 2), one token per decode, qwen2.5-rate as shipped beside a key weight of
   # 0.5 (about 45 minutes)
