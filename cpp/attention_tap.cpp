@@ -123,21 +123,14 @@ void AttentionTap::set_threads(int32_t n_threads) {
 bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_data) {
     auto * self = static_cast<AttentionTap *>(user_data);
     const char * name = ggml_get_name(tensor);
-    if (self->on_keys_ && tensor->op == GGML_OP_ROPE) {
-        const int32_t layer = layer_after(name, kKeyTensorPrefix);
-        if (layer >= 0) {
-            if (ask) return self->observes(layer);
-            const auto t0 = std::chrono::steady_clock::now();
-            const bool ok = self->observe_keys(tensor, name, layer);
-            self->observe_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            return ok;
-        }
-    }
-    const int32_t layer = layer_after(name, kAttentionTensorPrefix);
+    // A layer's keys before RoPE (the RoPE node's input), when asked for, or its attention; nothing else.
+    const int32_t key_layer =
+        self->on_keys_ && tensor->op == GGML_OP_ROPE ? layer_after(name, kKeyTensorPrefix) : -1;
+    const int32_t layer = key_layer >= 0 ? key_layer : layer_after(name, kAttentionTensorPrefix);
     if (layer < 0) return !ask;  // observe nothing else
     if (ask) return self->observes(layer);  // observe this node once it is computed, if it is a layer we read
     const auto t0 = std::chrono::steady_clock::now();
-    const bool ok = self->observe(tensor, name, layer);
+    const bool ok = key_layer >= 0 ? self->observe_keys(tensor, name, layer) : self->observe(tensor, name, layer);
     self->observe_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return ok;
 }

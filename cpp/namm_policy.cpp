@@ -413,11 +413,9 @@ private:
         // budget_mix keeps its reserve by the (standardised) highest.
         const bool by_mean = !ranks_by_max(rule_.mode);
         std::vector<double> token_scores(static_cast<size_t>(n));
-        std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         for (int32_t i = 0; i < n; ++i) {
             token_scores[size_t(i)] =
                 by_mean ? score_sum[size_t(i)] / double(n_pairs) : score_max[size_t(i)];
-            last_cell_scores_[size_t(cache.cells[size_t(i)])] = token_scores[size_t(i)];
             record.union_size += drop_votes[size_t(i)] < n_pairs;
             record.intersection_size += drop_votes[size_t(i)] == 0;
         }
@@ -430,8 +428,9 @@ private:
             const int32_t first = std::min(rule.n_sink, n), last = std::max(first, n - 1);
             distinct = key_distinctiveness(candidate_keys(cache, first, last), n_pairs, n, head_dim_, first, last);
             add_standardised(token_scores, distinct, key_weight_, first, last);
-            for (int32_t i = 0; i < n; ++i) last_cell_scores_[size_t(cache.cells[size_t(i)])] = token_scores[size_t(i)];
         }
+        std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
+        for (int32_t i = 0; i < n; ++i) last_cell_scores_[size_t(cache.cells[size_t(i)])] = token_scores[size_t(i)];
         const std::vector<double> no_reserve;
         const std::vector<int32_t> order = shared_eviction_order(rule, drop_votes, token_scores, n_pairs,
                                                                  rule.reserve > 0 ? score_max : no_reserve);
