@@ -442,6 +442,19 @@ fi
 if run namm-key-weight-tune; then  # issue 10: the same on SmolLM2 (about 20 minutes)
   key_weight_tune smollm2-rate namm_key_weight_tune
 fi
+if run namm-qwen-keys-fresh; then  # issue 10: qwen2.5-keys (key weight 0.5, which namm-qwen-key-weight-tune kept)
+  # and the NAMM evolved under that ranking (train-namm-qwen-keys) at 25 % of 1,024 tokens, one token per decode, on
+  # 72 texts of a fresh seed (5); then key weight 0.5's share over these and namm-qwen-keys-decode-1024's 48 texts
+  # (seed 2) as one test set of 120 (about 65 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_keys_fresh --text 72 --retrieval 0 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 5 --score-chunk 1 \
+    --only-also --also "key weight 0.5=pymemory/data/namm/qwen2.5-keys.gguf" \
+    --also "evolved with key weight 0.5=runs/qwen2.5-keys-evolved.gguf" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_fresh \
+    $out/namm_qwen_keys_fresh.json --versus "key weight 0.5"
+  python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_pooled \
+    $out/namm_qwen_keys_decode_1024.json $out/namm_qwen_keys_fresh.json
+fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
   # decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals (about 45 minutes)
@@ -682,6 +695,13 @@ if run train-namm-qwen-rate; then  # issue 10: the smollm2-rate recipe on Qwen2.
   pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-rate "${rate_recipe[@]}" \
     --generations "${GENERATIONS:-2}" --heldout-every 1
   python tools/ship_namm.py --run runs/qwen-rate --name qwen2.5-rate  # shipped: generation 2 (the best held-out)
+fi
+if run train-namm-qwen-keys; then  # issue 10: qwen2.5-keys evolved under the ranking it deploys with (train-namm
+  # --key-weight 0.5): the rate recipe continued from the shipped file for 4 generations (resumable; about 30 minutes)
+  pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-keys "${rate_recipe[@]}" \
+    --warm-start qwen2.5-keys --key-weight 0.5 --generations "${GENERATIONS:-4}" --heldout-every 2
+  # deployed as qwen2.5-keys is: every 16 tokens (trained every 32)
+  pymemory convert-namm runs/qwen-keys/namm.gguf -o runs/qwen2.5-keys-evolved.gguf --deploy-delay 16
 fi
 if run namm-quant-qwen-rate; then  # issue 10: qwen2.5-rate's q8_0 against its f32 on the trainer's held-out set
   python tools/namm_quant_check.py --namm qwen2.5-rate --quants q8_0 --out $out/namm_quant_qwen_rate
