@@ -94,7 +94,10 @@ def test_shared_text_is_not_counted_twice():
     (["--sample-tokens", "1024"], "add --no-reproduce --quants ''"),
     (["--sample-tokens", "200", "--no-reproduce", "--quants", ""], "--sample-tokens must be at least 256"),
     (["--baselines", "h2o,snapkv"], "--baselines takes a comma-separated subset of h2o,tova,random"),
-    (["--test-seed", "0"], "--test-seed 0 is the run's seed"),  # the run's seed chose its shipped generation
+    (["--test-seed", "0"], "--test-seed 0 is the run's seed"),
+    # with the run's own NAMM left out there must be something else to score, and nothing that scores the run's NAMM
+    (["--only-also", "--no-reproduce", "--quants", ""], "(no --also)"),
+    (["--only-also", "--also", "x=y.gguf"], "(--no-reproduce missing, --quants not '')"),  # the run's seed chose its shipped generation
     # another model's scores cannot reproduce the run's held-out loss or its weight types
     (["--model", "qwen2.5-coder-0.5b-instruct"], "add --no-reproduce --quants ''"),
     (["--model", "/nowhere/model.gguf", "--no-reproduce", "--quants", ""], "--model '/nowhere/model.gguf'"),
@@ -157,3 +160,39 @@ def test_join_compares_rows_of_runs_that_reproduce_each_other():
         tool.joined([first, moved], ["a.json", "b.json"])
     with pytest.raises(ValueError, match="b.json has a table 'u'"):
         tool.joined([first, {"tables": {"u": {}}}], ["a.json", "b.json"])
+
+
+def test_pool_makes_one_test_set_of_runs_on_other_samples(tmp_path):
+    tool = _tool()
+
+    def run(seed: int, texts: dict[str, list[float]], offsets: list[int]) -> dict:
+        return {"model": "m", "sample_tokens": 512, "test_seed": seed, "commit": f"c{seed}",
+                "tables": {"t": {name: {"nll_per_sample": {f"h{i}:text:book@{o}": v
+                                                           for i, (o, v) in enumerate(zip(offsets, values))}}
+                                 for name, values in texts.items()}}}
+
+    first = run(2, {"full cache": [3.0, 3.2], "sink": [3.4, 3.6], "keys": [3.0, 3.6], "rate": [3.4, 3.4]}, [0, 5000])
+    # the same ids ("h0", "h1") for other texts; its h0 overlaps the first run's h1 (book@5000) by 412 tokens
+    second = run(4, {"full cache": [2.8, 3.1], "sink": [3.2, 3.5], "keys": [3.0, 3.3]}, [5100, 9000])
+    both = tool.pooled([first, second], ["a.json", "b.json"])
+    assert sorted(both["tables"]["t"]) == ["full cache", "keys", "sink"]  # rate: scored in one run only
+    assert both["test_seed"] == [2, 4] and both["commit"] == "c2, c4"
+    row = tool.intervals(both)["t"]["keys"]
+    # (mean sink - mean keys) / (mean sink - mean full) over all four texts
+    assert row["closed"] == pytest.approx((13.7 - 12.9) / (13.7 - 12.1))
+    assert (row["n_text"], row["n_clusters"]) == (4, 3)  # book@5000 and book@5100 share text: one cluster
+    with pytest.raises(ValueError, match="b.json has sample_tokens 1024"):
+        tool.pooled([first, {**second, "sample_tokens": 1024}], ["a.json", "b.json"])
+    no_sink = run(5, {"full cache": [2.8, 3.1], "keys": [3.0, 3.3]}, [0, 9000])
+    with pytest.raises(ValueError, match="every report needs a 'sink' row"):
+        tool.pooled([first, no_sink], ["a.json", "b.json"])
+    paths = []
+    for name, report in (("a", first), ("b", second)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    command = [sys.executable, str(ROOT / "tools" / "namm_closed_intervals.py"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command + [str(p) for p in paths] + ["--pool"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| keys | 4 (3) | +0.500 |" in (tmp_path / "out.md").read_text()
+    done = subprocess.run(command + [str(p) for p in paths] + ["--pool", "--join"], capture_output=True, text=True)
+    assert done.returncode == 2 and "exclude each other" in done.stderr

@@ -50,6 +50,9 @@ def tiny(tmp_path: Path, **changes) -> TrainConfig:
     (dict(warm_start="imitation", warm_start_horizon=96, warm_start_target="mean"), "--warm-start-target"),
     (dict(warm_start="imitation", warm_start_horizon=96, warm_start_target="max", mode="budget"),
      "use it with --mode budget_max"),
+    (dict(key_weight=-0.5), "--key-weight must be between 0 and"),
+    (dict(key_weight=1000.0), "--key-weight must be between 0 and"),
+    (dict(key_weight=0.5, mode="quorum"), "quorum mode ranks none"),
 ])
 def test_bad_settings_are_refused(tmp_path, changes, message):
     with pytest.raises(InvalidArgumentError, match=message):
@@ -179,6 +182,40 @@ def test_score_chunk_sets_the_batches_sink_is_scored_in(smollm2_path, english_te
     assert abs(nll[16] - nll[32]) > 1e-3
     full = [worker.run(Job("full", sample, score_chunk=chunk)).nll for chunk in (16, 32)]
     assert abs(full[0] - full[1]) < 1e-4
+
+
+def test_a_key_weight_trains_the_ranking_it_deploys(tmp_path, smollm2_path, english_text):
+    """--key-weight: every candidate's engine adds the keys' distinctiveness to its ranking (the same θ keeps other
+    tokens, so scores another NLL, and the all-zero NAMM keeps what the keys alone rank), and the run's ckpt.pt
+    and GGUF record the weight, so what it trained is what it deploys."""
+    from pymemory._loader import _core
+    from pymemory.namm import load_checkpoint
+    from pymemory.namm.checkpoint import gguf_settings
+    from pymemory.namm.training.data import Sample
+    from pymemory.namm.training.evaluator import Job, MemorySpec, _Worker, deploy_settings
+    from pymemory.namm.training.outputs import write_checkpoint
+
+    tokens = _core.Model.load(os.fspath(smollm2_path)).tokenize(english_text, True, False)[:384]
+    sample = Sample("text-0", "text", tuple(tokens[:256]), tuple(tokens[256:]))
+    common = dict(capacity=128, sample_tokens=384, n_sink=4, namm_delay=32, mode="budget_zmax", quorum=1.0,
+                  max_cells=96, feat_mean=(0.0,) * 17, feat_var=(1.0,) * 17, threads=2)
+    theta = tuple(_random_vector(4).theta.tolist())
+    nll, kept = {}, {}
+    for weight in (0.0, 0.5):
+        worker = _Worker(MemorySpec(os.fspath(smollm2_path), **common, key_weight=weight))
+        assert gguf_settings(worker.template).get("deploy_key_weight", 0.0) == weight
+        nll[weight] = worker.run(Job("namm", sample, theta)).nll
+        worker.run(Job("namm", sample))  # all zeros: the attention scores tie, the keys alone rank
+        kept[weight] = worker.engines[next(k for k in worker.engines if k.startswith("namm:"))].cached_positions()
+    assert abs(nll[0.5] - nll[0.0]) > 1e-4
+    assert kept[0.5] != kept[0.0]
+    spec = MemorySpec(os.fspath(smollm2_path), **common, key_weight=0.5)
+    import cma
+
+    es = cma.CMAEvolutionStrategy(np.zeros(4172), 0.03, {"CMA_diagonal": True, "verbose": -9})
+    write_checkpoint(tmp_path / "ckpt.pt", es, np.zeros(17), np.ones(17), 1, 0.9, 100,
+                     settings=deploy_settings(spec))
+    assert load_checkpoint(tmp_path / "ckpt.pt", trust_pickle=True).settings["deploy_key_weight"] == 0.5
 
 
 # ---- a short run: learns, resumes, writes its files -----------------------------------------------------------

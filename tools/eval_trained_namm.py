@@ -369,7 +369,20 @@ def main() -> int:
                         "original's timing) beside the engine's default, which evicts as new tokens need the room")
     p.add_argument("--also-sink-score-chunk", type=int, default=None, metavar="TOKENS",
                    help="also score sink with this many tokens per batch (a row beside sink at --score-chunk)")
+    p.add_argument("--only-also", action="store_true",
+                   help="score the --also NAMMs beside sink and the full cache, not the run's own (a larger test of "
+                        "one variant; its rows keep their --also names, so namm_closed_intervals.py --pool joins them "
+                        "to another run's). Needs --also, --no-reproduce and --quants ''")
     args = p.parse_args()
+    if args.only_also:
+        clashes = [flag for flag, on in (("--no-reproduce missing", not args.no_reproduce),
+                                         ("--quants not ''", bool(args.quants)), ("no --also", not args.also),
+                                         ("--layer-subsets", bool(args.layer_subsets)),
+                                         ("--also-immediate", args.also_immediate),
+                                         ("--transfer-model", bool(args.transfer_model))) if on]
+        if clashes:
+            p.error("--only-also leaves the run's own NAMM out, so it needs --also, --no-reproduce and --quants '' "
+                    f"and takes nothing that scores the run's NAMM ({', '.join(clashes)})")
     for flag, value in (("--score-chunk", args.score_chunk), ("--also-sink-score-chunk", args.also_sink_score_chunk)):
         if value is not None and value < 1:
             p.error(f"{flag} must be a positive number of tokens (got {value})")
@@ -473,7 +486,8 @@ def main() -> int:
             if args.also_immediate:
                 policies["trained NAMM, evicting at each invocation"] = Job(
                     "namm_file", samples[0], namm_file=namm_file, namm_delay=0, namm_defer_evictions=False)
-            policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file, namm_delay=0)
+            if not args.only_also:
+                policies["trained NAMM (f32)"] = Job("namm_file", samples[0], namm_file=namm_file, namm_delay=0)
             for k in layer_subsets:
                 policies[f"trained NAMM, {k} layers scored"] = Job("namm_file", samples[0], namm_file=namm_file,
                                                                     namm_layers=k, namm_delay=0)

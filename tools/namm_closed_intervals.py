@@ -72,6 +72,34 @@ def joined(reports: list[dict], paths: list[str]) -> dict:
     return out
 
 
+def pooled(reports: list[dict], paths: list[str]) -> dict:
+    """One report whose samples are all of `reports`' samples, for one test set drawn in several runs (other seeds,
+    the same model, sample length and policies): each table keeps the policies every report scored in it, each
+    sample id is prefixed with its report's number ("1/h0:text:…"; overlapping stretches of one text still share a
+    bootstrap cluster across runs). Refuses runs of another model or sample length, and a table or the sink or
+    full-cache row that one report lacks (ValueError)."""
+    first = reports[0]
+    for report, path in zip(reports[1:], paths[1:]):
+        for key in ("model", "sample_tokens"):
+            if report.get(key) != first.get(key):
+                raise ValueError(f"{path} has {key} {report.get(key)!r}, {paths[0]} {first.get(key)!r}: only runs "
+                                 "of one model and sample length pool into one test set")
+    tables = {}
+    for table in first["tables"]:
+        missing = [path for report, path in zip(reports, paths) if table not in report["tables"]]
+        if missing:
+            raise ValueError(f"table {table!r} is missing from {', '.join(missing)}")
+        names = [n for n in first["tables"][table] if all(n in r["tables"][table] for r in reports)]
+        for needed in ("sink", "full cache"):
+            if needed not in names:
+                raise ValueError(f"table {table!r}: every report needs a {needed!r} row to pool")
+        tables[table] = {n: {"nll_per_sample": {f"{i}/{sample}": nll for i, r in enumerate(reports)
+                                                for sample, nll in r["tables"][table][n]["nll_per_sample"].items()}}
+                         for n in names}
+    return {**first, "tables": tables, "commit": ", ".join(str(r.get("commit")) for r in reports),
+            "test_seed": [r.get("test_seed") for r in reports]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("reports", nargs="+", help="eval_trained_namm.py JSON reports")
@@ -80,7 +108,13 @@ def main() -> int:
                    "this policy of the same table (e.g. another NAMM), text and answers")
     p.add_argument("--join", action="store_true", help="treat the reports as one (runs on the same samples whose "
                    "shared rows reproduce each other exactly), so that --versus compares across them")
+    p.add_argument("--pool", action="store_true", help="treat the reports as one larger test set (runs of the "
+                   "same model and sample length on other samples, e.g. other seeds): the policies all of them "
+                   "scored, over all their samples")
     args = p.parse_args()
+    if args.join and args.pool:
+        p.error("--join (one sample set, policies from several runs) and --pool (one policy set, samples from "
+                "several runs) exclude each other: give one")
     data = {**tool_metadata(sys.argv[0], sys.argv[1:]), "reports": {}}
     lines = ["# Share of sink's text gap closed, with bootstrap intervals", "",
              f"`{data['command']}` — commit {data['commit']}, {data['date']}, {data['machine']}", "",
@@ -91,9 +125,9 @@ def main() -> int:
              "cluster); 'P(≥ ½)' is the share of draws in which the policy closes at least half.", ""]
     reports = [json.loads(Path(path).read_text()) for path in args.reports]
     paths = list(args.reports)
-    if args.join:
+    if args.join or args.pool:
         try:
-            reports, paths = [joined(reports, paths)], [" + ".join(paths)]
+            reports, paths = [(joined if args.join else pooled)(reports, paths)], [" + ".join(paths)]
         except ValueError as e:
             p.error(str(e))
     for path, report in zip(paths, reports):

@@ -421,20 +421,39 @@ if run namm-qwen-keys-decode-1024; then  # issue 10: Qwen2.5 at 25 % of 1,024 to
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_decode_1024 \
     $out/namm_qwen_keys_decode_1024.json --versus "trained NAMM (f32)"
 fi
-if run namm-qwen-key-weight-tune; then  # issue 10: which key weight on Qwen2.5? qwen2.5-rate with key weights 0.5,
-  # 1 and 2 beside it as shipped (0), at 25 % of 1,024 tokens, one token per decode, on 24 texts of a seed no report
-  # had used (4): a tuning set, so the weight chosen here is then tested on other texts (about 35 minutes)
+key_weight_tune() {  # $1 shipped NAMM, $2 report: it as shipped (key weight 0) beside key weights 0.5, 1 and 2 at
+  # 25 % of 1,024 tokens, one token per decode, on 24 texts of a seed no earlier report used (4): a tuning set, so
+  # the weight chosen here is then tested on other texts
   mkdir -p runs
+  local also=()
   for name_weight in 05:0.5 1:1 2:2; do
-    pymemory convert-namm pymemory/data/namm/qwen2.5-rate.gguf -o runs/qwen2.5-rate-keys${name_weight%%:*}.gguf \
+    pymemory convert-namm pymemory/data/namm/$1.gguf -o runs/$1-keys${name_weight%%:*}.gguf \
       --deploy-key-weight ${name_weight#*:}
+    also+=(--also "key weight ${name_weight#*:}=runs/$1-keys${name_weight%%:*}.gguf")
   done
-  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_key_weight_tune --text 24 \
-    --retrieval 0 --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 4 \
-    --score-chunk 1 --also "key weight 0.5=runs/qwen2.5-rate-keys05.gguf" \
-    --also "key weight 1=runs/qwen2.5-rate-keys1.gguf" --also "key weight 2=runs/qwen2.5-rate-keys2.gguf" --workers 2
-  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_key_weight_tune \
-    $out/namm_qwen_key_weight_tune.json --versus "key weight 0.5"
+  python tools/eval_trained_namm.py --run $1 --out $out/$2 --text 24 --retrieval 0 --fractions 0.25 --quants '' \
+    --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 4 --score-chunk 1 "${also[@]}" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_${2#namm_} $out/$2.json \
+    --versus "key weight 0.5"
+}
+if run namm-qwen-key-weight-tune; then  # issue 10: which key weight on Qwen2.5? (about 35 minutes)
+  key_weight_tune qwen2.5-rate namm_qwen_key_weight_tune
+fi
+if run namm-key-weight-tune; then  # issue 10: the same on SmolLM2 (about 20 minutes)
+  key_weight_tune smollm2-rate namm_key_weight_tune
+fi
+if run namm-qwen-keys-fresh; then  # issue 10: qwen2.5-keys (key weight 0.5, which namm-qwen-key-weight-tune kept)
+  # and the NAMM evolved under that ranking (train-namm-qwen-keys) at 25 % of 1,024 tokens, one token per decode, on
+  # 72 texts of a fresh seed (5); then key weight 0.5's share over these and namm-qwen-keys-decode-1024's 48 texts
+  # (seed 2) as one test set of 120 (about 65 minutes)
+  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_keys_fresh --text 72 --retrieval 0 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 5 --score-chunk 1 \
+    --only-also --also "key weight 0.5=pymemory/data/namm/qwen2.5-keys.gguf" \
+    --also "evolved with key weight 0.5=runs/qwen2.5-keys-evolved.gguf" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_fresh \
+    $out/namm_qwen_keys_fresh.json --versus "key weight 0.5"
+  python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_pooled \
+    $out/namm_qwen_keys_decode_1024.json $out/namm_qwen_keys_fresh.json
 fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
@@ -676,6 +695,13 @@ if run train-namm-qwen-rate; then  # issue 10: the smollm2-rate recipe on Qwen2.
   pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-rate "${rate_recipe[@]}" \
     --generations "${GENERATIONS:-2}" --heldout-every 1
   python tools/ship_namm.py --run runs/qwen-rate --name qwen2.5-rate  # shipped: generation 2 (the best held-out)
+fi
+if run train-namm-qwen-keys; then  # issue 10: qwen2.5-keys evolved under the ranking it deploys with (train-namm
+  # --key-weight 0.5): the rate recipe continued from the shipped file for 4 generations (resumable; about 30 minutes)
+  pymemory train-namm --model qwen2.5-coder-0.5b-instruct --out runs/qwen-keys "${rate_recipe[@]}" \
+    --warm-start qwen2.5-keys --key-weight 0.5 --generations "${GENERATIONS:-4}" --heldout-every 2
+  # deployed as qwen2.5-keys is: every 16 tokens (trained every 32)
+  pymemory convert-namm runs/qwen-keys/namm.gguf -o runs/qwen2.5-keys-evolved.gguf --deploy-delay 16
 fi
 if run namm-quant-qwen-rate; then  # issue 10: qwen2.5-rate's q8_0 against its f32 on the trainer's held-out set
   python tools/namm_quant_check.py --namm qwen2.5-rate --quants q8_0 --out $out/namm_quant_qwen_rate

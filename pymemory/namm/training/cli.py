@@ -21,6 +21,8 @@ _HELP = {
                            "rate over each token's life instead of an average that starts at zero",
     "mode": f"shared-cell rule: {', '.join(MODES)}",
     "quorum": "quorum mode: fraction of (layer, head) pairs that must drop a token",
+    "key_weight": "budget modes: standard deviations of each token's key distinctiveness added to the NAMM's "
+                  "ranked score while training and deployed (docs/namm.md, 'Keys'; 0 = attention alone)",
     "warm_start": f"where evolution starts: {', '.join(WARM_STARTS)}, or a NAMM GGUF (a path or a shipped name) "
                   "to continue from, weights and normalisation as they are (imitation: θ fitted to predict future "
                   "attention, docs/namm-training.md)",

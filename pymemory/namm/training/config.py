@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ...errors import InvalidArgumentError
-from ..gguf_format import DEPLOY_MODES, MAX_MODES
+from ..gguf_format import DEPLOY_MODES, MAX_KEY_WEIGHT, MAX_MODES
 from .warm_start import TARGETS as WARM_START_TARGETS
 
 DATA_SOURCES = ("austen", "shakespeare", "paul-graham-essays", "passkey", "kv")
@@ -47,6 +47,10 @@ class TrainConfig:
     ema_bias_correction: bool = False
     mode: str = "budget"  # how per-(layer, head) decisions become cell evictions (namm_policy.h)
     quorum: float = 1.0  # quorum mode only
+    # Budget modes: standard deviations of each token's key distinctiveness (docs/namm.md, "Keys") added to the
+    # NAMM's ranked score while training, so the NAMM is evolved for the ranking it is deployed with; written into
+    # the run's ckpt.pt and GGUF (namm.deploy.key_weight). 0 = attention alone, as the original.
+    key_weight: float = 0.0
     # Where evolution starts: "imitation" fits θ by gradient descent to predict the attention each cached token
     # will receive (warm_start.py); "none" starts from θ = 0, as the original does; a NAMM GGUF (a path or a
     # shipped name) starts from that NAMM as it is, weights and normalisation statistics (fine-tuning, or
@@ -129,6 +133,11 @@ class TrainConfig:
             raise InvalidArgumentError(f"--mode must be one of {MODES} (got {self.mode!r})")
         if not 0.0 < self.quorum <= 1.0:
             raise InvalidArgumentError(f"--quorum must be in (0, 1] (got {self.quorum})")
+        if not 0.0 <= self.key_weight <= MAX_KEY_WEIGHT:
+            raise InvalidArgumentError(f"--key-weight must be between 0 and {MAX_KEY_WEIGHT:g} (got {self.key_weight})")
+        if self.key_weight and self.mode == "quorum":
+            raise InvalidArgumentError("--key-weight adds to the score a budget mode ranks by; quorum mode ranks "
+                                       "none: use a budget mode (e.g. --mode budget_zmax) or --key-weight 0")
         if self.warm_start not in WARM_STARTS:
             self._check_warm_start_namm()
         if self.warm_start == "imitation":

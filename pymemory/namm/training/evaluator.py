@@ -41,6 +41,7 @@ class MemorySpec:
     threads: int = 0
     ema_coefficient: float = 0.99  # the NAMM's spectrogram moving average, per token (the released value)
     ema_bias_correction: bool = False  # whether the NAMM reads that average divided by its weight so far
+    key_weight: float = 0.0  # budget modes: key distinctiveness (standard deviations) added to the ranked score
 
     @classmethod
     def from_config(cls, config, feat_mean, feat_var, threads: int = 0, capacity: int | None = None,
@@ -50,7 +51,8 @@ class MemorySpec:
         capacity = config.capacity if capacity is None else capacity
         return cls(model or config.model, capacity, config.sample_tokens, config.n_sink, config.namm_delay,
                    config.mode, config.quorum, capacity - config.namm_delay, tuple(map(float, feat_mean)),
-                   tuple(map(float, feat_var)), threads, config.ema_coefficient, config.ema_bias_correction)
+                   tuple(map(float, feat_var)), threads, config.ema_coefficient, config.ema_bias_correction,
+                   config.key_weight)
 
 
 @dataclass(frozen=True)
@@ -157,13 +159,17 @@ def namm_tensors(theta: np.ndarray, spec: MemorySpec) -> dict[str, np.ndarray]:
 
 def deploy_settings(spec: MemorySpec) -> dict:
     """How a NAMM trained under `spec` is to run (checkpoint.SETTINGS_KEY): recorded in the run's ckpt.pt and GGUF."""
-    return {"namm_delay": spec.namm_delay, "ema_coefficient": spec.ema_coefficient,
-            "ema_bias_correction": spec.ema_bias_correction, "mode": spec.mode, "quorum": spec.quorum}
+    settings = {"namm_delay": spec.namm_delay, "ema_coefficient": spec.ema_coefficient,
+                "ema_bias_correction": spec.ema_bias_correction, "mode": spec.mode, "quorum": spec.quorum}
+    if spec.key_weight:
+        settings["deploy_key_weight"] = spec.key_weight
+    return settings
 
 
 def write_template(vector, path: str, spec: MemorySpec, weight_type: str = "f32") -> str:
     """A NAMM GGUF carrying the run's schedule, features and deployment settings (delay, EMA coefficient, mode,
-    quorum), the ones a run's ckpt.pt records (write_gguf takes them from the vector)."""
+    quorum, key weight), the ones a run's ckpt.pt records (write_gguf takes them from the vector): the engines
+    of candidates read their key weight from it."""
     from dataclasses import replace
 
     from ..convert import write_gguf
