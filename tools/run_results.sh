@@ -702,6 +702,8 @@ if run train-namm-qwen-keys; then  # issue 10: qwen2.5-keys evolved under the ra
     --warm-start qwen2.5-keys --key-weight 0.5 --generations "${GENERATIONS:-4}" --heldout-every 2
   # deployed as qwen2.5-keys is: every 16 tokens (trained every 32)
   pymemory convert-namm runs/qwen-keys/namm.gguf -o runs/qwen2.5-keys-evolved.gguf --deploy-delay 16
+  cp runs/qwen-keys/log.json $out/namm_training_qwen_keys.json  # not shipped: level with qwen2.5-keys on fresh
+  cp runs/qwen-keys/curve.png $out/namm_training_qwen_keys.png  # texts (namm-qwen-keys-fresh)
 fi
 if run namm-quant-qwen-rate; then  # issue 10: qwen2.5-rate's q8_0 against its f32 on the trainer's held-out set
   python tools/namm_quant_check.py --namm qwen2.5-rate --quants q8_0 --out $out/namm_quant_qwen_rate
