@@ -439,9 +439,6 @@ key_weight_tune() {  # $1 shipped NAMM, $2 report: it as shipped (key weight 0) 
 if run namm-qwen-key-weight-tune; then  # issue 10: which key weight on Qwen2.5? (about 35 minutes)
   key_weight_tune qwen2.5-rate namm_qwen_key_weight_tune
 fi
-if run namm-key-weight-tune; then  # issue 10: the same on SmolLM2 (about 20 minutes)
-  key_weight_tune smollm2-rate namm_key_weight_tune
-fi
 if run namm-qwen-keys-fresh; then  # issue 10: qwen2.5-keys (key weight 0.5, which namm-qwen-key-weight-tune kept)
   # and the NAMM evolved under that ranking (train-namm-qwen-keys) at 25 % of 1,024 tokens, one token per decode, on
   # 72 texts of a fresh seed (5); then key weight 0.5's share over these and namm-qwen-keys-decode-1024's 48 texts
