@@ -94,10 +94,10 @@ def test_shared_text_is_not_counted_twice():
     (["--sample-tokens", "1024"], "add --no-reproduce --quants ''"),
     (["--sample-tokens", "200", "--no-reproduce", "--quants", ""], "--sample-tokens must be at least 256"),
     (["--baselines", "h2o,snapkv"], "--baselines takes a comma-separated subset of h2o,tova,random"),
-    (["--test-seed", "0"], "--test-seed 0 is the run's seed"),
+    (["--test-seed", "0"], "--test-seed 0 is the run's seed"),  # the run's seed chose its shipped generation
     # with the run's own NAMM left out there must be something else to score, and nothing that scores the run's NAMM
     (["--only-also", "--no-reproduce", "--quants", ""], "(no --also)"),
-    (["--only-also", "--also", "x=y.gguf"], "(--no-reproduce missing, --quants not '')"),  # the run's seed chose its shipped generation
+    (["--only-also", "--also", "x=y.gguf"], "(--no-reproduce missing, --quants not '')"),
     # another model's scores cannot reproduce the run's held-out loss or its weight types
     (["--model", "qwen2.5-coder-0.5b-instruct"], "add --no-reproduce --quants ''"),
     (["--model", "/nowhere/model.gguf", "--no-reproduce", "--quants", ""], "--model '/nowhere/model.gguf'"),

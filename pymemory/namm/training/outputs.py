@@ -34,8 +34,9 @@ def write_checkpoint(path: Path, es, feat_mean: np.ndarray, feat_var: np.ndarray
     """`torch.save({'evolution_state': ..., 'iter_num': int, 'best_val_loss': numpy.float64})` with the keys the
     evo-memory trainer writes (namm-spec.md §5.1-5.2) that describe the search distribution and the buffers; so
     `pymemory convert-namm ckpt.pt --trust-pickle` converts it. C is written as a full [N, N] matrix (diagonal for
-    the diagonal variant), as the original's loader expects. `settings` (namm_delay, ema_coefficient, ema_bias_correction, mode, quorum, deploy_key_weight:
-    how the NAMM was trained to run) go under a key of their own, which convert-namm writes into the GGUF."""
+    the diagonal variant), as the original's loader expects. `settings` (namm_delay, ema_coefficient,
+    ema_bias_correction, mode, quorum, deploy_key_weight: how the NAMM was trained to run) go under a key of their
+    own, which convert-namm writes into the GGUF."""
     import torch
 
     mean = np.asarray(es.mean if mean is None else mean, np.float32)  # the deployed θ: the CMA mean by default
