@@ -421,23 +421,28 @@ if run namm-qwen-keys-decode-1024; then  # issue 10: Qwen2.5 at 25 % of 1,024 to
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_decode_1024 \
     $out/namm_qwen_keys_decode_1024.json --versus "trained NAMM (f32)"
 fi
-key_weight_tune() {  # $1 shipped NAMM, $2 report: it as shipped (key weight 0) beside key weights 0.5, 1 and 2 at
-  # 25 % of 1,024 tokens, one token per decode, on 24 texts of a seed no earlier report used (4): a tuning set, so
-  # the weight chosen here is then tested on other texts
+key_weight_tune() {  # $1 shipped NAMM, $2 report, then file-tag:weight pairs: it as shipped (key weight 0) beside
+  # those key weights at 25 % of 1,024 tokens, one token per decode, on 24 texts of a seed no earlier report used
+  # (4): a tuning set, so the weight chosen here is then tested on other texts
   mkdir -p runs
-  local also=()
-  for name_weight in 05:0.5 1:1 2:2; do
-    pymemory convert-namm pymemory/data/namm/$1.gguf -o runs/$1-keys${name_weight%%:*}.gguf \
+  local also=() name=$1 report=$2
+  shift 2
+  for name_weight in "$@"; do
+    pymemory convert-namm pymemory/data/namm/$name.gguf -o runs/$name-keys${name_weight%%:*}.gguf \
       --deploy-key-weight ${name_weight#*:}
-    also+=(--also "key weight ${name_weight#*:}=runs/$1-keys${name_weight%%:*}.gguf")
+    also+=(--also "key weight ${name_weight#*:}=runs/$name-keys${name_weight%%:*}.gguf")
   done
-  python tools/eval_trained_namm.py --run $1 --out $out/$2 --text 24 --retrieval 0 --fractions 0.25 --quants '' \
-    --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 4 --score-chunk 1 "${also[@]}" --workers 2
-  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_${2#namm_} $out/$2.json \
+  python tools/eval_trained_namm.py --run $name --out $out/$report --text 24 --retrieval 0 --fractions 0.25 \
+    --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed 4 --score-chunk 1 "${also[@]}" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_${report#namm_} $out/$report.json \
     --versus "key weight 0.5"
 }
 if run namm-qwen-key-weight-tune; then  # issue 10: which key weight on Qwen2.5? (about 35 minutes)
-  key_weight_tune qwen2.5-rate namm_qwen_key_weight_tune
+  key_weight_tune qwen2.5-rate namm_qwen_key_weight_tune 05:0.5 1:1 2:2
+fi
+if run namm-smollm2-key-weight-tune; then  # issue 10: which key weight on SmolLM2, where 0.5 (smollm2-keys) kept text
+  # level with none at 25 % (namm-keys-decode)? Around it, Qwen2.5's weight being sharp (about 20 minutes)
+  key_weight_tune smollm2-rate namm_smollm2_key_weight_tune 025:0.25 05:0.5 1:1
 fi
 if run namm-qwen-keys-fresh; then  # issue 10: qwen2.5-keys (key weight 0.5, which namm-qwen-key-weight-tune kept)
   # and the NAMM evolved under that ranking (train-namm-qwen-keys) at 25 % of 1,024 tokens, one token per decode, on
