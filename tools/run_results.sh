@@ -473,6 +473,9 @@ if run namm-qwen-keys-pooled-264; then  # the four test sets of qwen2.5-keys (se
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_pooled_264 \
     $out/namm_qwen_keys_decode_1024.json $out/namm_qwen_keys_fresh.json $out/namm_qwen_keys_seed6.json \
     $out/namm_qwen_keys_seed7.json
+  # the 144 texts added (seeds 6 and 7) alone: a test no earlier look at the numbers touched
+  python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_seeds67 \
+    $out/namm_qwen_keys_seed6.json $out/namm_qwen_keys_seed7.json
 fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
