@@ -477,6 +477,20 @@ if run namm-qwen-keys-pooled-264; then  # the four test sets of qwen2.5-keys (se
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_seeds67 \
     $out/namm_qwen_keys_seed6.json $out/namm_qwen_keys_seed7.json
 fi
+smollm2_keys_fresh_seed() {  # $1 seed: smollm2-keys beside sink and the full cache at 25 % of 1,024 tokens, one
+  # token per decode, on 72 texts of a seed no SmolLM2 report used (about 22 minutes)
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_smollm2_keys_seed$1 --text 72 --retrieval 0 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $1 --score-chunk 1 \
+    --only-also --also "key weight 0.5=pymemory/data/namm/smollm2-keys.gguf" --workers 2
+}
+# issue 10: SmolLM2 at 25 %: smollm2-keys closed 48.9 % on namm-keys-decode's 96 texts (seed 2), 58.9 % on the tuning
+# set; sized before they ran, 144 fresh texts (seeds 5 and 6) join the 96 as one test of 240, whose verdict stands
+if run namm-smollm2-keys-seed5; then smollm2_keys_fresh_seed 5; fi
+if run namm-smollm2-keys-seed6; then smollm2_keys_fresh_seed 6; fi
+if run namm-smollm2-keys-pooled-240; then  # seconds
+  python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_smollm2_keys_pooled_240 \
+    $out/namm_keys_decode.json $out/namm_smollm2_keys_seed5.json $out/namm_smollm2_keys_seed6.json
+fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
   # decode at 25 % of 1,024 tokens on namm-decode-1024-96's 96 texts (seed 2) + 16 retrievals (about 45 minutes)
