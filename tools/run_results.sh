@@ -490,6 +490,9 @@ if run namm-smollm2-keys-seed6; then smollm2_keys_fresh_seed 6; fi
 if run namm-smollm2-keys-pooled-240; then  # seconds
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_smollm2_keys_pooled_240 \
     $out/namm_keys_decode.json $out/namm_smollm2_keys_seed5.json $out/namm_smollm2_keys_seed6.json
+  # the 144 added texts alone, as for Qwen2.5 (the verdict is the 240's)
+  python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_smollm2_keys_seeds56 \
+    $out/namm_smollm2_keys_seed5.json $out/namm_smollm2_keys_seed6.json
 fi
 if run namm-neighbours-decode; then  # issue 10: smollm2-rate ranking each token with its nearest cached neighbours
   # (convert-namm --deploy-neighbours 1; namm-neighbour-pooling's best rule) beside it as shipped, one token per
