@@ -457,18 +457,22 @@ if run namm-qwen-keys-fresh; then  # issue 10: qwen2.5-keys (key weight 0.5, whi
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_pooled \
     $out/namm_qwen_keys_decode_1024.json $out/namm_qwen_keys_fresh.json
 fi
-keys_fresh_seed() {  # $1 seed: qwen2.5-keys beside sink and the full cache at 25 % of 1,024 tokens, one token per
-  # decode, on 72 texts of a seed no earlier report used (about 50 minutes)
-  python tools/eval_trained_namm.py --run qwen2.5-rate --out $out/namm_qwen_keys_seed$1 --text 72 --retrieval 0 \
-    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $1 --score-chunk 1 \
-    --only-also --also "key weight 0.5=pymemory/data/namm/qwen2.5-keys.gguf" --workers 2
+keys_fresh_seed() {  # $1 run, $2 its keyed NAMM, $3 report, $4 seed: the keyed NAMM beside sink and the full cache
+  # at 25 % of 1,024 tokens, one token per decode, on 72 texts of a seed none of that model's reports used (about 45
+  # minutes on Qwen2.5, 20 on SmolLM2)
+  python tools/eval_trained_namm.py --run $1 --out $out/$3 --text 72 --retrieval 0 --fractions 0.25 --quants '' \
+    --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $4 --score-chunk 1 --only-also \
+    --also "key weight 0.5=pymemory/data/namm/$2.gguf" --workers 2
+}
+qwen_keys_fresh_seed() {  # $1 seed
+  keys_fresh_seed qwen2.5-rate qwen2.5-keys namm_qwen_keys_seed$1 $1
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_qwen_keys_seed$1 $out/namm_qwen_keys_seed$1.json
 }
 # issue 10: "half of sink's text gap at 25 %" was undecided on 120 texts (53.5 % [47.9, 58.7]); sized before these
 # ran: 144 more texts (seeds 6 and 7) give 264, enough for a half-width of about 3.5 points; whatever the pooled
 # interval says is the answer (no further texts are added after it)
-if run namm-qwen-keys-seed6; then keys_fresh_seed 6; fi
-if run namm-qwen-keys-seed7; then keys_fresh_seed 7; fi
+if run namm-qwen-keys-seed6; then qwen_keys_fresh_seed 6; fi
+if run namm-qwen-keys-seed7; then qwen_keys_fresh_seed 7; fi
 if run namm-qwen-keys-pooled-264; then  # the four test sets of qwen2.5-keys (seeds 2, 5, 6, 7) as one; seconds
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_pooled_264 \
     $out/namm_qwen_keys_decode_1024.json $out/namm_qwen_keys_fresh.json $out/namm_qwen_keys_seed6.json \
@@ -477,16 +481,10 @@ if run namm-qwen-keys-pooled-264; then  # the four test sets of qwen2.5-keys (se
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_seeds67 \
     $out/namm_qwen_keys_seed6.json $out/namm_qwen_keys_seed7.json
 fi
-smollm2_keys_fresh_seed() {  # $1 seed: smollm2-keys beside sink and the full cache at 25 % of 1,024 tokens, one
-  # token per decode, on 72 texts of a seed no SmolLM2 report used (about 22 minutes)
-  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_smollm2_keys_seed$1 --text 72 --retrieval 0 \
-    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $1 --score-chunk 1 \
-    --only-also --also "key weight 0.5=pymemory/data/namm/smollm2-keys.gguf" --workers 2
-}
 # issue 10: SmolLM2 at 25 %: smollm2-keys closed 48.9 % on namm-keys-decode's 96 texts (seed 2), 58.9 % on the tuning
 # set; sized before they ran, 144 fresh texts (seeds 5 and 6) join the 96 as one test of 240, whose verdict stands
-if run namm-smollm2-keys-seed5; then smollm2_keys_fresh_seed 5; fi
-if run namm-smollm2-keys-seed6; then smollm2_keys_fresh_seed 6; fi
+if run namm-smollm2-keys-seed5; then keys_fresh_seed smollm2-rate smollm2-keys namm_smollm2_keys_seed5 5; fi
+if run namm-smollm2-keys-seed6; then keys_fresh_seed smollm2-rate smollm2-keys namm_smollm2_keys_seed6 6; fi
 if run namm-smollm2-keys-pooled-240; then  # seconds
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_smollm2_keys_pooled_240 \
     $out/namm_keys_decode.json $out/namm_smollm2_keys_seed5.json $out/namm_smollm2_keys_seed6.json
