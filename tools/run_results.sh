@@ -657,6 +657,23 @@ if run namm-gemma-transfer-1024; then  # issue 10: the same on 1,024-token sampl
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_gemma_transfer_1024 \
     $out/namm_gemma_transfer_1024.json --versus h2o
 fi
+gemma_keys() {  # $1 report, $2 tokens, $3 texts, $4 retrievals, $5 the zero-shot report whose samples these are:
+  # both keyed NAMMs zero-shot on Gemma-3-270M (keys from its three global layers, the ones a NAMM scores) beside
+  # sink and the full cache, one token per decode, 25 % and 50 %; joined with that report to pair them against its
+  # h2o and smollm2-rate rows (its sink and full-cache rows are the same samples and reproduce exactly)
+  python tools/eval_trained_namm.py --run smollm2-rate --model gemma-3-270m --out $out/$1 --text $3 \
+    --retrieval $4 --sample-tokens $2 --quants '' --no-reproduce --baselines '' --score-chunk 1 --workers 2 \
+    --only-also --also "smollm2-keys, zero-shot=pymemory/data/namm/smollm2-keys.gguf" \
+    --also "qwen2.5-keys, zero-shot=pymemory/data/namm/qwen2.5-keys.gguf"
+  python tools/namm_closed_intervals.py --join --out $out/namm_closed_intervals_${1#namm_}_vs_h2o $out/$5.json \
+    $out/$1.json --versus h2o
+  python tools/namm_closed_intervals.py --join --out $out/namm_closed_intervals_${1#namm_}_vs_rate $out/$5.json \
+    $out/$1.json --versus "trained NAMM (f32)"
+}
+# issue 10: the keyed NAMMs on a third architecture, on namm-gemma-transfer's 48 texts + 16 retrievals of 512 tokens
+# (seed 1; about 15 minutes) and namm-gemma-transfer-1024's 32 + 8 of 1,024 (about 20 minutes)
+if run namm-gemma-keys; then gemma_keys namm_gemma_keys 512 48 16 namm_gemma_transfer; fi
+if run namm-gemma-keys-1024; then gemma_keys namm_gemma_keys_1024 1024 32 8 namm_gemma_transfer_1024; fi
 if run namm-vs-random; then  # issue 10: what training adds beyond the rule: the decoded SmolLM2 and Gemma-3 reports'
   # policies paired against the random NAMM with the same settings (no model run; the Qwen2.5 pairs are written by
   # namm-qwen-decode-random)
