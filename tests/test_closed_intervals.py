@@ -196,3 +196,17 @@ def test_pool_makes_one_test_set_of_runs_on_other_samples(tmp_path):
     assert "| keys | 4 (3) | +0.500 |" in (tmp_path / "out.md").read_text()
     done = subprocess.run(command + [str(p) for p in paths] + ["--pool", "--join"], capture_output=True, text=True)
     assert done.returncode == 2 and "exclude each other" in done.stderr
+    # A test set whose policies were scored in two runs on the same samples: joined first, then pooled.
+    (tmp_path / "b_rate.json").write_text(json.dumps(run(4, {"full cache": [2.8, 3.1], "sink": [3.2, 3.5],
+                                                             "rate": [3.1, 3.5]}, [5100, 9000])))
+    group = f"{paths[1]},{tmp_path / 'b_rate.json'}"
+    done = subprocess.run(command + [str(paths[0]), group, "--pool", "--versus", "keys"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    pooled_rows = json.loads((tmp_path / "out.json").read_text())["reports"][f"{paths[0]} + {group}"]["tables"]["t"]
+    assert pooled_rows["rate"]["closed"] == pytest.approx((13.7 - 13.4) / (13.7 - 12.1))  # all four texts
+    (tmp_path / "b_moved.json").write_text(json.dumps(run(4, {"full cache": [2.8, 3.1], "sink": [3.2, 3.6]},
+                                                          [5100, 9000])))
+    done = subprocess.run(command + [str(paths[0]), f"{paths[1]},{tmp_path / 'b_moved.json'}", "--pool"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "'sink' in 't' scored differently" in done.stderr

@@ -102,7 +102,8 @@ def pooled(reports: list[dict], paths: list[str]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("reports", nargs="+", help="eval_trained_namm.py JSON reports")
+    p.add_argument("reports", nargs="+", help="eval_trained_namm.py JSON reports; with --pool, A.json,B.json is "
+                   "one test set's runs on the same samples, joined before pooling (as --join joins them)")
     p.add_argument("--out", required=True, help="report path without extension (.json and .md written)")
     p.add_argument("--versus", default=None, metavar="POLICY", help="also each policy's paired NLL difference to "
                    "this policy of the same table (e.g. another NAMM), text and answers")
@@ -123,13 +124,15 @@ def main() -> int:
              "mean text NLL; the 95 % interval resamples the text samples (10,000 draws, the three policies "
              "paired; samples drawn from overlapping stretches of one novel are resampled together, as one "
              "cluster); 'P(≥ ½)' is the share of draws in which the policy closes at least half.", ""]
-    reports = [json.loads(Path(path).read_text()) for path in args.reports]
-    paths = list(args.reports)
-    if args.join or args.pool:
-        try:
+    groups = [arg.split(",") if args.pool else [arg] for arg in args.reports]
+    try:
+        loaded = [[json.loads(Path(path).read_text()) for path in group] for group in groups]
+        reports = [runs[0] if len(runs) == 1 else joined(runs, group) for runs, group in zip(loaded, groups)]
+        paths = list(args.reports)
+        if args.join or args.pool:
             reports, paths = [(joined if args.join else pooled)(reports, paths)], [" + ".join(paths)]
-        except ValueError as e:
-            p.error(str(e))
+    except ValueError as e:
+        p.error(str(e))
     for path, report in zip(paths, reports):
         table = intervals(report)
         data["reports"][path] = {"commit": report.get("commit"), "tables": table}

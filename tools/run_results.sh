@@ -657,6 +657,23 @@ if run namm-gemma-transfer-1024; then  # issue 10: the same on 1,024-token sampl
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_gemma_transfer_1024 \
     $out/namm_gemma_transfer_1024.json --versus h2o
 fi
+smollm2_rate_seed() {  # $1 seed: smollm2-rate (no key weight) beside sink and the full cache on the 72 texts of
+  # namm-smollm2-keys-seed$1 (about 20 minutes); its sink and full-cache rows reproduce that report's
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_smollm2_rate_seed$1 --text 72 --retrieval 0 \
+    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $1 --score-chunk 1 \
+    --workers 2
+}
+# issue 10: do the keys change SmolLM2's text at 25 %? Measured side by side on seed 2's 96 texts (level) and the
+# tuning seed 4's 24 (+6 points, interval including 0); these give the paired answer on all 240 test texts of
+# namm-smollm2-keys-pooled-240 (set before the runs: whatever it says is the answer; the half-at-25 % verdict of
+# that step is not revisited)
+if run namm-smollm2-rate-seed5; then smollm2_rate_seed 5; fi
+if run namm-smollm2-rate-seed6; then smollm2_rate_seed 6; fi
+if run namm-smollm2-keys-vs-rate-240; then  # seconds: each fresh seed's two runs joined, then the three test sets
+  python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_smollm2_keys_vs_rate_240 \
+    $out/namm_keys_decode.json $out/namm_smollm2_keys_seed5.json,$out/namm_smollm2_rate_seed5.json \
+    $out/namm_smollm2_keys_seed6.json,$out/namm_smollm2_rate_seed6.json --versus "trained NAMM (f32)"
+fi
 gemma_keys() {  # $1 report, $2 tokens, $3 texts, $4 retrievals, $5 the zero-shot report whose samples these are:
   # both keyed NAMMs zero-shot on Gemma-3-270M (keys from its three global layers, the ones a NAMM scores) beside
   # sink and the full cache, one token per decode, 25 % and 50 %; joined with that report to pair them against its
