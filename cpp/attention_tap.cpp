@@ -25,6 +25,30 @@ constexpr const char * kAttentionTensorPrefix = "kq_soft_max-";
 // 3-D reshape and the RoPE'd keys alike; the RoPE node is the one whose input is the keys before RoPE.
 constexpr const char * kKeyTensorPrefix = "Kcur-";
 
+// The layer of a node named "Kcur<anything>-<layer>" (a stage of a layer's keys: Gemma-3's RMS-normalised keys are
+// "Kcur_normed-<layer>"), or -1.
+int32_t key_stage_layer(const char * name) {
+    if (std::strncmp(name, "Kcur", 4) != 0) return -1;
+    const char * dash = std::strrchr(name, '-');
+    if (dash == nullptr || dash[1] == '\0') return -1;
+    for (const char * c = dash + 1; *c; ++c) {
+        if (*c < '0' || *c > '9') return -1;
+    }
+    return std::atoi(dash + 1);
+}
+
+// A node whose result RoPE may read and then overwrite: computed (not a view, which owns no memory of its own, and
+// not the projection, which RoPE never reads before a reshape) and f32.
+bool may_feed_rope(const ggml_tensor * t) {
+    switch (t->op) {
+        case GGML_OP_ROPE: case GGML_OP_MUL_MAT: case GGML_OP_NONE:
+        case GGML_OP_RESHAPE: case GGML_OP_VIEW: case GGML_OP_PERMUTE: case GGML_OP_TRANSPOSE:
+            return false;
+        default:
+            return t->type == GGML_TYPE_F32;
+    }
+}
+
 // The layer number after `prefix` in `name`, or -1 when name is not prefix + digits.
 int32_t layer_after(const char * name, const char * prefix) {
     const size_t n = std::strlen(prefix);
@@ -112,6 +136,7 @@ void AttentionTap::begin_batch(const Pos * cell_pos, const Pos * token_pos, cons
     checked_[0] = checked_[1] = false;
     mask_[0] = mask_[1] = nullptr;
     mask_layer_[0] = mask_layer_[1] = -1;
+    pre_rope_source_ = nullptr;
     error_.clear();
 }
 
@@ -126,6 +151,20 @@ bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
     // A layer's keys before RoPE (the RoPE node's input), when asked for, or its attention; nothing else.
     const int32_t key_layer =
         self->on_keys_ && tensor->op == GGML_OP_ROPE ? layer_after(name, kKeyTensorPrefix) : -1;
+    if (key_layer < 0 && self->on_keys_ && may_feed_rope(tensor)) {
+        // A stage of the keys that RoPE may overwrite in place: copied before RoPE runs, where the layer needs it.
+        const int32_t stage_layer = key_stage_layer(name);
+        if (stage_layer >= 0 && self->observes(stage_layer) && self->copies_before_rope(stage_layer, name) &&
+            tensor->nb[0] == sizeof(float) && tensor->ne[3] == 1 &&
+            tensor->ne[2] >= int64_t(self->token_pos_.size())) {
+            if (ask) return true;
+            const auto t0 = std::chrono::steady_clock::now();
+            const bool ok = self->copy_keys(tensor, name, self->pre_rope_keys_);
+            self->pre_rope_source_ = ok ? tensor : nullptr;
+            self->observe_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            return ok;
+        }
+    }
     const int32_t layer = key_layer >= 0 ? key_layer : layer_after(name, kAttentionTensorPrefix);
     if (layer < 0) return !ask;  // observe nothing else
     if (ask) return self->observes(layer);  // observe this node once it is computed, if it is a layer we read
@@ -207,9 +246,13 @@ bool AttentionTap::observe(ggml_tensor * tensor, const char * name, int32_t laye
     return true;
 }
 
-bool AttentionTap::observe_keys(ggml_tensor * rope, const char * name, int32_t layer) {
+bool AttentionTap::copies_before_rope(int32_t layer, const char * name) const {
+    if (size_t(layer) >= rope_inputs_.size() || rope_inputs_[size_t(layer)].empty()) return true;  // not yet known
+    return rope_inputs_[size_t(layer)] == name;
+}
+
+bool AttentionTap::copy_keys(const ggml_tensor * keys, const char * name, std::vector<float> & out) {
     try {
-        const ggml_tensor * keys = rope->src[0];  // [head_dim, n_head_kv, rows >= n_tokens]
         const int32_t n_tokens = int32_t(token_pos_.size());
         if (keys == nullptr || keys->type != GGML_TYPE_F32 || keys->nb[0] != sizeof(float) || keys->ne[3] != 1 ||
             keys->ne[2] < n_tokens) {
@@ -217,30 +260,64 @@ bool AttentionTap::observe_keys(ggml_tensor * rope, const char * name, int32_t l
                      (keys ? ggml_type_name(keys->type) : "none") + ")";
             return false;
         }
-        KeyView view;
-        view.layer = layer;
-        view.sliding = layer >= 0 && size_t(layer) < sliding_.size() && sliding_[size_t(layer)] != 0;
-        view.n_tokens = n_tokens;
-        view.head_dim = int32_t(keys->ne[0]);
-        view.n_head_kv = int32_t(keys->ne[1]);
-        view.token_cell = view.sliding ? swa_token_cell_.data() : token_cell_.data();
-        const size_t row = size_t(view.head_dim) * sizeof(float);
-        keys_.resize(size_t(n_tokens) * size_t(view.n_head_kv) * size_t(view.head_dim));
-        char * out = reinterpret_cast<char *>(keys_.data());
+        const int32_t head_dim = int32_t(keys->ne[0]);
+        const int32_t n_head_kv = int32_t(keys->ne[1]);
+        const size_t row = size_t(head_dim) * sizeof(float);
+        out.resize(size_t(n_tokens) * size_t(n_head_kv) * size_t(head_dim));
+        char * dst = reinterpret_cast<char *>(out.data());
         if (!device_reductions_ && keys->buffer && ggml_backend_buffer_is_host(keys->buffer)) {
             const char * base = static_cast<const char *>(keys->data);
             for (int32_t t = 0; t < n_tokens; ++t) {
-                for (int32_t g = 0; g < view.n_head_kv; ++g) {
-                    std::memcpy(out + (size_t(t) * size_t(view.n_head_kv) + size_t(g)) * row,
+                for (int32_t g = 0; g < n_head_kv; ++g) {
+                    std::memcpy(dst + (size_t(t) * size_t(n_head_kv) + size_t(g)) * row,
                                 base + size_t(t) * keys->nb[2] + size_t(g) * keys->nb[1], row);
                 }
             }
         } else if (ggml_is_contiguous(keys)) {
-            ggml_backend_tensor_get(keys, out, 0, keys_.size() * sizeof(float));
+            ggml_backend_tensor_get(keys, dst, 0, out.size() * sizeof(float));
         } else {
             error_ = std::string("the keys RoPE reads at ") + name + " live on a device and are not contiguous";
             return false;
         }
+    } catch (const std::exception & e) {
+        error_ = e.what();
+        return false;
+    }
+    return true;
+}
+
+bool AttentionTap::observe_keys(ggml_tensor * rope, const char * name, int32_t layer) {
+    try {
+        const ggml_tensor * keys = rope->src[0];  // [head_dim, n_head_kv, rows >= n_tokens]
+        if (keys == nullptr) {
+            error_ = std::string("the RoPE node ") + name + " has no input";
+            return false;
+        }
+        // llama.cpp's allocator computes RoPE in place when its input is a plain tensor no other node reads
+        // (Gemma-3's normalised keys): by now that memory holds the rotated keys, so the copy taken before RoPE
+        // ran is the one to use. Remember which node that is, so that later batches copy only it.
+        const bool in_place = keys->data == rope->data;
+        const bool copied = pre_rope_source_ == keys;
+        if (size_t(layer) >= rope_inputs_.size()) rope_inputs_.resize(size_t(layer) + 1);
+        rope_inputs_[size_t(layer)] = copied ? ggml_get_name(keys) : kNoCopy;
+        if (copied) {
+            keys_.swap(pre_rope_keys_);
+        } else if (in_place) {
+            error_ = std::string("llama.cpp computed ") + name + " in place over its input '" + ggml_get_name(keys) +
+                     "', so the keys before RoPE were overwritten before they could be read; pymemory cannot read "
+                     "this model's keys: run it without a key weight (namm_key_weight=0)";
+            return false;
+        } else if (!copy_keys(keys, name, keys_)) {
+            return false;
+        }
+        pre_rope_source_ = nullptr;
+        KeyView view;
+        view.layer = layer;
+        view.sliding = layer >= 0 && size_t(layer) < sliding_.size() && sliding_[size_t(layer)] != 0;
+        view.n_tokens = int32_t(token_pos_.size());
+        view.head_dim = int32_t(keys->ne[0]);
+        view.n_head_kv = int32_t(keys->ne[1]);
+        view.token_cell = view.sliding ? swa_token_cell_.data() : token_cell_.data();
         view.keys = keys_.data();
         on_keys_(view);
     } catch (const std::exception & e) {

@@ -138,14 +138,27 @@ public:
 private:
     // The computed tensor named `name`, a layer's attention: view, check, totals, callback. False cancels.
     bool observe(ggml_tensor * tensor, const char * name, int32_t layer);
-    // The RoPE node of a layer's keys: its input, to host memory, to on_keys_. False cancels.
+    // The RoPE node of a layer's keys: its input (or the copy taken before RoPE overwrote it), to on_keys_. False
+    // cancels.
     bool observe_keys(ggml_tensor * rope, const char * name, int32_t layer);
+    // `keys` ([head_dim, n_head_kv, rows >= n_tokens], f32) to host memory as [token][KV head][head_dim]. False
+    // cancels (error_ says why).
+    bool copy_keys(const ggml_tensor * keys, const char * name, std::vector<float> & out);
+    // Whether the node `name` of `layer` is to be copied before RoPE runs: every key stage until the layer's first
+    // RoPE node says which one it reads (rope_inputs_), then only that one.
+    bool copies_before_rope(int32_t layer, const char * name) const;
     // AttentionView::cell_totals over `rows`: a host loop, or a ggml graph on the tensor's device.
     void compute_cell_totals(AttentionView & view, AttentionTotals rows);
 
     AttentionCallback on_attention_;
     KeyCallback on_keys_;
     std::vector<float> keys_;                // the batch's keys of one layer, [token][KV head][head_dim]
+    std::vector<float> pre_rope_keys_;       // the latest key stage copied before RoPE, same layout
+    const ggml_tensor * pre_rope_source_ = nullptr;  // the node it was copied from, in this graph
+    // Per layer: the name of the node its RoPE reads when that node must be copied first, kNoCopy when RoPE's input
+    // survives it, "" before the layer's first RoPE node
+    std::vector<std::string> rope_inputs_;
+    static constexpr const char * kNoCopy = "(read at RoPE)";
     AttentionCheck check_layer0_;
     AttentionTotals totals_ = AttentionTotals::none;
     bool device_reductions_ = false;

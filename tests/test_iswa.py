@@ -115,6 +115,50 @@ def test_namm_on_gemma_scores_the_global_layers(gemma_model, gemma_tokens):
 
 
 @pytest.mark.model
+def test_a_keyed_namm_on_gemma_reads_the_global_layers_normalised_keys(gemma_model, gemma_path, gemma_tokens):
+    """smollm2-keys on Gemma: the keys a key weight reads are RoPE's input, on Gemma-3 the global layers' keys after
+    their RMS norm (Kcur_normed), which llama.cpp's allocator lets RoPE overwrite in place; the tap copies them
+    before RoPE runs. With nothing evicted (a 1,024-cell cache), the engine's distinctiveness at its last invocation
+    matches numpy's on those keys from one full decode, not on the rotated ones (what it read before the copy);
+    with evictions, every invocation keeps what budget_zmax plus half a standard deviation of it keeps."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from helpers.namm_records import assert_budget_choices, probe_distinctiveness
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from value_capture import ValueCapture
+
+    tokens = gemma_tokens[:700]
+    namm = str(resolve_namm("smollm2-keys"))
+    engine = _core.Engine(gemma_model, policy="namm", n_sink=4, window=1020, n_threads=1, namm_path=namm)
+    assert engine.policy_stats()["scored_layers"] == GLOBAL_LAYERS
+    engine.capture_namm_layers(GLOBAL_LAYERS)
+    engine.feed(tokens)
+    assert engine.stats()["tokens_evicted"] == 0
+    last = max(engine.namm_captures(), key=lambda c: c["tokens_seen"])
+    n = len(last["positions"])
+    assert n > 600 and list(last["positions"]) == list(range(n))
+    with ValueCapture(gemma_path, 2) as capture:
+        normed = capture.projections(tokens[:n], "Kcur_normed-")[0][GLOBAL_LAYERS]  # [3 pairs, n, 256]
+        rotated = capture.projections(tokens[:n], "Kcur-")[-1][GLOBAL_LAYERS]       # after RoPE
+    engine_says = np.asarray(last["key_distinctiveness"])[4:n - 1]
+    off = {name: np.abs(probe_distinctiveness(keys[:, 4:n - 1]) - engine_says)
+           for name, keys in (("normalised", normed), ("rotated", rotated))}
+    # The engine decodes in 16-token batches, the capture in one: llama.cpp's kernels differ by ~0.2 % here.
+    assert off["normalised"].mean() < 0.005 and off["normalised"].max() < 0.02, off["normalised"]
+    assert off["rotated"].mean() > 0.008  # what reading the keys after RoPE gives: this test tells them apart
+
+    delay = _core.NammModel.load(namm).hparams["deploy_delay"]
+    engine = _core.Engine(gemma_model, policy="namm", n_sink=4, window=252, n_threads=1, namm_path=namm,
+                          namm_defer_evictions=False)
+    engine.capture_namm_layers(GLOBAL_LAYERS)
+    engine.feed(tokens)
+    assert_budget_choices(engine, GLOBAL_LAYERS, "budget_zmax", 256 - delay, key_weight=0.5)
+
+
+@pytest.mark.model
 def test_h2o_on_gemma_keeps_other_tokens_than_sink(gemma_model, gemma_tokens):
     """h2o must keep old tokens that received attention, not the sink policy's contiguous recent window: at the
     same 256 cells, some of h2o's kept tokens come from before sink's window, and its evicted set differs."""
