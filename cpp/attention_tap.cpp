@@ -38,15 +38,21 @@ int32_t key_stage_layer(const char * name) {
 }
 
 // A node whose result RoPE may read and then overwrite: computed (not a view, which owns no memory of its own, and
-// not the projection, which RoPE never reads before a reshape) and f32.
+// not the projection, which RoPE never reads before a reshape).
 bool may_feed_rope(const ggml_tensor * t) {
     switch (t->op) {
         case GGML_OP_ROPE: case GGML_OP_MUL_MAT: case GGML_OP_NONE:
         case GGML_OP_RESHAPE: case GGML_OP_VIEW: case GGML_OP_PERMUTE: case GGML_OP_TRANSPOSE:
             return false;
         default:
-            return t->type == GGML_TYPE_F32;
+            return true;
     }
+}
+
+// Whether `t` is laid out as a batch's keys: f32 [head_dim, n_head_kv, rows >= n_tokens], rows of head_dim floats.
+bool holds_batch_keys(const ggml_tensor * t, int32_t n_tokens) {
+    return t != nullptr && t->type == GGML_TYPE_F32 && t->nb[0] == sizeof(float) && t->ne[3] == 1 &&
+           t->ne[2] >= n_tokens;
 }
 
 // The layer number after `prefix` in `name`, or -1 when name is not prefix + digits.
@@ -155,8 +161,7 @@ bool AttentionTap::eval_callback(ggml_tensor * tensor, bool ask, void * user_dat
         // A stage of the keys that RoPE may overwrite in place: copied before RoPE runs, where the layer needs it.
         const int32_t stage_layer = key_stage_layer(name);
         if (stage_layer >= 0 && self->observes(stage_layer) && self->copies_before_rope(stage_layer, name) &&
-            tensor->nb[0] == sizeof(float) && tensor->ne[3] == 1 &&
-            tensor->ne[2] >= int64_t(self->token_pos_.size())) {
+            holds_batch_keys(tensor, int32_t(self->token_pos_.size()))) {
             if (ask) return true;
             const auto t0 = std::chrono::steady_clock::now();
             const bool ok = self->copy_keys(tensor, name, self->pre_rope_keys_);
@@ -254,8 +259,7 @@ bool AttentionTap::copies_before_rope(int32_t layer, const char * name) const {
 bool AttentionTap::copy_keys(const ggml_tensor * keys, const char * name, std::vector<float> & out) {
     try {
         const int32_t n_tokens = int32_t(token_pos_.size());
-        if (keys == nullptr || keys->type != GGML_TYPE_F32 || keys->nb[0] != sizeof(float) || keys->ne[3] != 1 ||
-            keys->ne[2] < n_tokens) {
+        if (!holds_batch_keys(keys, n_tokens)) {
             error_ = std::string("the keys RoPE reads at ") + name + " have an unexpected layout (type " +
                      (keys ? ggml_type_name(keys->type) : "none") + ")";
             return false;

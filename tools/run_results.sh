@@ -457,12 +457,16 @@ if run namm-qwen-keys-fresh; then  # issue 10: qwen2.5-keys (key weight 0.5, whi
   python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_qwen_keys_pooled \
     $out/namm_qwen_keys_decode_1024.json $out/namm_qwen_keys_fresh.json
 fi
-keys_fresh_seed() {  # $1 run, $2 its keyed NAMM, $3 report, $4 seed: the keyed NAMM beside sink and the full cache
-  # at 25 % of 1,024 tokens, one token per decode, on 72 texts of a seed none of that model's reports used (about 45
-  # minutes on Qwen2.5, 20 on SmolLM2)
-  python tools/eval_trained_namm.py --run $1 --out $out/$3 --text 72 --retrieval 0 --fractions 0.25 --quants '' \
-    --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $4 --score-chunk 1 --only-also \
-    --also "key weight 0.5=pymemory/data/namm/$2.gguf" --workers 2
+fresh_seed_25() {  # $1 run, $2 report, $3 seed, then further eval flags: beside sink and the full cache at 25 % of
+  # 1,024 tokens, one token per decode, on 72 texts of seed $3
+  local run=$1 report=$2 seed=$3
+  shift 3
+  python tools/eval_trained_namm.py --run $run --out $out/$report --text 72 --retrieval 0 --fractions 0.25 \
+    --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $seed --score-chunk 1 "$@" --workers 2
+}
+keys_fresh_seed() {  # $1 run, $2 its keyed NAMM, $3 report, $4 seed: the keyed NAMM alone beside sink and the full
+  # cache, on a seed none of that model's reports used (about 45 minutes on Qwen2.5, 20 on SmolLM2)
+  fresh_seed_25 $1 $3 $4 --only-also --also "key weight 0.5=pymemory/data/namm/$2.gguf"
 }
 qwen_keys_fresh_seed() {  # $1 seed
   keys_fresh_seed qwen2.5-rate qwen2.5-keys namm_qwen_keys_seed$1 $1
@@ -657,11 +661,9 @@ if run namm-gemma-transfer-1024; then  # issue 10: the same on 1,024-token sampl
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_gemma_transfer_1024 \
     $out/namm_gemma_transfer_1024.json --versus h2o
 fi
-smollm2_rate_seed() {  # $1 seed: smollm2-rate (no key weight) beside sink and the full cache on the 72 texts of
-  # namm-smollm2-keys-seed$1 (about 20 minutes); its sink and full-cache rows reproduce that report's
-  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_smollm2_rate_seed$1 --text 72 --retrieval 0 \
-    --fractions 0.25 --quants '' --no-reproduce --sample-tokens 1024 --baselines '' --test-seed $1 --score-chunk 1 \
-    --workers 2
+smollm2_rate_seed() {  # $1 seed: smollm2-rate (no key weight) on the 72 texts of namm-smollm2-keys-seed$1 (about
+  # 20 minutes); its sink and full-cache rows reproduce that report's
+  fresh_seed_25 smollm2-rate namm_smollm2_rate_seed$1 $1
 }
 # issue 10: do the keys change SmolLM2's text at 25 %? Measured side by side on seed 2's 96 texts (level) and the
 # tuning seed 4's 24 (+6 points, interval including 0); these give the paired answer on all 240 test texts of
