@@ -89,9 +89,14 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "z-max of pairs: each pair's EMA 0.998 bias-corrected z + 0.5 x its KeyDiff z",
          "z-max of pairs: EMA 0.998 bias-corrected - 0.5 x duplicate z",
          "z-max of pairs: EMA 0.998 bias-corrected - 1 x duplicate z",
-         "z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z")
+         "z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z",
+         "surprisal: each token's own NLL in context (Selective Context's self-information)",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x surprisal z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x surprisal z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x surprisal z")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
+SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -235,6 +240,22 @@ def quota_scores(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
     return score
 
 
+def token_surprisal(harness: LlamaHarness, tokens: list[int]) -> np.ndarray:
+    """[tokens]: each token's NLL given every token before it, from one full-cache pass (the first token, which
+    nothing predicts, gets the median of the rest). A deployed engine knows this for every token it decoded with
+    logits: the information a token added, what Selective Context and LLMLingua prune by."""
+    harness.clear()
+    nll = np.zeros(len(tokens))
+    for begin in range(0, len(tokens), 512):
+        chunk = tokens[begin:begin + 512]
+        scored = [i for i in range(len(chunk)) if begin + i + 1 < len(tokens)]
+        logprobs = harness.decode(chunk, begin, scored)
+        for i in scored:
+            nll[begin + i + 1] = -logprobs[i][tokens[begin + i + 1]]
+    nll[0] = np.median(nll[1:])
+    return nll
+
+
 def parse_rules(text: str) -> list[str]:
     """The rule names of a comma-separated list; a name may itself hold commas ("sum over pairs (h2o's score, no
     recent window)"), so pieces are joined until they name a rule. ValueError names what is not a rule."""
@@ -295,6 +316,7 @@ def main() -> int:
                 signals["displacement"] = output_displacement(received, values)
             if set(chosen) & set(KEY_RULES):
                 unrotated, keys = value_capture.projections(tokens, "Kcur-")  # [pairs, key, head_dim] each
+        surprisal = token_surprisal(harness, tokens) if set(chosen) & set(SURPRISAL_RULES) else None
         cumulative: dict[str, np.ndarray] = {}  # per signal: [pairs, q + 1, key], summed over the queries < q
 
         def before_of(signal: str) -> np.ndarray:
@@ -353,6 +375,13 @@ def main() -> int:
                 distinct = key_distinctiveness((keys if rotated else unrotated)[:, cand]).mean(axis=0)
                 return base + weight * standardised(distinct)
             return rule_plus_keydiff
+
+        def with_surprisal(rule, weight: float):
+            """`rule` plus `weight` standard deviations (over the candidates) of each token's surprisal."""
+            def rule_plus_surprisal(now: int, cand: np.ndarray) -> np.ndarray:
+                base = np.asarray(rule(now, cand), np.float64)
+                return base if now >= len(tokens) else base + weight * standardised(surprisal[cand])
+            return rule_plus_surprisal
 
         def pairwise_keydiff(coefficient: float, weight: float):
             """Each pair's budget_zmax z plus `weight` times its own standardised KeyDiff score, then the maximum."""
@@ -435,7 +464,15 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected - 1 x duplicate z": with_duplicates(
                      ema_rule(0.998, True, 1), 1.0),
                  "z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z": with_duplicates(
-                     ema_rule(0.998, True, 1), 0.25)}
+                     ema_rule(0.998, True, 1), 0.25),
+                 "surprisal: each token's own NLL in context (Selective Context's self-information)":
+                     lambda now, cand: surprisal[cand] if now < len(tokens) else cand,
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x surprisal z": with_surprisal(
+                     ema_rule(0.998, True, 1), 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x "
+                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x "
+                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

@@ -377,6 +377,13 @@ if run namm-key-rules; then  # issue 10: what attention cannot see, from the key
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 1 x KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE,z-max of pairs: each pair's EMA 0.998 bias-corrected z + 0.5 x its KeyDiff z,z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z"
 fi
+if run namm-surprisal-rules; then  # issue 10: a signal beside attention and keys, each token's surprisal (its NLL in
+  # context: Selective Context's and LLMLingua's pruning signal) added to budget_zmax's keyed rule, on namm-bound-1024's
+  # 24 texts at 25 % (about 35 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_surprisal_rules --text 24 \
+    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x surprisal z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x surprisal z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x surprisal z,surprisal: each token's own NLL in context (Selective Context's self-information)"
+fi
 keys_decode() {  # $1 report, $2 texts, $3 cache fraction: smollm2-keys (smollm2-rate with key weight 0.5, the file
   # `convert-namm pymemory/data/namm/smollm2-rate.gguf --deploy-key-weight 0.5` writes) beside smollm2-rate as shipped,
   # one token per decode, on namm-decode-1024-96's texts of 1,024 tokens (seed 2) + 16 retrievals
