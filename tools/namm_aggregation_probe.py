@@ -93,7 +93,9 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "surprisal: each token's own NLL in context (Selective Context's self-information)",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x surprisal z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x surprisal z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x surprisal z")
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x surprisal z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x surprisal z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x surprisal z")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
@@ -472,7 +474,11 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x "
                  "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25),
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x "
-                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5)}
+                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x "
+                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), -0.25),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x "
+                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), -0.5)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,
