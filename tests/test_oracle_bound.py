@@ -167,3 +167,20 @@ def test_key_distinctiveness_keeps_the_key_unlike_the_rest():
     scores = probe.key_distinctiveness(keys)[0]
     assert int(np.argmax(scores)) == 3 and scores.shape == (4,)
     np.testing.assert_allclose(probe.key_distinctiveness(keys * 5.0), probe.key_distinctiveness(keys), atol=1e-6)
+
+
+def test_token_surprisal_is_the_engines_full_cache_nll(smollm2_path, smollm2_model):
+    from pymemory._loader import _core
+    from pymemory.evaluation.bench import filler_tokens
+
+    tokens = filler_tokens(smollm2_model, 600)  # more than one of the probe's 512-token batches
+    surprisal = _probe().token_surprisal(load_tool("namm_oracle_bound").LlamaHarness(smollm2_path, 640, 2), tokens)
+    engine = _core.Engine(smollm2_model, policy="none", n_sink=0, window=640, n_threads=2)
+    reference = np.asarray(engine.score(tokens, 64))  # NaN first: nothing predicts the first token
+    assert surprisal.shape == (600,) and np.isnan(reference[0])
+    # The two contexts round differently (0.06 nats per token on average, a few up to 0.5, at any batching), so the
+    # check is on agreement overall: an off-by-one token would decorrelate them and shift the mean.
+    difference = surprisal[1:] - reference[1:]
+    assert abs(difference.mean()) < 0.01 and np.abs(difference).mean() < 0.1, difference
+    assert np.corrcoef(surprisal[1:], reference[1:])[0, 1] > 0.99
+    assert surprisal[0] == np.median(surprisal[1:])
