@@ -95,10 +95,14 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x surprisal z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x surprisal z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x surprisal z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x surprisal z")
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x surprisal z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for separators",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for separators")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
+SEPARATORS = set(".,;:!?")  # SepLLM's separators: punctuation, and any piece holding a line break
+QUOTES = set("\"'()[]")  # may stand beside a separator in one piece ('."')
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -258,6 +262,17 @@ def token_surprisal(harness: LlamaHarness, tokens: list[int]) -> np.ndarray:
     return nll
 
 
+def separator_mask(harness: LlamaHarness, tokens: list[int]) -> np.ndarray:
+    """[tokens] bool: the tokens whose text is a separator (SEPARATORS, with quotes or brackets beside it; spaces
+    aside) or holds a line break.
+    SepLLM finds that a model packs a segment into its separators, which keep it when the segment is gone."""
+    def is_separator(token: int) -> bool:
+        piece = harness.llm.detokenize([token]).decode("utf-8", errors="replace")
+        chars = set(piece.strip())
+        return "\n" in piece or (bool(chars & SEPARATORS) and chars <= SEPARATORS | QUOTES)
+    return np.array([is_separator(t) for t in tokens])
+
+
 def parse_rules(text: str) -> list[str]:
     """The rule names of a comma-separated list; a name may itself hold commas ("sum over pairs (h2o's score, no
     recent window)"), so pieces are joined until they name a rule. ValueError names what is not a rule."""
@@ -319,6 +334,7 @@ def main() -> int:
             if set(chosen) & set(KEY_RULES):
                 unrotated, keys = value_capture.projections(tokens, "Kcur-")  # [pairs, key, head_dim] each
         surprisal = token_surprisal(harness, tokens) if set(chosen) & set(SURPRISAL_RULES) else None
+        separators = separator_mask(harness, tokens)
         cumulative: dict[str, np.ndarray] = {}  # per signal: [pairs, q + 1, key], summed over the queries < q
 
         def before_of(signal: str) -> np.ndarray:
@@ -384,6 +400,13 @@ def main() -> int:
                 base = np.asarray(rule(now, cand), np.float64)
                 return base if now >= len(tokens) else base + weight * standardised(surprisal[cand])
             return rule_plus_surprisal
+
+        def with_separators(rule, bonus: float):
+            """`rule` plus `bonus` for the separators (in the units of a rule that ends standardised)."""
+            def rule_plus_separators(now: int, cand: np.ndarray) -> np.ndarray:
+                base = np.asarray(rule(now, cand), np.float64)
+                return base if now >= len(tokens) else base + bonus * separators[cand]
+            return rule_plus_separators
 
         def pairwise_keydiff(coefficient: float, weight: float):
             """Each pair's budget_zmax z plus `weight` times its own standardised KeyDiff score, then the maximum."""
@@ -478,7 +501,11 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x "
                  "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), -0.25),
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x "
-                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), -0.5)}
+                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), -0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for "
+                 "separators": with_separators(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for "
+                 "separators": with_separators(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 1.0)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

@@ -390,6 +390,13 @@ if run namm-surprisal-negative; then  # issue 10: the other sign: tokens the mod
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x surprisal z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x surprisal z"
 fi
+if run namm-separator-rules; then  # issue 10: SepLLM's observation that a model packs each segment into its separators
+  # (punctuation, line breaks): a bonus for them on top of the keyed rule, namm-surprisal-rules' 24 texts (about 20
+  # minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_separator_rules --text 24 \
+    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for separators,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for separators"
+fi
 keys_decode() {  # $1 report, $2 texts, $3 cache fraction: smollm2-keys (smollm2-rate with key weight 0.5, the file
   # `convert-namm pymemory/data/namm/smollm2-rate.gguf --deploy-key-weight 0.5` writes) beside smollm2-rate as shipped,
   # one token per decode, on namm-decode-1024-96's texts of 1,024 tokens (seed 2) + 16 retrievals
