@@ -184,3 +184,13 @@ def test_token_surprisal_is_the_engines_full_cache_nll(smollm2_path, smollm2_mod
     assert abs(difference.mean()) < 0.01 and np.abs(difference).mean() < 0.1, difference
     assert np.corrcoef(surprisal[1:], reference[1:])[0, 1] > 0.99
     assert surprisal[0] == np.median(surprisal[1:])
+
+
+def test_separator_mask_marks_punctuation_and_line_breaks_only(smollm2_path):
+    harness = load_tool("namm_oracle_bound").LlamaHarness(smollm2_path, 64, 2)
+    tokens = harness.llm.tokenize(b'a man; in possession!\n\nOf a fortune... "Yes." said Mr. Darcy', add_bos=False)
+    pieces = [harness.llm.detokenize([t]).decode() for t in tokens]
+    marked = [p for p, s in zip(pieces, _probe().separator_mask(harness, tokens)) if s]
+    assert ";" in marked and "!" in marked and "..." in marked and '."' in marked and "." in marked
+    assert any("\n" in p for p in marked)
+    assert not set(marked) & {" man", " possession", " Yes", " Mr", ' "', " a"}, marked
