@@ -97,7 +97,10 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x surprisal z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x surprisal z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for separators",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for separators")
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for separators",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x ValueDiff z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x ValueDiff z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before RoPE")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
@@ -384,13 +387,16 @@ def main() -> int:
                 return base - weight * standardised(duplicate_of_better(keys[:, cand], values[:, cand], base))
             return rule_less_duplicates
 
-        def with_keydiff(rule, weight: float, rotated: bool = True):
-            """`rule` plus `weight` standard deviations of KeyDiff's score (mean over the pairs)."""
+        def with_keydiff(rule, weight: float, rotated: bool = True, of_values: bool = False, z_max: bool = False):
+            """`rule` plus `weight` standard deviations of KeyDiff's score (mean over the pairs; z_max: the highest of
+            each pair's standardised score), on the keys or (of_values) on the values."""
             def rule_plus_keydiff(now: int, cand: np.ndarray) -> np.ndarray:
                 base = np.asarray(rule(now, cand), np.float64)
                 if now >= len(tokens):
                     return base
-                distinct = key_distinctiveness((keys if rotated else unrotated)[:, cand]).mean(axis=0)
+                vectors = values if of_values else keys if rotated else unrotated
+                distinct = key_distinctiveness(vectors[:, cand])  # [pairs, cand]
+                distinct = row_standardised(distinct).max(axis=0) if z_max else distinct.mean(axis=0)
                 return base + weight * standardised(distinct)
             return rule_plus_keydiff
 
@@ -505,7 +511,15 @@ def main() -> int:
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for "
                  "separators": with_separators(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5),
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for "
-                 "separators": with_separators(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 1.0)}
+                 "separators": with_separators(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 1.0),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x "
+                 "ValueDiff z": with_keydiff(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5,
+                                             of_values=True),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x "
+                 "ValueDiff z": with_keydiff(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25,
+                                             of_values=True),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before "
+                 "RoPE": with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False, z_max=True)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

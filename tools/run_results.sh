@@ -397,6 +397,13 @@ if run namm-separator-rules; then  # issue 10: SepLLM's observation that a model
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for separators,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for separators"
 fi
+if run namm-value-distinct; then  # issue 10: more of what the keys gave: the values' distinctiveness (KeyDiff's score on
+  # the values) beside the keyed rule, and the keys' distinctiveness aggregated as attention is (each pair
+  # standardised, the highest), namm-surprisal-rules' 24 texts (about 25 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_value_distinct --text 24 \
+    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x ValueDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x ValueDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before RoPE"
+fi
 keys_decode() {  # $1 report, $2 texts, $3 cache fraction: smollm2-keys (smollm2-rate with key weight 0.5, the file
   # `convert-namm pymemory/data/namm/smollm2-rate.gguf --deploy-key-weight 0.5` writes) beside smollm2-rate as shipped,
   # one token per decode, on namm-decode-1024-96's texts of 1,024 tokens (seed 2) + 16 retrievals
