@@ -1,4 +1,5 @@
-"""tools/namm_oracle_bound.py: the hindsight oracle's attention matrix and its llama.cpp eviction harness."""
+"""tools/namm_oracle_bound.py: the hindsight oracle's attention matrix and its llama.cpp eviction harness; the probe's rules and
+signals (tools/namm_aggregation_probe.py, tools/eviction_signals.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -121,6 +122,10 @@ def _probe():
     return load_tool("namm_aggregation_probe")
 
 
+def _signals():
+    return load_tool("eviction_signals")
+
+
 def test_standardised_top_ranks_by_each_pairs_own_scale():
     probe = _probe()
     values = np.exp(np.array([[0.0, 1.0, 2.0], [2.0, 2.0, 0.0]]))  # [pairs, candidates]
@@ -150,23 +155,23 @@ def test_probe_rules_parse_names_that_hold_commas():
 
 
 def test_duplicate_of_better_counts_only_a_better_ranked_twin():
-    probe = _probe()
+    signals = _signals()
     keys = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.01]]])  # [pairs, cand, head_dim]: 0 and 2 are twins
     values = np.array([[[0.0, 2.0], [1.0, 0.0], [0.0, 3.0]]])
     ranked = np.array([2.0, 1.0, 0.5])  # 0 ranks above its twin 2
-    dup = probe.duplicate_of_better(keys, values, ranked)
+    dup = signals.duplicate_of_better(keys, values, ranked)
     assert dup[2] > 0.99 and dup[0] == -1.0  # the top-ranked token has nothing better to duplicate it
     assert dup[1] < 0.6  # unlike the better one (key and value orthogonal to 0's)
-    swapped = probe.duplicate_of_better(keys, values, np.array([0.5, 1.0, 2.0]))
+    swapped = signals.duplicate_of_better(keys, values, np.array([0.5, 1.0, 2.0]))
     assert swapped[0] > 0.99 and swapped[2] == -1.0  # the twin that ranks lower is the duplicate
 
 
 def test_key_distinctiveness_keeps_the_key_unlike_the_rest():
-    probe = _probe()
+    signals = _signals()
     keys = np.array([[[1.0, 0.0], [2.0, 0.1], [1.0, -0.1], [0.0, 1.0]]])
-    scores = probe.key_distinctiveness(keys)[0]
+    scores = signals.key_distinctiveness(keys)[0]
     assert int(np.argmax(scores)) == 3 and scores.shape == (4,)
-    np.testing.assert_allclose(probe.key_distinctiveness(keys * 5.0), probe.key_distinctiveness(keys), atol=1e-6)
+    np.testing.assert_allclose(signals.key_distinctiveness(keys * 5.0), signals.key_distinctiveness(keys), atol=1e-6)
 
 
 def test_token_surprisal_is_the_engines_full_cache_nll(smollm2_path, smollm2_model):
@@ -174,7 +179,7 @@ def test_token_surprisal_is_the_engines_full_cache_nll(smollm2_path, smollm2_mod
     from pymemory.evaluation.bench import filler_tokens
 
     tokens = filler_tokens(smollm2_model, 600)  # more than one of the probe's 512-token batches
-    surprisal = _probe().token_surprisal(load_tool("namm_oracle_bound").LlamaHarness(smollm2_path, 640, 2), tokens)
+    surprisal = _signals().token_surprisal(load_tool("namm_oracle_bound").LlamaHarness(smollm2_path, 640, 2), tokens)
     engine = _core.Engine(smollm2_model, policy="none", n_sink=0, window=640, n_threads=2)
     reference = np.asarray(engine.score(tokens, 64))  # NaN first: nothing predicts the first token
     assert surprisal.shape == (600,) and np.isnan(reference[0])
@@ -190,7 +195,7 @@ def test_separator_mask_marks_punctuation_and_line_breaks_only(smollm2_path):
     harness = load_tool("namm_oracle_bound").LlamaHarness(smollm2_path, 64, 2)
     tokens = harness.llm.tokenize(b'a man; in possession!\n\nOf a fortune... "Yes." said Mr. Darcy', add_bos=False)
     pieces = [harness.llm.detokenize([t]).decode() for t in tokens]
-    marked = [p for p, s in zip(pieces, _probe().separator_mask(harness, tokens)) if s]
+    marked = [p for p, s in zip(pieces, _signals().separator_mask(harness, tokens)) if s]
     assert ";" in marked and "!" in marked and "..." in marked and '."' in marked and "." in marked
     assert any("\n" in p for p in marked)
     assert not set(marked) & {" man", " possession", " Yes", " Mr", ' "', " a"}, marked

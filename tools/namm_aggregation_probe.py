@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
+from eviction_signals import (duplicate_of_better, key_distinctiveness, row_standardised,  # noqa: E402
+                              separator_mask, standardised, token_surprisal)
 from value_capture import ValueCapture, output_displacement  # noqa: E402
 from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
                                shipped_test_set, summarise, table_lines)
@@ -104,8 +106,6 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
-SEPARATORS = set(".,;:!?")  # SepLLM's separators: punctuation, and any piece holding a line break
-QUOTES = set("\"'()[]")  # may stand beside a separator in one piece ('."')
 
 
 def relative_rate(past: np.ndarray, now: int, cand: np.ndarray, queries: int | None = None) -> np.ndarray:
@@ -162,40 +162,6 @@ def standardised_top(values: np.ndarray, k: int = 1, radius: int = 0) -> np.ndar
     return z.mean(axis=0) if k < 0 else np.sort(z, axis=0)[-k:].mean(axis=0)
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def standardised(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean()) / max(float(x.std()), 1e-9)
-
-
-def row_standardised(x: np.ndarray) -> np.ndarray:
-    """[pairs, cand]: each pair's values standardised over the candidates."""
-    return (x - x.mean(axis=1, keepdims=True)) / np.maximum(x.std(axis=1, keepdims=True), 1e-9)
-
-
-def key_distinctiveness(keys: np.ndarray) -> np.ndarray:
-    """KeyDiff's score (Park et al., 2025): keys [pairs, cand, head_dim] as cached (after RoPE) -> [pairs, cand],
-    minus each key's cosine to the mean direction of the candidates' keys: a key unlike the rest is kept."""
-    unit = unit_rows(keys)
-    anchor = unit_rows(unit.mean(axis=1, keepdims=True))  # [pairs, 1, head_dim]
-    return -(unit * anchor).sum(axis=-1)
-
-
-def duplicate_of_better(keys: np.ndarray, values: np.ndarray, ranked: np.ndarray) -> np.ndarray:
-    """[cand]: how closely a candidate is duplicated by one the base rule ranks higher (`ranked` [cand]), averaged
-    over the pairs: the highest mean of key cosine (after RoPE, so the two answer later queries alike) and value
-    cosine (so their outputs agree) to any better-ranked candidate. Evicting such a token moves its attention to its
-    duplicate, which says the same; only the better one of a pair counts as the duplicate, so the two are never
-    both evicted for each other. keys, values [pairs, cand, head_dim]."""
-    k, v = unit_rows(keys), unit_rows(values)
-    similar = (np.einsum("pid,pjd->pij", k, k) + np.einsum("pid,pjd->pij", v, v)) / 2  # [pairs, cand, cand]
-    better = ranked[None, :] > ranked[:, None]  # [i, j]: j ranks above i
-    similar = np.where(better[None], similar, -1.0)
-    return similar.max(axis=2).mean(axis=0)
-
-
 def newest_kept(rule, newest: int):
     """`rule` with the candidates among the last `newest` positions always kept (a protected recent window)."""
     def protected(now: int, cand: np.ndarray) -> np.ndarray:
@@ -247,33 +213,6 @@ def quota_scores(past: np.ndarray, now: int, cand: np.ndarray) -> np.ndarray:
                 score[token] = -rank
                 rank += 1
     return score
-
-
-def token_surprisal(harness: LlamaHarness, tokens: list[int]) -> np.ndarray:
-    """[tokens]: each token's NLL given every token before it, from one full-cache pass (the first token, which
-    nothing predicts, gets the median of the rest). A deployed engine knows this for every token it decoded with
-    logits: the information a token added, what Selective Context and LLMLingua prune by."""
-    harness.clear()
-    nll = np.zeros(len(tokens))
-    for begin in range(0, len(tokens), 512):
-        chunk = tokens[begin:begin + 512]
-        scored = [i for i in range(len(chunk)) if begin + i + 1 < len(tokens)]
-        logprobs = harness.decode(chunk, begin, scored)
-        for i in scored:
-            nll[begin + i + 1] = -logprobs[i][tokens[begin + i + 1]]
-    nll[0] = np.median(nll[1:])
-    return nll
-
-
-def separator_mask(harness: LlamaHarness, tokens: list[int]) -> np.ndarray:
-    """[tokens] bool: the tokens whose text is a separator (SEPARATORS, with quotes or brackets beside it; spaces
-    aside) or holds a line break.
-    SepLLM finds that a model packs a segment into its separators, which keep it when the segment is gone."""
-    def is_separator(token: int) -> bool:
-        piece = harness.llm.detokenize([token]).decode("utf-8", errors="replace")
-        chars = set(piece.strip())
-        return "\n" in piece or (bool(chars & SEPARATORS) and chars <= SEPARATORS | QUOTES)
-    return np.array([is_separator(t) for t in tokens])
 
 
 def parse_rules(text: str) -> list[str]:
