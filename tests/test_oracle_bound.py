@@ -199,3 +199,9 @@ def test_separator_mask_marks_punctuation_and_line_breaks_only(smollm2_path):
     assert ";" in marked and "!" in marked and "..." in marked and '."' in marked and "." in marked
     assert any("\n" in p for p in marked)
     assert not set(marked) & {" man", " possession", " Yes", " Mr", ' "', " a"}, marked
+
+
+def test_copies_among_counts_each_candidates_token_among_the_candidates_only():
+    tokens = np.array([5, 7, 5, 9, 5, 7])
+    copies = _signals().copies_among(tokens, np.array([1, 2, 3, 4, 5]))  # position 0's 5 is no candidate
+    assert list(copies) == [2, 2, 1, 2, 2]

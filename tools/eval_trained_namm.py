@@ -185,6 +185,8 @@ def closed_interval(entry: dict, sink: dict, full: dict, resamples: int = 10000,
     shares = (sink_sums - policy_sums) / np.where(gaps > 0, gaps, np.nan)
     share = (sink_nll.mean() - policy.mean()) / (sink_nll.mean() - full_nll.mean())
     valid = shares[np.isfinite(shares)]
+    if valid.size == 0:  # sink never worse than the full cache in any resample: no gap to close
+        return None
     return {"closed": float(share), "low": float(np.quantile(valid, 0.025)), "high": float(np.quantile(valid, 0.975)),
             "p_half": float(np.mean(valid >= 0.5)), "n_text": len(ids), "n_clusters": n_clusters}
 

@@ -5,7 +5,9 @@ rule (docs/results.md, "Keys" and "Surprisal, separators, values").
   - key_distinctiveness: KeyDiff's score per (layer, KV head) pair, on keys (before or after RoPE) or values;
   - duplicate_of_better: how closely a better-ranked token says the same (key and value);
   - token_surprisal: each token's NLL in context (Selective Context's, LLMLingua's pruning signal);
-  - separator_mask: punctuation and line breaks (SepLLM's separators).
+  - separator_mask: punctuation and line breaks (SepLLM's separators);
+  - copies_among: how many of the candidates hold the same token (a word's last copy in the cache is the one a
+    later mention can read; tools/namm_gap_anatomy.py finds words last seen out of sink's window carry half its gap).
 
 Rules combine them standardised over the eviction candidates (`standardised`, `row_standardised`).
 """
@@ -77,3 +79,10 @@ def separator_mask(harness, tokens: list[int]) -> np.ndarray:
         chars = set(piece.strip())
         return "\n" in piece or (bool(chars & SEPARATORS) and chars <= SEPARATORS | QUOTES)
     return np.array([is_separator(t) for t in tokens])
+
+
+def copies_among(tokens: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """[cand]: for each candidate position, how many candidates (itself included) hold the same token id."""
+    ids = np.asarray(tokens)[cand]
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    return counts[inverse]

@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(ROOT))
 sys.path.insert(0, os.fspath(ROOT / "tools"))
 
-from eviction_signals import (duplicate_of_better, key_distinctiveness, row_standardised,  # noqa: E402
-                              separator_mask, standardised, token_surprisal)
+from eviction_signals import (copies_among, duplicate_of_better, key_distinctiveness,  # noqa: E402
+                              row_standardised, separator_mask, standardised, token_surprisal)
 from value_capture import ValueCapture, output_displacement  # noqa: E402
 from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
                                shipped_test_set, summarise, table_lines)
@@ -102,7 +102,10 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for separators",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x ValueDiff z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x ValueDiff z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before RoPE")
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before RoPE",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x rarity z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x rarity z",
+         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for a last copy")
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
@@ -353,6 +356,19 @@ def main() -> int:
                 return base if now >= len(tokens) else base + bonus * separators[cand]
             return rule_plus_separators
 
+        token_array = np.asarray(tokens)
+
+        def with_rarity(rule, weight: float, last_copy: bool = False):
+            """`rule` plus `weight` standard deviations of the token's rarity among the candidates (minus the log of
+            its copies there), or (last_copy) plus `weight` where it is the only copy."""
+            def rule_plus_rarity(now: int, cand: np.ndarray) -> np.ndarray:
+                base = np.asarray(rule(now, cand), np.float64)
+                if now >= len(tokens):
+                    return base
+                copies = copies_among(token_array, cand)
+                return base + (weight * (copies == 1) if last_copy else weight * standardised(-np.log(copies)))
+            return rule_plus_rarity
+
         def pairwise_keydiff(coefficient: float, weight: float):
             """Each pair's budget_zmax z plus `weight` times its own standardised KeyDiff score, then the maximum."""
             def rule(now: int, cand: np.ndarray) -> np.ndarray:
@@ -458,7 +474,14 @@ def main() -> int:
                  "ValueDiff z": with_keydiff(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25,
                                              of_values=True),
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before "
-                 "RoPE": with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False, z_max=True)}
+                 "RoPE": with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False, z_max=True),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x "
+                 "rarity z": with_rarity(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x "
+                 "rarity z": with_rarity(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5),
+                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for a "
+                 "last copy": with_rarity(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5,
+                                          last_copy=True)}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,

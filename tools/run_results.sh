@@ -404,6 +404,19 @@ if run namm-value-distinct; then  # issue 10: more of what the keys gave: the va
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x ValueDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x ValueDiff z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before RoPE"
 fi
+if run namm-rarity-rules; then  # issue 10: namm-gap-anatomy's finding that words last seen out of sink's window carry
+  # half its gap: a token rare among the cached ones (few copies of its id) ranked up beside the keyed rule, or a
+  # word's last cached copy kept first, namm-surprisal-rules' 24 texts (about 20 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_rarity_rules --text 24 \
+    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x rarity z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x rarity z,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for a last copy"
+fi
+if run namm-gap-anatomy; then  # issue 10: where smollm2-keys loses text at 25 % of 1,024 tokens: sink's gap and the
+  # share the NAMM closes per kind of token (far and near repeats, words last seen out of sink's window, new), on
+  # namm-bound-1024's 24 texts, one token per decode (about 15 minutes)
+  python tools/namm_gap_anatomy.py --namm smollm2-keys --out $out/namm_gap_anatomy --text 24 --sample-tokens 1024 \
+    --test-seed 2 --fraction 0.25
+fi
 keys_decode() {  # $1 report, $2 texts, $3 cache fraction: smollm2-keys (smollm2-rate with key weight 0.5, the file
   # `convert-namm pymemory/data/namm/smollm2-rate.gguf --deploy-key-weight 0.5` writes) beside smollm2-rate as shipped,
   # one token per decode, on namm-decode-1024-96's texts of 1,024 tokens (seed 2) + 16 retrievals
