@@ -205,3 +205,16 @@ def test_copies_among_counts_each_candidates_token_among_the_candidates_only():
     tokens = np.array([5, 7, 5, 9, 5, 7])
     copies = _signals().copies_among(tokens, np.array([1, 2, 3, 4, 5]))  # position 0's 5 is no candidate
     assert list(copies) == [2, 2, 1, 2, 2]
+
+
+def test_every_probe_step_of_run_results_names_rules_the_probe_has():
+    import re
+    from pathlib import Path
+
+    steps = (Path(__file__).resolve().parent.parent / "tools" / "run_results.sh").read_text()
+    # a rule name may hold an apostrophe ("each pair's"), so each quoting is matched on its own
+    lists = re.findall(r"namm_aggregation_probe\.py[^\n]*(?:\n[^\n]*){0,3}?--rules (?:\"([^\"]*)\"|'([^']*)')", steps)
+    assert len(lists) >= 10  # the probe's steps, each naming its rules
+    for names in (double or single for double, single in lists):
+        assert _probe().parse_rules(names)  # ValueError names a rule the probe no longer has
+    assert _probe().keyed_variant("surprisal", -0.25).endswith("RoPE - 0.25 x surprisal z")

@@ -59,6 +59,20 @@ from pymemory.namm.packaged import resolve_namm  # noqa: E402
 from pymemory.namm.training.warm_start import capture_invocations  # noqa: E402
 
 
+KEYED = "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE"  # what `smollm2-keys` ranks by
+# Signals added to it (name, weight): tools/eviction_signals.py, docs/results.md "Surprisal, separators, values, rarity"
+KEYED_VARIANTS = (("surprisal", 0.25), ("surprisal", 0.5), ("surprisal", -0.25), ("surprisal", -0.5), ("separators", 0.5),
+                  ("separators", 1.0), ("ValueDiff", 0.5), ("ValueDiff", 0.25), ("rarity", 0.25), ("rarity", 0.5),
+                  ("a last copy", 0.5))
+
+
+def keyed_variant(signal: str, weight: float) -> str:
+    """The rule name of KEYED plus `weight` of a signal: standard deviations of a score, or a bonus for a kind."""
+    if signal in ("separators", "a last copy"):
+        return f"{KEYED} + {weight:g} for {signal}"
+    return f"{KEYED} {'+' if weight > 0 else '-'} {abs(weight):g} x {signal} z"
+
+
 RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs", "top-1 of pairs (max)",
          "top-3 of pairs", "top-9 of pairs", "top-1 of pairs over the last 128 queries", "quota per pair",
          "top-1 of pairs: EMA 0.998 from zero", "top-1 of pairs: EMA 0.998 bias-corrected",
@@ -94,18 +108,8 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "z-max of pairs: EMA 0.998 bias-corrected - 0.25 x duplicate z",
          "surprisal: each token's own NLL in context (Selective Context's self-information)",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x surprisal z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x surprisal z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x surprisal z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x surprisal z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x surprisal z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for separators",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for separators",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x ValueDiff z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x ValueDiff z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before RoPE",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x rarity z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x rarity z",
-         "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for a last copy")
+         *(keyed_variant(signal, weight) for signal, weight in KEYED_VARIANTS))
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
 KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
@@ -383,6 +387,14 @@ def main() -> int:
                 return (row_standardised(log) + weight * row_standardised(distinct)).max(axis=0)
             return rule
 
+        def keyed():
+            """The rule `smollm2-keys` ranks by: budget_zmax's plus half a standard deviation of KeyDiff before RoPE."""
+            return with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False)
+
+        added = {"surprisal": with_surprisal, "separators": with_separators,
+                 "ValueDiff": partial(with_keydiff, of_values=True), "rarity": with_rarity,
+                 "a last copy": partial(with_rarity, last_copy=True)}
+
         def causal(rule):
             return lambda now, cand: rule(before[:, now], now, cand) if now < len(tokens) else cand
 
@@ -455,33 +467,9 @@ def main() -> int:
                      lambda now, cand: surprisal[cand] if now < len(tokens) else cand,
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x surprisal z": with_surprisal(
                      ema_rule(0.998, True, 1), 0.5),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x "
-                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x "
-                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.25 x "
-                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), -0.25),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE - 0.5 x "
-                 "surprisal z": with_surprisal(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), -0.5),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for "
-                 "separators": with_separators(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 1 for "
-                 "separators": with_separators(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 1.0),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x "
-                 "ValueDiff z": with_keydiff(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5,
-                                             of_values=True),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x "
-                 "ValueDiff z": with_keydiff(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25,
-                                             of_values=True),
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before "
                  "RoPE": with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False, z_max=True),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.25 x "
-                 "rarity z": with_rarity(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.25),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 x "
-                 "rarity z": with_rarity(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5),
-                 "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE + 0.5 for a "
-                 "last copy": with_rarity(with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False), 0.5,
-                                          last_copy=True)}
+                 **{keyed_variant(signal, weight): added[signal](keyed(), weight) for signal, weight in KEYED_VARIANTS}}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,
