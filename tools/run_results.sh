@@ -417,6 +417,11 @@ if run namm-gap-anatomy; then  # issue 10: where smollm2-keys loses text at 25 %
   python tools/namm_gap_anatomy.py --namm smollm2-keys --out $out/namm_gap_anatomy --text 24 --sample-tokens 1024 \
     --test-seed 2 --fraction 0.25
 fi
+if run namm-qwen-gap-anatomy; then  # issue 10: the same on Qwen2.5, where qwen2.5-keys closes half at 25 %: the first 24
+  # texts of namm-qwen-decode-1024 (seed 2), one token per decode (about 20 minutes)
+  python tools/namm_gap_anatomy.py --namm qwen2.5-keys --test-namm qwen2.5-rate --out $out/namm_qwen_gap_anatomy \
+    --text 24 --sample-tokens 1024 --test-seed 2 --fraction 0.25
+fi
 keys_decode() {  # $1 report, $2 texts, $3 cache fraction: smollm2-keys (smollm2-rate with key weight 0.5, the file
   # `convert-namm pymemory/data/namm/smollm2-rate.gguf --deploy-key-weight 0.5` writes) beside smollm2-rate as shipped,
   # one token per decode, on namm-decode-1024-96's texts of 1,024 tokens (seed 2) + 16 retrievals
