@@ -283,7 +283,7 @@ def main() -> int:
             if set(chosen) & set(KEY_RULES):
                 unrotated, keys = value_capture.projections(tokens, "Kcur-")  # [pairs, key, head_dim] each
         surprisal = token_surprisal(harness, tokens) if set(chosen) & set(SURPRISAL_RULES) else None
-        separators = separator_mask(harness, tokens)
+        separators = separator_mask(harness, tokens) if any("separators" in r for r in chosen) else None
         cumulative: dict[str, np.ndarray] = {}  # per signal: [pairs, q + 1, key], summed over the queries < q
 
         def before_of(signal: str) -> np.ndarray:
@@ -346,32 +346,30 @@ def main() -> int:
                 return base + weight * standardised(distinct)
             return rule_plus_keydiff
 
+        def plus(rule, term):
+            """`rule` plus term(cand) [cand] (scores past the sample's end, where rules return positions, untouched)."""
+            def rule_plus_term(now: int, cand: np.ndarray) -> np.ndarray:
+                base = np.asarray(rule(now, cand), np.float64)
+                return base if now >= len(tokens) else base + term(cand)
+            return rule_plus_term
+
         def with_surprisal(rule, weight: float):
             """`rule` plus `weight` standard deviations (over the candidates) of each token's surprisal."""
-            def rule_plus_surprisal(now: int, cand: np.ndarray) -> np.ndarray:
-                base = np.asarray(rule(now, cand), np.float64)
-                return base if now >= len(tokens) else base + weight * standardised(surprisal[cand])
-            return rule_plus_surprisal
+            return plus(rule, lambda cand: weight * standardised(surprisal[cand]))
 
         def with_separators(rule, bonus: float):
             """`rule` plus `bonus` for the separators (in the units of a rule that ends standardised)."""
-            def rule_plus_separators(now: int, cand: np.ndarray) -> np.ndarray:
-                base = np.asarray(rule(now, cand), np.float64)
-                return base if now >= len(tokens) else base + bonus * separators[cand]
-            return rule_plus_separators
+            return plus(rule, lambda cand: bonus * separators[cand])
 
         token_array = np.asarray(tokens)
 
         def with_rarity(rule, weight: float, last_copy: bool = False):
             """`rule` plus `weight` standard deviations of the token's rarity among the candidates (minus the log of
             its copies there), or (last_copy) plus `weight` where it is the only copy."""
-            def rule_plus_rarity(now: int, cand: np.ndarray) -> np.ndarray:
-                base = np.asarray(rule(now, cand), np.float64)
-                if now >= len(tokens):
-                    return base
+            def rarity(cand: np.ndarray) -> np.ndarray:
                 copies = copies_among(token_array, cand)
-                return base + (weight * (copies == 1) if last_copy else weight * standardised(-np.log(copies)))
-            return rule_plus_rarity
+                return weight * (copies == 1) if last_copy else weight * standardised(-np.log(copies))
+            return plus(rule, rarity)
 
         def pairwise_keydiff(coefficient: float, weight: float):
             """Each pair's budget_zmax z plus `weight` times its own standardised KeyDiff score, then the maximum."""
