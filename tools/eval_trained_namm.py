@@ -369,6 +369,9 @@ def main() -> int:
     p.add_argument("--also-immediate", action="store_true",
                    help="also score the trained NAMM evicting at each invocation (namm_defer_evictions=False, the "
                         "original's timing) beside the engine's default, which evicts as new tokens need the room")
+    p.add_argument("--also-reindexed", action="store_true",
+                   help="also score each --also NAMM with positions compacted after every eviction (reindex=True, as "
+                        "sink does) beside the engine's default (absolute positions)")
     p.add_argument("--also-sink-score-chunk", type=int, default=None, metavar="TOKENS",
                    help="also score sink with this many tokens per batch (a row beside sink at --score-chunk)")
     p.add_argument("--only-also", action="store_true",
@@ -376,6 +379,8 @@ def main() -> int:
                         "one variant; its rows keep their --also names, so namm_closed_intervals.py --pool joins them "
                         "to another run's). Needs --also, --no-reproduce and --quants ''")
     args = p.parse_args()
+    if args.also_reindexed and not args.also:
+        p.error("--also-reindexed re-scores the --also NAMMs with compacted positions: give at least one --also")
     if args.only_also:
         clashes = [flag for flag, on in (("--no-reproduce missing", not args.no_reproduce),
                                          ("--quants not ''", bool(args.quants)), ("no --also", not args.also),
@@ -485,6 +490,10 @@ def main() -> int:
             # NAMM files run as they are deployed (their own interval); the trainer's reproduction below, as trained.
             policies.update({name: Job("namm_file", samples[0], namm_file=path, namm_delay=0)
                              for name, path in others.items()})
+            if args.also_reindexed:
+                policies.update({f"{name}, positions re-indexed": Job("namm_file", samples[0], namm_file=path,
+                                                                      namm_delay=0, reindex=True)
+                                 for name, path in others.items()})
             if args.also_immediate:
                 policies["trained NAMM, evicting at each invocation"] = Job(
                     "namm_file", samples[0], namm_file=namm_file, namm_delay=0, namm_defer_evictions=False)

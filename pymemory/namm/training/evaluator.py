@@ -71,6 +71,9 @@ class Job:
     # leave them a smaller cache on average (docs/results.md, "Scored 16 tokens at a time").
     score_chunk: int | None = None
     namm_defer_evictions: bool = True  # namm and namm_file: the engine's setting (False: evict at each invocation)
+    # namm and namm_file: compact positions after every eviction (the engine's reindex); None = the engine's default
+    # (absolute positions, compacted only before the model's training context)
+    reindex: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,15 @@ class _Worker:
         self.template = write_template(zero, os.path.join(self._tmp.name, "template.gguf"), spec)
 
     def engine(self, memory: str, namm_file: str = "", namm_layers: int = 0, namm_delay: int | None = None,
-               namm_defer_evictions: bool = True):
-        key = f"{memory}:{namm_file}:{namm_layers}:{namm_delay}:{namm_defer_evictions}"
+               namm_defer_evictions: bool = True, reindex: bool | None = None):
+        key = f"{memory}:{namm_file}:{namm_layers}:{namm_delay}:{namm_defer_evictions}:{reindex}"
         if key not in self.engines:
             s = self.spec
             common = dict(n_threads=s.threads)
             if memory in ("namm", "namm_file"):
                 common["namm_defer_evictions"] = namm_defer_evictions
+                if reindex is not None:
+                    common["reindex"] = reindex
             if memory == "namm_file":
                 kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=namm_file,
                               namm_delay=s.namm_delay if namm_delay is None else namm_delay, namm_layers=namm_layers)
@@ -127,7 +132,8 @@ class _Worker:
         return self.engines[key]
 
     def run(self, job: Job) -> JobResult:
-        engine = self.engine(job.memory, job.namm_file, job.namm_layers, job.namm_delay, job.namm_defer_evictions)
+        engine = self.engine(job.memory, job.namm_file, job.namm_layers, job.namm_delay, job.namm_defer_evictions,
+                             job.reindex)
         if job.memory == "namm":
             theta = np.zeros(4172, np.float32) if job.theta is None else np.asarray(job.theta, np.float32)
             engine.set_namm_parameters(namm_tensors(theta, self.spec))
