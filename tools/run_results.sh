@@ -867,3 +867,11 @@ fi
 if run server-bench; then  # issue 12: vs llama_cpp.server (pip install sse-starlette starlette-context pydantic-settings)
   python tools/bench_server.py
 fi
+if run namm-keys-reindex; then  # issue 10: smollm2-keys with positions compacted after every eviction (reindex=True,
+  # as sink) beside its default (absolute positions), 25 % of 1,024 tokens, one token per decode, the first 24
+  # texts of namm-keys-decode (seed 2) (about 7 minutes)
+  fresh_seed_25 smollm2-rate namm_keys_reindex 2 --text 24 --only-also \
+    --also "key weight 0.5=pymemory/data/namm/smollm2-keys.gguf" --also-reindexed
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_keys_reindex $out/namm_keys_reindex.json \
+    --versus "key weight 0.5"
+fi
