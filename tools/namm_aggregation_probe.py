@@ -51,6 +51,7 @@ sys.path.insert(0, os.fspath(ROOT / "tools"))
 from eviction_signals import (copies_among, duplicate_of_better, key_distinctiveness,  # noqa: E402
                               row_standardised, separator_mask, standardised, token_surprisal)
 from value_capture import ValueCapture, output_displacement  # noqa: E402
+from kv_merge import ValueMerger  # noqa: E402
 from namm_oracle_bound import (LlamaHarness, attention_received, record_result, run_sample,  # noqa: E402
                                shipped_test_set, summarise, table_lines)
 from pymemory.errors import InvalidArgumentError  # noqa: E402
@@ -64,6 +65,17 @@ KEYED = "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys 
 KEYED_VARIANTS = (("surprisal", 0.25), ("surprisal", 0.5), ("surprisal", -0.25), ("surprisal", -0.5), ("separators", 0.5),
                   ("separators", 1.0), ("ValueDiff", 0.5), ("ValueDiff", 0.25), ("rarity", 0.25), ("rarity", 0.5),
                   ("a last copy", 0.5))
+
+
+# Evicted tokens' values merged into the kept token of the most similar key, per (layer, KV head), at a centred
+# cosine threshold (tools/kv_merge.py); None: the cache state read and written back unchanged (the control)
+MERGE_THRESHOLDS = (None, 0.8, 0.6)
+
+
+def merged_variant(threshold: float | None) -> str:
+    if threshold is None:
+        return f"{KEYED}; cache state written back unchanged at each eviction"
+    return f"{KEYED}; evicted values merged into the most similar kept key (centred cosine >= {threshold:g})"
 
 
 def keyed_variant(signal: str, weight: float) -> str:
@@ -109,9 +121,11 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          "surprisal: each token's own NLL in context (Selective Context's self-information)",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x surprisal z",
          "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before RoPE",
-         *(keyed_variant(signal, weight) for signal, weight in KEYED_VARIANTS))
+         *(keyed_variant(signal, weight) for signal, weight in KEYED_VARIANTS),
+         *(merged_variant(threshold) for threshold in MERGE_THRESHOLDS))
+MERGE_RULES = {merged_variant(threshold): threshold for threshold in MERGE_THRESHOLDS}
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
-KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
+KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r or r in MERGE_RULES)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
 
 
@@ -467,7 +481,8 @@ def main() -> int:
                      ema_rule(0.998, True, 1), 0.5),
                  "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x z-max of pairs of KeyDiff of the keys before "
                  "RoPE": with_keydiff(ema_rule(0.998, True, 1), 0.5, rotated=False, z_max=True),
-                 **{keyed_variant(signal, weight): added[signal](keyed(), weight) for signal, weight in KEYED_VARIANTS}}
+                 **{keyed_variant(signal, weight): added[signal](keyed(), weight) for signal, weight in KEYED_VARIANTS},
+                 **{name: keyed() for name in MERGE_RULES}}
         assert list(rules) == list(RULES)
         rules = {k: v for k, v in rules.items() if k in chosen}
         record("full", "full cache", sample, *run_sample(harness, tokens, n_prompt, 10 ** 9, delay,
@@ -477,8 +492,11 @@ def main() -> int:
             record(f"{capacity}", "sink", sample,
                    *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink, lambda now, cand: cand))
             for name, rule in rules.items():
+                merger = ValueMerger(keys.shape[2], n_sink, MERGE_RULES[name]) if name in MERGE_RULES else None
                 record(f"{capacity}", name, sample, *run_sample(harness, tokens, n_prompt, capacity, delay, n_sink,
-                                                                rule))
+                                                                rule, merger))
+                if merger is not None and merger.offered:
+                    print(f"    {name}: {merger.merged / merger.offered:.0%} of evicted values merged", flush=True)
         print(f"  {sample.id}: " + ", ".join(f"{t}/{k} {v['nll'][sample.id]:.3f}" for t, e in rows.items()
                                              for k, v in e.items()), flush=True)
 

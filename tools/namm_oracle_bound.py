@@ -106,9 +106,10 @@ class LlamaHarness:
 
 
 def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity: int, delay: int, n_sink: int,
-               keep_score) -> tuple[float, int]:
+               keep_score, before_evict=None) -> tuple[float, int]:
     """Mean NLL of tokens[n_prompt:] when every `delay` tokens the cache is cut to capacity - delay cells by
-    evicting the lowest keep_score(boundary, positions) (None: keep everything). Returns (NLL, peak cells)."""
+    evicting the lowest keep_score(boundary, positions) (None: keep everything); before_evict(harness, positions)
+    runs before each eviction (tools/kv_merge.py). Returns (NLL, peak cells)."""
     harness.clear()
     cached: list[int] = []
     nll, peak = [], 0
@@ -125,6 +126,8 @@ def run_sample(harness: LlamaHarness, tokens: list[int], n_prompt: int, capacity
             scores = keep_score(begin + len(chunk), candidates)
             n_evict = len(cached) - (capacity - delay)
             evict = candidates[np.argsort(scores, kind="stable")[:n_evict]]
+            if before_evict is not None:
+                before_evict(harness, evict)
             for position in evict:
                 harness.remove(int(position))
             gone = set(int(p) for p in evict)

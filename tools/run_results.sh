@@ -875,3 +875,11 @@ if run namm-keys-reindex; then  # issue 10: smollm2-keys with positions compacte
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_keys_reindex $out/namm_keys_reindex.json \
     --versus "key weight 0.5"
 fi
+if run namm-merge-rules; then  # issue 10: namm-gap-anatomy's finding that what smollm2-keys leaves is spread over
+  # ordinary tokens: keep part of each evicted token instead of nothing, its value merged into the kept token of the
+  # most similar key per (layer, KV head) (CaM, D2O; tools/kv_merge.py), at two thresholds, beside the keyed rule and
+  # the state round trip alone, namm-surprisal-rules' 24 texts (about 25 minutes)
+  python tools/namm_aggregation_probe.py --namm smollm2-rate --out $out/namm_merge_rules --text 24 \
+    --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
+    --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE; cache state written back unchanged at each eviction,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE; evicted values merged into the most similar kept key (centred cosine >= 0.8),z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE; evicted values merged into the most similar kept key (centred cosine >= 0.6)"
+fi
