@@ -7,8 +7,11 @@
 #include "engine.h"
 #include "errors.h"
 #include "kv_policy.h"
+#include "kv_state_view.h"
+#include "value_merge.h"
 #include "llama_adapter.h"
 
+#include <limits>
 #include <optional>
 
 #include <pybind11/numpy.h>
@@ -64,6 +67,8 @@ py::dict stats_to_dict(const EngineStats & s) {
     d["evictions"] = s.evictions;
     d["tokens_evicted"] = s.tokens_evicted;
     d["tokens_recomputed"] = s.tokens_recomputed;
+    d["values_offered"] = s.values_offered;
+    d["values_merged"] = s.values_merged;
     d["max_pos"] = s.max_pos;
     d["next_pos"] = s.next_pos;
     return d;
@@ -273,6 +278,23 @@ void register_engine(py::module_ & m) {
         "The plan a policy makes for `n_incoming` new tokens given the cached positions: "
         "{'remove': [(p0, p1)], 'shift': [(p0, p1, delta)], 'recompute': bool, 'n_evicted': int}.");
     m.def(
+        "merge_kv_state",
+        [](py::bytes state, const std::vector<int32_t> & roles, std::vector<float> weights, int32_t n_head_kv,
+           float threshold) {
+            std::string data = state;
+            const KvStateView view = parse_kv_state(reinterpret_cast<const uint8_t *>(data.data()), data.size());
+            std::vector<MergeRole> role;
+            for (int32_t r : roles) {
+                if (r < 0 || r > 2) fail(ErrorKind::invalid_argument, "roles are 0 (kept), 1 (gone) or 2 (fixed)");
+                role.push_back(MergeRole(r));
+            }
+            const MergeStats stats = merge_values(reinterpret_cast<uint8_t *>(data.data()), view, role, weights,
+                                                  n_head_kv, threshold);
+            return py::make_tuple(py::bytes(data), weights, stats.offered, stats.merged);
+        },
+        py::arg("state"), py::arg("roles"), py::arg("weights"), py::arg("n_head_kv"), py::arg("threshold"),
+        "value_merge.h on a llama.cpp sequence state's bytes (tests): (state, weights, offered, merged).");
+    m.def(
         "plan_removal",
         [](const std::vector<Pos> & positions, const std::vector<int32_t> & indices, bool reindex) {
             return plan_to_dict(plan_removal(CacheState{positions, 0}, indices, reindex));
@@ -389,7 +411,8 @@ void register_engine(py::module_ & m) {
                          const std::string & type_v, int32_t h2o_recent, const std::string & namm_path,
                          const std::string & namm_mode, float quorum, int32_t max_cells, int32_t namm_delay,
                          int32_t namm_layers, bool device_reductions, std::optional<int32_t> compact_at,
-                         bool namm_defer_evictions, int32_t namm_neighbours, float namm_key_weight) {
+                         bool namm_defer_evictions, int32_t namm_neighbours, float namm_key_weight,
+                         std::optional<float> namm_merge_threshold) {
                  EngineParams p;
                  p.policy.kind = parse_policy_kind(policy);
                  p.policy.n_sink = n_sink;
@@ -417,6 +440,8 @@ void register_engine(py::module_ & m) {
                  p.attention.namm_defer_evictions = namm_defer_evictions;
                  p.attention.namm_neighbours = namm_neighbours;
                  p.attention.namm_key_weight = namm_key_weight;
+                 p.attention.namm_merge_threshold =
+                     namm_merge_threshold.value_or(std::numeric_limits<float>::quiet_NaN());
                  p.attention.device_reductions = device_reductions;
                  p.model.path = model ? model->info().path : "";
                  py::gil_scoped_release release;
@@ -430,7 +455,7 @@ void register_engine(py::module_ & m) {
              py::arg("max_cells") = 0, py::arg("namm_delay") = 0, py::arg("namm_layers") = 0,
              py::arg("device_reductions") = false, py::arg("compact_at") = py::none(),
              py::arg("namm_defer_evictions") = true, py::arg("namm_neighbours") = -1,
-             py::arg("namm_key_weight") = -1.0f)
+             py::arg("namm_key_weight") = -1.0f, py::arg("namm_merge_threshold") = py::none())
         .def_property_readonly("model", &Engine::shared_model)
         .def(
             "feed", [](Engine & self, const std::vector<Token> & tokens) { locked(self, [&] { self.feed(tokens); }); },

@@ -24,6 +24,7 @@
 #include "llama_adapter.h"
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,10 @@ struct AttentionPolicyParams {
                                        // many nearest cached tokens on each side; -1 = the file's value (else 0)
     float namm_key_weight = -1.0f;     // namm budget modes: a token's ranked score gains this many standard deviations of
                                        // its keys' distinctiveness (namm_policy.h); -1 = the file's value (else 0)
+    float namm_merge_threshold = std::numeric_limits<float>::quiet_NaN();
+                                       // namm: each token an invocation gives up has its values merged into the kept
+                                       // token of the most similar key (centred cosine >= this; value_merge.h);
+                                       // NaN = off
     int32_t namm_layers = 0;           // namm: attention layers scored, spread evenly over the model; 0 = all
                                        // (an iSWA model's global layers). Fewer cost less (docs/namm.md).
     bool device_reductions = false;    // reduce the tapped attention as on a GPU even when it is in host memory
@@ -116,6 +121,9 @@ public:
     virtual std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) = 0;
     // Tokens to evict now that the stream has `tokens_seen` tokens (e.g. at a NAMM invocation).
     virtual std::vector<int32_t> after_decode(const CacheView & cache, int64_t tokens_seen) { return {}; }
+    // The chronological indices the last after_decode() gave up (evicted at once or deferred), once; empty after.
+    // The engine merges their values into the tokens kept (value_merge.h) before they go.
+    virtual std::vector<int32_t> take_given_up() { return {}; }
 
     const std::vector<InvocationRecord> & invocations() const { return invocations_; }
     // The model layers whose attention the policy reads, in the order of InvocationRecord::layer_kept: every layer,
@@ -137,6 +145,9 @@ public:
     // Saving a session (engine_state.cpp): the policy's state of every cached token, chronological (`cache.cells`
     // gives each token's cell), as bytes, and back into the cells the tokens occupy after a restore. Policies that
     // cannot (NAMM: per-head spectrogram state) say so with can_save_state() = false.
+    // llama.cpp placed the cached tokens in other cells (a KV state written back, value_merge.h): `before` and
+    // `after` hold the same tokens, each in its old and its new cell. Per-cell state follows its token.
+    virtual void move_cells(const CacheView & before, const CacheView & after) { load_state(after, save_state(before)); }
     virtual bool can_save_state() const { return false; }
     virtual std::string save_state(const CacheView & cache) const { return {}; }
     virtual void load_state(const CacheView & cache, const std::string & bytes) {}

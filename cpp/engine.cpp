@@ -142,6 +142,7 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     if (params_.prefill_chunk < 0) fail(ErrorKind::invalid_argument, "prefill_chunk must be >= 0 (0 = auto)");
     check_cache_types(params_);
     check_iswa_supported(model_->info(), params_.policy);
+    check_merge_supported(params_, model_->info());
     const int32_t cap = capacity(params_.policy);
     n_batch_ = std::min(cap, 512);
 
@@ -226,15 +227,19 @@ void Engine::pin_prefix(int32_t n_tokens) {
 void Engine::apply(const EvictionPlan & plan) {
     if (plan.empty()) return;
     const CacheState after = apply_plan(cache_, plan);
-    // Mirror: keep the token ids of the surviving cells.
+    // Mirror: keep the token ids (and merge weights) of the surviving cells.
     std::vector<Token> kept_tokens;
+    std::vector<std::vector<float>> kept_weights;
     kept_tokens.reserve(after.positions.size());
     for (size_t i = 0; i < cache_.positions.size(); ++i) {
         const Pos p = cache_.positions[i];
         bool removed = false;
         for (const auto & r : plan.remove) removed |= (p >= r.p0 && p < r.p1);
-        if (!removed) kept_tokens.push_back(cached_tokens_[i]);
+        if (removed) continue;
+        kept_tokens.push_back(cached_tokens_[i]);
+        kept_weights.push_back(std::move(merge_weights_[i]));
     }
+    merge_weights_ = std::move(kept_weights);
 
     if (plan.recompute) {
         ctx_->memory_clear();  // (recompute is never an attention-scored policy: no tap state to keep in sync)
@@ -318,6 +323,7 @@ void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
         cache_.positions.push_back(positions[size_t(i)]);
         cached_tokens_.push_back(tokens[i]);
     }
+    merge_weights_.resize(cached_tokens_.size());
     next_pos_ += n;
     counters_.tokens_seen += n;
     counters_.peak_cells = std::max<int32_t>(counters_.peak_cells, int32_t(cache_.positions.size()));
@@ -325,7 +331,9 @@ void Engine::decode_append(const Token * tokens, int32_t n, bool logits_all) {
     if (attention_) {
         cache_.n_pinned = n_pinned();
         const auto t0 = std::chrono::steady_clock::now();
-        evict(attention_->after_decode(cache_view(), counters_.tokens_seen));
+        const std::vector<int32_t> evicted_now = attention_->after_decode(cache_view(), counters_.tokens_seen);
+        merge_given_up(attention_->take_given_up());
+        evict(evicted_now);
         attention_->decide_seconds += seconds_since(t0);
     }
 }
@@ -409,6 +417,7 @@ void Engine::reset() {
     }
     cache_ = CacheState{};
     cached_tokens_.clear();
+    merge_weights_.clear();
     pinned_prefix_ = 0;
     next_pos_ = 0;
     has_logits_ = false;

@@ -40,6 +40,8 @@ struct EngineStats {
     int64_t evictions = 0;         // eviction events
     int64_t tokens_evicted = 0;
     int64_t tokens_recomputed = 0; // re-decoded by the recompute policy
+    int64_t values_offered = 0;    // namm_merge_threshold: (token, layer, KV head) values given up ...
+    int64_t values_merged = 0;     // ... and merged into a kept token's
     Pos max_pos = -1;              // largest position in the cache (-1 when empty)
     Pos next_pos = 0;              // position the next token gets
 };
@@ -106,6 +108,9 @@ private:
     // Evicts the given chronological indices (re-indexing positions if the policy says so).
     void evict(const std::vector<int32_t> & indices);
     CacheView cache_view();  // refreshes cache_cells_
+    // namm_merge_threshold: the values of the tokens the policy just gave up join the kept tokens' (value_merge.h,
+    // engine_merge.cpp), before those tokens are evicted.
+    void merge_given_up(const std::vector<int32_t> & given_up);
     int32_t batch_limit() const;
 
 
@@ -124,8 +129,16 @@ private:
     Pos next_pos_ = 0;
     bool has_logits_ = false;           // the context's last output belongs to the stream's last token
 
+    // Per cached token (parallel to cache_.positions), per (layer, KV head): how many tokens its value stands for
+    // since merging began (empty = 1 each: never merged into).
+    std::vector<std::vector<float>> merge_weights_;
+
     EngineStats counters_;
     mutable std::mutex call_mutex_;
 };
+
+// Refuses namm_merge_threshold where merging cannot run (another policy, a threshold that is no cosine, KV types
+// other than f16/f32, models whose KV state has another layout), saying what to change. engine_merge.cpp.
+void check_merge_supported(const EngineParams & params, const ModelInfo & model);
 
 }  // namespace pm

@@ -215,6 +215,7 @@ void Engine::load_state(const std::string & bytes) {
     }
     cache_.positions = std::move(positions);
     cached_tokens_ = std::move(tokens);
+    merge_weights_.assign(cached_tokens_.size(), {});  // not saved: merging restarts its running means
     pinned_prefix_ = pinned;
     cache_.n_pinned = n_pinned();
     next_pos_ = next_pos;

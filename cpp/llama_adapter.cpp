@@ -517,6 +517,21 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
     }
 }
 
+void LlamaContext::edit_kv_state(const std::function<bool(uint8_t * data, size_t size)> & edit) {
+    std::vector<Pos> positions = cells_.saved_positions();
+    if (positions.empty()) return;
+    std::string blob = state_save();
+    const size_t n_bytes = llama_state_seq_get_size(ctx_, 0);
+    if (n_bytes == 0 || n_bytes > blob.size()) fail(ErrorKind::runtime, "internal: the KV state changed size");
+    if (!edit(reinterpret_cast<uint8_t *>(&blob[blob.size() - n_bytes]), n_bytes)) return;
+    // Writing a sequence's cells back leaves llama.cpp's outputs alone: the last batch's logits stay readable.
+    const int32_t n_tokens_last = n_tokens_last_;
+    const bool logits_all_last = logits_all_last_;
+    state_load(blob, positions);
+    n_tokens_last_ = n_tokens_last;
+    logits_all_last_ = logits_all_last;
+}
+
 Pos LlamaContext::memory_pos_min() const { return llama_memory_seq_pos_min(llama_get_memory(ctx_), 0); }
 Pos LlamaContext::memory_pos_max() const { return llama_memory_seq_pos_max(llama_get_memory(ctx_), 0); }
 

@@ -16,6 +16,7 @@
 #include "kv_cell_mirror.h"
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -175,6 +176,10 @@ public:
     // must hold exactly `positions` (in any order). Throws pm::Error(invalid_argument) for a damaged or mismatched
     // blob and leaves the cache empty.
     void state_load(const std::string & blob, const std::vector<Pos> & positions);
+    // Reads sequence 0's cells as llama.cpp serialises them (kv_state_view.h), lets `edit` change the bytes in place
+    // and, when it returns true, writes them back. llama.cpp then places the cells anew (compacted, in their old
+    // order), and the cell mirror follows. Same precondition as state_save(): no position shift pending.
+    void edit_kv_state(const std::function<bool(uint8_t * data, size_t size)> & edit);
     // The tap also computes AttentionView::cell_totals for every layer (where the attention lives), over the rows
     // asked for. No-op without on_attention (no tap).
     void set_attention_totals(AttentionTotals rows) {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <tuple>
 #include <utility>
 
@@ -162,6 +163,7 @@ public:
         std::fill(last_cell_scores_.begin(), last_cell_scores_.end(), kNoScore);
         std::fill(pending_rank_.begin(), pending_rank_.end(), kNotPending);
         std::fill(key_count_.begin(), key_count_.end(), 0);
+        given_up_.clear();
     }
 
     void set_threads(int32_t n_threads) override { tap_.set_threads(n_threads); }
@@ -274,6 +276,16 @@ public:
         return std::move(out.bytes());
     }
 
+    void move_cells(const CacheView & before, const CacheView & after) override {
+        // A restore starts the diagnostics afresh; a move keeps them (the capture windows' rows are per cell and
+        // start empty: a fidelity capture across a move sees only the rows decoded after it).
+        auto invocations = std::move(invocations_);
+        auto captures = std::move(captures_);
+        load_state(after, save_state(before));
+        invocations_ = std::move(invocations);
+        captures_ = std::move(captures);
+    }
+
     void load_state(const CacheView & cache, const std::string & bytes) override {
         ByteReader in(bytes, "the saved NAMM state");
         const int32_t n_layer = in.get<int32_t>(), n_head_kv = in.get<int32_t>();
@@ -316,6 +328,8 @@ public:
         if (tokens_seen == 0 || tokens_seen % delay_ != 0) return {};
         return invoke(cache, tokens_seen);
     }
+
+    std::vector<int32_t> take_given_up() override { return std::exchange(given_up_, {}); }
 
     std::vector<int32_t> make_room(const CacheView & cache, int32_t n_incoming) override {
         const int32_t n = int32_t(cache.state.positions.size());
@@ -457,6 +471,7 @@ private:
             }
         }
         invocations_.push_back(std::move(record));
+        given_up_ = evict;
         if (!defer_) return evict;
         // Deferred: the tokens stay until new ones need their cells (make_room), then go in the mode's order. The
         // next invocation sees the cache an immediate eviction would have left (delay tokens arrive in between).
@@ -541,6 +556,7 @@ private:
     bool defer_;  // budget modes: evict the invocation's choice only as new tokens need the room
     float key_weight_;  // budget modes: standard deviations of key distinctiveness added to the ranked score
     int32_t head_dim_ = 0;                     // of the keys, once seen
+    std::vector<int32_t> given_up_;            // the last invocation's choice, until the engine takes it
     std::vector<float> keys_;                  // [slot][head][cell][head_dim] keys before RoPE (key weight only)
     int32_t n_layer_, n_head_kv_;              // n_layer_: scored layers (slots)
     size_t n_cells_;

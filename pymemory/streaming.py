@@ -53,6 +53,8 @@ class CacheStats:
     evictions: int  # eviction events
     tokens_evicted: int
     tokens_recomputed: int  # re-decoded by the "recompute" policy
+    values_offered: int  # namm_merge_threshold: (token, layer, KV head) values given up ...
+    values_merged: int  # ... and merged into a kept token's
     max_pos: int  # largest position in the cache (-1 when empty)
     next_pos: int  # position the next token gets
 

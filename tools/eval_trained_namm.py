@@ -372,6 +372,12 @@ def main() -> int:
     p.add_argument("--also-reindexed", action="store_true",
                    help="also score each --also NAMM with positions compacted after every eviction (reindex=True, as "
                         "sink does) beside the engine's default (absolute positions)")
+    p.add_argument("--also-merged", type=float, action="append", default=[], metavar="COSINE",
+                   help="also score each --also NAMM with the values of the tokens it gives up merged into the kept "
+                        "token of the most similar key at this centred-cosine threshold (namm_merge_threshold; "
+                        "repeatable)")
+    p.add_argument("--also-merged-at-once", action="store_true",
+                   help="score the --also-merged rows evicting at each invocation (namm_defer_evictions=False)")
     p.add_argument("--also-sink-score-chunk", type=int, default=None, metavar="TOKENS",
                    help="also score sink with this many tokens per batch (a row beside sink at --score-chunk)")
     p.add_argument("--only-also", action="store_true",
@@ -379,8 +385,10 @@ def main() -> int:
                         "one variant; its rows keep their --also names, so namm_closed_intervals.py --pool joins them "
                         "to another run's). Needs --also, --no-reproduce and --quants ''")
     args = p.parse_args()
-    if args.also_reindexed and not args.also:
-        p.error("--also-reindexed re-scores the --also NAMMs with compacted positions: give at least one --also")
+    if (args.also_reindexed or args.also_merged) and not args.also:
+        p.error("--also-reindexed and --also-merged re-score the --also NAMMs: give at least one --also")
+    if any(not -1.0 <= t <= 1.0 for t in args.also_merged):
+        p.error(f"--also-merged takes cosines between -1 and 1 (got {args.also_merged})")
     if args.only_also:
         clashes = [flag for flag, on in (("--no-reproduce missing", not args.no_reproduce),
                                          ("--quants not ''", bool(args.quants)), ("no --also", not args.also),
@@ -490,6 +498,11 @@ def main() -> int:
             # NAMM files run as they are deployed (their own interval); the trainer's reproduction below, as trained.
             policies.update({name: Job("namm_file", samples[0], namm_file=path, namm_delay=0)
                              for name, path in others.items()})
+            for threshold in args.also_merged:
+                timing = ", evicting at once" if args.also_merged_at_once else ""
+                policies.update({f"{name}, values merged (cosine >= {threshold:g}){timing}": Job(
+                    "namm_file", samples[0], namm_file=path, namm_delay=0, merge_threshold=threshold,
+                    namm_defer_evictions=not args.also_merged_at_once) for name, path in others.items()})
             if args.also_reindexed:
                 policies.update({f"{name}, positions re-indexed": Job("namm_file", samples[0], namm_file=path,
                                                                       namm_delay=0, reindex=True)

@@ -74,6 +74,8 @@ class Job:
     # namm and namm_file: compact positions after every eviction (the engine's reindex); None = the engine's default
     # (absolute positions, compacted only before the model's training context)
     reindex: bool | None = None
+    # namm and namm_file: the engine's namm_merge_threshold (values of given-up tokens merged into kept ones); None = off
+    merge_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ class _Worker:
         self.template = write_template(zero, os.path.join(self._tmp.name, "template.gguf"), spec)
 
     def engine(self, memory: str, namm_file: str = "", namm_layers: int = 0, namm_delay: int | None = None,
-               namm_defer_evictions: bool = True, reindex: bool | None = None):
-        key = f"{memory}:{namm_file}:{namm_layers}:{namm_delay}:{namm_defer_evictions}:{reindex}"
+               namm_defer_evictions: bool = True, reindex: bool | None = None, merge_threshold: float | None = None):
+        key = f"{memory}:{namm_file}:{namm_layers}:{namm_delay}:{namm_defer_evictions}:{reindex}:{merge_threshold}"
         if key not in self.engines:
             s = self.spec
             common = dict(n_threads=s.threads)
@@ -115,6 +117,8 @@ class _Worker:
                 common["namm_defer_evictions"] = namm_defer_evictions
                 if reindex is not None:
                     common["reindex"] = reindex
+                if merge_threshold is not None:
+                    common["namm_merge_threshold"] = merge_threshold
             if memory == "namm_file":
                 kwargs = dict(policy="namm", n_sink=s.n_sink, window=s.capacity - s.n_sink, namm_path=namm_file,
                               namm_delay=s.namm_delay if namm_delay is None else namm_delay, namm_layers=namm_layers)
@@ -133,7 +137,7 @@ class _Worker:
 
     def run(self, job: Job) -> JobResult:
         engine = self.engine(job.memory, job.namm_file, job.namm_layers, job.namm_delay, job.namm_defer_evictions,
-                             job.reindex)
+                             job.reindex, job.merge_threshold)
         if job.memory == "namm":
             theta = np.zeros(4172, np.float32) if job.theta is None else np.asarray(job.theta, np.float32)
             engine.set_namm_parameters(namm_tensors(theta, self.spec))
