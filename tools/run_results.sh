@@ -883,3 +883,13 @@ if run namm-merge-rules; then  # issue 10: namm-gap-anatomy's finding that what 
     --retrieval 0 --sample-tokens 1024 --test-seed 2 --fractions 0.25 \
     --rules "z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE; cache state written back unchanged at each eviction,z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE; evicted values merged into the most similar kept key (centred cosine >= 0.8),z-max of pairs: EMA 0.998 bias-corrected + 0.5 x KeyDiff z of the keys before RoPE; evicted values merged into the most similar kept key (centred cosine >= 0.6)"
 fi
+if run namm-keys-merged-dev; then  # issue 10: namm-merge-rules' gain in the engine: smollm2-keys as shipped with the
+  # values of the tokens it gives up merged into the kept token of the most similar key (namm_merge_threshold), at
+  # four thresholds, 25 % of 1,024 tokens, one token per decode, deferred, the first 24 texts of namm-keys-decode
+  # (seed 2: the development set the threshold is chosen on; about 17 minutes)
+  fresh_seed_25 smollm2-rate namm_keys_merged_dev 2 --text 24 --only-also \
+    --also "key weight 0.5=pymemory/data/namm/smollm2-keys.gguf" --also-merged 0.6 --also-merged 0.4 \
+    --also-merged 0.2 --also-merged 0.0
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_keys_merged_dev \
+    $out/namm_keys_merged_dev.json --versus "key weight 0.5"
+fi
