@@ -47,6 +47,8 @@ py::dict hparams_dict(const namm::NammHparams & hp) {
     d["deploy_delay"] = hp.deploy_delay;  // 0 when the file records none
     d["deploy_neighbours"] = hp.deploy_neighbours;  // 0 when the file records none
     d["deploy_key_weight"] = hp.deploy_key_weight;  // 0 when the file records none
+    d["deploy_merge_threshold"] = std::isnan(hp.deploy_merge_threshold) ? py::object(py::none())
+                                                                        : py::object(py::float_(hp.deploy_merge_threshold));
     return d;
 }
 

@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include "errors.h"
+#include "namm/namm_model.h"
 #include "namm_policy.h"
 
 #include <algorithm>
@@ -166,6 +167,10 @@ Engine::Engine(std::shared_ptr<LlamaModel> model, const EngineParams & params)
     ctx_ = std::make_unique<LlamaContext>(model_, cparams);
     check_model_supports(*model_, *ctx_, params_.policy);
     attention_ = make_attention_policy(params_, model_->info(), ctx_->n_ctx());
+    if (attention_ && attention_->namm_scorer() && std::isnan(params_.attention.namm_merge_threshold)) {
+        params_.attention.namm_merge_threshold = default_merge_threshold(
+            params_, model_->info(), attention_->namm_scorer()->hparams().deploy_merge_threshold);
+    }
     if (attention_) {
         const ModelInfo & info = model_->info();
         if (attention_->scored_layers().empty()) attention_->set_scored_layers(info.global_layers());

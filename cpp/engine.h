@@ -140,5 +140,8 @@ private:
 // Refuses namm_merge_threshold where merging cannot run (another policy, a threshold that is no cosine, KV types
 // other than f16/f32, models whose KV state has another layout), saying what to change. engine_merge.cpp.
 void check_merge_supported(const EngineParams & params, const ModelInfo & model);
+// The threshold a NAMM file records, where these settings can merge; NaN (off) where they cannot (a NAMM trained on
+// one model runs zero-shot on models that cannot merge, as it did before it recorded one).
+float default_merge_threshold(const EngineParams & params, const ModelInfo & model, float file_threshold);
 
 }  // namespace pm

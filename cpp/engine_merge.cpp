@@ -10,33 +10,52 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <utility>
 
 namespace pm {
 
-void check_merge_supported(const EngineParams & p, const ModelInfo & model) {
-    const float threshold = p.attention.namm_merge_threshold;
-    if (std::isnan(threshold)) return;
+namespace {
+
+// Why merging at `threshold` cannot run with these settings ("" when it can), and the error kind to raise.
+std::pair<ErrorKind, std::string> merge_unsupported(const EngineParams & p, const ModelInfo & model, float threshold) {
     if (p.policy.kind != PolicyKind::namm) {
-        fail(ErrorKind::invalid_argument, "namm_merge_threshold merges the values of the tokens a NAMM gives up; "
-                                          "policy '" + policy_kind_name(p.policy.kind) +
-                                              "' gives none up that way (use policy='namm', or leave it unset)");
+        return {ErrorKind::invalid_argument, "namm_merge_threshold merges the values of the tokens a NAMM gives up; "
+                                             "policy '" + policy_kind_name(p.policy.kind) +
+                                                 "' gives none up that way (use policy='namm', or leave it unset)"};
     }
     if (!(threshold >= -1.0f && threshold <= 1.0f)) {
-        fail(ErrorKind::invalid_argument, "namm_merge_threshold is a cosine between -1 and 1 (got " +
-                                              std::to_string(threshold) + ")");
+        return {ErrorKind::invalid_argument,
+                "namm_merge_threshold is a cosine between -1 and 1 (got " + std::to_string(threshold) + ")"};
     }
     for (const std::string & type : {p.type_k, p.type_v}) {
         if (type != "f16" && type != "f32") {
-            fail(ErrorKind::invalid_argument, "namm_merge_threshold edits cached keys' values, which it reads as f16 "
-                                              "or f32 only: use type_k and type_v 'f16' (got '" + type + "')");
+            return {ErrorKind::invalid_argument, "namm_merge_threshold edits cached values, which it reads as f16 or "
+                                                 "f32 only: use type_k and type_v 'f16' (got '" + type + "')"};
         }
     }
     if (model.n_swa > 0 || model.uses_mrope || model.is_recurrent || model.is_hybrid) {
-        fail(ErrorKind::unsupported, "namm_merge_threshold is not supported for model '" + model.path +
-                                         "' (architecture " + model.architecture +
-                                         "): its KV state has another layout (sliding-window or multi-axis "
-                                         "positions); run it without merging");
+        return {ErrorKind::unsupported, "namm_merge_threshold is not supported for model '" + model.path +
+                                            "' (architecture " + model.architecture +
+                                            "): its KV state has another layout (sliding-window or multi-axis "
+                                            "positions); run it without merging"};
     }
+    return {ErrorKind::invalid_argument, ""};
+}
+
+}  // namespace
+
+void check_merge_supported(const EngineParams & p, const ModelInfo & model) {
+    if (std::isnan(p.attention.namm_merge_threshold)) return;
+    const auto [kind, why] = merge_unsupported(p, model, p.attention.namm_merge_threshold);
+    if (!why.empty()) fail(kind, why);
+}
+
+float default_merge_threshold(const EngineParams & p, const ModelInfo & model, float file_threshold) {
+    if (std::isnan(file_threshold) || !merge_unsupported(p, model, file_threshold).second.empty()) {
+        return std::numeric_limits<float>::quiet_NaN();
+    }
+    return file_threshold;
 }
 
 void Engine::merge_given_up(const std::vector<int32_t> & given_up) {

@@ -49,6 +49,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--namm-key-weight", type=float, default=None,
                    help="namm budget modes: add this many standard deviations of each token's key distinctiveness "
                         "(KeyDiff on the keys before RoPE) to the score it ranks by (default: the file's, else 0)")
+    g.add_argument("--namm-merge-threshold", type=float, default=None,
+                   help="namm: merge the values of each token it gives up into the kept token of the most similar "
+                        "key, at this centred cosine or more (-1..1; default: off)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -96,6 +99,7 @@ def open_model(args: argparse.Namespace, **extra: object) -> StreamingLLM:
         namm_defer_evictions=args.namm_defer_evictions,
         namm_neighbours=args.namm_neighbours,
         namm_key_weight=args.namm_key_weight,
+        namm_merge_threshold=args.namm_merge_threshold,
         **extra,
     )
 

@@ -201,6 +201,10 @@ class StreamingLLM:
         namm_key_weight: in the budget modes, add this many standard deviations of each token's key
             distinctiveness (KeyDiff on the keys before RoPE: a token unlike the others is kept) to the score it
             ranks by (default: the NAMM file's setting, else 0; docs/namm.md, "Keys").
+        namm_merge_threshold: merge the values of each token the NAMM gives up into the kept token whose key is
+            most like its own (centred cosine at least this, between -1 and 1), per layer and KV head, so part of
+            what is evicted stays (default: off; docs/namm.md, "Merged values"). f16/f32 KV caches; not on
+            models with sliding-window layers.
         verbose: show llama.cpp's informational log.
     """
 
@@ -234,6 +238,7 @@ class StreamingLLM:
         namm_defer_evictions: bool = True,
         namm_neighbours: int | None = None,
         namm_key_weight: float | None = None,
+        namm_merge_threshold: float | None = None,
         verbose: bool = False,
     ) -> None:
         self._engine = None  # set last: close() and __del__ must work if __init__ fails half-way
@@ -277,6 +282,11 @@ class StreamingLLM:
                                             or not isinstance(namm_key_weight, numbers.Real)
                                             or not 0.0 <= namm_key_weight <= 100.0):
             raise InvalidArgumentError(f"namm_key_weight must be a number between 0 and 100 (got {namm_key_weight!r})")
+        if namm_merge_threshold is not None and (isinstance(namm_merge_threshold, bool)
+                                                 or not isinstance(namm_merge_threshold, numbers.Real)
+                                                 or not -1.0 <= namm_merge_threshold <= 1.0):
+            raise InvalidArgumentError("namm_merge_threshold must be a cosine between -1 and 1 "
+                                       f"(got {namm_merge_threshold!r})")
         if quorum is not None and not (0.0 < quorum <= 1.0):
             raise InvalidArgumentError(f"quorum must be in (0, 1] (got {quorum})")
         if policy == "namm" and namm_path is None:
@@ -324,6 +334,7 @@ class StreamingLLM:
             namm_defer_evictions=namm_defer_evictions,
             namm_neighbours=-1 if namm_neighbours is None else _check_int("namm_neighbours", namm_neighbours, 0),
             namm_key_weight=-1.0 if namm_key_weight is None else float(namm_key_weight),
+            namm_merge_threshold=None if namm_merge_threshold is None else float(namm_merge_threshold),
         )
         self.messages: list[dict[str, str]] = []  # the running conversation of chat()
         self._chat_fed_text = ""  # rendered conversation text that has gone into the cache

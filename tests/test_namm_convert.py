@@ -385,6 +385,18 @@ def test_a_namm_gguf_is_written_again_with_a_deployed_interval(tmp_path, checkpo
     for value in ("101", "-0.5"):
         assert cli(["convert-namm", str(out), "-o", str(tmp_path / "x.gguf"), "--deploy-key-weight", value]) == 1
         assert "key weight must lie between 0 and 100" in capsys.readouterr().err
+    # A merge threshold likewise; 0 is a threshold (a cosine), not "none".
+    merged = tmp_path / "merged.gguf"
+    assert cli(["convert-namm", str(keyed), "-o", str(merged), "--deploy-merge-threshold", "0"]) == 0
+    assert "merges given-up values at centred cosine >= 0" in capsys.readouterr().out
+    assert gguf_settings(merged) == {**gguf_settings(keyed), "deploy_merge_threshold": 0.0}
+    assert run_settings(merged) == {**run_settings(keyed), "merge_threshold": 0.0}
+    assert run_settings(keyed)["merge_threshold"] is None
+    assert cli(["convert-namm", str(merged), "-o", str(tmp_path / "q8m.gguf"), "--type", "q8_0"]) == 0
+    assert gguf_settings(tmp_path / "q8m.gguf")["deploy_merge_threshold"] == 0.0
+    for value in ("1.5", "-2"):
+        assert cli(["convert-namm", str(out), "-o", str(tmp_path / "x.gguf"), "--deploy-merge-threshold", value]) == 1
+        assert "merge threshold is a cosine between -1 and 1" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -420,6 +420,7 @@ def test_one_generation_on_a_local_dask_cluster(tmp_path, smollm2_path):
     ("smollm2-evolved", "smollm2_path", "smollm2-135m-instruct"),
     ("smollm2-rate", "smollm2_path", "smollm2-135m-instruct"),
     ("smollm2-keys", "smollm2_path", "smollm2-135m-instruct"),
+    ("smollm2-merged", "smollm2_path", "smollm2-135m-instruct"),
     ("qwen2.5", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
     ("qwen2.5-per-head", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
     ("qwen2.5-rate", "qwen_path", "qwen2.5-coder-0.5b-instruct"),
@@ -447,7 +448,8 @@ def test_shipped_namm_loads_by_name_with_its_trained_settings(request, name, mod
                         "ema_coefficient": hparams.ema_coefficient,
                         "ema_bias_correction": hparams.ema_bias_correction, "mode": record["config"]["mode"],
                         "neighbours": record.get("deploy", {}).get("neighbours", 0),
-                        "key_weight": record.get("deploy", {}).get("key_weight", 0.0)}
+                        "key_weight": record.get("deploy", {}).get("key_weight", 0.0),
+                        "merge_threshold": record.get("deploy", {}).get("merge_threshold")}
     model_path = request.getfixturevalue(model_fixture)
     with StreamingLLM(model_path, policy="namm", namm_path=name, n_sink=4, window=124, n_threads=1) as llm:
         text = "".join(llm.generate("Once upon a time", max_tokens=200, ignore_eos=True, temperature=0.0))

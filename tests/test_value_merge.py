@@ -123,3 +123,43 @@ def test_merge_settings_are_checked(smollm2_model, kwargs, match):
         return
     with pytest.raises(InvalidArgumentError, match=match):
         _core.Engine(smollm2_model, n_sink=4, window=124, **kwargs)
+
+
+def test_a_namm_file_that_records_a_threshold_merges_by_default(smollm2_model, english_text, tmp_path):
+    from pymemory._loader import _core
+    from pymemory.namm.checkpoint import load_gguf_as_written
+    from pymemory.namm.convert import write_gguf
+
+    path = write_gguf(load_gguf_as_written(SHIPPED_KEYS), tmp_path / "merging.gguf", "f32",
+                      deploy_merge_threshold=0.6)["output"]
+    assert _core.NammModel.load(str(path)).hparams["deploy_merge_threshold"] == pytest.approx(0.6)
+    assert _core.NammModel.load(SHIPPED_KEYS).hparams["deploy_merge_threshold"] is None
+    tokens = smollm2_model.tokenize(english_text[:4000], add_special=True)[:300]
+    by_file = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=124, namm_path=str(path), n_threads=2)
+    by_hand = _engine(smollm2_model, 0.6)
+    np.testing.assert_array_equal(by_file.score(tokens, 1), by_hand.score(tokens, 1))
+    assert by_file.stats()["values_merged"] == by_hand.stats()["values_merged"] > 0
+    # An explicit setting overrides the file's: -1 merges every value given up
+    everything = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=124, namm_path=str(path), n_threads=2,
+                              namm_merge_threshold=-1.0)
+    everything.feed(tokens)
+    s = everything.stats()
+    assert s["values_merged"] == s["values_offered"] > by_file.stats()["values_merged"]
+    # A model whose KV state cannot be merged runs the file without merging (its own setting would be refused)
+    q8 = _core.Engine(smollm2_model, policy="namm", n_sink=4, window=124, namm_path=str(path), n_threads=2,
+                      type_k="q8_0")
+    q8.feed(tokens)
+    assert q8.stats()["values_offered"] == 0
+
+
+def test_streaming_llm_checks_the_threshold(smollm2_path):
+    from pymemory import StreamingLLM
+    from pymemory.errors import InvalidArgumentError
+
+    for bad in (1.5, True, "0.5"):
+        with pytest.raises(InvalidArgumentError, match="namm_merge_threshold"):
+            StreamingLLM(smollm2_path, policy="namm", namm_path="smollm2-keys", namm_merge_threshold=bad)
+    llm = StreamingLLM(smollm2_path, policy="namm", namm_path="smollm2-keys", window=124, namm_merge_threshold=0.6)
+    text = "".join(llm.generate("It is a truth universally acknowledged, that " * 30, max_tokens=40))
+    assert text and llm.stats.values_offered > 0 and llm.stats.values_merged > 0
+    llm.close()

@@ -893,3 +893,28 @@ if run namm-keys-merged-dev; then  # issue 10: namm-merge-rules' gain in the eng
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_keys_merged_dev \
     $out/namm_keys_merged_dev.json --versus "key weight 0.5"
 fi
+# issue 10: smollm2-merged (smollm2-keys with the values of the tokens it gives up merged into the kept token of the
+# most similar key, centred cosine >= 0.4, chosen on namm-keys-merged-dev's seed-2 texts). Set before it ran: 240
+# fresh texts (seeds 8, 9 and 10, 80 each; no SmolLM2 report used them) at 25 % of 1,024 tokens, one token per
+# decode, beside sink and the full cache; the verdict on half of sink's gap is the pooled 240's interval, and no
+# texts are added after it (about 28 minutes per seed)
+merged_fresh_seed() {  # $1 seed
+  fresh_seed_25 smollm2-rate namm_smollm2_merged_seed$1 $1 --text 80 --only-also \
+    --also "smollm2-merged=pymemory/data/namm/smollm2-merged.gguf"
+}
+if run namm-smollm2-merged-seed8; then merged_fresh_seed 8; fi
+if run namm-smollm2-merged-seed9; then merged_fresh_seed 9; fi
+if run namm-smollm2-merged-seed10; then merged_fresh_seed 10; fi
+if run namm-smollm2-merged-pooled-240; then  # seconds
+  python tools/namm_closed_intervals.py --pool --out $out/namm_closed_intervals_smollm2_merged_pooled_240 \
+    $out/namm_smollm2_merged_seed8.json $out/namm_smollm2_merged_seed9.json $out/namm_smollm2_merged_seed10.json
+fi
+if run namm-merged-answers; then  # issue 10: does merging cost the keyed NAMM its answers? smollm2-keys and
+  # smollm2-merged on namm-keys-decode's 16 retrievals of 1,024 tokens (seed 2), 25 %, one token per decode (about
+  # 12 minutes)
+  fresh_seed_25 smollm2-rate namm_merged_answers 2 --text 0 --retrieval 16 --only-also \
+    --also "smollm2-keys=pymemory/data/namm/smollm2-keys.gguf" \
+    --also "smollm2-merged=pymemory/data/namm/smollm2-merged.gguf"
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_merged_answers \
+    $out/namm_merged_answers.json --versus "smollm2-keys"
+fi

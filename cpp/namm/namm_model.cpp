@@ -292,6 +292,13 @@ void NammModel::load_file(const std::string & path) {
                                " (got " + std::to_string(hp.deploy_key_weight) + ")");
         }
     }
+    if (gguf_find_key(gctx, "namm.deploy.merge_threshold") >= 0) {
+        hp.deploy_merge_threshold = meta.f32("namm.deploy.merge_threshold");
+        if (!(hp.deploy_merge_threshold >= -1.0f && hp.deploy_merge_threshold <= 1.0f)) {
+            bad_file(path, "namm.deploy.merge_threshold must be a cosine between -1 and 1 (got " +
+                               std::to_string(hp.deploy_merge_threshold) + ")");
+        }
+    }
     if (gguf_find_key(gctx, "namm.source.iteration") >= 0) meta.find("namm.source.iteration", GGUF_TYPE_INT32);
     if (delay == 0 || delay % kHop != 0 || delay > (1u << 20)) {
         bad_file(path, "namm.delay must be a positive multiple of 16 (got " + std::to_string(delay) + ")");

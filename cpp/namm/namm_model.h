@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,9 @@ struct NammHparams {
     // namm.deploy.key_weight: in the budget modes a token's ranked score gains this many standard deviations of its
     // keys' distinctiveness (KeyDiff's score on the keys before RoPE; docs/namm.md, "Keys"); 0 = absent: none.
     float deploy_key_weight = 0.0f;
+    // namm.deploy.merge_threshold: the values of the tokens it gives up merge into the kept token of the most similar
+    // key at this centred cosine or more (value_merge.h); NaN = absent: no merging.
+    float deploy_merge_threshold = std::numeric_limits<float>::quiet_NaN();
 };
 constexpr int32_t kMaxNeighbours = 64;  // more than any measured choice; bounds the ranking's cost
 constexpr float kMaxKeyWeight = 100.0f;  // far past where the keys outweigh the attention

@@ -249,6 +249,12 @@ def validate_settings(settings, path) -> dict:
                 or not 0 <= float(key_weight) <= fmt.MAX_KEY_WEIGHT):
             bad(f"deploy_key_weight must be a number between 0 and {fmt.MAX_KEY_WEIGHT:g} (got {key_weight!r})")
         out["deploy_key_weight"] = float(key_weight)
+    merge = settings.get("deploy_merge_threshold")
+    if merge is not None:
+        if (isinstance(merge, bool) or not isinstance(merge, (int, float, np.integer, np.floating))
+                or not -1.0 <= float(merge) <= 1.0):
+            bad(f"deploy_merge_threshold must be a cosine between -1 and 1 (got {merge!r})")
+        out["deploy_merge_threshold"] = float(merge)
     return out
 
 
@@ -411,16 +417,18 @@ def _settings_of(reader, hparams: fmt.NammHparams, path: Path) -> dict:
         out["deploy_neighbours"] = int(_field_value(reader, fmt.KEY_DEPLOY_NEIGHBOURS, "u32", path))
     if fmt.KEY_DEPLOY_KEY_WEIGHT in reader.fields:
         out["deploy_key_weight"] = float(_field_value(reader, fmt.KEY_DEPLOY_KEY_WEIGHT, "f32", path))
+    if fmt.KEY_DEPLOY_MERGE_THRESHOLD in reader.fields:
+        out["deploy_merge_threshold"] = float(_field_value(reader, fmt.KEY_DEPLOY_MERGE_THRESHOLD, "f32", path))
     return validate_settings(out, path)
 
 
 def run_settings(path: str | os.PathLike) -> dict:
     """How the engine runs a NAMM GGUF by default: its invocation interval (the deployed one when the file records
     one, else the trained one), the interval it was trained at, its moving average, the mode it was trained in
-    (None when the file records none: the engine then uses quorum mode), its neighbours and its key weight (0 when
-    none)."""
+    (None when the file records none: the engine then uses quorum mode), its neighbours, its key weight (0 when
+    none) and its merge threshold (None when it merges nothing)."""
     s = gguf_settings(path)
     return {"namm_delay": s.get("deploy_delay", s["namm_delay"]), "trained_delay": s["namm_delay"],
             "ema_coefficient": s["ema_coefficient"], "ema_bias_correction": s["ema_bias_correction"],
             "mode": s.get("mode"), "neighbours": s.get("deploy_neighbours", 0),
-            "key_weight": s.get("deploy_key_weight", 0.0)}
+            "key_weight": s.get("deploy_key_weight", 0.0), "merge_threshold": s.get("deploy_merge_threshold")}

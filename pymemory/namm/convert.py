@@ -37,7 +37,8 @@ def ggml_tensors(vector: NammVector) -> dict[str, np.ndarray]:
 def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f32", *, delay: int | None = None,
                deploy: dict | None = None, ema_coefficient: float | None = None,
                ema_bias_correction: bool | None = None, deploy_delay: int | None = None,
-               deploy_neighbours: int | None = None, deploy_key_weight: float | None = None) -> dict:
+               deploy_neighbours: int | None = None, deploy_key_weight: float | None = None,
+               deploy_merge_threshold: float | None = None) -> dict:
     """Writes the NAMM GGUF; only the two weight matrices take ``weight_type`` (f32, f16, q8_0, q4_0).
     ``delay`` overrides the invocation period, ``ema_coefficient`` the spectrogram's per-token moving-average
     coefficient, ``ema_bias_correction`` whether the engine divides that average by its weight so far (defaults:
@@ -48,7 +49,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
     instead of ``delay``, the one it was trained at; ``deploy_neighbours`` (default likewise; 0 writes none) how many
     nearest cached tokens on each side a token's ranking score takes the highest of in the budget modes;
     ``deploy_key_weight`` (default likewise; 0 writes none) how many standard deviations of its keys' distinctiveness
-    a token's ranking score gains in the budget modes.
+    a token's ranking score gains in the budget modes; ``deploy_merge_threshold`` (default likewise; None writes
+    none) the centred cosine at which the values of the tokens it gives up merge into kept ones (cpp/value_merge.h).
     Returns a summary: output, source, weight_type, bytes, tensors (name, shape, type, max_abs_error)."""
     gguf = _require_gguf()
     if weight_type not in fmt.WEIGHT_TYPES:
@@ -74,6 +76,10 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
     if deploy_key_weight is not None and not 0 <= deploy_key_weight <= fmt.MAX_KEY_WEIGHT:
         raise ValueError(f"the deployed key weight must lie between 0 and {fmt.MAX_KEY_WEIGHT:g} (got "
                          f"{deploy_key_weight})")
+    deploy_merge_threshold = (recorded.get("deploy_merge_threshold") if deploy_merge_threshold is None
+                              else float(deploy_merge_threshold))
+    if deploy_merge_threshold is not None and not -1.0 <= deploy_merge_threshold <= 1.0:
+        raise ValueError(f"the deployed merge threshold is a cosine between -1 and 1 (got {deploy_merge_threshold})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -92,7 +98,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
                                "ema_bias_correction": hparams.ema_bias_correction,
                                "deploy": dict(deploy) if deploy else None, "deploy_delay": deploy_delay,
                                "deploy_neighbours": deploy_neighbours or 0,
-                               "deploy_key_weight": deploy_key_weight or 0.0}
+                               "deploy_key_weight": deploy_key_weight or 0.0,
+                               "deploy_merge_threshold": deploy_merge_threshold}
         for key, (kind, value) in hparams.metadata().items():
             add[kind](key, value)
         if deploy:
@@ -106,6 +113,8 @@ def write_gguf(vector: NammVector, out: str | os.PathLike, weight_type: str = "f
             writer.add_uint32(fmt.KEY_DEPLOY_NEIGHBOURS, deploy_neighbours)
         if deploy_key_weight:
             writer.add_float32(fmt.KEY_DEPLOY_KEY_WEIGHT, deploy_key_weight)
+        if deploy_merge_threshold is not None:
+            writer.add_float32(fmt.KEY_DEPLOY_MERGE_THRESHOLD, deploy_merge_threshold)
         writer.add_string(fmt.KEY_SOURCE, vector.source)
         if vector.iteration is not None:
             writer.add_int32(fmt.KEY_SOURCE_ITERATION, vector.iteration)
@@ -148,8 +157,10 @@ def format_summary(summary: dict) -> str:
                   if s.get("deploy_neighbours") else "")
         keyed = (f", adds {s['deploy_key_weight']:g} standard deviations of key distinctiveness to each token's rank"
                  if s.get("deploy_key_weight") else "")
+        merged = (f", merges given-up values at centred cosine >= {s['deploy_merge_threshold']:g}"
+                  if s.get("deploy_merge_threshold") is not None else "")
         lines.append(f"  {every}, spectrogram moving average {s['ema_coefficient']:g} per token{corrected}{deploy}"
-                     f"{pooled}{keyed}")
+                     f"{pooled}{keyed}{merged}")
     for t in summary["tensors"]:
         error = f"  max |quantisation error| {t['max_abs_error']:.3g}" if "max_abs_error" in t else ""
         lines.append(f"  {t['name']:<24} {str(t['shape']):<10} {t['type']:<5}{error}")
@@ -176,7 +187,8 @@ def convert(args: argparse.Namespace) -> int:
         else:
             raise ValueError("give a trainer checkpoint (ckpt.pt), a NAMM GGUF, or --params/--mean/--var")
         summary = write_gguf(vector, args.output, args.type, deploy_delay=args.deploy_delay,
-                             deploy_neighbours=args.deploy_neighbours, deploy_key_weight=args.deploy_key_weight)
+                             deploy_neighbours=args.deploy_neighbours, deploy_key_weight=args.deploy_key_weight,
+                             deploy_merge_threshold=args.deploy_merge_threshold)
     except ImportError as exc:  # a missing optional dependency: one line that says what to install
         raise RuntimeError(str(exc)) from exc
     print(format_summary(summary))
@@ -185,7 +197,8 @@ def convert(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", default=None, help="evo-memory trainer ckpt.pt, or a NAMM GGUF "
-                        "to write again with another --type, --deploy-delay, --deploy-neighbours or --deploy-key-weight")
+                        "to write again with another --type, --deploy-delay, --deploy-neighbours, --deploy-key-weight or "
+                        "--deploy-merge-threshold")
     parser.add_argument("-o", "--output", required=True, help="NAMM GGUF to write")
     parser.add_argument("--type", choices=fmt.WEIGHT_TYPES, default="f32",
                         help="type of the two weight matrices (everything else stays f32); default f32")
@@ -205,6 +218,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="in the budget modes add W standard deviations of each token's key distinctiveness "
                         "(KeyDiff on the keys before RoPE) to the score it ranks by, by default (0: attention "
                         "alone; docs/namm.md, \"Keys\")")
+    parser.add_argument("--deploy-merge-threshold", type=float, default=None, metavar="COSINE",
+                        help="merge the values of each token the NAMM gives up into the kept token of the most "
+                        "similar key at this centred cosine or more (-1..1), by default (docs/namm.md, \"Merged "
+                        "values\")")
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

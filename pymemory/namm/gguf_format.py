@@ -132,6 +132,9 @@ MAX_NEIGHBOURS = 64  # the engine's bound (cpp/namm/namm_model.h kMaxNeighbours)
 # distinctiveness (KeyDiff on the keys before RoPE; chosen by measurement; absent = 0, attention alone)
 KEY_DEPLOY_KEY_WEIGHT = "namm.deploy.key_weight"
 MAX_KEY_WEIGHT = 100.0  # the engine's bound (cpp/namm/namm_model.h kMaxKeyWeight)
+# f32, optional: the values of each token the NAMM gives up are merged into the kept token of the most similar key
+# when their centred cosine reaches this (-1..1; cpp/value_merge.h; chosen by measurement; absent = no merging)
+KEY_DEPLOY_MERGE_THRESHOLD = "namm.deploy.merge_threshold"
 
 RELEASED = NammHparams()
 N_BINS = RELEASED.n_bins  # 17

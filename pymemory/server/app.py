@@ -56,6 +56,7 @@ class ServerConfig:
     namm_defer_evictions: bool = True
     namm_neighbours: int | None = None
     namm_key_weight: float | None = None
+    namm_merge_threshold: float | None = None
     parallel: int = 1
     max_queue: int = 16
     queue_timeout: float = 60.0
@@ -97,7 +98,7 @@ class ServerState:
             engine_args["h2o_recent"] = config.h2o_recent
         engine_args["namm_defer_evictions"] = config.namm_defer_evictions
         for name in ("namm_path", "namm_mode", "quorum", "max_cells", "namm_delay", "namm_layers", "namm_neighbours",
-                     "namm_key_weight"):
+                     "namm_key_weight", "namm_merge_threshold"):
             if getattr(config, name) is not None:
                 engine_args[name] = getattr(config, name)
         if config.namm_path is not None:  # a shipped NAMM's name (--namm-path smollm2) or a GGUF path

@@ -21,6 +21,7 @@ def run_serve(args: argparse.Namespace) -> int:
         namm_mode=args.namm_mode, quorum=args.quorum, max_cells=args.max_cells, namm_delay=args.namm_delay,
         namm_layers=args.namm_layers, namm_defer_evictions=args.namm_defer_evictions,
         namm_neighbours=args.namm_neighbours, namm_key_weight=args.namm_key_weight,
+        namm_merge_threshold=args.namm_merge_threshold,
         parallel=args.parallel, max_queue=args.max_queue, queue_timeout=args.queue_timeout, api_key=args.api_key,
         sessions_dir=args.sessions_dir, save_every_turn=args.save_every_turn, default_max_tokens=args.max_tokens,
         pin_system_prompt=args.pin_system_prompt, chat_template=args.chat_template, n_threads=args.threads,
