@@ -244,6 +244,7 @@ void Engine::rewind(int32_t n_tokens) {
     ctx_->memory_remove(first_removed, -1);
     cache_.positions.resize(keep);
     cached_tokens_.resize(keep);
+    merge_weights_.resize(keep);
     next_pos_ = first_removed;
     counters_.tokens_seen -= n_tokens;
     has_logits_ = false;
