@@ -103,7 +103,11 @@ def test_a_merging_engine_saves_and_restores(smollm2_model, english_text):
     for t in tokens[300:]:
         restored.feed([t])
         engine.feed([t])
-    assert restored.cached_positions() == engine.cached_positions()
+    # Not bit for bit: the running means restart at the restore, and a restored cache holds its cells in another
+    # order (llama.cpp's arithmetic depends on it, docs/results.md §7), so near ties may fall the other way.
+    same = set(restored.cached_positions()) & set(engine.cached_positions())
+    assert len(restored.cached_positions()) == len(engine.cached_positions()) == 128 and len(same) >= 120
+    assert restored.stats()["values_merged"] > 0
 
 
 @pytest.mark.parametrize("kwargs,match", [
