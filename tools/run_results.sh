@@ -918,3 +918,11 @@ if run namm-merged-answers; then  # issue 10: does merging cost the keyed NAMM i
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_merged_answers \
     $out/namm_merged_answers.json --versus "smollm2-keys"
 fi
+if run namm-merged-table; then  # issue 10: the table's rows for smollm2-merged at both budgets of 1,024 tokens:
+  # beside sink, h2o and the full cache, 16 texts + 16 retrievals of seed 2, one token per decode (about 16 minutes)
+  python tools/eval_trained_namm.py --run smollm2-rate --out $out/namm_merged_table --text 16 --retrieval 16 \
+    --fractions 0.25,0.5 --quants '' --no-reproduce --sample-tokens 1024 --baselines h2o --test-seed 2 \
+    --score-chunk 1 --only-also --also "smollm2-merged=pymemory/data/namm/smollm2-merged.gguf" --workers 2
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_merged_table $out/namm_merged_table.json \
+    --versus h2o
+fi
