@@ -142,7 +142,7 @@ def test_bench_attention_suite_times_each_policy_against_both_sinks(tmp_path, sm
     # mode; smollm2-rate trained every 32 tokens and ships deployed every 16.
     assert report["namm_settings"] == {"namm_delay": 16, "trained_delay": 32, "ema_coefficient": pytest.approx(0.998),
                                        "ema_bias_correction": True, "mode": "budget_zmax", "neighbours": 0,
-                                       "key_weight": 0.0}
+                                       "key_weight": 0.0, "merge_threshold": None}
     assert "budget_zmax mode, every 16 tokens (trained every 32)" in (tmp_path / "a.md").read_text()
     entry = report["attention"][0]
     names = ["sink", "sink, flash attention auto", "h2o", "h2o, reindex=True", "namm namm_layers=5"]

@@ -368,6 +368,8 @@ def run_bench(args) -> int:
                    if settings and settings["trained_delay"] != settings["namm_delay"] else "")
         pooled = f", {settings['neighbours']} neighbours" if settings and settings.get("neighbours") else ""
         pooled += (f", key weight {settings['key_weight']:g}" if settings and settings.get("key_weight") else "")
+        pooled += (f", values merged at cosine >= {settings['merge_threshold']:g}"
+                   if settings and settings.get("merge_threshold") is not None else "")
         which = (f"NAMM {args.namm} as deployed: {settings['mode'] or 'quorum'} mode, every {settings['namm_delay']} "
                  f"tokens{trained}, moving average {settings['ema_coefficient']}"
                  f"{' bias-corrected' if settings['ema_bias_correction'] else ''}{pooled}") if settings else \
