@@ -925,4 +925,6 @@ if run namm-merged-table; then  # issue 10: the table's rows for smollm2-merged 
     --score-chunk 1 --only-also --also "smollm2-merged=pymemory/data/namm/smollm2-merged.gguf" --workers 2
   python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_merged_table $out/namm_merged_table.json \
     --versus h2o
+  python tools/namm_closed_intervals.py --out $out/namm_closed_intervals_merged_table_vs_sink \
+    $out/namm_merged_table.json --versus sink
 fi
