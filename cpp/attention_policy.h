@@ -145,12 +145,12 @@ public:
     // Saving a session (engine_state.cpp): the policy's state of every cached token, chronological (`cache.cells`
     // gives each token's cell), as bytes, and back into the cells the tokens occupy after a restore. Policies that
     // cannot (NAMM: per-head spectrogram state) say so with can_save_state() = false.
-    // llama.cpp placed the cached tokens in other cells (a KV state written back, value_merge.h): `before` and
-    // `after` hold the same tokens, each in its old and its new cell. Per-cell state follows its token.
-    virtual void move_cells(const CacheView & before, const CacheView & after) { load_state(after, save_state(before)); }
     virtual bool can_save_state() const { return false; }
     virtual std::string save_state(const CacheView & cache) const { return {}; }
     virtual void load_state(const CacheView & cache, const std::string & bytes) {}
+    // llama.cpp placed the cached tokens in other cells (a KV state written back, value_merge.h): `before` and
+    // `after` hold the same tokens, each in its old and its new cell. Per-cell state follows its token.
+    virtual void move_cells(const CacheView & before, const CacheView & after) { load_state(after, save_state(before)); }
     // The NAMM scorer whose parameters a trainer may replace in place (NAMM only; nullptr for the others).
     virtual namm::NammModel * namm_scorer() { return nullptr; }
     const std::vector<InvocationCapture> & captures() const { return captures_; }

@@ -446,19 +446,21 @@ std::string LlamaContext::state_save() const {
     const std::vector<Pos> in_cell_order = cells_.saved_positions();
     out.put_vector(in_cell_order);
     out.put_vector(mirror_swa_ ? swa_cells_.saved_positions() : std::vector<Pos>());
-    const size_t n_bytes = in_cell_order.empty() ? 0 : llama_state_seq_get_size(ctx_, 0);
-    out.put(uint64_t(n_bytes));
-    std::string & bytes = out.bytes();
-    if (n_bytes > 0) {
-        const size_t at = bytes.size();
-        bytes.resize(at + n_bytes);
-        const size_t written = llama_state_seq_get_data(ctx_, reinterpret_cast<uint8_t *>(&bytes[at]), n_bytes, 0);
-        if (written != n_bytes) {
-            fail(ErrorKind::runtime, with_llama_errors("llama_state_seq_get_data wrote " + std::to_string(written) +
-                                                       " of " + std::to_string(n_bytes) + " bytes"));
-        }
+    const std::string seq = in_cell_order.empty() ? std::string() : seq_state_bytes();
+    out.put(uint64_t(seq.size()));
+    out.bytes().append(seq);
+    return std::move(out.bytes());
+}
+
+std::string LlamaContext::seq_state_bytes() const {
+    const size_t n_bytes = llama_state_seq_get_size(ctx_, 0);
+    std::string bytes(n_bytes, '\0');
+    const size_t written = llama_state_seq_get_data(ctx_, reinterpret_cast<uint8_t *>(bytes.data()), n_bytes, 0);
+    if (written != n_bytes) {
+        fail(ErrorKind::runtime, with_llama_errors("llama_state_seq_get_data wrote " + std::to_string(written) +
+                                                   " of " + std::to_string(n_bytes) + " bytes"));
     }
-    return std::move(bytes);
+    return bytes;
 }
 
 void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> & positions) {
@@ -490,9 +492,15 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
                                               " (damaged session file)");
     }
     if (a.empty()) return;
+    place_seq_state(reinterpret_cast<const uint8_t *>(body.data() + in.offset()), size_t(n_bytes), in_cell_order,
+                    swa_in_cell_order);
+}
+
+void LlamaContext::place_seq_state(const uint8_t * data, size_t size, const std::vector<Pos> & in_cell_order,
+                                   const std::vector<Pos> & swa_in_cell_order) {
+    const auto [lowest, highest] = std::minmax_element(in_cell_order.begin(), in_cell_order.end());
     clear_recent_errors();
-    const size_t read = llama_state_seq_set_data(
-        ctx_, reinterpret_cast<const uint8_t *>(body.data() + in.offset()), size_t(n_bytes), 0);
+    const size_t read = llama_state_seq_set_data(ctx_, data, size, 0);
     if (read == 0) {
         memory_clear();
         fail(ErrorKind::invalid_argument,
@@ -505,29 +513,29 @@ void LlamaContext::state_load(const std::string & blob, const std::vector<Pos> &
     // An iSWA cache reports its SWA cache's smallest position (llama-kv-cache-iswa.cpp, seq_pos_min).
     const Pos expected_min = mirror_swa_ && !swa_in_cell_order.empty()
                                  ? *std::min_element(swa_in_cell_order.begin(), swa_in_cell_order.end())
-                                 : a.front();
+                                 : *lowest;
     const Pos pos_min = memory_pos_min(), pos_max = memory_pos_max();
-    if (!placed || !swa_placed || pos_min != expected_min || pos_max != a.back()) {
+    if (!placed || !swa_placed || pos_min != expected_min || pos_max != *highest) {
         memory_clear();
         fail(ErrorKind::runtime, "the restored KV cells do not match the saved positions (llama.cpp holds " +
                                      std::to_string(pos_min) + ".." + std::to_string(pos_max) + ", the session " +
-                                     std::to_string(expected_min) + ".." + std::to_string(a.back()) +
+                                     std::to_string(expected_min) + ".." + std::to_string(*highest) +
                                      (placed && swa_placed ? "" : "; the cell mirror could not place them") +
                                      "); the cache was cleared");
     }
 }
 
 void LlamaContext::edit_kv_state(const std::function<bool(uint8_t * data, size_t size)> & edit) {
-    std::vector<Pos> positions = cells_.saved_positions();
-    if (positions.empty()) return;
-    std::string blob = state_save();
-    const size_t n_bytes = llama_state_seq_get_size(ctx_, 0);
-    if (n_bytes == 0 || n_bytes > blob.size()) fail(ErrorKind::runtime, "internal: the KV state changed size");
-    if (!edit(reinterpret_cast<uint8_t *>(&blob[blob.size() - n_bytes]), n_bytes)) return;
+    const std::vector<Pos> in_cell_order = cells_.saved_positions();
+    if (in_cell_order.empty()) return;
+    const std::vector<Pos> swa_in_cell_order = mirror_swa_ ? swa_cells_.saved_positions() : std::vector<Pos>();
+    std::string bytes = seq_state_bytes();
+    if (!edit(reinterpret_cast<uint8_t *>(bytes.data()), bytes.size())) return;
     // Writing a sequence's cells back leaves llama.cpp's outputs alone: the last batch's logits stay readable.
     const int32_t n_tokens_last = n_tokens_last_;
     const bool logits_all_last = logits_all_last_;
-    state_load(blob, positions);
+    memory_clear();
+    place_seq_state(reinterpret_cast<const uint8_t *>(bytes.data()), bytes.size(), in_cell_order, swa_in_cell_order);
     n_tokens_last_ = n_tokens_last;
     logits_all_last_ = logits_all_last;
 }

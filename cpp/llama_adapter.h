@@ -214,6 +214,12 @@ private:
     int32_t n_batch_ = 0;
     int32_t n_tokens_last_ = 0;   // size of the last decoded batch
     bool logits_all_last_ = false;
+
+    std::string seq_state_bytes() const;  // sequence 0's cells as llama_state_seq_get_data writes them
+    // Writes seq_state_bytes() back into an empty cache and places the cells in the mirrors; the cells held exactly
+    // these positions (cell order, as saved). Throws, with the cache cleared, if llama.cpp or the mirror disagree.
+    void place_seq_state(const uint8_t * data, size_t size, const std::vector<Pos> & in_cell_order,
+                         const std::vector<Pos> & swa_in_cell_order);
 };
 
 // ---------------------------------------------------------------------------------------------------------------

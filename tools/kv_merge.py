@@ -99,15 +99,18 @@ class ValueMerger:
         self.weight: dict[tuple[int, int], np.ndarray] = {}  # (layer, head) -> [positions] tokens each value holds
         self.merged = self.offered = 0
 
-    def reset(self) -> None:
-        self.weight.clear()
-        self.merged = self.offered = 0
-
     def __call__(self, harness, evict: np.ndarray) -> None:
         state = read_state(harness)
         if self.threshold is not None:
             self._merge(state, set(int(p) for p in evict))
         write_state(harness, state)
+
+    def _weights(self, layer: int, head: int, size: int) -> np.ndarray:
+        """[positions] of one (layer, KV head), at least `size` long (new positions hold one token each)."""
+        weight = self.weight.get((layer, head), np.ones(0, np.float32))
+        if len(weight) < size:
+            weight = self.weight[(layer, head)] = np.concatenate([weight, np.ones(size - len(weight), np.float32)])
+        return weight
 
     def _merge(self, state: CacheState, evict: set[int]) -> None:
         gone = np.array([p in evict for p in state.positions])
@@ -128,11 +131,11 @@ class ValueMerger:
                 self.offered += len(target)
                 if not close.any():
                     continue
-                weight = self.weight.setdefault((layer, h), np.ones(int(state.positions.max()) + 4096, np.float32))
-                kept_values = values[kept, h]  # [kept, D] copy
+                weight = self._weights(layer, h, int(kept_pos.max()) + 1)
+                kept_values, gone_values = values[kept, h], values[gone, h]  # [kept, D], [evicted, D] copies
                 for e, t in zip(np.flatnonzero(close), target[close]):
                     w = weight[kept_pos[t]]
-                    kept_values[t] = (kept_values[t] * w + values[gone, h][e]) / (w + 1)
+                    kept_values[t] = (kept_values[t] * w + gone_values[e]) / (w + 1)
                     weight[kept_pos[t]] = w + 1
                     self.merged += 1
                 values[kept, h] = kept_values

@@ -125,7 +125,7 @@ RULES = ("sum over pairs (h2o's score, no recent window)", "mean rate over pairs
          *(merged_variant(threshold) for threshold in MERGE_THRESHOLDS))
 MERGE_RULES = {merged_variant(threshold): threshold for threshold in MERGE_THRESHOLDS}
 VALUE_RULES = tuple(r for r in RULES if "value norm" in r or "displacement" in r)  # these need captured values
-KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r or r in MERGE_RULES)  # these need captured keys and values
+KEY_RULES = tuple(r for r in RULES if "KeyDiff" in r or "duplicate" in r)  # these need captured keys and values
 SURPRISAL_RULES = tuple(r for r in RULES if "surprisal" in r)  # these need each token's NLL in context
 
 
